@@ -1,0 +1,86 @@
+//! Management endpoints: index, liveness, status, events, metrics.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::StreamExt;
+use futures_util::stream::Stream;
+use serde_json::json;
+use std::sync::Arc;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use super::{AppState, PREFIX};
+use crate::events::{Event, EventKind};
+use crate::status::Status;
+
+/// Builds the status document from the current state.
+pub(crate) fn current_status(state: &AppState) -> Status {
+    let view = state.gpu.borrow().clone();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        probe: view.probe,
+        devices: view.devices.clone(),
+        degraded: !view.degraded_reasons.is_empty(),
+        degraded_reasons: view.degraded_reasons.clone(),
+        models: Vec::new(),
+        leases: Vec::new(),
+        mode: None,
+        sampled_at: view.sampled_at,
+    }
+}
+
+pub(super) async fn index() -> impl IntoResponse {
+    let text = format!(
+        "vramgate {version}\n\n\
+         GET {PREFIX}/status   status document (JSON; same as `vramgate status --json`)\n\
+         GET {PREFIX}/events   server-sent events, one JSON object per event\n\
+         GET {PREFIX}/health   liveness\n\
+         GET /metrics          Prometheus metrics\n",
+        version = env!("CARGO_PKG_VERSION")
+    );
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text)
+}
+
+pub(super) async fn health() -> impl IntoResponse {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+pub(super) async fn status(State(state): State<AppState>) -> Json<Status> {
+    Json(current_status(&state))
+}
+
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = crate::metrics::render(&current_status(&state));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    // Serializing our own plain types cannot fail; an empty object is a harmless fallback.
+    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    SseEvent::default().id(event.seq.to_string()).event(event.kind.name()).data(data)
+}
+
+/// The event stream. It subscribes before the response headers go out, so a client that has
+/// seen the headers will see every event published after. It ends at shutdown, so that open
+/// streams never hold the daemon up.
+pub(super) async fn events(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = BroadcastStream::new(state.bus.subscribe())
+        .map(|item| {
+            let event = match item {
+                Ok(event) => event,
+                // Tell this listener what it missed rather than silently skipping.
+                Err(BroadcastStreamRecvError::Lagged(count)) => {
+                    Arc::new(Event { seq: 0, time: chrono::Utc::now(), kind: EventKind::EventsLost { count } })
+                }
+            };
+            Ok(sse_event(&event))
+        })
+        .take_until(state.shutdown.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}

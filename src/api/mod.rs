@@ -1,0 +1,70 @@
+//! The HTTP API (axum). Handlers read shared state through channels and never own it.
+//!
+//! Management endpoints live under [`PREFIX`] so that the OpenAI (`/v1/...`) and Ollama
+//! (`/api/...`) surfaces can use their standard paths beside them; `/metrics` is at the path
+//! Prometheus expects.
+
+mod manage;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::EventBus;
+use crate::monitor::GpuView;
+
+/// The prefix of every management endpoint.
+pub const PREFIX: &str = "/vramgate";
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The monitor's latest view.
+    pub gpu: watch::Receiver<Arc<GpuView>>,
+    /// Events, for the stream.
+    pub bus: EventBus,
+    /// Cancelled at shutdown; long-lived responses (the event stream) end on it.
+    pub shutdown: CancellationToken,
+}
+
+/// Every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(manage::index))
+        .route(&format!("{PREFIX}/health"), get(manage::health))
+        .route(&format!("{PREFIX}/status"), get(manage::status))
+        .route(&format!("{PREFIX}/events"), get(manage::events))
+        .route("/metrics", get(manage::metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON error a person can act on.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with a status code and a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": { "message": self.message, "code": self.status.as_u16() } })))
+            .into_response()
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint at {}; see GET / for the list", uri.path()))
+}

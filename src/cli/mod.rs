@@ -1,0 +1,94 @@
+//! The command line: one subcommand per file. Everything except `serve` and `config check`
+//! talks to a running daemon over HTTP.
+
+mod config_check;
+mod events;
+mod serve;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for a bad config file or bad arguments (clap uses 2 for the latter too).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for everything else that failed.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// vramgate: the one daemon that owns the GPU-memory question for local AI.
+///
+/// It measures VRAM per device and per process, reports pressure levels and events, and (in
+/// coming releases) decides what may load, evicts what is idle and proxies model requests.
+#[derive(Debug, Parser)]
+#[command(name = "vramgate", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (monitoring only when there is no config file).
+    Serve(serve::ServeArgs),
+    /// Show devices, levels, processes, models and leases of a running daemon.
+    Status(status::StatusArgs),
+    /// Follow the daemon's event stream (level changes, VRAM changes, probe failures).
+    Events(events::EventsArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file: exit 0 if good, 2 with the key and line if not.
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+/// Where the daemon is, for the subcommands that talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonUrl {
+    /// The daemon's URL.
+    #[arg(long, env = "VRAMGATE_URL", default_value_t = crate::client::default_url())]
+    pub url: String,
+}
+
+/// Parses the arguments and runs the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Status(args) => with_runtime(status::run(args)),
+        Command::Events(args) => with_runtime(events::run(args)),
+        Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
+    }
+}
+
+/// Runs a client subcommand on a small runtime, printing its error the one way all share.
+fn with_runtime(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("vramgate: {error:#}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+/// Writes a line to stdout; a closed pipe (`vramgate events | head`) ends the command quietly
+/// instead of panicking like `println!` would.
+pub(crate) fn print_line(line: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+}

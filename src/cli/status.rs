@@ -1,0 +1,186 @@
+//! `vramgate status [--json]`.
+
+use std::fmt::Write;
+
+use clap::Args;
+
+use super::DaemonUrl;
+use crate::client::Client;
+use crate::status::Status;
+
+#[derive(Debug, Args)]
+pub(super) struct StatusArgs {
+    /// Print the status document as JSON, exactly as `GET /vramgate/status` returns it.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonUrl,
+}
+
+pub(super) async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.daemon.url)?;
+    let text = client.status_text().await?;
+    if args.json {
+        super::print_line(text.trim_end());
+        return Ok(());
+    }
+    let status: Status = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("the daemon sent a status this CLI cannot read ({e}); is it another version?"))?;
+    super::print_line(render_table(&status).trim_end());
+    Ok(())
+}
+
+fn dash<T: ToString>(value: Option<T>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// The human-readable status: a line for the daemon, a table of devices, each device's users.
+pub(crate) fn render_table(status: &Status) -> String {
+    let mut out = String::new();
+    let health = if status.degraded { "DEGRADED" } else { "ok" };
+    let _ = writeln!(out, "vramgate {}  probe: {}  health: {health}", status.version, status.probe.as_str());
+    for reason in &status.degraded_reasons {
+        let _ = writeln!(out, "  degraded: {reason}");
+    }
+    if let Some(mode) = &status.mode {
+        let _ = writeln!(out, "mode: {mode}");
+    }
+    let _ = writeln!(out);
+    if status.devices.is_empty() {
+        let _ = writeln!(out, "no GPU devices");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<28} {:>10} {:>10} {:>10} {:>10} {:<10} {:>5} {:>5}",
+            "GPU", "NAME", "USED MiB", "FREE MiB", "TOTAL MiB", "USABLE", "LEVEL", "UTIL", "TEMP"
+        );
+        for d in &status.devices {
+            let _ = writeln!(
+                out,
+                "{:<4} {:<28} {:>10} {:>10} {:>10} {:>10} {:<10} {:>5} {:>5}",
+                d.index,
+                truncate(&d.name, 28),
+                d.used_mib,
+                d.free_mib,
+                d.total_mib,
+                d.usable_mib,
+                d.level.as_str(),
+                dash(d.utilization_pct.map(|u| format!("{u}%"))),
+                dash(d.temperature_c.map(|t| format!("{t}C"))),
+            );
+        }
+        for d in &status.devices {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "GPU {} users:", d.index);
+            if let Some(reason) = &d.processes_unavailable {
+                let _ = writeln!(out, "  per-process usage unknown: {reason}");
+            }
+            if d.processes.is_empty() && d.named_consumers.is_empty() && d.processes_unavailable.is_none() {
+                let _ = writeln!(out, "  (none)");
+            }
+            for p in &d.processes {
+                let model = p.model.as_deref().map(|m| format!("  model {m}")).unwrap_or_default();
+                let _ = writeln!(out, "  pid {:<8} {:>8} MiB  {}{model}", p.pid, p.used_mib, p.name);
+            }
+            for n in &d.named_consumers {
+                let _ = writeln!(out, "  {:<12} {:>8} MiB  (named consumer)", n.name, n.used_mib);
+            }
+            for w in &d.warnings {
+                let _ = writeln!(out, "  warning: {w}");
+            }
+        }
+    }
+    let _ = writeln!(out);
+    if status.models.is_empty() {
+        let _ = writeln!(out, "models: none configured");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:<10} {:>6} {:>9} {:>6} {:>8}",
+            "MODEL", "BACKEND", "STATE", "GPU", "VRAM MiB", "IN USE", "PRIORITY"
+        );
+        for m in &status.models {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<9} {:<10} {:>6} {:>9} {:>6} {:>8}{}",
+                truncate(&m.id, 20),
+                m.backend,
+                m.state,
+                dash(m.device),
+                m.vram_mib,
+                m.in_use,
+                m.priority,
+                if m.pinned { "  pinned" } else { "" }
+            );
+        }
+    }
+    if !status.leases.is_empty() {
+        let _ = writeln!(out);
+        for l in &status.leases {
+            let exclusive = if l.exclusive { " exclusive" } else { "" };
+            let _ =
+                writeln!(out, "lease {} held by {}: {} MiB on GPU {}{exclusive}", l.id, l.holder, l.vram_mib, l.device);
+        }
+    }
+    out
+}
+
+fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let mut short: String = text.chars().take(width - 1).collect();
+        short.push('…');
+        short
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{Level, NamedUsage, ProbeKind};
+    use crate::status::{DeviceStatus, ProcessStatus};
+
+    #[test]
+    fn table_shows_devices_users_and_degradation() {
+        let status = Status {
+            version: "0.1.0".into(),
+            probe: ProbeKind::Sim,
+            devices: vec![DeviceStatus {
+                index: 0,
+                name: "Sim 8G".into(),
+                probe: ProbeKind::Sim,
+                total_mib: 8192,
+                used_mib: 6500,
+                free_mib: 1692,
+                usable_mib: 7680,
+                level: Level::Warning,
+                utilization_pct: None,
+                temperature_c: Some(51),
+                processes: vec![ProcessStatus { pid: 4242, used_mib: 5300, name: "python3".into(), model: None }],
+                processes_unavailable: None,
+                named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }],
+                warnings: vec!["sim file x: garbage".into()],
+            }],
+            degraded: true,
+            degraded_reasons: vec!["probe sim failing: boom".into()],
+            models: vec![],
+            leases: vec![],
+            mode: None,
+            sampled_at: None,
+        };
+        let table = render_table(&status);
+        assert!(table.contains("health: DEGRADED"), "{table}");
+        assert!(table.contains("degraded: probe sim failing: boom"));
+        assert!(table.contains("Sim 8G") && table.contains("warning") && table.contains("51C"));
+        assert!(table.contains("pid 4242") && table.contains("python3"));
+        assert!(table.contains("desktop") && table.contains("(named consumer)"));
+        assert!(table.contains("warning: sim file x: garbage"));
+    }
+
+    #[test]
+    fn long_names_are_cut() {
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+    }
+}

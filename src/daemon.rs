@@ -1,0 +1,81 @@
+//! `vramgate serve`: wires the probe, the monitor and the HTTP API together, and stops them
+//! cleanly on SIGINT/SIGTERM.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::events::EventBus;
+use crate::gpu;
+use crate::monitor::{Monitor, MonitorSettings};
+
+/// How long open connections get to finish after a shutdown signal before the daemon exits
+/// anyway. The whole stop must stay under a second.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
+
+/// Runs the daemon until a signal. `ready` is called with the bound address once the API
+/// accepts connections (the CLI prints it; tests read it to find a port chosen with `:0`).
+pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+    // Signal handlers first, so a SIGTERM during start-up is not lost to the default action.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    let opened = gpu::open(&config.gpu)
+        .map_err(|e| anyhow::anyhow!("cannot start the GPU probe (gpu.probe = {:?}): {e}", config.gpu.probe))?;
+    for skipped in &opened.skipped {
+        tracing::info!("probe auto: skipped {skipped}");
+    }
+    let kind = opened.probe.kind();
+    let bus = EventBus::new();
+    let settings = MonitorSettings::from_config(&config.gpu);
+    let (monitor, view) = Monitor::start(opened.probe, opened.degraded_reasons, settings, bus.clone()).await;
+    {
+        let view = view.borrow();
+        tracing::info!(probe = kind.as_str(), devices = view.devices.len(), "GPU probe started");
+        for reason in &view.degraded_reasons {
+            tracing::warn!("degraded: {reason}");
+        }
+    }
+
+    let listen = config.server.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen / --listen)"))?;
+    let local = listener.local_addr().context("cannot read the bound address")?;
+
+    let shutdown = CancellationToken::new();
+    let monitor_task = monitor.run(shutdown.clone());
+    let app = api::router(AppState { gpu: view, bus, shutdown: shutdown.clone() });
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
+    ready(local);
+    tracing::info!("listening on http://{local}");
+
+    let stopper = shutdown.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received: shutting down");
+        stopper.cancel();
+    });
+
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result.context("HTTP server failed"),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}: closing them");
+            Ok(())
+        }
+    };
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_millis(100), monitor_task).await;
+    tracing::info!("stopped");
+    served
+}

@@ -1,0 +1,160 @@
+//! Events: what happened, published to every listener (the SSE stream, `vramgate events`).
+//!
+//! A broadcast channel: publishing never waits for a slow listener; a listener that falls too far
+//! behind is told how many events it lost instead of stalling the daemon.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::gpu::Level;
+
+/// How many events a listener may fall behind before it loses some.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// One event with its sequence number and time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event from daemon start; gaps tell a listener it lost events.
+    pub seq: u64,
+    /// When it happened.
+    pub time: DateTime<Utc>,
+    /// What happened; its fields are flattened into the event's JSON next to `type`.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The kinds of events, serialized as `{"type": "level_changed", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A device crossed a level boundary.
+    LevelChanged {
+        /// Device index.
+        device: u32,
+        /// Level before.
+        from: Level,
+        /// Level now.
+        to: Level,
+        /// Used memory now.
+        used_mib: u64,
+        /// Device size.
+        total_mib: u64,
+    },
+    /// A device's used memory moved by at least `change_threshold_mib` since the last such event.
+    VramChanged {
+        /// Device index.
+        device: u32,
+        /// Used memory now.
+        used_mib: u64,
+        /// Used memory at the previous `vram_changed` (or at start).
+        previous_mib: u64,
+        /// Free memory now.
+        free_mib: u64,
+    },
+    /// A sample failed; readings are stale until `probe_recovered`.
+    ProbeFailed {
+        /// `nvml`, `amd`, `sim` or `none`.
+        probe: String,
+        /// The probe's error.
+        error: String,
+    },
+    /// Sampling works again.
+    ProbeRecovered {
+        /// The probe.
+        probe: String,
+        /// How many samples failed in a row.
+        failed_samples: u64,
+    },
+    /// Sent to one listener only: it fell behind and these events were dropped for it.
+    EventsLost {
+        /// How many.
+        count: u64,
+    },
+}
+
+impl EventKind {
+    /// The `type` string, as in the JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::LevelChanged { .. } => "level_changed",
+            EventKind::VramChanged { .. } => "vram_changed",
+            EventKind::ProbeFailed { .. } => "probe_failed",
+            EventKind::ProbeRecovered { .. } => "probe_recovered",
+            EventKind::EventsLost { .. } => "events_lost",
+        }
+    }
+}
+
+/// The publishing side, cheap to clone.
+#[derive(Clone)]
+pub struct EventBus {
+    sender: broadcast::Sender<Arc<Event>>,
+    next_seq: Arc<AtomicU64>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    /// A bus with no listeners yet.
+    pub fn new() -> EventBus {
+        let (sender, _) = broadcast::channel(CHANNEL_CAPACITY);
+        EventBus { sender, next_seq: Arc::new(AtomicU64::new(1)) }
+    }
+
+    /// Stamps and sends an event; also logs it. Having no listener is normal.
+    pub fn publish(&self, kind: EventKind) -> Arc<Event> {
+        let event = Arc::new(Event { seq: self.next_seq.fetch_add(1, Ordering::Relaxed), time: Utc::now(), kind });
+        tracing::info!(target: "vramgate::events", event = %serde_json::to_string(&*event).unwrap_or_default());
+        let _ = self.sender.send(event.clone());
+        event
+    }
+
+    /// A new listener, which sees events published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.sender.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_is_flat_with_a_type() {
+        let bus = EventBus::new();
+        let mut rx = bus.subscribe();
+        bus.publish(EventKind::LevelChanged {
+            device: 0,
+            from: Level::Ok,
+            to: Level::Warning,
+            used_mib: 760,
+            total_mib: 1000,
+        });
+        let event = rx.try_recv().unwrap();
+        let json = serde_json::to_value(&*event).unwrap();
+        assert_eq!(json["type"], "level_changed");
+        assert_eq!(json["from"], "ok");
+        assert_eq!(json["to"], "warning");
+        assert_eq!(json["used_mib"], 760);
+        assert_eq!(json["seq"], 1);
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, *event);
+    }
+
+    #[test]
+    fn sequence_numbers_increase() {
+        let bus = EventBus::new();
+        let a = bus.publish(EventKind::EventsLost { count: 1 });
+        let b = bus.publish(EventKind::EventsLost { count: 2 });
+        assert_eq!(b.seq, a.seq + 1);
+        assert_eq!(a.kind.name(), "events_lost");
+    }
+}

@@ -1,0 +1,271 @@
+//! The `nvml` probe: NVIDIA devices through NVML (`nvml-wrapper`).
+//!
+//! The library is loaded at run time (`libnvidia-ml.so.1`), so the binary starts on machines
+//! without NVIDIA's driver and `auto` can fall through. The NVML calls live in [`NvmlProbe::read`];
+//! everything after them is the pure [`assemble`], which is what CI (no GPU) tests on fakes.
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+
+use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
+
+const BYTES_PER_MIB: u64 = 1 << 20;
+
+/// NVML calls one device costs per sample: handle, memory, utilization, temperature, compute and
+/// graphics process lists. The wrapper's process-list calls each make two library calls (count,
+/// then fill), so the library sees 8 per device.
+pub const NVML_CALLS_PER_DEVICE: usize = 6;
+
+/// A process as NVML lists it: pid and bytes, where NVML knows the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawProcess {
+    /// Process id (in the driver's pid namespace).
+    pub pid: u32,
+    /// Bytes used, `None` where NVML reports "not available" (some containers, WDDM).
+    pub used_bytes: Option<u64>,
+}
+
+/// What NVML said about one device in one sample, before shaping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawDevice {
+    /// Device name, read once at start.
+    pub name: String,
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Used bytes.
+    pub used_bytes: u64,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// GPU utilization, if NVML could tell.
+    pub utilization_pct: Option<u32>,
+    /// Temperature, if NVML could tell.
+    pub temperature_c: Option<u32>,
+    /// Compute processes, or why NVML would not list them.
+    pub compute: Result<Vec<RawProcess>, String>,
+    /// Graphics processes, or why NVML would not list them.
+    pub graphics: Result<Vec<RawProcess>, String>,
+}
+
+/// Shapes one device's raw NVML answers into a snapshot: bytes to MiB (used rounded up, so nothing
+/// is under-counted), compute and graphics lists merged by pid (a process in both is counted once,
+/// with the larger figure, because NVML reports the same allocation in each list), names from
+/// `name_of`.
+pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<String>) -> DeviceSnapshot {
+    let mut warnings = Vec::new();
+    let mut unavailable = Vec::new();
+    let mut merged: Vec<RawProcess> = Vec::new();
+    for (kind, list) in [("compute", raw.compute), ("graphics", raw.graphics)] {
+        match list {
+            Ok(list) => {
+                for process in list {
+                    match merged.iter_mut().find(|p| p.pid == process.pid) {
+                        Some(existing) => {
+                            existing.used_bytes = match (existing.used_bytes, process.used_bytes) {
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                                (a, b) => a.or(b),
+                            }
+                        }
+                        None => merged.push(process),
+                    }
+                }
+            }
+            Err(reason) => unavailable.push(format!("NVML {kind} process list: {reason}")),
+        }
+    }
+    merged.sort_by_key(|p| p.pid);
+    let processes = merged
+        .into_iter()
+        .map(|p| {
+            let used_mib = match p.used_bytes {
+                Some(bytes) => bytes.div_ceil(BYTES_PER_MIB),
+                None => {
+                    warnings.push(format!("NVML does not report the memory of pid {}", p.pid));
+                    0
+                }
+            };
+            ProcessUsage { pid: p.pid, used_mib, name: name_of(p.pid).unwrap_or_else(|| "unknown".into()) }
+        })
+        .collect();
+    DeviceSnapshot {
+        index,
+        name: raw.name,
+        total_mib: raw.total_bytes / BYTES_PER_MIB,
+        used_mib: raw.used_bytes.div_ceil(BYTES_PER_MIB),
+        free_mib: raw.free_bytes / BYTES_PER_MIB,
+        utilization_pct: raw.utilization_pct,
+        temperature_c: raw.temperature_c.and_then(|t| i32::try_from(t).ok()),
+        processes,
+        processes_unavailable: (!unavailable.is_empty()).then(|| unavailable.join("; ")),
+        named: Vec::new(),
+        warnings,
+    }
+}
+
+/// The probe over a loaded NVML.
+pub struct NvmlProbe {
+    nvml: Nvml,
+    names: Vec<String>,
+}
+
+impl NvmlProbe {
+    /// Loads NVML and enumerates devices; fails if the library is missing or lists no device.
+    pub fn open() -> Result<NvmlProbe, ProbeError> {
+        let nvml = Nvml::init().map_err(|e| ProbeError(format!("NVML unavailable: {e}")))?;
+        let count = nvml.device_count().map_err(|e| ProbeError(format!("NVML device count: {e}")))?;
+        if count == 0 {
+            return Err(ProbeError("NVML loaded but lists no device".into()));
+        }
+        let names = (0..count)
+            .map(|i| {
+                nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| ProbeError(format!("NVML device {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NvmlProbe { nvml, names })
+    }
+
+    /// The NVML calls for one device. Temperature and utilization are optional extras (some
+    /// devices refuse them); memory is not.
+    fn read(&self, index: u32) -> Result<RawDevice, ProbeError> {
+        let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
+        let device = self.nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
+        let memory = device.memory_info().map_err(|e| fail("memory", e))?;
+        Ok(RawDevice {
+            name: self.names.get(index as usize).cloned().unwrap_or_default(),
+            total_bytes: memory.total,
+            used_bytes: memory.used,
+            free_bytes: memory.free,
+            utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
+            temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+            compute: process_list(device.running_compute_processes()),
+            graphics: process_list(device.running_graphics_processes()),
+        })
+    }
+}
+
+/// "Not supported" means the device has no such processes (an H100 has no graphics engine), not
+/// that we are blind, so it reads as an empty list.
+fn process_list(result: Result<Vec<ProcessInfo>, NvmlError>) -> Result<Vec<RawProcess>, String> {
+    match result {
+        Ok(list) => Ok(list
+            .into_iter()
+            .map(|p| RawProcess {
+                pid: p.pid,
+                used_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(bytes) => Some(bytes),
+                    UsedGpuMemory::Unavailable => None,
+                },
+            })
+            .collect()),
+        Err(NvmlError::NotSupported) => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Probe for NvmlProbe {
+    fn kind(&self) -> ProbeKind {
+        ProbeKind::Nvml
+    }
+
+    fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
+        (0..self.names.len() as u32)
+            .map(|index| self.read(index).map(|raw| assemble(index, raw, process_name)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = BYTES_PER_MIB;
+    const GIB: u64 = 1024 * MIB;
+
+    fn raw(compute: Result<Vec<RawProcess>, String>, graphics: Result<Vec<RawProcess>, String>) -> RawDevice {
+        RawDevice {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            total_bytes: 80 * GIB,
+            used_bytes: 10 * GIB + 512 * MIB + 1,
+            free_bytes: 69 * GIB + 511 * MIB,
+            utilization_pct: Some(12),
+            temperature_c: Some(41),
+            compute,
+            graphics,
+        }
+    }
+
+    fn names(pid: u32) -> Option<String> {
+        (pid == 4242).then(|| "python3".to_string())
+    }
+
+    #[test]
+    fn converts_units_and_names_processes() {
+        let snap = assemble(0, raw(Ok(vec![RawProcess { pid: 4242, used_bytes: Some(10 * GIB) }]), Ok(vec![])), names);
+        assert_eq!(snap.total_mib, 80 * 1024);
+        assert_eq!(snap.used_mib, 10 * 1024 + 513, "used rounds up");
+        assert_eq!(snap.free_mib, 69 * 1024 + 511);
+        assert_eq!(snap.utilization_pct, Some(12));
+        assert_eq!(snap.temperature_c, Some(41));
+        assert_eq!(snap.processes, vec![ProcessUsage { pid: 4242, used_mib: 10240, name: "python3".into() }]);
+        assert!(snap.processes_unavailable.is_none());
+    }
+
+    #[test]
+    fn a_pid_in_both_lists_is_counted_once() {
+        let snap = assemble(
+            1,
+            raw(
+                Ok(vec![
+                    RawProcess { pid: 7, used_bytes: Some(300 * MIB) },
+                    RawProcess { pid: 4242, used_bytes: Some(GIB) },
+                ]),
+                Ok(vec![RawProcess { pid: 4242, used_bytes: Some(GIB) }, RawProcess { pid: 9, used_bytes: Some(MIB) }]),
+            ),
+            names,
+        );
+        assert_eq!(snap.index, 1);
+        let pids: Vec<(u32, u64)> = snap.processes.iter().map(|p| (p.pid, p.used_mib)).collect();
+        assert_eq!(pids, vec![(7, 300), (9, 1), (4242, 1024)]);
+        assert_eq!(snap.processes[0].name, "unknown", "a pid we cannot see in /proc");
+    }
+
+    #[test]
+    fn unknown_per_process_memory_is_flagged_not_invented() {
+        let snap = assemble(
+            0,
+            raw(
+                Ok(vec![RawProcess { pid: 5, used_bytes: None }]),
+                Ok(vec![RawProcess { pid: 5, used_bytes: Some(2 * MIB) }]),
+            ),
+            names,
+        );
+        assert_eq!(snap.processes[0].used_mib, 2, "a figure from the other list wins over none");
+        let blind = assemble(0, raw(Ok(vec![RawProcess { pid: 6, used_bytes: None }]), Ok(vec![])), names);
+        assert_eq!(blind.processes[0].used_mib, 0);
+        assert!(blind.warnings[0].contains("pid 6"));
+    }
+
+    #[test]
+    fn a_failed_process_list_is_reported() {
+        let snap = assemble(0, raw(Err("Insufficient Permissions".into()), Ok(vec![])), names);
+        assert!(snap.processes.is_empty());
+        assert!(snap.processes_unavailable.unwrap().contains("compute process list: Insufficient Permissions"));
+    }
+
+    #[test]
+    fn not_supported_process_lists_are_empty_not_errors() {
+        assert_eq!(process_list(Err(NvmlError::NotSupported)), Ok(vec![]));
+        assert!(process_list(Err(NvmlError::NoPermission)).is_err());
+    }
+
+    #[test]
+    fn missing_temperature_and_utilization_are_unknown() {
+        let mut device = raw(Ok(vec![]), Ok(vec![]));
+        device.temperature_c = None;
+        device.utilization_pct = None;
+        let snap = assemble(0, device, names);
+        assert_eq!((snap.temperature_c, snap.utilization_pct), (None, None));
+    }
+}

@@ -1,0 +1,15 @@
+//! vramgate: the one daemon on a machine that owns the GPU-memory question for local AI.
+//!
+//! See `ARCHITECTURE.md` for the code map and the invariants.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod gpu;
+pub mod metrics;
+pub mod monitor;
+pub mod status;
+pub mod units;

@@ -1,0 +1,453 @@
+//! The monitor: samples the probe on a timer, computes levels, publishes the latest view of the
+//! devices and the events that describe changes.
+//!
+//! It owns the probe. Readers get the view through a `watch` channel (always the latest, never a
+//! queue); what changed is decided by the pure [`ChangeTracker`], so the event rules are tested
+//! without a runtime. A sample runs on the blocking pool because NVML calls and file reads block;
+//! a sample that hangs (a wedged driver) is reported as a failure and never stops shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GpuConfig;
+use crate::events::{EventBus, EventKind};
+use crate::gpu::{DeviceSnapshot, Level, Probe, ProbeError, ProbeKind, Thresholds};
+use crate::status::{DeviceStatus, ProcessStatus};
+
+/// What the monitor knows now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuView {
+    /// The probe in use.
+    pub probe: ProbeKind,
+    /// The latest readings, with levels. After a failed sample these are the last good ones.
+    pub devices: Vec<DeviceStatus>,
+    /// Why the GPU side is degraded: the probe choice, and a failing probe while it fails.
+    pub degraded_reasons: Vec<String>,
+    /// When `devices` was read.
+    pub sampled_at: Option<DateTime<Utc>>,
+}
+
+/// The settings the monitor reads from `[gpu]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MonitorSettings {
+    /// Level boundaries.
+    pub thresholds: Thresholds,
+    /// Kept free on every device.
+    pub reserve_mib: u64,
+    /// Time between samples.
+    pub interval: Duration,
+    /// Minimum movement for a `vram_changed` event.
+    pub change_threshold_mib: u64,
+}
+
+impl MonitorSettings {
+    /// From the `[gpu]` section.
+    pub fn from_config(gpu: &GpuConfig) -> MonitorSettings {
+        MonitorSettings {
+            thresholds: gpu.thresholds(),
+            reserve_mib: gpu.reserve_mib.0,
+            interval: gpu.sample_interval.get(),
+            change_threshold_mib: gpu.change_threshold_mib.0,
+        }
+    }
+
+    /// How long one sample may take before it counts as failed: generous, since a slow sample is
+    /// not a broken one, but bounded so a wedged driver shows up in status.
+    fn sample_deadline(&self) -> Duration {
+        (self.interval * 4).max(Duration::from_secs(2))
+    }
+}
+
+/// Turns a probe's snapshot into the status entry: usable memory and level.
+pub fn device_status(snapshot: DeviceSnapshot, probe: ProbeKind, settings: &MonitorSettings) -> DeviceStatus {
+    DeviceStatus {
+        index: snapshot.index,
+        level: settings.thresholds.level(snapshot.used_mib, snapshot.total_mib),
+        usable_mib: snapshot.total_mib.saturating_sub(settings.reserve_mib),
+        name: snapshot.name,
+        probe,
+        total_mib: snapshot.total_mib,
+        used_mib: snapshot.used_mib,
+        free_mib: snapshot.free_mib,
+        utilization_pct: snapshot.utilization_pct,
+        temperature_c: snapshot.temperature_c,
+        processes: snapshot
+            .processes
+            .into_iter()
+            .map(|p| ProcessStatus { pid: p.pid, used_mib: p.used_mib, name: p.name, model: None })
+            .collect(),
+        processes_unavailable: snapshot.processes_unavailable,
+        named_consumers: snapshot.named,
+        warnings: snapshot.warnings,
+    }
+}
+
+/// Remembers, per device, the level and the used memory last reported, and says which events a
+/// new reading causes. The first reading of a device is the baseline and causes none.
+#[derive(Debug, Default)]
+pub struct ChangeTracker {
+    /// Indexed by device index: (level, used_mib at the last `vram_changed` or baseline).
+    last: Vec<Option<(Level, u64)>>,
+    /// Consecutive failed samples, for `probe_recovered`.
+    failures: u64,
+}
+
+impl ChangeTracker {
+    /// Events for a successful reading.
+    pub fn observe(&mut self, devices: &[DeviceStatus], change_threshold_mib: u64) -> Vec<EventKind> {
+        let mut events = Vec::new();
+        for device in devices {
+            let slot = device.index as usize;
+            if self.last.len() <= slot {
+                self.last.resize(slot + 1, None);
+            }
+            let Some((level, reported_used)) = self.last[slot] else {
+                self.last[slot] = Some((device.level, device.used_mib));
+                continue;
+            };
+            let mut next = (level, reported_used);
+            if device.level != level {
+                events.push(EventKind::LevelChanged {
+                    device: device.index,
+                    from: level,
+                    to: device.level,
+                    used_mib: device.used_mib,
+                    total_mib: device.total_mib,
+                });
+                next.0 = device.level;
+            }
+            if change_threshold_mib > 0 && device.used_mib.abs_diff(reported_used) >= change_threshold_mib {
+                events.push(EventKind::VramChanged {
+                    device: device.index,
+                    used_mib: device.used_mib,
+                    previous_mib: reported_used,
+                    free_mib: device.free_mib,
+                });
+                next.1 = device.used_mib;
+            }
+            self.last[slot] = Some(next);
+        }
+        events
+    }
+
+    /// Events for a failed reading: `probe_failed` only on the first failure of a run.
+    pub fn failed(&mut self, probe: ProbeKind, error: &ProbeError) -> Vec<EventKind> {
+        self.failures += 1;
+        if self.failures == 1 {
+            vec![EventKind::ProbeFailed { probe: probe.as_str().into(), error: error.0.clone() }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Events for the first good reading after failures.
+    pub fn succeeded(&mut self, probe: ProbeKind) -> Vec<EventKind> {
+        let failed_samples = std::mem::take(&mut self.failures);
+        if failed_samples > 0 {
+            vec![EventKind::ProbeRecovered { probe: probe.as_str().into(), failed_samples }]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// The running monitor.
+pub struct Monitor {
+    probe: Arc<Mutex<Box<dyn Probe>>>,
+    kind: ProbeKind,
+    settings: MonitorSettings,
+    base_reasons: Vec<String>,
+    tracker: ChangeTracker,
+    view: watch::Sender<Arc<GpuView>>,
+    bus: EventBus,
+}
+
+impl Monitor {
+    /// Takes the first sample (so status is meaningful from the first request), then returns the
+    /// view's receiver; [`Monitor::run`] keeps it current.
+    pub async fn start(
+        probe: Box<dyn Probe>,
+        base_reasons: Vec<String>,
+        settings: MonitorSettings,
+        bus: EventBus,
+    ) -> (Monitor, watch::Receiver<Arc<GpuView>>) {
+        let kind = probe.kind();
+        let initial =
+            GpuView { probe: kind, devices: Vec::new(), degraded_reasons: base_reasons.clone(), sampled_at: None };
+        let (view, receiver) = watch::channel(Arc::new(initial));
+        let mut monitor = Monitor {
+            probe: Arc::new(Mutex::new(probe)),
+            kind,
+            settings,
+            base_reasons,
+            tracker: ChangeTracker::default(),
+            view,
+            bus,
+        };
+        let never = CancellationToken::new();
+        monitor.sample_once(&never).await;
+        (monitor, receiver)
+    }
+
+    /// Samples every interval until `shutdown` is cancelled.
+    pub fn run(mut self, shutdown: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(self.settings.interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick fires at once; `start` already sampled.
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                if !self.sample_once(&shutdown).await {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// One sample: read, compare, publish. Returns false if shutdown interrupted it.
+    async fn sample_once(&mut self, shutdown: &CancellationToken) -> bool {
+        let probe = self.probe.clone();
+        let mut task = tokio::task::spawn_blocking(move || match probe.lock() {
+            Ok(mut probe) => probe.sample(),
+            Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
+        });
+        let deadline = self.settings.sample_deadline();
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            joined = &mut task => joined,
+            _ = tokio::time::sleep(deadline) => {
+                let late = ProbeError(format!("sample did not finish within {deadline:?}"));
+                self.record_failure(&late);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    joined = &mut task => joined,
+                }
+            }
+        };
+        let result = outcome.unwrap_or_else(|e| Err(ProbeError(format!("sample panicked: {e}"))));
+        match result {
+            Ok(snapshots) => self.record_success(snapshots),
+            Err(e) => self.record_failure(&e),
+        }
+        true
+    }
+
+    fn record_success(&mut self, snapshots: Vec<DeviceSnapshot>) {
+        let devices: Vec<DeviceStatus> =
+            snapshots.into_iter().map(|s| device_status(s, self.kind, &self.settings)).collect();
+        let mut events = self.tracker.succeeded(self.kind);
+        events.extend(self.tracker.observe(&devices, self.settings.change_threshold_mib));
+        self.view.send_replace(Arc::new(GpuView {
+            probe: self.kind,
+            devices,
+            degraded_reasons: self.base_reasons.clone(),
+            sampled_at: Some(Utc::now()),
+        }));
+        for event in events {
+            self.bus.publish(event);
+        }
+    }
+
+    fn record_failure(&mut self, error: &ProbeError) {
+        tracing::warn!(probe = self.kind.as_str(), %error, "GPU sample failed");
+        let events = self.tracker.failed(self.kind, error);
+        let reason = format!("probe {} failing: {error} (showing the last good readings)", self.kind.as_str());
+        self.view.send_modify(|view| {
+            let mut next = (**view).clone();
+            next.degraded_reasons = self.base_reasons.clone();
+            next.degraded_reasons.push(reason);
+            *view = Arc::new(next);
+        });
+        for event in events {
+            self.bus.publish(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::ProcessUsage;
+
+    fn settings() -> MonitorSettings {
+        MonitorSettings {
+            thresholds: Thresholds::default(),
+            reserve_mib: 100,
+            interval: Duration::from_millis(10),
+            change_threshold_mib: 100,
+        }
+    }
+
+    fn device(index: u32, used: u64) -> DeviceStatus {
+        let snapshot = DeviceSnapshot {
+            index,
+            name: "d".into(),
+            total_mib: 1000,
+            used_mib: used,
+            free_mib: 1000 - used,
+            ..DeviceSnapshot::default()
+        };
+        device_status(snapshot, ProbeKind::Sim, &settings())
+    }
+
+    fn names(events: &[EventKind]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                EventKind::LevelChanged { from, to, .. } => format!("level {from}->{to}"),
+                EventKind::VramChanged { previous_mib, used_mib, .. } => format!("vram {previous_mib}->{used_mib}"),
+                other => other.name().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn status_entry_has_usable_and_level() {
+        let d = device(0, 900);
+        assert_eq!(d.usable_mib, 900);
+        assert_eq!(d.level, Level::Critical);
+        let with_process = device_status(
+            DeviceSnapshot {
+                total_mib: 50,
+                processes: vec![ProcessUsage { pid: 1, used_mib: 5, name: "x".into() }],
+                ..DeviceSnapshot::default()
+            },
+            ProbeKind::Sim,
+            &settings(),
+        );
+        assert_eq!(with_process.usable_mib, 0, "reserve larger than the device leaves nothing");
+        assert_eq!(with_process.processes[0].model, None);
+    }
+
+    #[test]
+    fn first_reading_is_a_silent_baseline() {
+        let mut tracker = ChangeTracker::default();
+        assert!(tracker.observe(&[device(0, 960)], 100).is_empty());
+    }
+
+    #[test]
+    fn crossing_every_boundary_reports_each_level_in_order() {
+        let mut tracker = ChangeTracker::default();
+        tracker.observe(&[device(0, 0)], 100);
+        let mut all = Vec::new();
+        for used in [760, 880, 960, 100] {
+            all.extend(tracker.observe(&[device(0, used)], 100));
+        }
+        assert_eq!(
+            names(&all),
+            vec![
+                "level ok->warning",
+                "vram 0->760",
+                "level warning->critical",
+                "vram 760->880",
+                "level critical->emergency",
+                "level emergency->ok",
+                "vram 880->100",
+            ]
+        );
+    }
+
+    #[test]
+    fn small_moves_accumulate_until_the_threshold() {
+        let mut tracker = ChangeTracker::default();
+        tracker.observe(&[device(0, 0)], 100);
+        assert!(tracker.observe(&[device(0, 60)], 100).is_empty());
+        assert_eq!(names(&tracker.observe(&[device(0, 100)], 100)), vec!["vram 0->100"]);
+        assert!(tracker.observe(&[device(0, 199)], 100).is_empty());
+        assert!(tracker.observe(&[device(0, 1)], 100).is_empty());
+        assert_eq!(names(&tracker.observe(&[device(0, 0)], 100)), vec!["vram 100->0"]);
+    }
+
+    #[test]
+    fn a_zero_threshold_disables_vram_changed() {
+        let mut tracker = ChangeTracker::default();
+        tracker.observe(&[device(0, 0)], 0);
+        assert!(tracker.observe(&[device(0, 500)], 0).is_empty());
+    }
+
+    #[test]
+    fn devices_are_tracked_separately() {
+        let mut tracker = ChangeTracker::default();
+        tracker.observe(&[device(0, 0), device(1, 0)], 100);
+        let events = tracker.observe(&[device(0, 0), device(1, 800)], 100);
+        assert!(events.iter().all(|e| matches!(
+            e,
+            EventKind::LevelChanged { device: 1, .. } | EventKind::VramChanged { device: 1, .. }
+        )));
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn failure_is_reported_once_and_recovery_counts_the_failures() {
+        let mut tracker = ChangeTracker::default();
+        let err = ProbeError("gone".into());
+        assert_eq!(names(&tracker.failed(ProbeKind::Nvml, &err)), vec!["probe_failed"]);
+        assert!(tracker.failed(ProbeKind::Nvml, &err).is_empty());
+        let recovered = tracker.succeeded(ProbeKind::Nvml);
+        assert_eq!(recovered, vec![EventKind::ProbeRecovered { probe: "nvml".into(), failed_samples: 2 }]);
+        assert!(tracker.succeeded(ProbeKind::Nvml).is_empty());
+    }
+
+    /// A probe whose answers a test scripts.
+    struct Scripted(std::sync::mpsc::Receiver<Result<Vec<DeviceSnapshot>, ProbeError>>);
+
+    impl Probe for Scripted {
+        fn kind(&self) -> ProbeKind {
+            ProbeKind::Sim
+        }
+        fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
+            self.0.recv().unwrap_or_else(|_| Err(ProbeError("script ended".into())))
+        }
+    }
+
+    fn snapshot(used: u64) -> Vec<DeviceSnapshot> {
+        vec![DeviceSnapshot {
+            index: 0,
+            name: "d".into(),
+            total_mib: 1000,
+            used_mib: used,
+            free_mib: 1000 - used,
+            ..DeviceSnapshot::default()
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_failing_sample_degrades_keeps_readings_and_recovers() {
+        let (script, answers) = std::sync::mpsc::channel();
+        script.send(Ok(snapshot(100))).unwrap();
+        let bus = EventBus::new();
+        let mut events = bus.subscribe();
+        let (monitor, mut view) = Monitor::start(Box::new(Scripted(answers)), vec![], settings(), bus).await;
+        assert_eq!(view.borrow().devices[0].used_mib, 100);
+        assert!(view.borrow().degraded_reasons.is_empty());
+
+        let shutdown = CancellationToken::new();
+        let task = monitor.run(shutdown.clone());
+        script.send(Err(ProbeError("driver went away".into()))).unwrap();
+        let event = events.recv().await.unwrap();
+        assert_eq!(event.kind.name(), "probe_failed");
+        view.wait_for(|v| !v.degraded_reasons.is_empty()).await.unwrap();
+        assert!(view.borrow().degraded_reasons[0].contains("driver went away"));
+        assert_eq!(view.borrow().devices[0].used_mib, 100, "last good readings stay");
+
+        script.send(Ok(snapshot(950))).unwrap();
+        let recovered = events.recv().await.unwrap();
+        assert_eq!(recovered.kind.name(), "probe_recovered");
+        let level = events.recv().await.unwrap();
+        assert!(matches!(level.kind, EventKind::LevelChanged { to: Level::Emergency, .. }));
+        view.wait_for(|v| v.degraded_reasons.is_empty()).await.unwrap();
+
+        shutdown.cancel();
+        // The probe is now blocked waiting on the script; shutdown must not wait for it.
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops promptly").unwrap();
+    }
+}

@@ -1,0 +1,118 @@
+//! The status document (DESIGN.md contract): what `GET /vramgate/status` returns and what
+//! `vramgate status --json` prints, the same bytes. The CLI deserializes it to draw its table, so
+//! both directions live here.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::{Level, NamedUsage, ProbeKind};
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's version.
+    pub version: String,
+    /// The probe in use.
+    pub probe: ProbeKind,
+    /// One entry per device; empty without a GPU.
+    pub devices: Vec<DeviceStatus>,
+    /// True when vramgate cannot do its whole job (no GPU, a failing probe); see the reasons.
+    pub degraded: bool,
+    /// Why, one sentence each.
+    pub degraded_reasons: Vec<String>,
+    /// Managed models.
+    pub models: Vec<ModelStatus>,
+    /// Leases held.
+    pub leases: Vec<LeaseStatus>,
+    /// The current mode, if one was set.
+    pub mode: Option<String>,
+    /// When the device readings were taken.
+    pub sampled_at: Option<DateTime<Utc>>,
+}
+
+/// One device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Index as the probe enumerates devices.
+    pub index: u32,
+    /// Device name.
+    pub name: String,
+    /// The probe that read it.
+    pub probe: ProbeKind,
+    /// Installed memory.
+    pub total_mib: u64,
+    /// In use, by anyone.
+    pub used_mib: u64,
+    /// Not in use.
+    pub free_mib: u64,
+    /// `total - reserve_mib`: what vramgate will ever hand out.
+    pub usable_mib: u64,
+    /// From used/total and the thresholds.
+    pub level: Level,
+    /// Busy percentage; null where unknown.
+    pub utilization_pct: Option<u32>,
+    /// Celsius; null where unknown.
+    pub temperature_c: Option<i32>,
+    /// Who uses the memory, per process.
+    pub processes: Vec<ProcessStatus>,
+    /// Why `processes` cannot be known on this device (AMD sysfs), when that is the case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes_unavailable: Option<String>,
+    /// Consumers without a pid (the sim device's named files).
+    #[serde(default)]
+    pub named_consumers: Vec<NamedUsage>,
+    /// Problems with the last reading that did not stop it.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// One process on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    /// Process id.
+    pub pid: u32,
+    /// VRAM it holds.
+    pub used_mib: u64,
+    /// Process name.
+    pub name: String,
+    /// The managed model this process serves, or null for a foreign process.
+    pub model: Option<String>,
+}
+
+/// One managed model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Model id.
+    pub id: String,
+    /// `process`, `ollama` or `external`.
+    pub backend: String,
+    /// `unloaded`, `loading`, `ready`, `unloading` or `failed`.
+    pub state: String,
+    /// Device it is placed on.
+    pub device: Option<u32>,
+    /// Footprint: max(declared, measured).
+    pub vram_mib: u64,
+    /// Requests in flight.
+    pub in_use: u32,
+    /// Never evicted.
+    pub pinned: bool,
+    /// Higher wins.
+    pub priority: i32,
+    /// RFC 3339, or null if never used.
+    pub last_used: Option<DateTime<Utc>>,
+}
+
+/// One lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// Lease id.
+    pub id: String,
+    /// Who holds it.
+    pub holder: String,
+    /// Device.
+    pub device: u32,
+    /// Memory held.
+    pub vram_mib: u64,
+    /// Whether it excludes every other user of the device.
+    pub exclusive: bool,
+}

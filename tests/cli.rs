@@ -1,0 +1,134 @@
+//! End-to-end: the CLI subcommands against a real daemon.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, bin};
+use serde_json::Value;
+
+fn vramgate(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).env_remove("VRAMGATE_URL").output().expect("run vramgate")
+}
+
+#[tokio::test]
+async fn status_json_is_the_http_document() {
+    let daemon = Daemon::start_sim(8192, "50ms");
+    daemon.claim("desktop", 1234);
+    let http = daemon.wait_for_status(Duration::from_secs(5), "claim", |s| s["devices"][0]["used_mib"] == 1234).await;
+    let output = vramgate(&["status", "--json", "--url", &daemon.url]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut cli: Value = serde_json::from_slice(&output.stdout).expect("status --json prints JSON");
+    let mut http = http;
+    // Taken at different moments: only the sample time may differ.
+    cli.as_object_mut().unwrap().remove("sampled_at");
+    http.as_object_mut().unwrap().remove("sampled_at");
+    assert_eq!(cli, http);
+}
+
+#[tokio::test]
+async fn status_table_and_the_url_from_the_environment() {
+    let daemon = Daemon::start_sim(8192, "50ms");
+    daemon.claim("desktop", 6500);
+    daemon.wait_for_status(Duration::from_secs(5), "claim", |s| s["devices"][0]["used_mib"] == 6500).await;
+    let output = Command::new(bin()).arg("status").env("VRAMGATE_URL", &daemon.url).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("Sim Test"), "{table}");
+    assert!(table.contains("warning"), "{table}");
+    assert!(table.contains("6500"), "{table}");
+    assert!(table.contains("desktop"), "{table}");
+}
+
+#[test]
+fn status_without_a_daemon_fails_clearly() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let output = vramgate(&["status", "--url", &url]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach vramgate") && stderr.contains(&url), "{stderr}");
+    let output = vramgate(&["status", "--url", "localhost:9777"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid --url"));
+}
+
+#[tokio::test]
+async fn events_prints_each_event_as_it_happens() {
+    let daemon = Daemon::start_sim(1000, "50ms");
+    for json in [true, false] {
+        let mut args = vec!["events", "--url", daemon.url.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let mut child = Command::new(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // We cannot see when the CLI has subscribed, so keep changing the device until a line
+        // arrives: every change crosses the warning boundary and so is an event.
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut high = false;
+        let line = loop {
+            high = !high;
+            daemon.claim("desktop", if high { 800 } else { 0 });
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                break line;
+            }
+            assert!(Instant::now() < end, "no event printed within 10 s");
+        };
+        if json {
+            let event: Value = serde_json::from_str(&line).expect("--json prints JSON lines");
+            assert!(event["type"] == "level_changed" || event["type"] == "vram_changed", "{event}");
+        } else {
+            assert!(line.contains("level_changed") || line.contains("vram_changed"), "{line}");
+            assert!(line.contains("GPU 0"), "{line}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn config_check_accepts_good_files_and_rejects_bad_ones_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[gpu]\nprobe = \"sim\"\nsample_interval = \"250ms\"\n[gpu.sim]\ndir = \"/tmp/x\"\ndevices = [{ name = \"Sim 8G\", total_mib = \"8GiB\" }]\n",
+    )
+    .unwrap();
+    let output = vramgate(&["config", "check", good.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = \"127.0.0.1:9777\"\n\n[gpu]\nreserve_mib = \"lots\"\n").unwrap();
+    let output = vramgate(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("gpu.reserve_mib") && stderr.contains("line 5") && stderr.contains("\"lots\""), "{stderr}");
+
+    let output = vramgate(&["config", "check", dir.path().join("missing.toml").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read"));
+}
+
+#[test]
+fn help_explains_every_subcommand() {
+    let output = vramgate(&["--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for sub in ["serve", "status", "events", "config"] {
+        assert!(help.contains(sub), "{help}");
+    }
+    let output = vramgate(&["status", "--help"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("VRAMGATE_URL"));
+}

@@ -1,0 +1,223 @@
+//! Shared helpers for the end-to-end tests: start the real `vramgate` binary on a sim config in a
+//! temp dir, talk to it over loopback HTTP, and wait on conditions with deadlines (never sleeps
+//! that hope).
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vramgate")
+}
+
+/// A sim config with one device of `total_mib` and the given sample interval; `extra` is appended
+/// (more `[gpu]` keys must go in `gpu_extra`).
+pub fn sim_config(sim_dir: &Path, total_mib: u64, interval: &str, gpu_extra: &str) -> String {
+    format!(
+        "[gpu]\nprobe = \"sim\"\nsample_interval = \"{interval}\"\n{gpu_extra}\n[gpu.sim]\ndir = \"{}\"\ndevices = [{{ name = \"Sim Test\", total_mib = {total_mib} }}]\n",
+        sim_dir.display()
+    )
+}
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// The temp dir's sim directory (what `sim_config` should be given).
+    pub fn sim_dir_for(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("sim")
+    }
+
+    /// Writes `config` into a fresh temp dir and starts `vramgate serve` on a free port.
+    pub fn start(config: impl FnOnce(&Path) -> String) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_text = config(&Self::sim_dir_for(&dir));
+        let config_path = dir.path().join("vramgate.toml");
+        std::fs::write(&config_path, config_text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path)
+            .env("VRAMGATE_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn vramgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("vramgate did not report its address within 20 s; stderr:\n{log}");
+            }
+        };
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_string();
+        Daemon { child, url, dir, stderr_path }
+    }
+
+    /// Starts a daemon on a one-device sim config.
+    pub fn start_sim(total_mib: u64, interval: &str) -> Daemon {
+        Daemon::start(|sim| sim_config(sim, total_mib, interval, ""))
+    }
+
+    /// `DIR/0`, where claims for device 0 go.
+    pub fn device_dir(&self) -> PathBuf {
+        Self::sim_dir_for(&self.dir).join("0")
+    }
+
+    /// Claims `mib` on device 0 under `name` (a pid or a consumer name).
+    pub fn claim(&self, name: &str, mib: u64) {
+        write_atomically(&self.device_dir().join(name), &mib.to_string());
+    }
+
+    /// The daemon's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// GET a management endpoint as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = reqwest::get(format!("{}{path}", self.url)).await.expect("GET");
+        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        response.json().await.expect("JSON body")
+    }
+
+    /// The status document.
+    pub async fn status(&self) -> Value {
+        self.get_json("/vramgate/status").await
+    }
+
+    /// Polls status until `check` holds, or panics with the last status after `deadline`.
+    pub async fn wait_for_status(&self, deadline: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + deadline;
+        loop {
+            let status = self.status().await;
+            if check(&status) {
+                return status;
+            }
+            if Instant::now() > end {
+                panic!("timed out after {deadline:?} waiting for {what}; last status: {status:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Opens the event stream; returns once the daemon has answered (and so has subscribed).
+    pub async fn events(&self) -> EventStream {
+        let response = reqwest::get(format!("{}/vramgate/events", self.url)).await.expect("GET events");
+        assert!(response.status().is_success());
+        EventStream { inner: Box::pin(eventsource_stream::EventStream::new(response.bytes_stream())) }
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).expect("kill");
+    }
+
+    /// Waits for the daemon to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        wait_child(&mut self.child, deadline)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls a child until it exits or the deadline passes.
+pub fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Writes through a temp file and a rename, so a sample never sees a half-written file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+type SseInner = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>,
+            > + Send,
+    >,
+>;
+
+/// The daemon's event stream, decoded to JSON.
+pub struct EventStream {
+    inner: SseInner,
+}
+
+impl EventStream {
+    /// The next event, or panics if none comes within `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> Value {
+        match tokio::time::timeout(deadline, self.inner.next()).await {
+            Ok(Some(Ok(event))) => serde_json::from_str(&event.data).expect("event JSON"),
+            Ok(Some(Err(e))) => panic!("event stream error: {e}"),
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no event within {deadline:?}"),
+        }
+    }
+
+    /// The next event of type `kind`, skipping others; panics after `deadline`.
+    pub async fn next_of(&mut self, kind: &str, deadline: Duration) -> Value {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let event = self.next(left).await;
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+
+    /// Whether the stream ends (the server closed it) within `deadline`.
+    pub async fn ends_within(&mut self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        loop {
+            match tokio::time::timeout(end.saturating_duration_since(Instant::now()), self.inner.next()).await {
+                Ok(None) | Ok(Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
