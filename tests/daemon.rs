@@ -294,3 +294,18 @@ fn a_busy_port_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("cannot listen on {address}")), "{stderr}");
 }
+
+#[test]
+fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
+    if vramgate::gpu::nvml::NvmlProbe::open().is_ok() {
+        return; // This machine has NVIDIA's driver: the probe rightly starts.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nvml.toml");
+    std::fs::write(&path, "[gpu]\nprobe = \"nvml\"\n").unwrap();
+    let output =
+        Command::new(bin()).args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot start the GPU probe") && stderr.contains("NVML"), "{stderr}");
+}

@@ -1,0 +1,105 @@
+//! What one monitor sample costs, per probe, against a baseline measured in the same run.
+//!
+//! Run: `cargo bench --bench probe` (add `-- --samples 2000` for more). On an NVIDIA machine it
+//! also measures NVML: the full sample vs. a memory-only query of every device (the cheapest
+//! useful reading), and the share of a 500 ms tick the sample takes.
+
+use std::time::{Duration, Instant};
+
+use vramgate::config::{SimConfig, SimDeviceConfig};
+use vramgate::gpu::nvml::{NVML_CALLS_PER_DEVICE, NvmlProbe};
+use vramgate::gpu::sim::SimProbe;
+use vramgate::gpu::{Probe, ProbeKind};
+use vramgate::units::Mib;
+
+const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Median and p99 of `samples` runs of `f`, after a short warm-up.
+fn measure(samples: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+    for _ in 0..samples.min(50) {
+        f();
+    }
+    let mut times: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    (times[times.len() / 2], times[(times.len() * 99 / 100).min(times.len() - 1)])
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn report(name: &str, (p50, p99): (Duration, Duration), baseline: Option<(&str, Duration)>) {
+    let duty = p50.as_secs_f64() / DEFAULT_INTERVAL.as_secs_f64() * 100.0;
+    print!("{name:<44} p50 {:>9.1} us  p99 {:>9.1} us  ({duty:.4} % of a 500 ms tick)", micros(p50), micros(p99));
+    if let Some((base_name, base)) = baseline {
+        print!("  = {:.2}x {base_name}", p50.as_secs_f64() / base.as_secs_f64());
+    }
+    println!();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let samples = args
+        .iter()
+        .position(|a| a == "--samples")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500usize);
+    println!("probe sample cost, {samples} samples each");
+
+    // Sim: the baseline is reading one claim file, the least any sample of the directory does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let me = std::process::id();
+    for consumers in [1usize, 10, 50] {
+        let config = SimConfig {
+            dir: dir.path().join(consumers.to_string()),
+            devices: vec![SimDeviceConfig { name: "Sim".into(), total_mib: Mib(8192) }],
+        };
+        let mut probe = SimProbe::open(&config).expect("sim");
+        let device_dir = config.dir.join("0");
+        std::fs::write(device_dir.join(me.to_string()), "100").expect("write");
+        for i in 1..consumers {
+            std::fs::write(device_dir.join(format!("consumer{i}")), "10").expect("write");
+        }
+        let one_file = device_dir.join(me.to_string());
+        let baseline = measure(samples, || {
+            std::hint::black_box(std::fs::read_to_string(&one_file).ok());
+        });
+        let full = measure(samples, || {
+            std::hint::black_box(probe.sample().ok());
+        });
+        if consumers == 1 {
+            report("sim: read one claim file (baseline)", baseline, None);
+        }
+        report(&format!("sim: full sample, {consumers} consumer file(s)"), full, Some(("one file read", baseline.0)));
+    }
+
+    match NvmlProbe::open() {
+        Err(e) => println!("nvml: not measured here ({e})"),
+        Ok(mut probe) => {
+            assert_eq!(probe.kind(), ProbeKind::Nvml);
+            let devices = probe.sample().map(|d| d.len()).unwrap_or(0);
+            let nvml = nvml_wrapper::Nvml::init().expect("NVML loaded once already");
+            let baseline = measure(samples, || {
+                for i in 0..devices as u32 {
+                    std::hint::black_box(nvml.device_by_index(i).and_then(|d| d.memory_info()).ok());
+                }
+            });
+            let full = measure(samples, || {
+                std::hint::black_box(probe.sample().ok());
+            });
+            println!(
+                "nvml: {devices} device(s), {} wrapper calls per sample ({NVML_CALLS_PER_DEVICE} per device)",
+                devices * NVML_CALLS_PER_DEVICE
+            );
+            report("nvml: handle + memory_info per device (baseline)", baseline, None);
+            report("nvml: full sample (with process lists)", full, Some(("memory-only", baseline.0)));
+        }
+    }
+}
