@@ -5,8 +5,10 @@ use anyhow::{Context, anyhow};
 use futures_util::{Stream, StreamExt};
 
 use crate::api::PREFIX;
+use crate::arbiter::LeaseGrant;
 use crate::config::DEFAULT_LISTEN;
 use crate::events::Event;
+use crate::status::ModelStatus;
 
 /// The URL the CLI uses when neither `--url` nor `VRAMGATE_URL` says otherwise.
 pub fn default_url() -> String {
@@ -38,8 +40,17 @@ impl Client {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        let url = self.url(path);
-        let response = self.http.get(&url).send().await.map_err(|e| {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<reqwest::Response> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = request.build().context("cannot build the request")?;
+        let url = request.url().to_string();
+        let response = self.http.execute(request).await.map_err(|e| {
             anyhow!(
                 "cannot reach vramgate at {}: {}. Is `vramgate serve` running? (set --url or VRAMGATE_URL)",
                 self.base,
@@ -55,7 +66,50 @@ impl Client {
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
             .unwrap_or(body);
-        Err(anyhow!("vramgate at {} answered {status} for {url}: {message}", self.base))
+        Err(DaemonRefused { status: status.as_u16(), message: format!("{message} ({status} from {url})") }.into())
+    }
+
+    /// Loads a model and waits until it is ready; the model's status.
+    pub async fn load(&self, model: &str) -> anyhow::Result<ModelStatus> {
+        let response = self.post_json(&format!("/models/{}/load", encode(model)), &serde_json::json!({})).await?;
+        response.json().await.context("unreadable answer from the daemon")
+    }
+
+    /// Unloads a model and waits until its memory is back.
+    pub async fn unload(&self, model: &str) -> anyhow::Result<ModelStatus> {
+        let response = self.post_json(&format!("/models/{}/unload", encode(model)), &serde_json::json!({})).await?;
+        response.json().await.context("unreadable answer from the daemon")
+    }
+
+    /// Releases a lease.
+    pub async fn release(&self, id: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(self.url(&format!("/leases/{}", encode(id))))).await.map(|_| ())
+    }
+
+    /// A model's log: the last `tail` lines, then (with `follow`) new lines until interrupted.
+    pub async fn logs(&self, model: &str, tail: usize, follow: bool) -> anyhow::Result<reqwest::Response> {
+        self.get(&format!("/models/{}/logs?tail={tail}&follow={follow}", encode(model))).await
+    }
+
+    /// Asks for a lease held by this connection; returns the grant and the response whose body
+    /// must be kept open (and read) for as long as the lease is wanted.
+    pub async fn hold_lease(&self, request: &serde_json::Value) -> anyhow::Result<(LeaseGrant, reqwest::Response)> {
+        let mut response = self.post_json("/leases", request).await?;
+        let mut buffered = Vec::new();
+        loop {
+            let chunk = response.chunk().await.context("the lease stream broke off")?;
+            let Some(chunk) = chunk else {
+                return Err(anyhow!("the daemon closed the lease stream before granting it"));
+            };
+            buffered.extend_from_slice(&chunk);
+            if let Some(end) = buffered.iter().position(|b| *b == b'\n') {
+                let line: serde_json::Value =
+                    serde_json::from_slice(&buffered[..end]).context("unreadable lease grant from the daemon")?;
+                let grant: LeaseGrant =
+                    serde_json::from_value(line["lease"].clone()).context("unreadable lease grant from the daemon")?;
+                return Ok((grant, response));
+            }
+        }
     }
 
     /// The status document, exactly as the daemon sent it.
@@ -74,6 +128,27 @@ impl Client {
         });
         Ok(stream)
     }
+}
+
+/// The daemon answered with an error; `status` is the HTTP status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonRefused {
+    /// HTTP status.
+    pub status: u16,
+    /// The daemon's message.
+    pub message: String,
+}
+
+/// Percent-encodes a path segment (model ids may contain `:`, as Ollama's do).
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The innermost error, which for a refused connection is the useful "Connection refused".

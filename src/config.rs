@@ -5,6 +5,7 @@
 //! after, and find the offending key's line by walking the same text with `toml_edit`, which keeps
 //! positions.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -26,10 +27,16 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[gpu]`.
     pub gpu: GpuConfig,
-    /// `[scheduler]`: read and validated now; used by the arbiter.
+    /// `[scheduler]`.
     pub scheduler: SchedulerConfig,
-    /// `[defaults]`: read and validated now; applied to models by the arbiter.
+    /// `[defaults]`: applied to every model that does not set its own value.
     pub defaults: DefaultsConfig,
+    /// `[models.NAME]`, by name.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// The text and file the config came from, kept so that checks that need the devices (which
+    /// only the probe knows) can still point at the offending line.
+    #[serde(skip)]
+    source: Option<(Option<PathBuf>, String)>,
 }
 
 /// `[server]`.
@@ -204,6 +211,8 @@ pub struct DefaultsConfig {
     pub stop_timeout: Span,
     /// Higher wins; a request may evict only models of priority at most its own.
     pub priority: i32,
+    /// After a model's processes exit, how long to wait for the device to show the memory back.
+    pub release_timeout: Span,
 }
 
 impl Default for DefaultsConfig {
@@ -215,8 +224,142 @@ impl Default for DefaultsConfig {
             ready_timeout: Span(Duration::from_secs(120)),
             stop_timeout: Span(Duration::from_secs(10)),
             priority: 50,
+            release_timeout: Span(Duration::from_secs(5)),
         }
     }
+}
+
+/// `[models.NAME] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A supervised server process (llama-server, whisper.cpp server, vLLM, any command with an
+    /// HTTP health check).
+    Process,
+}
+
+impl Backend {
+    /// The name used in config and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Process => "process",
+        }
+    }
+}
+
+/// A command as one shell-like string or as a list of arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    /// `cmd = "llama-server --port ${PORT}"`, split like a POSIX shell would (quotes respected,
+    /// nothing expanded).
+    Line(String),
+    /// `cmd = ["llama-server", "--port", "${PORT}"]`.
+    Args(Vec<String>),
+}
+
+impl CommandLine {
+    /// The argument vector, or why the string cannot be split.
+    pub fn argv(&self) -> Result<Vec<String>, String> {
+        match self {
+            CommandLine::Line(line) => {
+                shlex::split(line).ok_or_else(|| format!("cannot split {line:?} into arguments (unbalanced quotes?)"))
+            }
+            CommandLine::Args(args) => Ok(args.clone()),
+        }
+    }
+}
+
+/// `[models.NAME]`: one model. Unset timing and priority keys come from `[defaults]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// How the model is run.
+    pub backend: Backend,
+    /// The server command; `${PORT}`, `${MODEL_ID}` and `${DEVICE}` are expanded.
+    #[serde(default)]
+    pub cmd: Option<CommandLine>,
+    /// Readiness check: a path on the upstream (`/health`), a full URL, or `none`.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Declared footprint; a measured footprint may raise it.
+    #[serde(default)]
+    pub vram: Option<Mib>,
+    /// Higher wins.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Idle time before unload; `0` = never.
+    #[serde(default)]
+    pub ttl: Option<Span>,
+    /// Not evicted before it has been resident this long.
+    #[serde(default)]
+    pub min_residency: Option<Span>,
+    /// How long it may take to become ready.
+    #[serde(default)]
+    pub ready_timeout: Option<Span>,
+    /// Grace between SIGTERM and SIGKILL.
+    #[serde(default)]
+    pub stop_timeout: Option<Span>,
+    /// How long to wait for its memory to come back after its processes exit.
+    #[serde(default)]
+    pub release_timeout: Option<Span>,
+    /// Never evicted, never unloaded for idleness.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Loaded at start-up.
+    #[serde(default)]
+    pub preload: bool,
+    /// The device to use; omitted = vramgate places it.
+    #[serde(default)]
+    pub device: Option<u32>,
+    /// Other names requests may use.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Extra environment for the process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the process.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+/// A model with every default applied: what the arbiter and the backends work from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The model id (the `[models.ID]` key).
+    pub id: String,
+    /// How it is run.
+    pub backend: Backend,
+    /// The command, split, before expansion.
+    pub argv: Vec<String>,
+    /// Readiness check: `None` = ready as soon as spawned; `Some(path or URL)`.
+    pub health: Option<String>,
+    /// Declared footprint.
+    pub declared_mib: Option<u64>,
+    /// Higher wins.
+    pub priority: i32,
+    /// Idle time before unload; zero = never.
+    pub ttl: std::time::Duration,
+    /// Minimum time resident before it may be evicted.
+    pub min_residency: std::time::Duration,
+    /// Start-up limit.
+    pub ready_timeout: std::time::Duration,
+    /// SIGTERM grace.
+    pub stop_timeout: std::time::Duration,
+    /// Memory-back wait.
+    pub release_timeout: std::time::Duration,
+    /// Never evicted.
+    pub pinned: bool,
+    /// Loaded at start-up.
+    pub preload: bool,
+    /// Fixed device.
+    pub device: Option<u32>,
+    /// Other names.
+    pub aliases: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
 }
 
 /// A configuration error, placed as precisely as the file allows.
@@ -338,11 +481,96 @@ impl Config {
             let key = (!path.is_empty()).then(|| render_path(&path));
             place(e.inner().span(), key, message)
         })?;
+        let mut config = config;
+        config.source = Some((file.map(Path::to_path_buf), text.to_string()));
         if let Err((path, message)) = config.validate() {
             let span = locate(text, &path);
             return Err(place(span, Some(render_path(&path)), message));
         }
+        if let Some(sim) = &config.gpu.sim
+            && config.gpu.probe == ProbeChoice::Sim
+        {
+            let totals: Vec<u64> = sim.devices.iter().map(|d| d.total_mib.0).collect();
+            config.check_devices(&totals)?;
+        }
         Ok(config)
+    }
+
+    /// The checks that need the devices: a model's `device` must exist and its `vram` must fit in
+    /// that device's usable memory (or, without a fixed device, in the largest one). Run by
+    /// `parse` for the sim device and by the daemon once the probe has listed the real devices.
+    pub fn check_devices(&self, device_totals_mib: &[u64]) -> Result<(), Box<ConfigError>> {
+        let Err((path, message)) = self.validate_devices(device_totals_mib) else { return Ok(()) };
+        let (file, text) = self.source.clone().unwrap_or((None, String::new()));
+        let span = locate(&text, &path);
+        let (line, column, source_line) = match span {
+            Some(span) => {
+                let (line, column) = line_and_column(&text, span.start);
+                (Some(line), Some(column), text.lines().nth(line - 1).map(str::to_string))
+            }
+            None => (None, None, None),
+        };
+        Err(Box::new(ConfigError { file, key: Some(render_path(&path)), line, column, message, source_line }))
+    }
+
+    fn validate_devices(&self, totals: &[u64]) -> Result<(), (Vec<Seg>, String)> {
+        let usable: Vec<u64> = totals.iter().map(|t| t.saturating_sub(self.gpu.reserve_mib.0)).collect();
+        for (id, model) in &self.models {
+            let at = |field: &str| key_path(&["models", id, field]);
+            if let Some(device) = model.device {
+                let Some(&room) = usable.get(device as usize) else {
+                    let known = if totals.is_empty() {
+                        "there are no GPU devices".to_string()
+                    } else {
+                        format!("devices are 0..={}", totals.len() - 1)
+                    };
+                    return Err((at("device"), format!("device {device} does not exist ({known})")));
+                };
+                if let Some(vram) = model.vram
+                    && vram.0 > room
+                {
+                    return Err((at("vram"), format!("{vram} does not fit on GPU {device}: {room} MiB usable")));
+                }
+            } else if let Some(vram) = model.vram
+                && let Some(&room) = usable.iter().max()
+                && vram.0 > room
+            {
+                return Err((at("vram"), format!("{vram} does not fit on any GPU: the largest has {room} MiB usable")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every model with the defaults applied, in id order.
+    pub fn model_specs(&self) -> Vec<ModelSpec> {
+        let d = &self.defaults;
+        self.models
+            .iter()
+            .map(|(id, m)| ModelSpec {
+                id: id.clone(),
+                backend: m.backend,
+                // Validation guarantees a splittable command for process models.
+                argv: m.cmd.as_ref().and_then(|c| c.argv().ok()).unwrap_or_default(),
+                health: match m.health.as_deref() {
+                    None => Some("/health".to_string()),
+                    Some("none") => None,
+                    Some(other) => Some(other.to_string()),
+                },
+                declared_mib: m.vram.map(|v| v.0),
+                priority: m.priority.unwrap_or(d.priority),
+                ttl: m.ttl.unwrap_or(d.ttl).get(),
+                min_residency: m.min_residency.unwrap_or(d.min_residency).get(),
+                ready_timeout: m.ready_timeout.unwrap_or(d.ready_timeout).get(),
+                stop_timeout: m.stop_timeout.unwrap_or(d.stop_timeout).get(),
+                release_timeout: m.release_timeout.unwrap_or(d.release_timeout).get(),
+                pinned: m.pinned,
+                preload: m.preload,
+                device: m.device,
+                aliases: m.aliases.clone(),
+                env: m.env.clone(),
+                cwd: m.cwd.clone(),
+            })
+            .collect()
     }
 
     /// The checks serde cannot express. Returns the offending key and the message.
@@ -418,6 +646,73 @@ impl Config {
         }
         if self.defaults.ready_timeout.is_zero() {
             return Err((key_path(&["defaults", "ready_timeout"]), "must be longer than 0".into()));
+        }
+        self.validate_models()
+    }
+
+    fn validate_models(&self) -> Result<(), (Vec<Seg>, String)> {
+        // Every name a request may use, with the model that claimed it first.
+        let mut names: BTreeMap<&str, &str> = self.models.keys().map(|id| (id.as_str(), id.as_str())).collect();
+        for (id, model) in &self.models {
+            let at = |field: &str| key_path(&["models", id, field]);
+            if id.is_empty() || id.contains('/') || id.chars().any(char::is_whitespace) {
+                return Err((
+                    key_path(&["models", id]),
+                    format!("model id {id:?} must be non-empty, without '/' or spaces"),
+                ));
+            }
+            match model.backend {
+                Backend::Process => {
+                    let Some(cmd) = &model.cmd else {
+                        return Err((
+                            key_path(&["models", id]),
+                            "a process model needs `cmd`, e.g. cmd = [\"llama-server\", \"--port\", \"${PORT}\"]"
+                                .into(),
+                        ));
+                    };
+                    match cmd.argv() {
+                        Err(e) => return Err((at("cmd"), e)),
+                        Ok(argv) if argv.is_empty() || argv[0].is_empty() => {
+                            return Err((at("cmd"), "is empty: name the program to run".into()));
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+            if let Some(health) = &model.health
+                && !(health == "none" || health.starts_with('/') || health.starts_with("http://"))
+            {
+                return Err((
+                    at("health"),
+                    format!("{health:?} must be a path like \"/health\", an http:// URL, or \"none\""),
+                ));
+            }
+            if model.ready_timeout.is_some_and(|t| t.is_zero()) {
+                return Err((at("ready_timeout"), "must be longer than 0".into()));
+            }
+            let mut own = BTreeSet::new();
+            for (index, alias) in model.aliases.iter().enumerate() {
+                let alias_at = vec![
+                    Seg::Key("models".into()),
+                    Seg::Key(id.clone()),
+                    Seg::Key("aliases".into()),
+                    Seg::Index(index),
+                ];
+                if alias.is_empty() || alias.contains('/') {
+                    return Err((alias_at, format!("alias {alias:?} must be non-empty and without '/'")));
+                }
+                if !own.insert(alias.as_str()) {
+                    return Err((alias_at, format!("alias {alias:?} is listed twice")));
+                }
+                if let Some(owner) = names.insert(alias.as_str(), id.as_str()) {
+                    let what = if owner == alias {
+                        "is the id of another model".to_string()
+                    } else {
+                        format!("is already an alias of model {owner:?}")
+                    };
+                    return Err((alias_at, format!("alias {alias:?} {what}")));
+                }
+            }
         }
         Ok(())
     }
@@ -669,6 +964,97 @@ ttl = "0"
         assert_eq!(err.key.as_deref(), Some("defaults.ready_timeout"));
         let err = parse_err("[defaults]\nttl = \"soon\"\n");
         assert_eq!(err.key.as_deref(), Some("defaults.ttl"));
+    }
+
+    const SIM: &str =
+        "[gpu]\nprobe = \"sim\"\n[gpu.sim]\ndir = \"/tmp/x\"\ndevices = [{ name = \"a\", total_mib = 8192 }]\n";
+
+    #[test]
+    fn models_get_defaults_and_their_own_settings() {
+        let text = format!(
+            "{SIM}[defaults]\nttl = \"5m\"\npriority = 10\n[models.whisper]\nbackend = \"process\"\ncmd = \"whisper-server --port ${{PORT}} --model 'large v3'\"\nvram = \"1500MiB\"\npriority = 100\npinned = true\naliases = [\"stt\"]\nenv = {{ THREADS = \"4\" }}\n[models.llm]\nbackend = \"process\"\ncmd = [\"llama-server\", \"--port\", \"${{PORT}}\"]\nhealth = \"none\"\n"
+        );
+        let config = Config::parse(&text, None).unwrap();
+        let specs = config.model_specs();
+        assert_eq!(specs.len(), 2);
+        let llm = &specs[0];
+        assert_eq!(llm.id, "llm");
+        assert_eq!(llm.priority, 10);
+        assert_eq!(llm.ttl.as_secs(), 300);
+        assert_eq!(llm.health, None);
+        assert_eq!(llm.declared_mib, None);
+        let whisper = &specs[1];
+        assert_eq!(whisper.argv, vec!["whisper-server", "--port", "${PORT}", "--model", "large v3"]);
+        assert_eq!(whisper.health.as_deref(), Some("/health"));
+        assert_eq!((whisper.priority, whisper.pinned, whisper.declared_mib), (100, true, Some(1500)));
+        assert_eq!(whisper.release_timeout.as_secs(), 5);
+        assert_eq!(whisper.env["THREADS"], "4");
+    }
+
+    #[test]
+    fn a_process_model_without_cmd() {
+        let err = parse_err("[models.llm]\nbackend = \"process\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llm"));
+        assert_eq!(err.line, Some(1));
+        assert!(err.message.contains("needs `cmd`"), "{}", err.message);
+    }
+
+    #[test]
+    fn an_unknown_backend() {
+        let err = parse_err("[models.llm]\nbackend = \"docker\"\ncmd = \"x\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llm.backend"));
+        assert_eq!(err.line, Some(2));
+        assert!(err.message.contains("process"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_model_key_typo() {
+        let err = parse_err("[models.llm]\nbackend = \"process\"\ncmd = \"x\"\nvrma = \"1G\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llm.vrma"));
+        assert_eq!(err.line, Some(4));
+    }
+
+    #[test]
+    fn a_device_that_does_not_exist_and_vram_larger_than_the_device() {
+        let err = parse_err(&format!("{SIM}[models.llm]\nbackend = \"process\"\ncmd = \"x\"\ndevice = 1\n"));
+        assert_eq!(err.key.as_deref(), Some("models.llm.device"));
+        assert_eq!(err.line, Some(9));
+        assert!(err.message.contains("does not exist"), "{}", err.message);
+        let err = parse_err(&format!("{SIM}[models.llm]\nbackend = \"process\"\ncmd = \"x\"\nvram = \"9G\"\n"));
+        assert_eq!(err.key.as_deref(), Some("models.llm.vram"));
+        assert_eq!(err.line, Some(9));
+        assert!(err.message.contains("7680 MiB usable"), "{}", err.message);
+    }
+
+    #[test]
+    fn device_checks_after_the_probe_lists_devices() {
+        let config = Config::parse("[models.llm]\nbackend = \"process\"\ncmd = \"x\"\ndevice = 2\n", None).unwrap();
+        let err = config.check_devices(&[8192]).unwrap_err();
+        assert_eq!((err.key.as_deref(), err.line), (Some("models.llm.device"), Some(4)));
+        assert!(config.check_devices(&[8192, 8192, 24576]).is_ok());
+    }
+
+    #[test]
+    fn two_models_claiming_the_same_alias() {
+        let text = "[models.a]\nbackend = \"process\"\ncmd = \"x\"\naliases = [\"chat\"]\n[models.b]\nbackend = \"process\"\ncmd = \"y\"\naliases = [\"chat\"]\n";
+        let err = parse_err(text);
+        assert_eq!(err.key.as_deref(), Some("models.b.aliases[0]"));
+        assert_eq!(err.line, Some(8));
+        assert!(err.message.contains("already an alias of model \"a\""), "{}", err.message);
+        let err = parse_err(
+            "[models.a]\nbackend = \"process\"\ncmd = \"x\"\n[models.b]\nbackend = \"process\"\ncmd = \"y\"\naliases = [\"a\"]\n",
+        );
+        assert!(err.message.contains("id of another model"), "{}", err.message);
+    }
+
+    #[test]
+    fn bad_commands_and_health() {
+        let err = parse_err("[models.a]\nbackend = \"process\"\ncmd = \"x 'unclosed\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.a.cmd"));
+        let err = parse_err("[models.a]\nbackend = \"process\"\ncmd = []\n");
+        assert_eq!(err.key.as_deref(), Some("models.a.cmd"));
+        let err = parse_err("[models.a]\nbackend = \"process\"\ncmd = \"x\"\nhealth = \"health\"\n");
+        assert_eq!((err.key.as_deref(), err.line), (Some("models.a.health"), Some(4)));
     }
 
     #[test]

@@ -10,14 +10,41 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::arbiter::{Arbiter, ArbiterSettings};
+use crate::backend::process;
 use crate::config::Config;
 use crate::events::EventBus;
+use crate::events::EventKind;
 use crate::gpu;
 use crate::monitor::{Monitor, MonitorSettings};
+use crate::store::{self, Store};
 
 /// How long open connections get to finish after a shutdown signal before the daemon exits
 /// anyway. The whole stop must stay under a second.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
+/// How long the arbiter may take to stop model processes at shutdown.
+const ARBITER_STOP: Duration = Duration::from_secs(3);
+
+/// Stops processes that an earlier daemon started and did not stop (it crashed or was killed),
+/// before anything is admitted: their memory would otherwise count as foreign forever.
+fn reap_leftovers(store: &Store, bus: &EventBus) {
+    let records = match store.processes() {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    for record in records {
+        if process::reap_leftover(record.pid, record.pgid, record.start_ticks) {
+            tracing::warn!(pid = record.pid, model = %record.model, "stopped a leftover process of an earlier daemon");
+            bus.publish(EventKind::LeftoverReaped { pid: record.pid, model: record.model.clone() });
+        }
+        if let Err(e) = store.forget_process(record.pid) {
+            tracing::error!("{e}");
+        }
+    }
+}
 
 /// Runs the daemon until a signal. `ready` is called with the bound address once the API
 /// accepts connections (the CLI prints it; tests read it to find a port chosen with `:0`).
@@ -43,6 +70,23 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         }
     }
 
+    // Checks that need the real devices (a model's `device` and `vram`).
+    let totals: Vec<u64> = view.borrow().devices.iter().map(|d| d.total_mib).collect();
+    if kind != gpu::ProbeKind::None || config.models.values().any(|m| m.device.is_some()) {
+        config.check_devices(&totals).map_err(|e| anyhow::Error::new(*e))?;
+    }
+
+    let state_dir = config.server.state_dir.clone().unwrap_or_else(store::default_state_dir);
+    let store = Store::open(&state_dir).context("cannot open the state database (server.state_dir)")?;
+    reap_leftovers(&store, &bus);
+    let settings = ArbiterSettings {
+        scheduler: config.scheduler.clone(),
+        models: config.model_specs(),
+        log_dir: Some(state_dir.join("logs")),
+    };
+    let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
+        .context("cannot start the arbiter")?;
+
     let listen = config.server.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -51,7 +95,15 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
 
     let shutdown = CancellationToken::new();
     let monitor_task = monitor.run(shutdown.clone());
-    let app = api::router(AppState { gpu: view, bus, shutdown: shutdown.clone() });
+    let arbiter_task = arbiter.run(shutdown.clone());
+    let app = api::router(AppState {
+        gpu: view,
+        arbiter: arbiter_handle,
+        queue_timeout: config.scheduler.queue_timeout.get(),
+        default_priority: config.defaults.priority,
+        bus,
+        shutdown: shutdown.clone(),
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
     ready(local);
     tracing::info!("listening on http://{local}");
@@ -75,6 +127,10 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         }
     };
     shutdown.cancel();
+    // The arbiter stops model processes (SIGTERM, a bounded grace, SIGKILL) before it returns.
+    if tokio::time::timeout(ARBITER_STOP, arbiter_task).await.is_err() {
+        tracing::warn!("model processes still stopping after {ARBITER_STOP:?}; they die with the daemon");
+    }
     let _ = tokio::time::timeout(Duration::from_millis(100), monitor_task).await;
     tracing::info!("stopped");
     served

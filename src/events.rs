@@ -27,6 +27,41 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// The life-cycle state of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    /// Not running.
+    Unloaded,
+    /// Starting: memory reserved, process spawned, health not yet passed.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Stopping, or stopped and waiting for its memory to come back.
+    Unloading,
+    /// Failed to start three times in a row; waits out a cooldown.
+    Failed,
+}
+
+impl ModelState {
+    /// The lowercase name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Unloaded => "unloaded",
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Unloading => "unloading",
+            ModelState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The kinds of events, serialized as `{"type": "level_changed", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -69,6 +104,68 @@ pub enum EventKind {
         /// How many samples failed in a row.
         failed_samples: u64,
     },
+    /// A model moved between states.
+    ModelState {
+        /// Model id.
+        model: String,
+        /// State before.
+        from: ModelState,
+        /// State now.
+        to: ModelState,
+        /// Why: `requested`, `idle`, `evicted_for:<id>`, `pressure`, `resident_cap`, `crashed`,
+        /// `failed`, `ready`, `released`, `shutdown`.
+        reason: String,
+        /// Its device, where it has one.
+        device: Option<u32>,
+        /// Its footprint as vramgate counts it.
+        vram_mib: u64,
+        /// The error, for `failed` and `crashed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A request could not be admitted at once and waits.
+    Queued {
+        /// The model or lease holder that waits.
+        requester: String,
+        /// Why, with the numbers.
+        reason: String,
+    },
+    /// A lease was granted.
+    LeaseGranted {
+        /// Lease id.
+        id: String,
+        /// Who holds it.
+        holder: String,
+        /// Its device.
+        device: Option<u32>,
+        /// Memory granted.
+        vram_mib: u64,
+        /// Whether it excludes other leases and loads on the device.
+        exclusive: bool,
+    },
+    /// A lease ended.
+    LeaseReleased {
+        /// Lease id.
+        id: String,
+        /// Who held it.
+        holder: String,
+        /// `released`, `disconnected`, `expired`, `shutdown`.
+        reason: String,
+    },
+    /// A released model's memory did not show up as free within its `release_timeout`.
+    MemoryReleaseTimeout {
+        /// Model id.
+        model: String,
+        /// How long vramgate waited.
+        waited_ms: u64,
+    },
+    /// A process left behind by an earlier daemon was stopped at start-up.
+    LeftoverReaped {
+        /// Its pid.
+        pid: u32,
+        /// The model it served.
+        model: String,
+    },
     /// Sent to one listener only: it fell behind and these events were dropped for it.
     EventsLost {
         /// How many.
@@ -84,6 +181,12 @@ impl EventKind {
             EventKind::VramChanged { .. } => "vram_changed",
             EventKind::ProbeFailed { .. } => "probe_failed",
             EventKind::ProbeRecovered { .. } => "probe_recovered",
+            EventKind::ModelState { .. } => "model_state",
+            EventKind::Queued { .. } => "queued",
+            EventKind::LeaseGranted { .. } => "lease_granted",
+            EventKind::LeaseReleased { .. } => "lease_released",
+            EventKind::MemoryReleaseTimeout { .. } => "memory_release_timeout",
+            EventKind::LeftoverReaped { .. } => "leftover_reaped",
             EventKind::EventsLost { .. } => "events_lost",
         }
     }

@@ -3,6 +3,8 @@
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
 pub mod api;
+pub mod arbiter;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -11,5 +13,7 @@ pub mod events;
 pub mod gpu;
 pub mod metrics;
 pub mod monitor;
+pub mod policy;
 pub mod status;
+pub mod store;
 pub mod units;

@@ -156,9 +156,31 @@ impl ChangeTracker {
     }
 }
 
+/// Shared access to the probe for an immediate reading, off the timer: the arbiter watches a
+/// release at millisecond resolution instead of waiting for the next tick.
+#[derive(Clone)]
+pub struct Sampler {
+    probe: Arc<Mutex<Box<dyn Probe>>>,
+}
+
+impl Sampler {
+    fn spawn(&self) -> JoinHandle<Result<Vec<DeviceSnapshot>, ProbeError>> {
+        let probe = self.probe.clone();
+        tokio::task::spawn_blocking(move || match probe.lock() {
+            Ok(mut probe) => probe.sample(),
+            Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
+        })
+    }
+
+    /// One reading now, on the blocking pool.
+    pub async fn sample(&self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
+        self.spawn().await.unwrap_or_else(|e| Err(ProbeError(format!("sample panicked: {e}"))))
+    }
+}
+
 /// The running monitor.
 pub struct Monitor {
-    probe: Arc<Mutex<Box<dyn Probe>>>,
+    sampler: Sampler,
     kind: ProbeKind,
     settings: MonitorSettings,
     base_reasons: Vec<String>,
@@ -181,7 +203,7 @@ impl Monitor {
             GpuView { probe: kind, devices: Vec::new(), degraded_reasons: base_reasons.clone(), sampled_at: None };
         let (view, receiver) = watch::channel(Arc::new(initial));
         let mut monitor = Monitor {
-            probe: Arc::new(Mutex::new(probe)),
+            sampler: Sampler { probe: Arc::new(Mutex::new(probe)) },
             kind,
             settings,
             base_reasons,
@@ -192,6 +214,11 @@ impl Monitor {
         let never = CancellationToken::new();
         monitor.sample_once(&never).await;
         (monitor, receiver)
+    }
+
+    /// A handle for immediate readings.
+    pub fn sampler(&self) -> Sampler {
+        self.sampler.clone()
     }
 
     /// Samples every interval until `shutdown` is cancelled.
@@ -215,11 +242,7 @@ impl Monitor {
 
     /// One sample: read, compare, publish. Returns false if shutdown interrupted it.
     async fn sample_once(&mut self, shutdown: &CancellationToken) -> bool {
-        let probe = self.probe.clone();
-        let mut task = tokio::task::spawn_blocking(move || match probe.lock() {
-            Ok(mut probe) => probe.sample(),
-            Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
-        });
+        let mut task = self.sampler.spawn();
         let deadline = self.settings.sample_deadline();
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return false,

@@ -100,6 +100,30 @@ pub struct ModelStatus {
     pub priority: i32,
     /// RFC 3339, or null if never used.
     pub last_used: Option<DateTime<Utc>>,
+    /// Where its server listens while it runs.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Its server's pid while it runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The footprint measured (largest seen, kept across restarts).
+    #[serde(default)]
+    pub measured_mib: Option<u64>,
+    /// The footprint declared in the config.
+    #[serde(default)]
+    pub declared_mib: Option<u64>,
+    /// Failed starts in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// For a failed model: seconds until the next automatic try.
+    #[serde(default)]
+    pub retry_in_s: Option<u64>,
+    /// The last start error.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Other names it answers to.
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 /// One lease.
@@ -115,4 +139,10 @@ pub struct LeaseStatus {
     pub vram_mib: u64,
     /// Whether it excludes every other user of the device.
     pub exclusive: bool,
+    /// For a model lease: the model kept in use.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Its priority.
+    #[serde(default)]
+    pub priority: i32,
 }

@@ -22,14 +22,21 @@ use crate::status::Status;
 /// Builds the status document from the current state.
 pub(crate) fn current_status(state: &AppState) -> Status {
     let view = state.gpu.borrow().clone();
+    let arbiter = state.arbiter.view();
+    let mut devices = view.devices.clone();
+    for process in devices.iter_mut().flat_map(|d| d.processes.iter_mut()) {
+        process.model = arbiter.process_models.get(&process.pid).cloned();
+    }
+    let mut degraded_reasons = view.degraded_reasons.clone();
+    degraded_reasons.extend(arbiter.degraded_reasons.iter().cloned());
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         probe: view.probe,
-        devices: view.devices.clone(),
-        degraded: !view.degraded_reasons.is_empty(),
-        degraded_reasons: view.degraded_reasons.clone(),
-        models: Vec::new(),
-        leases: Vec::new(),
+        devices,
+        degraded: !degraded_reasons.is_empty(),
+        degraded_reasons,
+        models: arbiter.models.clone(),
+        leases: arbiter.leases.clone(),
         mode: None,
         sampled_at: view.sampled_at,
     }
@@ -41,6 +48,14 @@ pub(super) async fn index() -> impl IntoResponse {
          GET {PREFIX}/status   status document (JSON; same as `vramgate status --json`)\n\
          GET {PREFIX}/events   server-sent events, one JSON object per event\n\
          GET {PREFIX}/health   liveness\n\
+         GET {PREFIX}/models                  models and their states\n\
+         POST {PREFIX}/models/NAME/load       load and wait until ready\n\
+         POST {PREFIX}/models/NAME/unload     unload and wait until the memory is back\n\
+         GET {PREFIX}/models/NAME/logs        ?tail=N&follow=true\n\
+         POST {PREFIX}/leases                 hold VRAM: {{\"holder\", \"vram\", \"device\", \"exclusive\", \"priority\", \"wait\", \"ttl\", \"model\", \"hold\"}}\n\
+         GET {PREFIX}/leases                  leases held\n\
+         POST {PREFIX}/leases/ID/renew        heartbeat\n\
+         DELETE {PREFIX}/leases/ID            release\n\
          GET /metrics          Prometheus metrics\n",
         version = env!("CARGO_PKG_VERSION")
     );

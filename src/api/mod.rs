@@ -4,18 +4,21 @@
 //! (`/api/...`) surfaces can use their standard paths beside them; `/metrics` is at the path
 //! Prometheus expects.
 
+mod leases;
 mod manage;
+mod models;
 
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::arbiter::{ArbiterError, ArbiterHandle};
 use crate::events::EventBus;
 use crate::monitor::GpuView;
 
@@ -27,6 +30,12 @@ pub const PREFIX: &str = "/vramgate";
 pub struct AppState {
     /// The monitor's latest view.
     pub gpu: watch::Receiver<Arc<GpuView>>,
+    /// The arbiter, for models and leases.
+    pub arbiter: ArbiterHandle,
+    /// `scheduler.queue_timeout`: a lease's default wait.
+    pub queue_timeout: std::time::Duration,
+    /// `defaults.priority`: a lease's default priority.
+    pub default_priority: i32,
     /// Events, for the stream.
     pub bus: EventBus,
     /// Cancelled at shutdown; long-lived responses (the event stream) end on it.
@@ -40,6 +49,13 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{PREFIX}/health"), get(manage::health))
         .route(&format!("{PREFIX}/status"), get(manage::status))
         .route(&format!("{PREFIX}/events"), get(manage::events))
+        .route(&format!("{PREFIX}/models"), get(models::list))
+        .route(&format!("{PREFIX}/models/{{name}}/load"), post(models::load))
+        .route(&format!("{PREFIX}/models/{{name}}/unload"), post(models::unload))
+        .route(&format!("{PREFIX}/models/{{name}}/logs"), get(models::logs))
+        .route(&format!("{PREFIX}/leases"), post(leases::create).get(leases::list))
+        .route(&format!("{PREFIX}/leases/{{id}}/renew"), post(leases::renew))
+        .route(&format!("{PREFIX}/leases/{{id}}"), delete(leases::release))
         .route("/metrics", get(manage::metrics))
         .fallback(not_found)
         .with_state(state)
@@ -55,6 +71,22 @@ impl ApiError {
     /// An error with a status code and a message.
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, message: message.into() }
+    }
+}
+
+impl From<ArbiterError> for ApiError {
+    fn from(error: ArbiterError) -> ApiError {
+        let status = match &error {
+            ArbiterError::UnknownModel { .. } | ArbiterError::UnknownLease(_) => StatusCode::NOT_FOUND,
+            ArbiterError::NeverFits(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ArbiterError::Timeout { .. }
+            | ArbiterError::QueueFull(_)
+            | ArbiterError::Cooldown { .. }
+            | ArbiterError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ArbiterError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
+            ArbiterError::Cancelled(_) => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, error.to_string())
     }
 }
 

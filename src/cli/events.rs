@@ -45,6 +45,22 @@ pub(crate) fn describe(event: &Event) -> String {
         EventKind::ProbeRecovered { probe, failed_samples } => {
             format!("probe {probe} recovered after {failed_samples} failed sample(s)")
         }
+        EventKind::ModelState { model, from, to, reason, device, vram_mib, error } => {
+            let device = device.map(|d| format!(" on GPU {d}")).unwrap_or_default();
+            let error = error.as_ref().map(|e| format!(": {}", e.lines().next().unwrap_or(""))).unwrap_or_default();
+            format!("model {model} {from} -> {to} ({reason}){device}, {vram_mib} MiB{error}")
+        }
+        EventKind::Queued { requester, reason } => format!("{requester} waits: {reason}"),
+        EventKind::LeaseGranted { id, holder, device, vram_mib, exclusive } => {
+            let device = device.map(|d| format!(" on GPU {d}")).unwrap_or_default();
+            let exclusive = if *exclusive { " (exclusive)" } else { "" };
+            format!("lease {id} for {holder}: {vram_mib} MiB{device}{exclusive}")
+        }
+        EventKind::LeaseReleased { id, holder, reason } => format!("lease {id} of {holder} released ({reason})"),
+        EventKind::MemoryReleaseTimeout { model, waited_ms } => {
+            format!("model {model}: memory not back after {waited_ms} ms")
+        }
+        EventKind::LeftoverReaped { pid, model } => format!("stopped leftover pid {pid} of model {model}"),
         EventKind::EventsLost { count } => format!("{count} event(s) lost: this client fell behind"),
     };
     format!("{time} {:<16} {what}", event.kind.name())

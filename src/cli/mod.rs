@@ -3,6 +3,8 @@
 
 mod config_check;
 mod events;
+mod models;
+mod run;
 mod serve;
 mod status;
 
@@ -18,8 +20,9 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// vramgate: the one daemon that owns the GPU-memory question for local AI.
 ///
-/// It measures VRAM per device and per process, reports pressure levels and events, and (in
-/// coming releases) decides what may load, evicts what is idle and proxies model requests.
+/// It measures VRAM per device and per process, reports pressure levels and events, decides what
+/// may load, evicts what is idle, queues what must wait, supervises model server processes and
+/// grants VRAM leases to any job.
 #[derive(Debug, Parser)]
 #[command(name = "vramgate", version, propagate_version = true)]
 pub struct Cli {
@@ -33,8 +36,16 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Show devices, levels, processes, models and leases of a running daemon.
     Status(status::StatusArgs),
-    /// Follow the daemon's event stream (level changes, VRAM changes, probe failures).
+    /// Follow the daemon's event stream (levels, VRAM, models, leases, probe failures).
     Events(events::EventsArgs),
+    /// Load a model and wait until it is ready (evicting idle models if needed).
+    Load(models::ModelArgs),
+    /// Unload a model and wait until its memory is back.
+    Unload(models::ModelArgs),
+    /// Print a model server's output.
+    Logs(models::LogsArgs),
+    /// Hold a VRAM lease while a command runs; exit with the command's status (75 if no lease).
+    Run(run::RunArgs),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -64,6 +75,13 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Status(args) => with_runtime(status::run(args)),
         Command::Events(args) => with_runtime(events::run(args)),
+        Command::Load(args) => with_runtime(models::load(args)),
+        Command::Unload(args) => with_runtime(models::unload(args)),
+        Command::Logs(args) => with_runtime(models::logs(args)),
+        Command::Run(args) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(run::run(args)).unwrap_or_else(|e| fail(&e)),
+            Err(e) => fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+        },
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
     }
 }

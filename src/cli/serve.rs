@@ -58,6 +58,10 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<crate::config::ConfigError>().is_some() => {
+            eprintln!("vramgate: invalid config: {e}");
+            ExitCode::from(super::EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("vramgate: {e:#}");
             ExitCode::from(super::EXIT_FAILURE)

@@ -53,6 +53,8 @@ impl Daemon {
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path)
             .env("VRAMGATE_LOG", "debug")
+            // Each daemon gets its own state database, as on a machine of its own.
+            .env("XDG_STATE_HOME", dir.path().join("state"))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

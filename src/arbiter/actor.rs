@@ -1,0 +1,1309 @@
+//! The arbiter's task and its state. See the module docs in `mod.rs`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{ArbiterError, ArbiterHandle, ArbiterView, Command, LeaseGrant, LeaseRequest};
+use crate::backend::process::{self, ProcessHandle, SpawnSpec, Spawner};
+use crate::config::{ModelSpec, SchedulerConfig};
+use crate::events::{EventBus, EventKind, ModelState};
+use crate::gpu::Level;
+use crate::monitor::{GpuView, Sampler};
+use crate::policy::{self, Decision, DeviceState, Hold, Request, Resident};
+use crate::status::{LeaseStatus, ModelStatus};
+use crate::store::{ProcessRecord, Store};
+
+/// Failed starts in a row before a model is marked `failed`.
+const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+const COOLDOWN_FIRST: Duration = Duration::from_secs(10);
+const COOLDOWN_MAX: Duration = Duration::from_secs(300);
+/// How often a release polls the probe while waiting for memory to come back.
+const RELEASE_POLL: Duration = Duration::from_millis(5);
+/// At shutdown, how long children get after SIGTERM before SIGKILL.
+const SHUTDOWN_STOP: Duration = Duration::from_millis(1500);
+
+/// What the arbiter needs from the rest of the daemon.
+pub struct ArbiterSettings {
+    /// `[scheduler]`.
+    pub scheduler: SchedulerConfig,
+    /// Models with defaults applied.
+    pub models: Vec<ModelSpec>,
+    /// Where model logs go (`state_dir/logs`).
+    pub log_dir: Option<PathBuf>,
+}
+
+/// One model's state.
+struct Model {
+    spec: ModelSpec,
+    state: ModelState,
+    /// Increases with every start, so messages about an earlier process are recognised and
+    /// ignored.
+    generation: u64,
+    device: Option<u32>,
+    port: Option<u16>,
+    process: Option<ProcessHandle>,
+    logs: Option<Arc<process::LogBuffer>>,
+    /// The footprint it was admitted with (declared, learned, or the whole device on a first load
+    /// without either).
+    reserved_mib: u64,
+    /// The largest footprint measured, from the store and this run.
+    learned_mib: Option<u64>,
+    /// What its processes use now.
+    current_mib: u64,
+    in_use: u32,
+    last_used: Instant,
+    last_used_wall: Option<DateTime<Utc>>,
+    resident_since: Instant,
+    failures: u32,
+    cooldown_until: Option<Instant>,
+    last_error: Option<String>,
+    /// Callers waiting for it to be ready, each with its deadline.
+    ready_waiters: Vec<(Instant, oneshot::Sender<Result<ModelStatus, ArbiterError>>)>,
+    /// Callers waiting for it to be unloaded.
+    unload_waiters: Vec<oneshot::Sender<Result<ModelStatus, ArbiterError>>>,
+    /// Load again once the current unload is done (a request came in while it unloaded).
+    reload_after_unload: bool,
+    /// Pids seen using GPU memory for it, watched during a release.
+    gpu_pids: BTreeSet<u32>,
+}
+
+impl Model {
+    fn footprint(&self) -> u64 {
+        self.spec
+            .declared_mib
+            .unwrap_or(0)
+            .max(self.learned_mib.unwrap_or(0))
+            .max(self.current_mib)
+            .max(if matches!(self.state, ModelState::Loading | ModelState::Unloading) { self.reserved_mib } else { 0 })
+    }
+
+    fn holds_memory(&self) -> bool {
+        matches!(self.state, ModelState::Loading | ModelState::Ready | ModelState::Unloading)
+    }
+
+    fn upstream(&self) -> Option<String> {
+        self.port.map(|p| format!("http://127.0.0.1:{p}"))
+    }
+}
+
+struct Lease {
+    grant: LeaseGrant,
+    priority: i32,
+    expires: Option<Instant>,
+}
+
+enum Pending {
+    Load { model: String },
+    Lease { request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>>, deadline: Instant },
+}
+
+/// A request in the queue.
+struct Waiter {
+    seq: u64,
+    priority: i32,
+    since: Instant,
+    pending: Pending,
+    /// Models being evicted for it; it is not reconsidered until they are gone, so that one
+    /// request never evicts twice for the same deficit.
+    awaiting_release: BTreeSet<String>,
+    /// The last shortfall message, for the timeout error.
+    last_shortfall: Option<String>,
+    announced: bool,
+}
+
+/// The arbiter's state and task.
+pub struct Arbiter {
+    settings: SchedulerConfig,
+    log_dir: Option<PathBuf>,
+    models: Vec<Model>,
+    leases: HashMap<String, Lease>,
+    queue: Vec<Waiter>,
+    next_seq: u64,
+    next_lease: u64,
+    gpu: watch::Receiver<Arc<GpuView>>,
+    sampler: Sampler,
+    spawner: Spawner,
+    http: reqwest::Client,
+    store: Store,
+    bus: EventBus,
+    commands: mpsc::Sender<Command>,
+    inbox: mpsc::Receiver<Command>,
+    view: watch::Sender<Arc<ArbiterView>>,
+    /// Devices in an emergency episode: relief continues until the level drops below critical.
+    pressure: BTreeSet<u32>,
+    process_models: HashMap<u32, String>,
+    store_error: Option<String>,
+    started: Instant,
+}
+
+fn millis_since(origin: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(origin).as_millis() as u64
+}
+
+impl Arbiter {
+    /// Builds the arbiter; [`Arbiter::run`] starts it.
+    pub fn new(
+        settings: ArbiterSettings,
+        gpu: watch::Receiver<Arc<GpuView>>,
+        sampler: Sampler,
+        store: Store,
+        bus: EventBus,
+    ) -> std::io::Result<(Arbiter, ArbiterHandle)> {
+        let (commands, inbox) = mpsc::channel(1024);
+        let (view, view_rx) = watch::channel(Arc::new(ArbiterView::default()));
+        let learned = store.footprints().unwrap_or_default();
+        let now = Instant::now();
+        let models = settings
+            .models
+            .into_iter()
+            .map(|spec| Model {
+                learned_mib: learned.get(&spec.id).copied(),
+                spec,
+                state: ModelState::Unloaded,
+                generation: 0,
+                device: None,
+                port: None,
+                process: None,
+                logs: None,
+                reserved_mib: 0,
+                current_mib: 0,
+                in_use: 0,
+                last_used: now,
+                last_used_wall: None,
+                resident_since: now,
+                failures: 0,
+                cooldown_until: None,
+                last_error: None,
+                ready_waiters: Vec::new(),
+                unload_waiters: Vec::new(),
+                reload_after_unload: false,
+                gpu_pids: BTreeSet::new(),
+            })
+            .collect();
+        let arbiter = Arbiter {
+            settings: settings.scheduler,
+            log_dir: settings.log_dir,
+            models,
+            leases: HashMap::new(),
+            queue: Vec::new(),
+            next_seq: 0,
+            next_lease: 0,
+            gpu,
+            sampler,
+            spawner: Spawner::start()?,
+            http: reqwest::Client::builder().pool_max_idle_per_host(2).build().map_err(std::io::Error::other)?,
+            store,
+            bus,
+            commands: commands.clone(),
+            inbox,
+            view,
+            pressure: BTreeSet::new(),
+            process_models: HashMap::new(),
+            store_error: None,
+            started: now,
+        };
+        Ok((arbiter, ArbiterHandle { commands, view: view_rx }))
+    }
+
+    /// Runs until `shutdown`, then stops every model process.
+    pub fn run(mut self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let preload: Vec<String> =
+                self.models.iter().filter(|m| m.spec.preload || m.spec.pinned).map(|m| m.spec.id.clone()).collect();
+            for id in preload {
+                self.request_load(&id, None, true);
+            }
+            self.on_sample();
+            self.schedule();
+            self.publish();
+            loop {
+                let wake = self.next_deadline();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    command = self.inbox.recv() => match command {
+                        Some(command) => self.handle(command),
+                        None => break,
+                    },
+                    changed = self.gpu.changed() => {
+                        if changed.is_err() { break; }
+                        self.on_sample();
+                    }
+                    _ = sleep_until_opt(wake) => self.on_timers(),
+                }
+                self.schedule();
+                self.publish();
+            }
+            self.shutdown().await;
+        })
+    }
+
+    fn index(&self, name: &str) -> Result<usize, ArbiterError> {
+        self.models
+            .iter()
+            .position(|m| m.spec.id == name)
+            .or_else(|| self.models.iter().position(|m| m.spec.aliases.iter().any(|a| a == name)))
+            .ok_or_else(|| ArbiterError::UnknownModel {
+                name: name.to_string(),
+                known: self.models.iter().map(|m| m.spec.id.clone()).collect(),
+            })
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Load { name, explicit, reply } => match self.index(&name) {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(i) => {
+                    let id = self.models[i].spec.id.clone();
+                    let deadline = Instant::now() + self.settings.queue_timeout.get();
+                    self.request_load(&id, Some((deadline, reply)), explicit);
+                }
+            },
+            Command::Unload { name, reply } => match self.index(&name) {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(i) => self.request_unload(i, reply),
+            },
+            Command::Acquire { request, reply } => self.request_lease(request, reply),
+            Command::Renew { id, reply } => {
+                let result = match self.leases.get_mut(&id) {
+                    None => Err(ArbiterError::UnknownLease(id)),
+                    Some(lease) => {
+                        if let Some(ttl) = lease.grant.ttl_ms {
+                            lease.expires = Some(Instant::now() + Duration::from_millis(ttl));
+                        }
+                        Ok(lease.grant.clone())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Command::Release { id, reason, reply } => {
+                let result = self.release_lease(&id, reason);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Logs { name, reply } => {
+                let result = self.index(&name).map(|i| self.models[i].logs.clone());
+                let _ = reply.send(result);
+            }
+            Command::Spawned { model, generation, handle } => self.on_spawned(&model, generation, handle),
+            Command::LoadFinished { model, generation, result } => self.on_load_finished(&model, generation, result),
+            Command::Exited { model, generation, exit } => self.on_exited(&model, generation, exit),
+            Command::Released { model, generation, timed_out, waited } => {
+                self.on_released(&model, generation, timed_out, waited)
+            }
+        }
+    }
+
+    // ----- models -----
+
+    /// A load request: answered at once if ready, attached to the load in progress, or queued.
+    fn request_load(
+        &mut self,
+        id: &str,
+        caller: Option<(Instant, oneshot::Sender<Result<ModelStatus, ArbiterError>>)>,
+        explicit: bool,
+    ) {
+        let Ok(i) = self.index(id) else { return };
+        let now = Instant::now();
+        let model = &mut self.models[i];
+        match model.state {
+            ModelState::Ready => {
+                let status = self.model_status(i);
+                if let Some((_, reply)) = caller {
+                    let _ = reply.send(Ok(status));
+                }
+                return;
+            }
+            ModelState::Failed if !explicit && model.cooldown_until.is_some_and(|t| t > now) => {
+                let error = ArbiterError::Cooldown {
+                    model: model.spec.id.clone(),
+                    failures: model.failures,
+                    retry_in: model.cooldown_until.map(|t| t.saturating_duration_since(now)).unwrap_or_default(),
+                    last_error: model.last_error.clone().unwrap_or_default(),
+                };
+                if let Some((_, reply)) = caller {
+                    let _ = reply.send(Err(error));
+                }
+                return;
+            }
+            ModelState::Unloading => model.reload_after_unload = true,
+            _ => {}
+        }
+        if let Some(caller) = caller {
+            model.ready_waiters.push(caller);
+        }
+        let queued = self.queue.iter().any(|w| matches!(&w.pending, Pending::Load { model } if model == id));
+        if model.state == ModelState::Loading || queued {
+            return;
+        }
+        if self.queue.len() >= self.settings.max_queue as usize {
+            let error = ArbiterError::QueueFull(self.settings.max_queue);
+            for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        let priority = self.models[i].spec.priority;
+        self.enqueue(priority, Pending::Load { model: id.to_string() });
+    }
+
+    fn enqueue(&mut self, priority: i32, pending: Pending) {
+        self.next_seq += 1;
+        self.queue.push(Waiter {
+            seq: self.next_seq,
+            priority,
+            since: Instant::now(),
+            pending,
+            awaiting_release: BTreeSet::new(),
+            last_shortfall: None,
+            announced: false,
+        });
+        // Priority first (higher first), then arrival: the order in which `schedule` serves.
+        self.queue.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.seq));
+    }
+
+    fn request_unload(&mut self, i: usize, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>>) {
+        let id = self.models[i].spec.id.clone();
+        // A queued load of this model is withdrawn: the user asked for the opposite.
+        self.queue.retain(|w| !matches!(&w.pending, Pending::Load { model } if *model == id));
+        for (_, waiter) in self.models[i].ready_waiters.drain(..) {
+            let _ =
+                waiter.send(Err(ArbiterError::Cancelled(format!("model {id} was unloaded while this request waited"))));
+        }
+        self.models[i].reload_after_unload = false;
+        match self.models[i].state {
+            ModelState::Unloaded | ModelState::Failed => {
+                let _ = reply.send(Ok(self.model_status(i)));
+            }
+            ModelState::Unloading => self.models[i].unload_waiters.push(reply),
+            ModelState::Loading | ModelState::Ready => {
+                self.models[i].unload_waiters.push(reply);
+                self.begin_unload(i, "requested".into());
+            }
+        }
+    }
+
+    fn set_state(&mut self, i: usize, to: ModelState, reason: String, error: Option<String>) {
+        let model = &mut self.models[i];
+        let from = model.state;
+        model.state = to;
+        let event = EventKind::ModelState {
+            model: model.spec.id.clone(),
+            from,
+            to,
+            reason,
+            device: model.device,
+            vram_mib: model.footprint(),
+            error,
+        };
+        self.bus.publish(event);
+    }
+
+    /// Reserves memory and starts the load task.
+    fn start_load(&mut self, i: usize, device: Option<u32>, reserved_mib: u64) {
+        let now = Instant::now();
+        let port = match process::free_port() {
+            Ok(port) => port,
+            Err(e) => {
+                self.fail_start(i, format!("cannot find a free port: {e}"));
+                return;
+            }
+        };
+        let model = &mut self.models[i];
+        model.generation += 1;
+        model.device = device;
+        model.port = Some(port);
+        model.reserved_mib = reserved_mib;
+        model.current_mib = 0;
+        model.resident_since = now;
+        model.last_used = now;
+        model.gpu_pids.clear();
+        let spec = model.spec.clone();
+        let generation = model.generation;
+        self.set_state(i, ModelState::Loading, "requested".into(), None);
+
+        let expand = |text: &str| process::expand(text, port, &spec.id, device);
+        let mut env: std::collections::BTreeMap<String, String> =
+            spec.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect();
+        if let Some(device) = device {
+            env.entry("CUDA_VISIBLE_DEVICES".into()).or_insert_with(|| device.to_string());
+        }
+        env.insert("VRAMGATE_MODEL_ID".into(), spec.id.clone());
+        env.insert("VRAMGATE_PORT".into(), port.to_string());
+        let spawn_spec = SpawnSpec {
+            argv: spec.argv.iter().map(|a| expand(a)).collect(),
+            env,
+            cwd: spec.cwd.clone(),
+            log_file: self.log_dir.as_ref().map(|d| d.join(format!("{}.log", spec.id))),
+        };
+        let health = spec
+            .health
+            .as_ref()
+            .map(|h| if h.starts_with('/') { format!("http://127.0.0.1:{port}{h}") } else { expand(h) });
+        let spawner = self.spawner.clone();
+        let http = self.http.clone();
+        let commands = self.commands.clone();
+        let model_id = spec.id.clone();
+        tokio::spawn(async move {
+            let handle = match spawner.spawn(spawn_spec).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    let _ = commands
+                        .send(Command::LoadFinished { model: model_id, generation, result: Err(e.to_string()) })
+                        .await;
+                    return;
+                }
+            };
+            let _ =
+                commands.send(Command::Spawned { model: model_id.clone(), generation, handle: handle.clone() }).await;
+            let result =
+                handle.wait_ready(health.as_deref(), spec.ready_timeout, &http).await.map_err(|e| e.to_string());
+            let _ = commands.send(Command::LoadFinished { model: model_id.clone(), generation, result }).await;
+            let exit = handle.wait_exit().await;
+            let _ = commands.send(Command::Exited { model: model_id, generation, exit }).await;
+        });
+    }
+
+    fn find_generation(&self, id: &str, generation: u64) -> Option<usize> {
+        self.models.iter().position(|m| m.spec.id == id && m.generation == generation)
+    }
+
+    fn on_spawned(&mut self, id: &str, generation: u64, handle: ProcessHandle) {
+        let Some(i) = self.find_generation(id, generation) else { return };
+        let record = ProcessRecord {
+            pid: handle.pid,
+            pgid: handle.pid,
+            start_ticks: handle.start_ticks,
+            model: id.to_string(),
+            started_at: Utc::now(),
+        };
+        if let Err(e) = self.store.record_process(&record) {
+            tracing::error!("{e}");
+            self.store_error = Some(e.to_string());
+        }
+        self.models[i].logs = Some(handle.logs.clone());
+        self.models[i].gpu_pids.insert(handle.pid);
+        self.models[i].process = Some(handle);
+        // An unload asked for while it was spawning takes effect now.
+        if self.models[i].state == ModelState::Unloading {
+            self.begin_release_task(i);
+        }
+    }
+
+    fn on_load_finished(&mut self, id: &str, generation: u64, result: Result<(), String>) {
+        let Some(i) = self.find_generation(id, generation) else { return };
+        if self.models[i].state != ModelState::Loading {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let model = &mut self.models[i];
+                model.failures = 0;
+                model.cooldown_until = None;
+                model.last_error = None;
+                model.last_used = Instant::now();
+                model.last_used_wall = Some(Utc::now());
+                self.set_state(i, ModelState::Ready, "ready".into(), None);
+                let status = self.model_status(i);
+                for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                    let _ = reply.send(Ok(status.clone()));
+                }
+            }
+            Err(message) => self.fail_start(i, message),
+        }
+    }
+
+    /// A start failed: count it, answer the waiters, release whatever is left of the process.
+    fn fail_start(&mut self, i: usize, message: String) {
+        let now = Instant::now();
+        let model = &mut self.models[i];
+        model.failures += 1;
+        model.last_error = Some(message.clone());
+        let error = ArbiterError::StartFailed { model: model.spec.id.clone(), message: message.clone() };
+        for (_, reply) in model.ready_waiters.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        if model.failures >= FAILURES_BEFORE_COOLDOWN {
+            let doublings = (model.failures - FAILURES_BEFORE_COOLDOWN).min(10);
+            let cooldown = (COOLDOWN_FIRST * 2u32.pow(doublings)).min(COOLDOWN_MAX);
+            model.cooldown_until = Some(now + cooldown);
+        }
+        // Through unloading, so the memory is watched until it is really back.
+        self.set_state(i, ModelState::Unloading, "failed".into(), Some(message));
+        self.begin_release_task(i);
+    }
+
+    fn on_exited(&mut self, id: &str, generation: u64, exit: process::ExitInfo) {
+        let Some(i) = self.find_generation(id, generation) else { return };
+        if let Some(process) = &self.models[i].process
+            && let Err(e) = self.store.forget_process(process.pid)
+        {
+            tracing::error!("{e}");
+        }
+        if self.models[i].state == ModelState::Ready {
+            // A crash while serving: release its memory and start again on the next demand.
+            let tail = self.models[i].process.as_ref().map(|p| p.logs.tail(5).join("\n")).unwrap_or_default();
+            self.set_state(i, ModelState::Unloading, "crashed".into(), Some(format!("{exit}; last output:\n{tail}")));
+            self.begin_release_task(i);
+        }
+    }
+
+    fn begin_unload(&mut self, i: usize, reason: String) {
+        match self.models[i].state {
+            ModelState::Ready | ModelState::Loading => {}
+            _ => return,
+        }
+        let was_loading = self.models[i].state == ModelState::Loading;
+        if was_loading {
+            let id = self.models[i].spec.id.clone();
+            for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                let _ =
+                    reply.send(Err(ArbiterError::Cancelled(format!("model {id} was unloaded while it was starting"))));
+            }
+        }
+        self.set_state(i, ModelState::Unloading, reason, None);
+        // A load still spawning has no process yet; `on_spawned` continues the release.
+        if self.models[i].process.is_some() || !was_loading {
+            self.begin_release_task(i);
+        }
+    }
+
+    /// Stops the process (if running) and waits until its memory is back, in a task.
+    fn begin_release_task(&mut self, i: usize) {
+        let model = &mut self.models[i];
+        let handle = model.process.clone();
+        let mut pids = model.gpu_pids.clone();
+        if let Some(handle) = &handle {
+            pids.insert(handle.pid);
+            pids.extend(process::group_members(handle.pid));
+        }
+        let grace = model.spec.stop_timeout;
+        let limit = model.spec.release_timeout;
+        let generation = model.generation;
+        let id = model.spec.id.clone();
+        let sampler = self.sampler.clone();
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            if let Some(handle) = &handle {
+                let (exit, killed) = handle.stop(grace).await;
+                if killed {
+                    tracing::warn!(model = %id, "did not stop within {grace:?} of SIGTERM: killed ({exit})");
+                }
+            }
+            // The memory is back when none of its pids is in the probe's process list any more.
+            let started = Instant::now();
+            let timed_out = loop {
+                match sampler.sample().await {
+                    Ok(devices) => {
+                        if !devices.iter().any(|d| d.processes.iter().any(|p| pids.contains(&p.pid))) {
+                            break false;
+                        }
+                    }
+                    Err(e) => tracing::warn!(model = %id, "sample during release failed: {e}"),
+                }
+                if started.elapsed() >= limit {
+                    break true;
+                }
+                tokio::time::sleep(RELEASE_POLL).await;
+            };
+            let waited = started.elapsed();
+            let _ = commands.send(Command::Released { model: id, generation, timed_out, waited }).await;
+        });
+    }
+
+    fn on_released(&mut self, id: &str, generation: u64, timed_out: bool, waited: Duration) {
+        let Some(i) = self.find_generation(id, generation) else { return };
+        if self.models[i].state != ModelState::Unloading {
+            return;
+        }
+        if timed_out {
+            self.bus.publish(EventKind::MemoryReleaseTimeout {
+                model: id.to_string(),
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        if let Some(process) = self.models[i].process.take()
+            && let Err(e) = self.store.forget_process(process.pid)
+        {
+            tracing::error!("{e}");
+        }
+        let failed = self.models[i].cooldown_until.is_some() && self.models[i].failures >= FAILURES_BEFORE_COOLDOWN;
+        let model = &mut self.models[i];
+        model.port = None;
+        model.current_mib = 0;
+        model.in_use = 0;
+        let to = if failed { ModelState::Failed } else { ModelState::Unloaded };
+        self.set_state(i, to, "released".into(), None);
+        self.models[i].device = None;
+        for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
+            name.remove(id);
+        }
+        let status = self.model_status(i);
+        for reply in self.models[i].unload_waiters.drain(..) {
+            let _ = reply.send(Ok(status.clone()));
+        }
+        let wanted =
+            !self.models[i].ready_waiters.is_empty() || std::mem::take(&mut self.models[i].reload_after_unload);
+        if wanted && !failed {
+            self.request_load(id, None, false);
+        }
+    }
+
+    // ----- leases -----
+
+    fn request_lease(&mut self, request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>>) {
+        if let Some(name) = &request.model
+            && let Err(e) = self.index(name)
+        {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if self.queue.len() >= self.settings.max_queue as usize {
+            let _ = reply.send(Err(ArbiterError::QueueFull(self.settings.max_queue)));
+            return;
+        }
+        let deadline = Instant::now() + request.wait;
+        let priority = request.priority;
+        self.enqueue(priority, Pending::Lease { request, reply, deadline });
+    }
+
+    fn grant_lease(&mut self, request: LeaseRequest, device: Option<u32>, upstream: Option<String>) -> LeaseGrant {
+        self.next_lease += 1;
+        let id = format!("lease-{}", self.next_lease);
+        let grant = LeaseGrant {
+            id: id.clone(),
+            holder: request.holder.clone(),
+            device,
+            vram_mib: if request.model.is_some() { 0 } else { request.vram_mib },
+            exclusive: request.exclusive,
+            ttl_ms: request.ttl.map(|t| t.as_millis() as u64),
+            model: request.model.clone(),
+            upstream,
+        };
+        if let Some(name) = &request.model
+            && let Ok(i) = self.index(name)
+        {
+            self.models[i].in_use += 1;
+        }
+        self.leases.insert(
+            id,
+            Lease {
+                grant: grant.clone(),
+                priority: request.priority,
+                expires: request.ttl.map(|t| Instant::now() + t),
+            },
+        );
+        self.bus.publish(EventKind::LeaseGranted {
+            id: grant.id.clone(),
+            holder: grant.holder.clone(),
+            device: grant.device,
+            vram_mib: grant.vram_mib,
+            exclusive: grant.exclusive,
+        });
+        grant
+    }
+
+    fn release_lease(&mut self, id: &str, reason: &str) -> Result<(), ArbiterError> {
+        let lease = self.leases.remove(id).ok_or_else(|| ArbiterError::UnknownLease(id.to_string()))?;
+        if let Some(name) = &lease.grant.model
+            && let Ok(i) = self.index(name)
+        {
+            let model = &mut self.models[i];
+            model.in_use = model.in_use.saturating_sub(1);
+            model.last_used = Instant::now();
+            model.last_used_wall = Some(Utc::now());
+        }
+        self.bus.publish(EventKind::LeaseReleased {
+            id: id.to_string(),
+            holder: lease.grant.holder,
+            reason: reason.into(),
+        });
+        Ok(())
+    }
+
+    // ----- the decision -----
+
+    /// The plain data the policy decides over, from the latest reading and the models.
+    fn policy_inputs(&self) -> (Vec<DeviceState>, Vec<Resident>, Vec<Hold>) {
+        let view = self.gpu.borrow().clone();
+        let origin = self.started;
+        let devices = view
+            .devices
+            .iter()
+            .map(|d| {
+                let attributed: u64 =
+                    d.processes.iter().filter(|p| self.process_models.contains_key(&p.pid)).map(|p| p.used_mib).sum();
+                DeviceState {
+                    index: d.index,
+                    usable_mib: d.usable_mib,
+                    foreign_mib: d.used_mib.saturating_sub(attributed),
+                }
+            })
+            .collect();
+        let residents = self
+            .models
+            .iter()
+            .filter(|m| m.holds_memory())
+            .filter_map(|m| {
+                Some(Resident {
+                    id: m.spec.id.clone(),
+                    device: m.device?,
+                    footprint_mib: m.footprint(),
+                    priority: m.spec.priority,
+                    in_use: m.in_use,
+                    pinned: m.spec.pinned,
+                    ready: m.state == ModelState::Ready,
+                    last_used: millis_since(origin, m.last_used),
+                    resident_since: millis_since(origin, m.resident_since),
+                    min_residency: m.spec.min_residency.as_millis() as u64,
+                })
+            })
+            .collect();
+        let holds = self
+            .leases
+            .values()
+            .filter(|l| l.grant.model.is_none())
+            .filter_map(|l| {
+                Some(Hold {
+                    holder: l.grant.holder.clone(),
+                    device: l.grant.device?,
+                    mib: l.grant.vram_mib,
+                    exclusive: l.grant.exclusive,
+                })
+            })
+            .collect();
+        (devices, residents, holds)
+    }
+
+    /// Serves the queue in order: priority, then arrival. A waiter that cannot be served blocks
+    /// later waiters on its device, so nobody is overtaken forever on the device it waits for.
+    fn schedule(&mut self) {
+        let now = Instant::now();
+        let mut blocked: BTreeSet<u32> = BTreeSet::new();
+        let mut blocked_all = false;
+        let mut index = 0;
+        while index < self.queue.len() {
+            if blocked_all {
+                break;
+            }
+            // Requests whose caller gave up are dropped instead of being granted to nobody.
+            if let Pending::Lease { reply, .. } = &self.queue[index].pending
+                && reply.is_closed()
+            {
+                self.queue.remove(index);
+                continue;
+            }
+            let (request, is_load) = match self.policy_request(index) {
+                Some(found) => found,
+                None => {
+                    self.queue.remove(index);
+                    continue;
+                }
+            };
+            let device_blocked = match request.device {
+                Some(d) => blocked.contains(&d),
+                None => !blocked.is_empty(),
+            };
+            if device_blocked || !self.queue[index].awaiting_release.is_empty() {
+                mark_blocked(&mut blocked, &mut blocked_all, request.device);
+                index += 1;
+                continue;
+            }
+            if is_load {
+                let loading = self.models.iter().filter(|m| m.state == ModelState::Loading).count() as u32;
+                if loading >= self.settings.max_parallel_loads {
+                    // Waits for a load slot, not for memory: other requests may still go ahead.
+                    index += 1;
+                    continue;
+                }
+                let resident = self.models.iter().filter(|m| m.holds_memory()).count() as u32;
+                if self.settings.resident_cap > 0 && resident >= self.settings.resident_cap {
+                    let (_, residents, _) = self.policy_inputs();
+                    let victim = policy::cap_victim(&residents, millis_since(self.started, now));
+                    if let Some(victim) = victim
+                        && let Ok(v) = self.index(&victim)
+                    {
+                        self.queue[index].awaiting_release.insert(victim.clone());
+                        self.begin_unload(v, "resident_cap".into());
+                    } else {
+                        self.note_shortfall(
+                            index,
+                            format!(
+                                "resident_cap = {} reached and no resident model is idle",
+                                self.settings.resident_cap
+                            ),
+                        );
+                    }
+                    mark_blocked(&mut blocked, &mut blocked_all, request.device);
+                    index += 1;
+                    continue;
+                }
+            }
+            let (devices, residents, holds) = self.policy_inputs();
+            if devices.is_empty() {
+                // No GPU at all: models run CPU-only and nothing is accounted; memory leases
+                // cannot be served.
+                if is_load || request.mib == 0 {
+                    let waiter = self.queue.remove(index);
+                    self.admit(waiter, None, 0);
+                } else {
+                    let waiter = self.queue.remove(index);
+                    self.refuse(
+                        waiter,
+                        ArbiterError::NeverFits("there is no GPU on this machine (probe \"none\")".into()),
+                    );
+                }
+                continue;
+            }
+            match policy::decide(&devices, &residents, &holds, &request, millis_since(self.started, now)) {
+                Decision::Admit { device } => {
+                    let waiter = self.queue.remove(index);
+                    self.admit(waiter, Some(device), request.mib);
+                }
+                Decision::Evict { device, victims } => {
+                    let reason = format!("evicted_for:{}", request.requester);
+                    for victim in &victims {
+                        if let Ok(v) = self.index(victim) {
+                            self.queue[index].awaiting_release.insert(victim.clone());
+                            self.begin_unload(v, reason.clone());
+                        }
+                    }
+                    blocked.insert(device);
+                    index += 1;
+                }
+                Decision::Wait(shortfall) => {
+                    self.note_shortfall(index, shortfall.to_string());
+                    mark_blocked(&mut blocked, &mut blocked_all, request.device.or(Some(shortfall.device)));
+                    index += 1;
+                }
+                decision @ Decision::NeverFits(_) => {
+                    let message = decision.message().unwrap_or_else(|| "can never fit".into());
+                    let waiter = self.queue.remove(index);
+                    self.refuse(waiter, ArbiterError::NeverFits(message));
+                }
+            }
+        }
+    }
+
+    fn note_shortfall(&mut self, index: usize, message: String) {
+        let waiter = &mut self.queue[index];
+        if !waiter.announced {
+            waiter.announced = true;
+            let requester = match &waiter.pending {
+                Pending::Load { model } => model.clone(),
+                Pending::Lease { request, .. } => request.holder.clone(),
+            };
+            self.bus.publish(EventKind::Queued { requester, reason: message.clone() });
+        }
+        self.queue[index].last_shortfall = Some(message);
+    }
+
+    /// The policy's view of a waiter; `None` if the waiter is stale (its model vanished).
+    fn policy_request(&self, index: usize) -> Option<(Request, bool)> {
+        let waiter = &self.queue[index];
+        match &waiter.pending {
+            Pending::Load { model } => {
+                let i = self.index(model).ok()?;
+                let m = &self.models[i];
+                if m.state != ModelState::Unloaded && m.state != ModelState::Failed {
+                    return None;
+                }
+                let mib = self.load_reservation(i, m.spec.device);
+                Some((
+                    Request {
+                        requester: model.clone(),
+                        mib,
+                        device: m.spec.device,
+                        priority: m.spec.priority,
+                        exclusive: false,
+                    },
+                    true,
+                ))
+            }
+            Pending::Lease { request, .. } => {
+                if let Some(name) = &request.model {
+                    // A model lease is served by loading the model; its memory is the model's.
+                    let i = self.index(name).ok()?;
+                    let m = &self.models[i];
+                    let mib = if m.state == ModelState::Ready { 0 } else { self.load_reservation(i, m.spec.device) };
+                    let request = Request {
+                        requester: name.clone(),
+                        mib,
+                        device: m.device.or(m.spec.device),
+                        priority: request.priority,
+                        exclusive: false,
+                    };
+                    return Some((request, false));
+                }
+                Some((
+                    Request {
+                        requester: request.holder.clone(),
+                        mib: request.vram_mib,
+                        device: request.device,
+                        priority: request.priority,
+                        exclusive: request.exclusive,
+                    },
+                    false,
+                ))
+            }
+        }
+    }
+
+    /// The memory a model is admitted with: what it declares or was measured at, else (a first
+    /// load of an undeclared model) everything currently free on the device, so that it starts
+    /// only on an otherwise idle device and its real footprint can be measured.
+    fn load_reservation(&self, i: usize, device: Option<u32>) -> u64 {
+        let m = &self.models[i];
+        let known = m.spec.declared_mib.unwrap_or(0).max(m.learned_mib.unwrap_or(0));
+        if known > 0 {
+            return known;
+        }
+        let view = self.gpu.borrow();
+        view.devices
+            .iter()
+            .filter(|d| device.is_none_or(|want| d.index == want))
+            .map(|d| d.usable_mib.saturating_sub(d.used_mib).max(1))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn admit(&mut self, waiter: Waiter, device: Option<u32>, mib: u64) {
+        match waiter.pending {
+            Pending::Load { model } => {
+                if let Ok(i) = self.index(&model) {
+                    if self.models[i].ready_waiters.is_empty()
+                        && !self.models[i].spec.preload
+                        && !self.models[i].spec.pinned
+                    {
+                        // Everyone who wanted it gave up.
+                        return;
+                    }
+                    self.start_load(i, device, mib);
+                }
+            }
+            Pending::Lease { request, reply, deadline } => {
+                if let Some(name) = request.model.clone() {
+                    // Load the model (or use it if ready); the lease is granted once ready.
+                    let Ok(i) = self.index(&name) else { return };
+                    if self.models[i].state == ModelState::Ready {
+                        let upstream = self.models[i].upstream();
+                        let device = self.models[i].device;
+                        let grant = self.grant_lease(request, device, upstream);
+                        if let Err(Ok(grant)) = reply.send(Ok(grant)) {
+                            let _ = self.release_lease(&grant.id, "disconnected");
+                        }
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        self.models[i].ready_waiters.push((deadline, tx));
+                        if self.models[i].state != ModelState::Loading {
+                            self.start_load(i, device, mib);
+                        }
+                        let commands = self.commands.clone();
+                        tokio::spawn(async move {
+                            match rx.await {
+                                Ok(Ok(_)) => {
+                                    // Ready: queue the lease again; it is granted at once now.
+                                    let (again, answer) = oneshot::channel();
+                                    let request = LeaseRequest {
+                                        wait: deadline.saturating_duration_since(Instant::now()),
+                                        ..request
+                                    };
+                                    if commands.send(Command::Acquire { request, reply: again }).await.is_err() {
+                                        let _ = reply.send(Err(ArbiterError::ShuttingDown));
+                                        return;
+                                    }
+                                    let result = answer.await.unwrap_or(Err(ArbiterError::ShuttingDown));
+                                    if let Err(Ok(grant)) = reply.send(result) {
+                                        let _ = commands
+                                            .send(Command::Release {
+                                                id: grant.id,
+                                                reason: "disconnected",
+                                                reply: None,
+                                            })
+                                            .await;
+                                    }
+                                }
+                                Ok(Err(e)) => {
+                                    let _ = reply.send(Err(e));
+                                }
+                                Err(_) => {
+                                    let _ = reply.send(Err(ArbiterError::ShuttingDown));
+                                }
+                            }
+                        });
+                    }
+                    return;
+                }
+                let grant = self.grant_lease(request, device, None);
+                if let Err(Ok(grant)) = reply.send(Ok(grant)) {
+                    // The caller went away while it waited: give the memory straight back.
+                    let _ = self.release_lease(&grant.id, "disconnected");
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, waiter: Waiter, error: ArbiterError) {
+        match waiter.pending {
+            Pending::Load { model } => {
+                if let Ok(i) = self.index(&model) {
+                    for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            Pending::Lease { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    // ----- time and readings -----
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for model in &self.models {
+            if model.state == ModelState::Ready && model.in_use == 0 && !model.spec.pinned && !model.spec.ttl.is_zero()
+            {
+                consider(model.last_used + model.spec.ttl);
+            }
+            for (deadline, _) in &model.ready_waiters {
+                consider(*deadline);
+            }
+        }
+        for lease in self.leases.values() {
+            if let Some(expires) = lease.expires {
+                consider(expires);
+            }
+        }
+        for waiter in &self.queue {
+            if let Pending::Lease { deadline, .. } = &waiter.pending {
+                consider(*deadline);
+            }
+        }
+        next
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        // Idle TTL.
+        let idle: Vec<usize> = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                m.state == ModelState::Ready
+                    && m.in_use == 0
+                    && !m.spec.pinned
+                    && !m.spec.ttl.is_zero()
+                    && m.last_used + m.spec.ttl <= now
+            })
+            .collect();
+        for i in idle {
+            self.begin_unload(i, "idle".into());
+        }
+        // Heartbeat leases.
+        let expired: Vec<String> =
+            self.leases.iter().filter(|(_, l)| l.expires.is_some_and(|e| e <= now)).map(|(id, _)| id.clone()).collect();
+        for id in expired {
+            let _ = self.release_lease(&id, "expired");
+        }
+        // Waiters whose time is up, with the numbers of their last shortfall.
+        let mut index = 0;
+        while index < self.queue.len() {
+            let expired = matches!(&self.queue[index].pending, Pending::Lease { deadline, .. } if *deadline <= now);
+            if expired {
+                let waiter = self.queue.remove(index);
+                let message = waiter.last_shortfall.clone().unwrap_or_else(|| "no memory became available".into());
+                let waited = now.saturating_duration_since(waiter.since);
+                self.refuse(waiter, ArbiterError::Timeout { waited, message });
+            } else {
+                index += 1;
+            }
+        }
+        for i in 0..self.models.len() {
+            let waiters = std::mem::take(&mut self.models[i].ready_waiters);
+            let (late, on_time): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|(deadline, _)| *deadline <= now);
+            self.models[i].ready_waiters = on_time;
+            if late.is_empty() {
+                continue;
+            }
+            let id = self.models[i].spec.id.clone();
+            let shortfall = self.queue.iter().find_map(|w| match &w.pending {
+                Pending::Load { model } if *model == id => w.last_shortfall.clone(),
+                _ => None,
+            });
+            let message = shortfall.unwrap_or_else(|| format!("model {id} is {}", self.models[i].state));
+            for (deadline, reply) in late {
+                let waited = self.settings.queue_timeout.get().max(now.saturating_duration_since(deadline));
+                let _ = reply.send(Err(ArbiterError::Timeout { waited, message: message.clone() }));
+            }
+            // Nobody waits any more: withdraw its queued load (preloads and pinned stay).
+            let spec = &self.models[i].spec;
+            if self.models[i].ready_waiters.is_empty() && !spec.preload && !spec.pinned {
+                self.queue.retain(|w| !matches!(&w.pending, Pending::Load { model } if *model == id));
+            }
+        }
+    }
+
+    /// A new reading: attribute processes to models, learn footprints, relieve pressure.
+    fn on_sample(&mut self) {
+        let view = self.gpu.borrow_and_update().clone();
+        let mut owners: HashMap<u32, usize> = HashMap::new();
+        for (i, model) in self.models.iter().enumerate() {
+            if let Some(process) = &model.process {
+                owners.insert(process.pid, i);
+            }
+        }
+        let mut process_models = HashMap::new();
+        let mut usage: HashMap<usize, u64> = HashMap::new();
+        for device in &view.devices {
+            for p in &device.processes {
+                let owner = owners.get(&p.pid).copied().or_else(|| {
+                    // A worker of a model's server: same process group as the leader.
+                    let group = process::proc_stat_field(p.pid, 5)? as u32;
+                    owners.get(&group).copied()
+                });
+                if let Some(i) = owner {
+                    process_models.insert(p.pid, self.models[i].spec.id.clone());
+                    *usage.entry(i).or_default() += p.used_mib;
+                    self.models[i].gpu_pids.insert(p.pid);
+                }
+            }
+        }
+        self.process_models = process_models;
+        for i in 0..self.models.len() {
+            let used = usage.get(&i).copied().unwrap_or(0);
+            let model = &mut self.models[i];
+            if !model.holds_memory() {
+                continue;
+            }
+            model.current_mib = used;
+            if model.state == ModelState::Ready && used > model.learned_mib.unwrap_or(0) {
+                model.learned_mib = Some(used);
+                if let Err(e) = self.store.record_footprint(&model.spec.id, used) {
+                    tracing::error!("{e}");
+                    self.store_error = Some(e.to_string());
+                }
+            }
+        }
+        // Pressure: at emergency, release idle models one at a time, lowest priority first, until
+        // the level is below critical.
+        for device in &view.devices {
+            if device.level == Level::Emergency {
+                self.pressure.insert(device.index);
+            } else if device.level < Level::Critical {
+                self.pressure.remove(&device.index);
+            }
+        }
+        for device in self.pressure.clone() {
+            let releasing = self.models.iter().any(|m| m.state == ModelState::Unloading && m.device == Some(device));
+            if releasing {
+                continue;
+            }
+            let (_, residents, _) = self.policy_inputs();
+            if let Some(victim) =
+                policy::pressure_victim(device, &residents, millis_since(self.started, Instant::now()))
+                && let Ok(i) = self.index(&victim)
+            {
+                self.begin_unload(i, "pressure".into());
+            }
+        }
+    }
+
+    fn model_status(&self, i: usize) -> ModelStatus {
+        let m = &self.models[i];
+        ModelStatus {
+            id: m.spec.id.clone(),
+            backend: m.spec.backend.as_str().into(),
+            state: m.state.as_str().into(),
+            device: m.device,
+            vram_mib: m.footprint(),
+            in_use: m.in_use,
+            pinned: m.spec.pinned,
+            priority: m.spec.priority,
+            last_used: m.last_used_wall,
+            upstream: m.upstream(),
+            pid: m.process.as_ref().map(|p| p.pid),
+            measured_mib: m.learned_mib,
+            declared_mib: m.spec.declared_mib,
+            failures: m.failures,
+            retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
+            last_error: m.last_error.clone(),
+            aliases: m.spec.aliases.clone(),
+        }
+    }
+
+    fn publish(&mut self) {
+        let models = (0..self.models.len()).map(|i| self.model_status(i)).collect();
+        let mut leases: Vec<LeaseStatus> = self
+            .leases
+            .values()
+            .map(|l| LeaseStatus {
+                id: l.grant.id.clone(),
+                holder: l.grant.holder.clone(),
+                device: l.grant.device.unwrap_or(0),
+                vram_mib: l.grant.vram_mib,
+                exclusive: l.grant.exclusive,
+                model: l.grant.model.clone(),
+                priority: l.priority,
+            })
+            .collect();
+        leases.sort_by(|a, b| a.id.cmp(&b.id));
+        let degraded_reasons = self.store_error.iter().map(|e| format!("state database: {e}")).collect();
+        self.view.send_replace(Arc::new(ArbiterView {
+            models,
+            leases,
+            process_models: self.process_models.clone(),
+            degraded_reasons,
+        }));
+    }
+
+    /// Stops every model process: SIGTERM to all at once, a bounded grace, then SIGKILL.
+    async fn shutdown(&mut self) {
+        for waiter in std::mem::take(&mut self.queue) {
+            self.refuse(waiter, ArbiterError::ShuttingDown);
+        }
+        let handles: Vec<(String, ProcessHandle)> =
+            self.models.iter().filter_map(|m| Some((m.spec.id.clone(), m.process.clone()?))).collect();
+        let stops = handles.iter().map(|(id, handle)| async move {
+            let grace = SHUTDOWN_STOP;
+            let (exit, killed) = handle.stop(grace).await;
+            tracing::info!(model = %id, killed, "stopped ({exit})");
+        });
+        futures_util::future::join_all(stops).await;
+        for (_, handle) in &handles {
+            let _ = self.store.forget_process(handle.pid);
+        }
+        for i in 0..self.models.len() {
+            if self.models[i].holds_memory() {
+                self.set_state(i, ModelState::Unloaded, "shutdown".into(), None);
+            }
+        }
+    }
+}
+
+fn mark_blocked(blocked: &mut BTreeSet<u32>, blocked_all: &mut bool, device: Option<u32>) {
+    match device {
+        Some(d) => {
+            blocked.insert(d);
+        }
+        None => *blocked_all = true,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,213 @@
+//! The arbiter: the single owner of scheduling state (models, leases, the queue).
+//!
+//! It is one task fed by a channel ([`ArbiterHandle`] sends it [`Command`]s). Decisions come from
+//! the pure `policy` module; slow work (spawning, health polling, stopping, waiting for memory to
+//! come back) runs in tasks that report back to the arbiter with messages, so its loop never
+//! blocks. After every message it publishes an [`ArbiterView`] for status readers.
+
+mod actor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backend::process::{ExitInfo, LogBuffer, ProcessHandle};
+use crate::status::{LeaseStatus, ModelStatus};
+
+pub use actor::{Arbiter, ArbiterSettings};
+
+/// What the arbiter publishes after every change.
+#[derive(Debug, Clone, Default)]
+pub struct ArbiterView {
+    /// Every configured model.
+    pub models: Vec<ModelStatus>,
+    /// Every lease held.
+    pub leases: Vec<LeaseStatus>,
+    /// Which managed model each GPU process belongs to, by pid.
+    pub process_models: HashMap<u32, String>,
+    /// Reasons the scheduling side is degraded (a failing state database).
+    pub degraded_reasons: Vec<String>,
+}
+
+/// Why a request to the arbiter failed. Each message names the numbers a person needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArbiterError {
+    /// No model or alias has that name.
+    #[error("unknown model {name:?}; configured: {}", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: Vec<String>,
+    },
+    /// It can never fit, however long it waits.
+    #[error("{0}")]
+    NeverFits(String),
+    /// It waited `queue_timeout` (or `--wait`) without fitting.
+    #[error("gave up after waiting {waited:?}: {message}")]
+    Timeout {
+        /// How long it waited.
+        waited: Duration,
+        /// The last shortfall, with numbers.
+        message: String,
+    },
+    /// The queue is full.
+    #[error("the queue is full ({0} waiting); try again later")]
+    QueueFull(u32),
+    /// The model's process did not start.
+    #[error("model {model} failed to start: {message}")]
+    StartFailed {
+        /// Model id.
+        model: String,
+        /// Why, with the log tail.
+        message: String,
+    },
+    /// The model failed repeatedly and waits out a cooldown before the next automatic try.
+    #[error(
+        "model {model} failed to start {failures} times in a row; next automatic try in {}s (`vramgate load {model}` retries now). Last error: {last_error}",
+        retry_in.as_secs()
+    )]
+    Cooldown {
+        /// Model id.
+        model: String,
+        /// Failures in a row.
+        failures: u32,
+        /// Time left.
+        retry_in: Duration,
+        /// The last start error.
+        last_error: String,
+    },
+    /// The request was overtaken by an unload of the same model, or similar.
+    #[error("{0}")]
+    Cancelled(String),
+    /// No lease has that id.
+    #[error("no lease {0:?} (released, expired, or never granted)")]
+    UnknownLease(String),
+    /// The daemon is stopping.
+    #[error("vramgate is shutting down")]
+    ShuttingDown,
+}
+
+/// A request for a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Who holds it (shown in status and in other requests' shortfall messages).
+    pub holder: String,
+    /// Memory to hold, for a memory lease.
+    pub vram_mib: u64,
+    /// A fixed device; `None` lets vramgate choose.
+    pub device: Option<u32>,
+    /// No other lease or load on the device while held (seed 003's process-wide GPU lock).
+    pub exclusive: bool,
+    /// Higher wins in the queue and may evict idle models of lower or equal priority.
+    pub priority: i32,
+    /// How long it may wait for memory; zero = fail at once if it does not fit.
+    pub wait: Duration,
+    /// Heartbeat: the lease expires unless renewed within this time. `None` = held as long as
+    /// the connection that asked for it (the HTTP layer releases it when the client goes).
+    pub ttl: Option<Duration>,
+    /// A model lease: load this model (on demand) and keep it in use (never evicted) while held.
+    pub model: Option<String>,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseGrant {
+    /// Lease id, for renew and release.
+    pub id: String,
+    /// Who holds it.
+    pub holder: String,
+    /// Its device (`null` on a machine without GPUs for a model lease).
+    pub device: Option<u32>,
+    /// Memory held.
+    pub vram_mib: u64,
+    /// Exclusive or not.
+    pub exclusive: bool,
+    /// The heartbeat, if any: renew before this many milliseconds pass.
+    pub ttl_ms: Option<u64>,
+    /// For a model lease: the model id and its upstream base URL.
+    pub model: Option<String>,
+    /// For a model lease: where the model's server listens.
+    pub upstream: Option<String>,
+}
+
+/// Messages to the arbiter.
+pub(crate) enum Command {
+    Load { name: String, explicit: bool, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
+    Unload { name: String, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
+    Acquire { request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
+    Renew { id: String, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
+    Release { id: String, reason: &'static str, reply: Option<oneshot::Sender<Result<(), ArbiterError>>> },
+    Logs { name: String, reply: oneshot::Sender<Result<Option<Arc<LogBuffer>>, ArbiterError>> },
+    Spawned { model: String, generation: u64, handle: ProcessHandle },
+    LoadFinished { model: String, generation: u64, result: Result<(), String> },
+    Exited { model: String, generation: u64, exit: ExitInfo },
+    Released { model: String, generation: u64, timed_out: bool, waited: Duration },
+}
+
+/// The way everything else talks to the arbiter. Cheap to clone.
+#[derive(Clone)]
+pub struct ArbiterHandle {
+    commands: mpsc::Sender<Command>,
+    view: watch::Receiver<Arc<ArbiterView>>,
+}
+
+impl ArbiterHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ArbiterError>>) -> Command,
+    ) -> Result<T, ArbiterError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| ArbiterError::ShuttingDown)?;
+        answer.await.map_err(|_| ArbiterError::ShuttingDown)?
+    }
+
+    /// Loads a model (by id or alias) and waits until it is ready. `explicit` (a user's `load`)
+    /// also retries a model in its failure cooldown.
+    pub async fn load(&self, name: &str, explicit: bool) -> Result<ModelStatus, ArbiterError> {
+        self.ask(|reply| Command::Load { name: name.to_string(), explicit, reply }).await
+    }
+
+    /// Unloads a model and waits until its memory is back.
+    pub async fn unload(&self, name: &str) -> Result<ModelStatus, ArbiterError> {
+        self.ask(|reply| Command::Unload { name: name.to_string(), reply }).await
+    }
+
+    /// Asks for a lease and waits for it (up to `request.wait`).
+    pub async fn acquire(&self, request: LeaseRequest) -> Result<LeaseGrant, ArbiterError> {
+        self.ask(|reply| Command::Acquire { request, reply }).await
+    }
+
+    /// Renews a heartbeat lease.
+    pub async fn renew(&self, id: &str) -> Result<LeaseGrant, ArbiterError> {
+        self.ask(|reply| Command::Renew { id: id.to_string(), reply }).await
+    }
+
+    /// Releases a lease and waits until the arbiter has done so.
+    pub async fn release(&self, id: &str) -> Result<(), ArbiterError> {
+        self.ask(|reply| Command::Release { id: id.to_string(), reason: "released", reply: Some(reply) }).await
+    }
+
+    /// Releases a lease without waiting (for a connection that is going away).
+    pub fn release_detached(&self, id: &str, reason: &'static str) {
+        let command = Command::Release { id: id.to_string(), reason, reply: None };
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.commands.try_send(command) {
+            let commands = self.commands.clone();
+            tokio::spawn(async move {
+                let _ = commands.send(command).await;
+            });
+        }
+    }
+
+    /// A model's log buffer (`None` if it never ran in this daemon).
+    pub async fn logs(&self, name: &str) -> Result<Option<Arc<LogBuffer>>, ArbiterError> {
+        self.ask(|reply| Command::Logs { name: name.to_string(), reply }).await
+    }
+
+    /// The latest view.
+    pub fn view(&self) -> Arc<ArbiterView> {
+        self.view.borrow().clone()
+    }
+}

@@ -1,0 +1,3 @@
+//! Backends: how a model is started, checked and released. Only `process` exists so far.
+
+pub mod process;

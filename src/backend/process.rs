@@ -1,0 +1,521 @@
+//! The `process` backend: supervised server processes (llama-server, whisper.cpp server, any
+//! command with an HTTP health check).
+//!
+//! No zombies, no orphans: every child is its own process-group leader (so a stop reaches its
+//! workers too) and gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the daemon. That signal fires
+//! when the *thread* that forked the child exits, so all forks happen on one [`Spawner`] thread
+//! that lives as long as the daemon, never on a pool thread that may retire. Each child's stdout and
+//! stderr are drained continuously by their own threads into a [`LogBuffer`] (a pipe nobody reads
+//! fills up and stalls the child), and one more thread waits for its exit.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{broadcast, oneshot, watch};
+
+/// Lines kept in memory per process for `vramgate logs` and error messages.
+const LOG_RING_LINES: usize = 1000;
+/// Lines of log quoted in a start-up error.
+pub const ERROR_TAIL_LINES: usize = 15;
+/// How often readiness is polled (DESIGN: tens of milliseconds, not llama-swap's 1 s).
+const HEALTH_POLL: Duration = Duration::from_millis(25);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// Program and arguments, already expanded.
+    pub argv: Vec<String>,
+    /// Extra environment, already expanded.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Where to append the log, if anywhere.
+    pub log_file: Option<PathBuf>,
+}
+
+/// Expands `${PORT}`, `${MODEL_ID}` and `${DEVICE}` in one argument or environment value.
+pub fn expand(text: &str, port: u16, model_id: &str, device: Option<u32>) -> String {
+    text.replace("${PORT}", &port.to_string())
+        .replace("${MODEL_ID}", model_id)
+        .replace("${DEVICE}", &device.map(|d| d.to_string()).unwrap_or_default())
+}
+
+/// A free loopback port for a child to listen on. Another program could take it between now
+/// and the child's bind; the child then fails to start and the error shows its log.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The last lines a process printed, its log file, and a feed of new lines for followers.
+pub struct LogBuffer {
+    lines: Mutex<VecDeque<String>>,
+    file: Mutex<Option<std::fs::File>>,
+    feed: broadcast::Sender<String>,
+}
+
+impl LogBuffer {
+    /// A buffer that also appends to `file` (created with its directory if needed).
+    pub fn new(file: Option<&Path>) -> Arc<LogBuffer> {
+        let file = file.and_then(|path| {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    tracing::warn!("cannot open log file {}: {e}; keeping logs in memory only", path.display());
+                    None
+                }
+            }
+        });
+        let (feed, _) = broadcast::channel(256);
+        Arc::new(LogBuffer { lines: Mutex::new(VecDeque::new()), file: Mutex::new(file), feed })
+    }
+
+    /// Adds one line.
+    pub fn push(&self, line: String) {
+        if let Ok(mut file) = self.file.lock()
+            && let Some(file) = file.as_mut()
+        {
+            let _ = writeln!(file, "{line}");
+        }
+        if let Ok(mut lines) = self.lines.lock() {
+            if lines.len() == LOG_RING_LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line.clone());
+        }
+        let _ = self.feed.send(line);
+    }
+
+    /// The last `n` lines.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        match self.lines.lock() {
+            Ok(lines) => lines.iter().skip(lines.len().saturating_sub(n)).cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// New lines from now on.
+    pub fn follow(&self) -> broadcast::Receiver<String> {
+        self.feed.subscribe()
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    fn from_status(status: ExitStatus) -> ExitInfo {
+        ExitInfo { code: status.code(), signal: status.signal() }
+    }
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit status {code}"),
+            (None, Some(signal)) => {
+                let name = Signal::try_from(signal).map(|s| s.as_str().to_string()).unwrap_or(signal.to_string());
+                write!(f, "killed by {name}")
+            }
+            (None, None) => f.write_str("ended"),
+        }
+    }
+}
+
+/// A running (or finished) child.
+#[derive(Clone)]
+pub struct ProcessHandle {
+    /// Its pid, which is also its process group id.
+    pub pid: u32,
+    /// Kernel start time, to recognise it in the store after a restart.
+    pub start_ticks: u64,
+    /// `None` while running; set once when it exits.
+    pub exit: watch::Receiver<Option<ExitInfo>>,
+    /// Its output.
+    pub logs: Arc<LogBuffer>,
+}
+
+/// Why a process did not become ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// It could not be started at all.
+    #[error("cannot start {program:?}: {message}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        message: String,
+    },
+    /// It exited before its health check passed.
+    #[error("exited during start-up ({exit}); last output:\n{tail}")]
+    Exited {
+        /// How.
+        exit: String,
+        /// Its last lines.
+        tail: String,
+    },
+    /// Its health check did not pass in time; it was stopped.
+    #[error("not ready after {timeout:?} (health check {url}); last output:\n{tail}")]
+    Timeout {
+        /// The limit.
+        timeout: Duration,
+        /// The URL polled.
+        url: String,
+        /// Its last lines.
+        tail: String,
+    },
+}
+
+impl ProcessHandle {
+    /// Whether it has exited.
+    pub fn exited(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    /// Waits until it exits.
+    pub async fn wait_exit(&self) -> ExitInfo {
+        let mut exit = self.exit.clone();
+        loop {
+            if let Some(info) = *exit.borrow_and_update() {
+                return info;
+            }
+            if exit.changed().await.is_err() {
+                // The waiter thread is gone without a verdict; treat it as ended.
+                return ExitInfo { code: None, signal: None };
+            }
+        }
+    }
+
+    fn tail_text(&self) -> String {
+        let tail = self.logs.tail(ERROR_TAIL_LINES);
+        if tail.is_empty() { "(nothing)".to_string() } else { tail.join("\n") }
+    }
+
+    /// Polls `url` every 25 ms until it answers 200, the process exits, or `timeout` passes
+    /// (then the process is stopped). 503 and refused connections mean "still loading".
+    pub async fn wait_ready(
+        &self,
+        url: Option<&str>,
+        timeout: Duration,
+        http: &reqwest::Client,
+    ) -> Result<(), StartError> {
+        let Some(url) = url else {
+            return match self.exited() {
+                Some(exit) => Err(StartError::Exited { exit: exit.to_string(), tail: self.tail_text() }),
+                None => Ok(()),
+            };
+        };
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.exit.clone();
+        loop {
+            if let Some(info) = *exit.borrow_and_update() {
+                return Err(StartError::Exited { exit: info.to_string(), tail: self.tail_text() });
+            }
+            let attempt = http.get(url).timeout(Duration::from_secs(1)).send();
+            let healthy = tokio::select! {
+                response = attempt => response.map(|r| r.status() == reqwest::StatusCode::OK).unwrap_or(false),
+                _ = exit.changed() => false,
+            };
+            if healthy {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let error = StartError::Timeout { timeout, url: url.to_string(), tail: self.tail_text() };
+                self.stop(Duration::from_millis(500)).await;
+                return Err(error);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_POLL) => {}
+                _ = exit.changed() => {}
+            }
+        }
+    }
+
+    /// SIGTERM to the group, up to `grace` for it to exit, then SIGKILL; then SIGKILL for any
+    /// straggler left in the group. Returns how it ended and whether SIGKILL was needed.
+    pub async fn stop(&self, grace: Duration) -> (ExitInfo, bool) {
+        let group = Pid::from_raw(self.pid as i32);
+        if self.exited().is_none() {
+            let _ = killpg(group, Signal::SIGTERM);
+        }
+        let mut killed = false;
+        let info = match tokio::time::timeout(grace, self.wait_exit()).await {
+            Ok(info) => info,
+            Err(_) => {
+                killed = true;
+                let _ = killpg(group, Signal::SIGKILL);
+                self.wait_exit().await
+            }
+        };
+        if !group_members(self.pid).is_empty() {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        (info, killed)
+    }
+}
+
+/// Pids whose process group is `pgid` (a stopped server's workers, say), from `/proc`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat_field(*pid, 5).is_some_and(|g| g == pgid as u64))
+        // A zombie holds nothing and only waits for its parent to reap it.
+        .filter(|pid| crate::gpu::pid_is_alive(*pid))
+        .collect()
+}
+
+/// One numeric field of `/proc/<pid>/stat` (1-based as in proc(5): 5 = pgrp, 22 = starttime).
+pub fn proc_stat_field(pid: u32, field: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(field.checked_sub(3)?)?.parse().ok()
+}
+
+type SpawnJob = (SpawnSpec, oneshot::Sender<Result<ProcessHandle, StartError>>);
+
+/// The one thread that forks children (see the module docs for why).
+#[derive(Clone)]
+pub struct Spawner {
+    jobs: std::sync::mpsc::Sender<SpawnJob>,
+}
+
+impl Spawner {
+    /// Starts the spawner thread; it lives until every `Spawner` clone is dropped.
+    pub fn start() -> std::io::Result<Spawner> {
+        let (jobs, queue) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new().name("vramgate-spawner".into()).spawn(move || {
+            for (spec, reply) in queue {
+                let _ = reply.send(spawn_now(spec));
+            }
+        })?;
+        Ok(Spawner { jobs })
+    }
+
+    /// Starts a process from the spawner thread.
+    pub async fn spawn(&self, spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
+        let program = spec.argv.first().cloned().unwrap_or_default();
+        let (reply, answer) = oneshot::channel();
+        let gone = || StartError::Spawn { program: program.clone(), message: "the spawner thread is gone".into() };
+        self.jobs.send((spec, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
+    let program = spec.argv.first().cloned().unwrap_or_default();
+    let fail = |message: String| StartError::Spawn { program: program.clone(), message };
+    let mut command = Command::new(&program);
+    command.args(&spec.argv[1.min(spec.argv.len())..]);
+    command.envs(&spec.env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    command.process_group(0);
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The daemon may have died between fork and prctl; then nobody would ever kill us.
+            if nix::unistd::getppid().as_raw() != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| fail(e.to_string()))?;
+    let pid = child.id();
+    let logs = LogBuffer::new(spec.log_file.as_deref());
+    logs.push(format!("--- vramgate started pid {pid}: {} ---", spec.argv.join(" ")));
+    if let Some(stdout) = child.stdout.take() {
+        drain(stdout, logs.clone(), "stdout");
+    }
+    if let Some(stderr) = child.stderr.take() {
+        drain(stderr, logs.clone(), "stderr");
+    }
+    let (exit_tx, exit) = watch::channel(None);
+    let exit_logs = logs.clone();
+    let waiter = std::thread::Builder::new().name(format!("vramgate-wait-{pid}")).spawn(move || {
+        let info = match child.wait() {
+            Ok(status) => ExitInfo::from_status(status),
+            Err(_) => ExitInfo { code: None, signal: None },
+        };
+        exit_logs.push(format!("--- pid {pid} {info} ---"));
+        let _ = exit_tx.send(Some(info));
+    });
+    if let Err(e) = waiter {
+        // Without a waiter nobody would reap it: stop it now rather than leak a zombie.
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        return Err(fail(format!("cannot start its waiter thread: {e}")));
+    }
+    let start_ticks = proc_stat_field(pid, 22).unwrap_or(0);
+    Ok(ProcessHandle { pid, start_ticks, exit, logs })
+}
+
+/// Reads a pipe line by line into the log until it closes.
+fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, name: &str) {
+    let spawned = std::thread::Builder::new().name(format!("vramgate-{name}")).spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buffer = Vec::new();
+        loop {
+            buffer.clear();
+            match reader.read_until(b'\n', &mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buffer);
+                    logs.push(line.trim_end_matches(['\n', '\r']).to_string());
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a log reader thread: {e}; the child may stall on a full pipe");
+    }
+}
+
+/// Stops a process recorded by an earlier daemon, if it is still the same process (same start
+/// time). Returns whether something was stopped.
+pub fn reap_leftover(pid: u32, pgid: u32, start_ticks: u64) -> bool {
+    if proc_stat_field(pid, 22) != Some(start_ticks) {
+        // Gone, or the pid now belongs to someone else: leave it alone. Its group may still hold
+        // workers, though, which only we could have started.
+        let members = group_members(pgid);
+        if !members.is_empty() && pgid == pid {
+            let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+            return true;
+        }
+        return false;
+    }
+    let group = Pid::from_raw(pgid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && proc_stat_field(pid, 22) == Some(start_ticks) {
+        if crate::gpu::pid_is_alive(pid) {
+            std::thread::sleep(Duration::from_millis(10));
+        } else {
+            break;
+        }
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> SpawnSpec {
+        SpawnSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            log_file: None,
+        }
+    }
+
+    #[test]
+    fn expansion_of_placeholders() {
+        assert_eq!(expand("--port=${PORT} ${MODEL_ID}@${DEVICE}", 8080, "llm", Some(1)), "--port=8080 llm@1");
+        assert_eq!(expand("${DEVICE}", 1, "x", None), "");
+    }
+
+    #[test]
+    fn stat_fields_of_this_process() {
+        let me = std::process::id();
+        assert!(proc_stat_field(me, 22).is_some());
+        assert!(proc_stat_field(me, 5).is_some());
+        assert_eq!(proc_stat_field(u32::MAX, 5), None);
+    }
+
+    #[tokio::test]
+    async fn output_is_captured_and_exit_reported() {
+        let spawner = Spawner::start().unwrap();
+        let handle = spawner.spawn(spec("echo out; echo err >&2; exit 7")).await.unwrap();
+        let exit = handle.wait_exit().await;
+        assert_eq!(exit.code, Some(7));
+        // The exit line is pushed after the pipes close only if the readers finished first; wait
+        // for both lines rather than assuming an order.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(handle.logs.tail(10).iter().any(|l| l == "out") && handle.logs.tail(10).iter().any(|l| l == "err")) {
+            assert!(Instant::now() < deadline, "{:?}", handle.logs.tail(10));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_during_start_up_carries_status_and_output() {
+        let spawner = Spawner::start().unwrap();
+        let handle = spawner.spawn(spec("echo 'model file missing' >&2; sleep 0.05; exit 4")).await.unwrap();
+        let http = reqwest::Client::new();
+        let err =
+            handle.wait_ready(Some("http://127.0.0.1:9/health"), Duration::from_secs(10), &http).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exit status 4"), "{text}");
+        assert!(text.contains("model file missing"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_term_ignoring_child_is_killed_after_the_grace() {
+        let spawner = Spawner::start().unwrap();
+        let handle = spawner.spawn(spec("trap '' TERM; echo ready; while true; do sleep 0.01; done")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.logs.tail(5).iter().any(|l| l == "ready") {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let (exit, killed) = handle.stop(Duration::from_millis(200)).await;
+        assert!(killed);
+        assert_eq!(exit.signal, Some(9));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // SIGKILL is asynchronous: wait (bounded) for the kernel to finish the group off.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !group_members(handle.pid).is_empty() {
+            assert!(Instant::now() < deadline, "the whole group is gone");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let spawner = Spawner::start().unwrap();
+        let mut bad = spec("");
+        bad.argv = vec!["/nonexistent/llama-server".into()];
+        let err = spawner.spawn(bad).await.err().unwrap();
+        assert!(err.to_string().contains("/nonexistent/llama-server"), "{err}");
+    }
+
+    #[test]
+    fn log_ring_keeps_the_last_lines() {
+        let logs = LogBuffer::new(None);
+        for i in 0..(LOG_RING_LINES + 5) {
+            logs.push(i.to_string());
+        }
+        let tail = logs.tail(2);
+        assert_eq!(tail, vec![(LOG_RING_LINES + 3).to_string(), (LOG_RING_LINES + 4).to_string()]);
+        assert_eq!(logs.tail(usize::MAX).len(), LOG_RING_LINES);
+    }
+
+    #[test]
+    fn exit_info_reads_naturally() {
+        assert_eq!(ExitInfo { code: Some(3), signal: None }.to_string(), "exit status 3");
+        assert_eq!(ExitInfo { code: None, signal: Some(9) }.to_string(), "killed by SIGKILL");
+    }
+}
