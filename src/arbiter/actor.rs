@@ -307,6 +307,19 @@ impl Arbiter {
     // ----- models -----
 
     /// A load request: answered at once if ready, attached to the load in progress, or queued.
+    /// The error for a demand during a failed model's cooldown, if it is in one.
+    fn cooldown_error(&self, i: usize) -> Option<ArbiterError> {
+        let model = &self.models[i];
+        let now = Instant::now();
+        let until = model.cooldown_until.filter(|t| *t > now && model.state == ModelState::Failed)?;
+        Some(ArbiterError::Cooldown {
+            model: model.spec.id.clone(),
+            failures: model.failures,
+            retry_in: until.saturating_duration_since(now),
+            last_error: model.last_error.clone().unwrap_or_default(),
+        })
+    }
+
     fn request_load(
         &mut self,
         id: &str,
@@ -325,13 +338,7 @@ impl Arbiter {
                 return;
             }
             ModelState::Failed if !explicit && model.cooldown_until.is_some_and(|t| t > now) => {
-                let error = ArbiterError::Cooldown {
-                    model: model.spec.id.clone(),
-                    failures: model.failures,
-                    retry_in: model.cooldown_until.map(|t| t.saturating_duration_since(now)).unwrap_or_default(),
-                    last_error: model.last_error.clone().unwrap_or_default(),
-                };
-                if let Some((_, reply)) = caller {
+                if let (Some(error), Some((_, reply))) = (self.cooldown_error(i), caller) {
                     let _ = reply.send(Err(error));
                 }
                 return;
@@ -662,11 +669,19 @@ impl Arbiter {
     // ----- leases -----
 
     fn request_lease(&mut self, request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>>) {
-        if let Some(name) = &request.model
-            && let Err(e) = self.index(name)
-        {
-            let _ = reply.send(Err(e));
-            return;
+        if let Some(name) = &request.model {
+            match self.index(name) {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                Ok(i) => {
+                    if let Some(error) = self.cooldown_error(i) {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
+                }
+            }
         }
         if self.queue.len() >= self.settings.max_queue as usize {
             let _ = reply.send(Err(ArbiterError::QueueFull(self.settings.max_queue)));

@@ -223,3 +223,63 @@ impl EventStream {
         }
     }
 }
+
+/// The fake model server the tests run as a "model".
+pub fn fake() -> &'static str {
+    env!("CARGO_BIN_EXE_vramgate-fake-model")
+}
+
+/// A `[models.NAME]` section running the fake server, declaring and claiming `vram` MiB on sim
+/// device 0 after a 50 ms load (unless `args` sets `--load-delay`); `args` are more fake-server
+/// flags, `keys` more model keys.
+pub fn fake_model(sim: &Path, name: &str, vram: u64, args: &str, keys: &str) -> String {
+    format!("{}vram = {vram}\n", undeclared_fake_model(sim, name, vram, args, keys))
+}
+
+/// As [`fake_model`], without declaring the footprint: vramgate must measure it.
+pub fn undeclared_fake_model(sim: &Path, name: &str, vram: u64, args: &str, keys: &str) -> String {
+    let delay = if args.contains("--load-delay") { "" } else { "--load-delay 50ms" };
+    format!(
+        "[models.{name}]\nbackend = \"process\"\ncmd = \"{} --port ${{PORT}} --sim-dir {} --vram {vram} --name {name} {delay} {args}\"\n{keys}\n",
+        fake(),
+        sim.display()
+    )
+}
+
+impl Daemon {
+    /// POST JSON to a management endpoint; the status code and the JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response =
+            reqwest::Client::new().post(format!("{}{path}", self.url)).json(&body).send().await.expect("POST");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// `POST /vramgate/models/NAME/load`.
+    pub async fn load(&self, model: &str) -> (u16, Value) {
+        self.post(&format!("/vramgate/models/{model}/load"), Value::Null).await
+    }
+
+    /// `POST /vramgate/models/NAME/unload`.
+    pub async fn unload(&self, model: &str) -> (u16, Value) {
+        self.post(&format!("/vramgate/models/{model}/unload"), Value::Null).await
+    }
+
+    /// A model's entry in status.
+    pub async fn model(&self, id: &str) -> Value {
+        let status = self.status().await;
+        status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id).cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Waits until a model reaches `state`.
+    pub async fn wait_model_state(&self, id: &str, state: &str, deadline: Duration) -> Value {
+        let id = id.to_string();
+        let status = self
+            .wait_for_status(deadline, &format!("model {id} to be {state}"), |s| {
+                s["models"].as_array().is_some_and(|m| m.iter().any(|m| m["id"] == id.as_str() && m["state"] == state))
+            })
+            .await;
+        status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id.as_str()).cloned()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,490 @@
+//! End-to-end: models and leases through the real daemon, the sim device and fake model servers.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, fake_model, sim_config};
+use serde_json::{Value, json};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A 10000 MiB sim device (no reserve) with the given models.
+fn start(models: impl Fn(&std::path::Path) -> String, scheduler: &str) -> Daemon {
+    Daemon::start(|sim| format!("{}{scheduler}\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"), models(sim)))
+}
+
+fn states(status: &Value) -> Vec<(String, String)> {
+    status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_string(), m["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_fit_and_a_third_evicts_the_least_recently_used() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "a", 4000, "", ""), fake_model(sim, "b", 4000, "", ""), fake_model(sim, "c", 4000, "", "")]
+                .concat()
+        },
+        "",
+    );
+    let mut events = daemon.events().await;
+    assert_eq!(daemon.load("a").await.0, 200);
+    assert_eq!(daemon.load("b").await.0, 200);
+    let status = daemon.status().await;
+    assert_eq!(states(&status)[..2], [("a".into(), "ready".into()), ("b".into(), "ready".into())]);
+    // Use a again so that b is the least recently used.
+    let (code, body) = daemon.load("a").await;
+    assert_eq!((code, body["state"].as_str()), (200, Some("ready")));
+    let lease = daemon.post("/vramgate/leases", json!({"model": "a", "holder": "t"})).await;
+    assert_eq!(lease.0, 201, "{:?}", lease.1);
+    let released = daemon.post(&format!("/vramgate/leases/{}", lease.1["id"].as_str().unwrap()), Value::Null).await;
+    assert_eq!(released.0, 405, "release is DELETE");
+    let id = lease.1["id"].as_str().unwrap().to_string();
+    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+
+    let (code, body) = daemon.load("c").await;
+    assert_eq!(code, 200, "{body}");
+    let status = daemon.status().await;
+    assert_eq!(
+        states(&status),
+        vec![("a".into(), "ready".into()), ("b".into(), "unloaded".into()), ("c".into(), "ready".into())]
+    );
+    // The eviction carried its reason, and the device never held more than it has.
+    loop {
+        let event = events.next_of("model_state", 5 * SECOND).await;
+        if event["model"] == "b" && event["to"] == "unloading" {
+            assert_eq!(event["reason"], "evicted_for:c");
+            break;
+        }
+    }
+    assert!(status["devices"][0]["used_mib"].as_u64().unwrap() <= 10000);
+    let status = daemon
+        .wait_for_status(5 * SECOND, "both model processes on the device", |s| {
+            s["devices"][0]["processes"]
+                .as_array()
+                .is_some_and(|p| p.iter().filter(|p| p["model"].is_string()).count() == 2)
+        })
+        .await;
+    let processes: Vec<&str> =
+        status["devices"][0]["processes"].as_array().unwrap().iter().filter_map(|p| p["model"].as_str()).collect();
+    assert_eq!(processes.len(), 2);
+    assert!(processes.contains(&"a") && processes.contains(&"c"), "{processes:?}");
+}
+
+#[tokio::test]
+async fn priority_protects_the_higher_model_and_a_blocked_load_times_out_with_numbers() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "big", 7000, "", "priority = 100"), fake_model(sim, "small", 4000, "", "priority = 10")]
+                .concat()
+        },
+        "[scheduler]\nqueue_timeout = \"400ms\"\n",
+    );
+    assert_eq!(daemon.load("big").await.0, 200);
+    let started = Instant::now();
+    let (code, body) = daemon.load("small").await;
+    assert_eq!(code, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("needs 4000 MiB on GPU 0"), "{message}");
+    assert!(message.contains("3000 MiB available"), "{message}");
+    assert!(message.contains("big 7000 MiB (higher priority)"), "{message}");
+    assert!(started.elapsed() >= Duration::from_millis(350));
+    assert_eq!(daemon.model("big").await["state"], "ready");
+    assert_eq!(daemon.model("small").await["state"], "unloaded");
+}
+
+#[tokio::test]
+async fn pinned_and_in_use_models_are_never_evicted() {
+    let daemon = start(
+        |sim| {
+            [
+                fake_model(sim, "pinned", 4000, "", "pinned = true"),
+                fake_model(sim, "busy", 4000, "", ""),
+                fake_model(sim, "third", 4000, "", ""),
+            ]
+            .concat()
+        },
+        "[scheduler]\nqueue_timeout = \"300ms\"\n",
+    );
+    // Pinned models are loaded at start-up.
+    daemon.wait_model_state("pinned", "ready", 10 * SECOND).await;
+    let lease = daemon.post("/vramgate/leases", json!({"model": "busy", "holder": "app"})).await;
+    assert_eq!(lease.0, 201, "{}", lease.1);
+    assert!(lease.1["upstream"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert_eq!(daemon.model("busy").await["in_use"], 1);
+    let (code, body) = daemon.load("third").await;
+    assert_eq!(code, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("pinned 4000 MiB (pinned)") && message.contains("busy 4000 MiB (in use)"), "{message}");
+    // Once the lease is released, busy is idle and can go.
+    let id = lease.1["id"].as_str().unwrap();
+    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let (code, body) = daemon.load("third").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(daemon.model("busy").await["state"], "unloaded");
+    assert_eq!(daemon.model("pinned").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn min_residency_delays_eviction() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "a", 6000, "", "min_residency = \"1500ms\""), fake_model(sim, "b", 6000, "", "")].concat()
+        },
+        "",
+    );
+    assert_eq!(daemon.load("a").await.0, 200);
+    let loaded = Instant::now();
+    let (code, body) = daemon.load("b").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(loaded.elapsed() >= Duration::from_millis(1400), "a was evicted after {:?}", loaded.elapsed());
+    assert_eq!(daemon.model("a").await["state"], "unloaded");
+}
+
+#[tokio::test]
+async fn an_idle_model_is_unloaded_after_its_ttl() {
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "", "ttl = \"300ms\""), "");
+    let mut events = daemon.events().await;
+    assert_eq!(daemon.load("a").await.0, 200);
+    let event = loop {
+        let event = events.next_of("model_state", 5 * SECOND).await;
+        if event["to"] == "unloading" {
+            break event;
+        }
+    };
+    assert_eq!(event["reason"], "idle");
+    daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
+    daemon.wait_for_status(5 * SECOND, "memory back", |s| s["devices"][0]["used_mib"] == 0).await;
+}
+
+#[tokio::test]
+async fn resident_cap_holds() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "a", 100, "", ""), fake_model(sim, "b", 100, "", ""), fake_model(sim, "c", 100, "", "")]
+                .concat()
+        },
+        "[scheduler]\nresident_cap = 2\n",
+    );
+    for model in ["a", "b", "c"] {
+        let (code, body) = daemon.load(model).await;
+        assert_eq!(code, 200, "{body}");
+        let status = daemon.status().await;
+        let resident = states(&status).iter().filter(|(_, s)| s != "unloaded").count();
+        assert!(resident <= 2, "{status:#}");
+    }
+    assert_eq!(daemon.model("a").await["state"], "unloaded", "the least recently used went");
+}
+
+#[tokio::test]
+async fn max_parallel_loads_serializes_loads() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "a", 100, "--load-delay 300ms", ""), fake_model(sim, "b", 100, "--load-delay 300ms", "")]
+                .concat()
+        },
+        "",
+    );
+    let mut events = daemon.events().await;
+    let (ra, rb) = tokio::join!(daemon.load("a"), daemon.load("b"));
+    assert_eq!((ra.0, rb.0), (200, 200));
+    let mut loading = 0;
+    let mut seen = 0;
+    while seen < 4 {
+        let event = events.next_of("model_state", 5 * SECOND).await;
+        match event["to"].as_str() {
+            Some("loading") => loading += 1,
+            Some("ready") => loading -= 1,
+            _ => continue,
+        }
+        seen += 1;
+        assert!(loading <= 1, "two loads ran at once");
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_can_never_fit_fails_at_once() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "[scheduler]\nqueue_timeout = \"30s\"\n");
+    let started = Instant::now();
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": "20G", "holder": "huge"})).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(started.elapsed() < 5 * SECOND);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("only 10000 MiB usable on GPU 0") && message.contains("need at least 20480 MiB"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_while_ready_is_released_and_restarted_on_the_next_demand() {
+    let daemon = start(|sim| fake_model(sim, "a", 2000, "", ""), "");
+    let mut events = daemon.events().await;
+    let (_, body) = daemon.load("a").await;
+    let upstream = body["upstream"].as_str().unwrap().to_string();
+    let first_pid = body["pid"].as_u64().unwrap();
+    reqwest::Client::new().post(format!("{upstream}/crash")).send().await.unwrap();
+    let event = loop {
+        let event = events.next_of("model_state", 5 * SECOND).await;
+        if event["to"] == "unloading" {
+            break event;
+        }
+    };
+    assert_eq!(event["reason"], "crashed");
+    assert!(event["error"].as_str().unwrap().contains("exit status 3"), "{event}");
+    daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    assert_ne!(body["pid"].as_u64().unwrap(), first_pid);
+}
+
+#[tokio::test]
+async fn a_hang_at_start_is_killed_after_ready_timeout_with_the_log_tail() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--hang-on-start", "ready_timeout = \"500ms\""), "");
+    let started = Instant::now();
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not ready after 500ms"), "{message}");
+    assert!(message.contains("loading weights"), "the log tail is in the error: {message}");
+    assert!(started.elapsed() < 5 * SECOND);
+    let model = daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
+    assert_eq!(model["failures"], 1);
+    assert!(model["pid"].is_null());
+}
+
+#[tokio::test]
+async fn exit_during_start_up_and_three_failures_mean_failed_with_a_cooldown() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--exit-on-start 7", ""), "");
+    for attempt in 1..=3 {
+        let (code, body) = daemon.load("a").await;
+        assert_eq!(code, 502, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("exit status 7"), "{message}");
+        let expected = if attempt < 3 { "unloaded" } else { "failed" };
+        daemon.wait_model_state("a", expected, 5 * SECOND).await;
+    }
+    let model = daemon.model("a").await;
+    assert!(model["retry_in_s"].as_u64().unwrap() > 0, "{model}");
+    // A proxy-style demand is refused during the cooldown; `vramgate load` retries anyway.
+    let lease = daemon.post("/vramgate/leases", json!({"model": "a"})).await;
+    assert_eq!(lease.0, 503, "{}", lease.1);
+    assert!(lease.1["error"]["message"].as_str().unwrap().contains("next automatic try"), "{}", lease.1);
+    let output = Command::new(common::bin()).args(["load", "a", "--url", &daemon.url]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("exit status 7"));
+    assert_eq!(daemon.model("a").await["failures"], 4);
+}
+
+#[tokio::test]
+async fn sigterm_ignored_means_sigkill_after_stop_timeout() {
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "--ignore-sigterm", "stop_timeout = \"300ms\""), "");
+    let (_, body) = daemon.load("a").await;
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let started = Instant::now();
+    let (code, body) = daemon.unload("a").await;
+    assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < 5 * SECOND, "{took:?}");
+    assert!(!vramgate::gpu::pid_is_alive(pid));
+    let log = daemon.log();
+    assert!(log.contains("killed=true") || log.contains("killed"), "the kill is logged");
+}
+
+#[tokio::test]
+async fn a_model_without_declared_vram_is_measured() {
+    let daemon = start(|sim| common::undeclared_fake_model(sim, "a", 1234, "", "ttl = \"0\""), "");
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let model =
+        daemon.wait_for_status(5 * SECOND, "a measured footprint", |s| s["models"][0]["measured_mib"] == 1234).await;
+    assert_eq!(model["models"][0]["vram_mib"], 1234);
+    assert!(model["models"][0]["declared_mib"].is_null());
+}
+
+#[tokio::test]
+async fn killing_the_daemon_with_sigkill_takes_its_children_along() {
+    let mut daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    let (_, body) = daemon.load("a").await;
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(5 * SECOND).expect("daemon gone");
+    let deadline = Instant::now() + 2 * SECOND;
+    while vramgate::gpu::pid_is_alive(pid) {
+        assert!(Instant::now() < deadline, "child {pid} outlived the daemon by 2 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn a_child_outlives_daemon_idleness() {
+    // PR_SET_PDEATHSIG fires when the forking *thread* exits; children must survive idle
+    // periods in which a pool thread would retire (tokio's blocking threads after 10 s).
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", "ttl = \"0\""), "");
+    let (_, body) = daemon.load("a").await;
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        assert!(vramgate::gpu::pid_is_alive(pid), "the model died while the daemon idled");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(daemon.model("a").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn a_restart_reaps_a_leftover_recorded_in_the_database() {
+    // Plant a leftover: a process in its own group, recorded as an earlier daemon would have.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sleeper = {
+        use std::os::unix::process::CommandExt;
+        Command::new("sleep").arg("60").process_group(0).stdout(Stdio::null()).spawn().unwrap()
+    };
+    let pid = sleeper.id();
+    let ticks = vramgate::backend::process::proc_stat_field(pid, 22).unwrap();
+    {
+        let store = vramgate::store::Store::open(&state.join("vramgate")).unwrap();
+        store
+            .record_process(&vramgate::store::ProcessRecord {
+                pid,
+                pgid: pid,
+                start_ticks: ticks,
+                model: "llm".into(),
+                started_at: chrono::Utc::now(),
+            })
+            .unwrap();
+    }
+    let state_dir = state.join("vramgate").display().to_string();
+    let daemon = Daemon::start(move |sim| {
+        format!("[server]\nstate_dir = \"{state_dir}\"\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"))
+    });
+    let status = common::wait_child(&mut sleeper, 5 * SECOND).expect("the leftover was stopped");
+    assert!(!status.success());
+    assert!(daemon.log().contains("leftover"), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn vramgate_run_holds_a_lease_and_a_sigkill_releases_it() {
+    let daemon = start(|_| String::new(), "");
+    let mut run = Command::new(common::bin())
+        .args(["run", "--vram", "3G", "--url", &daemon.url, "--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status =
+        daemon.wait_for_status(5 * SECOND, "the lease", |s| s["leases"].as_array().is_some_and(|l| l.len() == 1)).await;
+    assert_eq!(status["leases"][0]["vram_mib"], 3072);
+    assert_eq!(status["leases"][0]["holder"], "sleep");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    run.wait().unwrap();
+    let killed = Instant::now();
+    daemon
+        .wait_for_status(2 * SECOND, "the lease to go", |s| s["leases"].as_array().is_some_and(|l| l.is_empty()))
+        .await;
+    assert!(killed.elapsed() < SECOND, "released after {:?}", killed.elapsed());
+}
+
+#[test]
+fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
+    let daemon = Daemon::start_sim(8192, "50ms");
+    let output = Command::new(common::bin())
+        .args([
+            "run",
+            "--vram",
+            "1G",
+            "--url",
+            &daemon.url,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$CUDA_VISIBLE_DEVICES $VRAMGATE_LEASE_MIB\"; exit 5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(5));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 1024");
+    let output = Command::new(common::bin())
+        .args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(75));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("need at least"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_exclusive_lease_blocks_other_leases_and_loads_until_released() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "[scheduler]\nqueue_timeout = \"300ms\"\n");
+    let (code, lock) =
+        daemon.post("/vramgate/leases", json!({"vram": 100, "exclusive": true, "holder": "ffmpeg"})).await;
+    assert_eq!(code, 201, "{lock}");
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": 100, "holder": "other"})).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("held exclusively by ffmpeg"), "{body}");
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 503, "{body}");
+    let id = lock["id"].as_str().unwrap();
+    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    assert_eq!(daemon.load("a").await.0, 200);
+    let (code, _) = daemon.post("/vramgate/leases", json!({"vram": 100, "holder": "other"})).await;
+    assert_eq!(code, 201);
+}
+
+#[tokio::test]
+async fn a_heartbeat_lease_expires_unless_renewed() {
+    let daemon = start(|_| String::new(), "");
+    let (code, lease) = daemon.post("/vramgate/leases", json!({"vram": "1G", "ttl": "400ms", "holder": "py"})).await;
+    assert_eq!(code, 201, "{lease}");
+    let id = lease["id"].as_str().unwrap().to_string();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (code, _) = daemon.post(&format!("/vramgate/leases/{id}/renew"), Value::Null).await;
+        assert_eq!(code, 200, "renewed in time");
+    }
+    daemon.wait_for_status(3 * SECOND, "expiry", |s| s["leases"].as_array().is_some_and(|l| l.is_empty())).await;
+    let (code, body) = daemon.post(&format!("/vramgate/leases/{id}/renew"), Value::Null).await;
+    assert_eq!(code, 404, "{body}");
+}
+
+#[tokio::test]
+async fn emergency_pressure_evicts_idle_models() {
+    let daemon = start(
+        |sim| {
+            [fake_model(sim, "low", 3000, "", "priority = 1"), fake_model(sim, "high", 3000, "", "priority = 9")]
+                .concat()
+        },
+        "",
+    );
+    assert_eq!(daemon.load("low").await.0, 200);
+    assert_eq!(daemon.load("high").await.0, 200);
+    // 6000 used by models; a foreign 3600 takes the device to 96 % (emergency).
+    daemon.claim("desktop", 3600);
+    daemon.wait_model_state("low", "unloaded", 5 * SECOND).await;
+    // 6600 of 10000 is below critical (87.5 %): relief stops there.
+    daemon.wait_for_status(5 * SECOND, "the memory back", |s| s["devices"][0]["used_mib"] == 6600).await;
+    assert_eq!(daemon.model("high").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn logs_show_the_model_output() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    daemon.load("a").await;
+    let output = Command::new(common::bin()).args(["logs", "a", "--url", &daemon.url]).output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("loading weights") && text.contains("ready"), "{text}");
+    let output = Command::new(common::bin()).args(["logs", "nope", "--url", &daemon.url]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model \"nope\""));
+}
