@@ -161,6 +161,7 @@ impl ChangeTracker {
 #[derive(Clone)]
 pub struct Sampler {
     probe: Arc<Mutex<Box<dyn Probe>>>,
+    refresh: Arc<tokio::sync::Notify>,
 }
 
 impl Sampler {
@@ -170,6 +171,12 @@ impl Sampler {
             Ok(mut probe) => probe.sample(),
             Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
         })
+    }
+
+    /// Asks the monitor for a reading now rather than at the next tick (after a model became
+    /// ready or was released, so that status shows it at once).
+    pub fn refresh(&self) {
+        self.refresh.notify_one();
     }
 
     /// One reading now, on the blocking pool.
@@ -203,7 +210,7 @@ impl Monitor {
             GpuView { probe: kind, devices: Vec::new(), degraded_reasons: base_reasons.clone(), sampled_at: None };
         let (view, receiver) = watch::channel(Arc::new(initial));
         let mut monitor = Monitor {
-            sampler: Sampler { probe: Arc::new(Mutex::new(probe)) },
+            sampler: Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) },
             kind,
             settings,
             base_reasons,
@@ -228,10 +235,12 @@ impl Monitor {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // The first tick fires at once; `start` already sampled.
             ticker.tick().await;
+            let refresh = self.sampler.refresh.clone();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
+                    _ = refresh.notified() => ticker.reset(),
                 }
                 if !self.sample_once(&shutdown).await {
                     return;

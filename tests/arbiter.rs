@@ -488,3 +488,61 @@ async fn logs_show_the_model_output() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model \"nope\""));
 }
+
+#[tokio::test]
+async fn the_queue_serves_priority_then_arrival_and_is_bounded() {
+    let daemon = start(|_| String::new(), "[scheduler]\nmax_queue = 2\nqueue_timeout = \"10s\"\n");
+    let (code, blocker) = daemon.post("/vramgate/leases", json!({"vram": 9000, "holder": "blocker"})).await;
+    assert_eq!(code, 201, "{blocker}");
+    let mut events = daemon.events().await;
+    let first = {
+        let url = daemon.url.clone();
+        tokio::spawn(async move {
+            let body = json!({"vram": 5000, "holder": "early-low", "priority": 1});
+            reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+        })
+    };
+    // Wait until it is queued before the next arrives, so arrival order is certain.
+    let queued = events.next_of("queued", 5 * SECOND).await;
+    assert_eq!(queued["requester"], "early-low");
+    assert!(queued["reason"].as_str().unwrap().contains("blocker 9000 MiB (lease)"), "{queued}");
+    let second = {
+        let url = daemon.url.clone();
+        tokio::spawn(async move {
+            let body = json!({"vram": 5000, "holder": "late-high", "priority": 9});
+            reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+        })
+    };
+    assert_eq!(events.next_of("queued", 5 * SECOND).await["requester"], "late-high");
+    // The queue holds two: a third is refused at once.
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": 100, "holder": "third"})).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("queue is full"), "{body}");
+
+    let id = blocker["id"].as_str().unwrap();
+    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let granted = events.next_of("lease_granted", 5 * SECOND).await;
+    assert_eq!(granted["holder"], "late-high", "higher priority first");
+    assert_eq!(second.await.unwrap(), 201);
+    // Both fit once the blocker is gone (5000 + 5000 of 10000): the earlier, lower-priority one
+    // comes right after.
+    assert_eq!(events.next_of("lease_granted", 5 * SECOND).await["holder"], "early-low");
+    assert_eq!(first.await.unwrap(), 201);
+}
+
+#[tokio::test]
+async fn a_corrupt_state_database_stops_the_daemon_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("state.db"), b"not a database ".repeat(200)).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"none\"\n", dir.path().display()))
+        .unwrap();
+    let output = Command::new(common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("state.db") && stderr.contains("move it aside"), "{stderr}");
+}

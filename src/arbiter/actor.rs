@@ -521,6 +521,7 @@ impl Arbiter {
                 model.last_used = Instant::now();
                 model.last_used_wall = Some(Utc::now());
                 self.set_state(i, ModelState::Ready, "ready".into(), None);
+                self.sampler.refresh();
                 let status = self.model_status(i);
                 for (_, reply) in self.models[i].ready_waiters.drain(..) {
                     let _ = reply.send(Ok(status.clone()));
@@ -651,6 +652,7 @@ impl Arbiter {
         model.in_use = 0;
         let to = if failed { ModelState::Failed } else { ModelState::Unloaded };
         self.set_state(i, to, "released".into(), None);
+        self.sampler.refresh();
         self.models[i].device = None;
         for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
             name.remove(id);
