@@ -671,19 +671,9 @@ impl Arbiter {
     // ----- leases -----
 
     fn request_lease(&mut self, request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>>) {
-        if let Some(name) = &request.model {
-            match self.index(name) {
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
-                Ok(i) => {
-                    if let Some(error) = self.cooldown_error(i) {
-                        let _ = reply.send(Err(error));
-                        return;
-                    }
-                }
-            }
+        if let Some(name) = request.model.clone() {
+            self.request_model_lease(&name, request, reply);
+            return;
         }
         if self.queue.len() >= self.settings.max_queue as usize {
             let _ = reply.send(Err(ArbiterError::QueueFull(self.settings.max_queue)));
@@ -692,6 +682,58 @@ impl Arbiter {
         let deadline = Instant::now() + request.wait;
         let priority = request.priority;
         self.enqueue(priority, Pending::Lease { request, reply, deadline });
+    }
+
+    /// A model lease: granted at once if the model is ready, else after loading it like any other
+    /// demand (queue, eviction and timeout rules included), by asking again once it is ready.
+    fn request_model_lease(
+        &mut self,
+        name: &str,
+        request: LeaseRequest,
+        reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>>,
+    ) {
+        let i = match self.index(name) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some(error) = self.cooldown_error(i) {
+            let _ = reply.send(Err(error));
+            return;
+        }
+        if self.models[i].state == ModelState::Ready {
+            let upstream = self.models[i].upstream();
+            let device = self.models[i].device;
+            let grant = self.grant_lease(request, device, upstream);
+            if let Err(Ok(grant)) = reply.send(Ok(grant)) {
+                // The caller went away meanwhile: do not keep the model in use for nobody.
+                let _ = self.release_lease(&grant.id, "disconnected");
+            }
+            return;
+        }
+        let deadline = Instant::now() + request.wait;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let id = self.models[i].spec.id.clone();
+        self.request_load(&id, Some((deadline, ready_tx)), false);
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            match ready_rx.await {
+                Ok(Ok(_)) => {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    let request = LeaseRequest { wait, ..request };
+                    // The reply travels with the new request: whoever answers it answers the caller.
+                    let _ = commands.send(Command::Acquire { request, reply }).await;
+                }
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(ArbiterError::ShuttingDown));
+                }
+            }
+        });
     }
 
     fn grant_lease(&mut self, request: LeaseRequest, device: Option<u32>, upstream: Option<String>) -> LeaseGrant {
@@ -947,32 +989,16 @@ impl Arbiter {
                     true,
                 ))
             }
-            Pending::Lease { request, .. } => {
-                if let Some(name) = &request.model {
-                    // A model lease is served by loading the model; its memory is the model's.
-                    let i = self.index(name).ok()?;
-                    let m = &self.models[i];
-                    let mib = if m.state == ModelState::Ready { 0 } else { self.load_reservation(i, m.spec.device) };
-                    let request = Request {
-                        requester: name.clone(),
-                        mib,
-                        device: m.device.or(m.spec.device),
-                        priority: request.priority,
-                        exclusive: false,
-                    };
-                    return Some((request, false));
-                }
-                Some((
-                    Request {
-                        requester: request.holder.clone(),
-                        mib: request.vram_mib,
-                        device: request.device,
-                        priority: request.priority,
-                        exclusive: request.exclusive,
-                    },
-                    false,
-                ))
-            }
+            Pending::Lease { request, .. } => Some((
+                Request {
+                    requester: request.holder.clone(),
+                    mib: request.vram_mib,
+                    device: request.device,
+                    priority: request.priority,
+                    exclusive: request.exclusive,
+                },
+                false,
+            )),
         }
     }
 
@@ -1008,59 +1034,7 @@ impl Arbiter {
                     self.start_load(i, device, mib);
                 }
             }
-            Pending::Lease { request, reply, deadline } => {
-                if let Some(name) = request.model.clone() {
-                    // Load the model (or use it if ready); the lease is granted once ready.
-                    let Ok(i) = self.index(&name) else { return };
-                    if self.models[i].state == ModelState::Ready {
-                        let upstream = self.models[i].upstream();
-                        let device = self.models[i].device;
-                        let grant = self.grant_lease(request, device, upstream);
-                        if let Err(Ok(grant)) = reply.send(Ok(grant)) {
-                            let _ = self.release_lease(&grant.id, "disconnected");
-                        }
-                    } else {
-                        let (tx, rx) = oneshot::channel();
-                        self.models[i].ready_waiters.push((deadline, tx));
-                        if self.models[i].state != ModelState::Loading {
-                            self.start_load(i, device, mib);
-                        }
-                        let commands = self.commands.clone();
-                        tokio::spawn(async move {
-                            match rx.await {
-                                Ok(Ok(_)) => {
-                                    // Ready: queue the lease again; it is granted at once now.
-                                    let (again, answer) = oneshot::channel();
-                                    let request = LeaseRequest {
-                                        wait: deadline.saturating_duration_since(Instant::now()),
-                                        ..request
-                                    };
-                                    if commands.send(Command::Acquire { request, reply: again }).await.is_err() {
-                                        let _ = reply.send(Err(ArbiterError::ShuttingDown));
-                                        return;
-                                    }
-                                    let result = answer.await.unwrap_or(Err(ArbiterError::ShuttingDown));
-                                    if let Err(Ok(grant)) = reply.send(result) {
-                                        let _ = commands
-                                            .send(Command::Release {
-                                                id: grant.id,
-                                                reason: "disconnected",
-                                                reply: None,
-                                            })
-                                            .await;
-                                    }
-                                }
-                                Ok(Err(e)) => {
-                                    let _ = reply.send(Err(e));
-                                }
-                                Err(_) => {
-                                    let _ = reply.send(Err(ArbiterError::ShuttingDown));
-                                }
-                            }
-                        });
-                    }
-                    return;
-                }
+            Pending::Lease { request, reply, .. } => {
                 let grant = self.grant_lease(request, device, None);
                 if let Err(Ok(grant)) = reply.send(Ok(grant)) {
                     // The caller went away while it waited: give the memory straight back.
