@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{ModelGate, Pin};
 use super::{ArbiterError, ArbiterHandle, ArbiterView, Command, LeaseGrant, LeaseRequest};
 use crate::backend::process::{self, ProcessHandle, SpawnSpec, Spawner};
 use crate::config::{ModelSpec, SchedulerConfig};
@@ -56,9 +57,10 @@ struct Model {
     learned_mib: Option<u64>,
     /// What its processes use now.
     current_mib: u64,
-    in_use: u32,
-    last_used: Instant,
-    last_used_wall: Option<DateTime<Utc>>,
+    /// In-use count, last use and the serving address, shared with the proxy's hot path.
+    gate: Arc<ModelGate>,
+    /// Whether it was ever used since the daemon started (for `last_used: null`).
+    used_once: bool,
     resident_since: Instant,
     failures: u32,
     cooldown_until: Option<Instant>,
@@ -83,6 +85,13 @@ impl Model {
             .max(if matches!(self.state, ModelState::Loading | ModelState::Unloading) { self.reserved_mib } else { 0 })
     }
 
+    /// When an idle TTL would unload it: ready, unused, not pinned, with a TTL.
+    fn idle_expiry(&self, origin: Instant) -> Option<Instant> {
+        let idle = self.state == ModelState::Ready && self.gate.in_use() == 0 && !self.spec.pinned;
+        (idle && !self.spec.ttl.is_zero())
+            .then(|| origin + Duration::from_millis(self.gate.last_used_ms()) + self.spec.ttl)
+    }
+
     fn holds_memory(&self) -> bool {
         matches!(self.state, ModelState::Loading | ModelState::Ready | ModelState::Unloading)
     }
@@ -96,6 +105,8 @@ struct Lease {
     grant: LeaseGrant,
     priority: i32,
     expires: Option<Instant>,
+    /// For a model lease: the model kept in use until the lease is dropped.
+    _pin: Option<Pin>,
 }
 
 enum Pending {
@@ -140,6 +151,9 @@ pub struct Arbiter {
     process_models: HashMap<u32, String>,
     store_error: Option<String>,
     started: Instant,
+    started_wall: DateTime<Utc>,
+    /// Woken by the last unpin of a model (see `gate`).
+    idle: Arc<Notify>,
 }
 
 fn millis_since(origin: Instant, t: Instant) -> u64 {
@@ -159,11 +173,24 @@ impl Arbiter {
         let (view, view_rx) = watch::channel(Arc::new(ArbiterView::default()));
         let learned = store.footprints().unwrap_or_default();
         let now = Instant::now();
+        let idle = Arc::new(Notify::new());
+        let gates: HashMap<String, Arc<ModelGate>> = settings
+            .models
+            .iter()
+            .map(|spec| (spec.id.clone(), ModelGate::new(spec.id.clone(), now, idle.clone())))
+            .collect();
+        let mut names: HashMap<String, Arc<ModelGate>> = gates.clone();
+        for spec in &settings.models {
+            for alias in &spec.aliases {
+                names.insert(alias.clone(), gates[&spec.id].clone());
+            }
+        }
         let models = settings
             .models
             .into_iter()
             .map(|spec| Model {
                 learned_mib: learned.get(&spec.id).copied(),
+                gate: gates[&spec.id].clone(),
                 spec,
                 state: ModelState::Unloaded,
                 generation: 0,
@@ -173,9 +200,7 @@ impl Arbiter {
                 logs: None,
                 reserved_mib: 0,
                 current_mib: 0,
-                in_use: 0,
-                last_used: now,
-                last_used_wall: None,
+                used_once: false,
                 resident_since: now,
                 failures: 0,
                 cooldown_until: None,
@@ -207,8 +232,10 @@ impl Arbiter {
             process_models: HashMap::new(),
             store_error: None,
             started: now,
+            started_wall: Utc::now(),
+            idle,
         };
-        Ok((arbiter, ArbiterHandle { commands, view: view_rx }))
+        Ok((arbiter, ArbiterHandle { commands, view: view_rx, gates: Arc::new(names) }))
     }
 
     /// Runs until `shutdown`, then stops every model process.
@@ -235,6 +262,8 @@ impl Arbiter {
                         self.on_sample();
                     }
                     _ = sleep_until_opt(wake) => self.on_timers(),
+                    // A model went idle: a waiter may now evict it.
+                    _ = self.idle.notified() => {}
                 }
                 self.schedule();
                 self.publish();
@@ -395,7 +424,7 @@ impl Arbiter {
             ModelState::Unloading => self.models[i].unload_waiters.push(reply),
             ModelState::Loading | ModelState::Ready => {
                 self.models[i].unload_waiters.push(reply);
-                self.begin_unload(i, "requested".into());
+                let _ = self.begin_unload(i, "requested".into());
             }
         }
     }
@@ -433,7 +462,7 @@ impl Arbiter {
         model.reserved_mib = reserved_mib;
         model.current_mib = 0;
         model.resident_since = now;
-        model.last_used = now;
+        model.gate.touch();
         model.gpu_pids.clear();
         let spec = model.spec.clone();
         let generation = model.generation;
@@ -518,8 +547,10 @@ impl Arbiter {
                 model.failures = 0;
                 model.cooldown_until = None;
                 model.last_error = None;
-                model.last_used = Instant::now();
-                model.last_used_wall = Some(Utc::now());
+                model.used_once = true;
+                if let Some(upstream) = model.upstream() {
+                    model.gate.open(&upstream);
+                }
                 self.set_state(i, ModelState::Ready, "ready".into(), None);
                 self.sampler.refresh();
                 let status = self.model_status(i);
@@ -561,15 +592,23 @@ impl Arbiter {
         if self.models[i].state == ModelState::Ready {
             // A crash while serving: release its memory and start again on the next demand.
             let tail = self.models[i].process.as_ref().map(|p| p.logs.tail(5).join("\n")).unwrap_or_default();
+            self.models[i].gate.close();
             self.set_state(i, ModelState::Unloading, "crashed".into(), Some(format!("{exit}; last output:\n{tail}")));
             self.begin_release_task(i);
         }
     }
 
-    fn begin_unload(&mut self, i: usize, reason: String) {
+    /// Starts unloading a model. An eviction (any reason but an explicit `requested`) happens
+    /// only if no request pins the model at this very moment; returns whether it started.
+    fn begin_unload(&mut self, i: usize, reason: String) -> bool {
         match self.models[i].state {
             ModelState::Ready | ModelState::Loading => {}
-            _ => return,
+            _ => return false,
+        }
+        if reason == "requested" {
+            self.models[i].gate.close();
+        } else if !self.models[i].gate.close_if_idle() {
+            return false;
         }
         let was_loading = self.models[i].state == ModelState::Loading;
         if was_loading {
@@ -584,6 +623,7 @@ impl Arbiter {
         if self.models[i].process.is_some() || !was_loading {
             self.begin_release_task(i);
         }
+        true
     }
 
     /// Stops the process (if running) and waits until its memory is back, in a task.
@@ -649,7 +689,6 @@ impl Arbiter {
         let model = &mut self.models[i];
         model.port = None;
         model.current_mib = 0;
-        model.in_use = 0;
         let to = if failed { ModelState::Failed } else { ModelState::Unloaded };
         self.set_state(i, to, "released".into(), None);
         self.sampler.refresh();
@@ -749,17 +788,16 @@ impl Arbiter {
             model: request.model.clone(),
             upstream,
         };
-        if let Some(name) = &request.model
-            && let Ok(i) = self.index(name)
-        {
-            self.models[i].in_use += 1;
-        }
+        // A model lease holds a pin like a request in flight; the model is ready when this runs.
+        let pin =
+            request.model.as_ref().and_then(|name| self.index(name).ok()).and_then(|i| self.models[i].gate.try_pin());
         self.leases.insert(
             id,
             Lease {
                 grant: grant.clone(),
                 priority: request.priority,
                 expires: request.ttl.map(|t| Instant::now() + t),
+                _pin: pin,
             },
         );
         self.bus.publish(EventKind::LeaseGranted {
@@ -773,15 +811,8 @@ impl Arbiter {
     }
 
     fn release_lease(&mut self, id: &str, reason: &str) -> Result<(), ArbiterError> {
+        // Dropping the lease drops its pin, if any: the model is idle again (and touched).
         let lease = self.leases.remove(id).ok_or_else(|| ArbiterError::UnknownLease(id.to_string()))?;
-        if let Some(name) = &lease.grant.model
-            && let Ok(i) = self.index(name)
-        {
-            let model = &mut self.models[i];
-            model.in_use = model.in_use.saturating_sub(1);
-            model.last_used = Instant::now();
-            model.last_used_wall = Some(Utc::now());
-        }
         self.bus.publish(EventKind::LeaseReleased {
             id: id.to_string(),
             holder: lease.grant.holder,
@@ -819,10 +850,10 @@ impl Arbiter {
                     device: m.device?,
                     footprint_mib: m.footprint(),
                     priority: m.spec.priority,
-                    in_use: m.in_use,
+                    in_use: m.gate.in_use(),
                     pinned: m.spec.pinned,
                     ready: m.state == ModelState::Ready,
-                    last_used: millis_since(origin, m.last_used),
+                    last_used: m.gate.last_used_ms(),
                     resident_since: millis_since(origin, m.resident_since),
                     min_residency: m.spec.min_residency.as_millis() as u64,
                 })
@@ -892,8 +923,9 @@ impl Arbiter {
                     if let Some(victim) = victim
                         && let Ok(v) = self.index(&victim)
                     {
-                        self.queue[index].awaiting_release.insert(victim.clone());
-                        self.begin_unload(v, "resident_cap".into());
+                        if self.begin_unload(v, "resident_cap".into()) {
+                            self.queue[index].awaiting_release.insert(victim.clone());
+                        }
                     } else {
                         self.note_shortfall(
                             index,
@@ -933,8 +965,10 @@ impl Arbiter {
                     let reason = format!("evicted_for:{}", request.requester);
                     for victim in &victims {
                         if let Ok(v) = self.index(victim) {
-                            self.queue[index].awaiting_release.insert(victim.clone());
-                            self.begin_unload(v, reason.clone());
+                            // A request may have pinned it since the decision: then it stays.
+                            if self.begin_unload(v, reason.clone()) {
+                                self.queue[index].awaiting_release.insert(victim.clone());
+                            }
                         }
                     }
                     blocked.insert(device);
@@ -1065,9 +1099,8 @@ impl Arbiter {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         for model in &self.models {
-            if model.state == ModelState::Ready && model.in_use == 0 && !model.spec.pinned && !model.spec.ttl.is_zero()
-            {
-                consider(model.last_used + model.spec.ttl);
+            if let Some(expiry) = model.idle_expiry(self.started) {
+                consider(expiry);
             }
             for (deadline, _) in &model.ready_waiters {
                 consider(*deadline);
@@ -1090,17 +1123,10 @@ impl Arbiter {
         let now = Instant::now();
         // Idle TTL.
         let idle: Vec<usize> = (0..self.models.len())
-            .filter(|&i| {
-                let m = &self.models[i];
-                m.state == ModelState::Ready
-                    && m.in_use == 0
-                    && !m.spec.pinned
-                    && !m.spec.ttl.is_zero()
-                    && m.last_used + m.spec.ttl <= now
-            })
+            .filter(|&i| self.models[i].idle_expiry(self.started).is_some_and(|expiry| expiry <= now))
             .collect();
         for i in idle {
-            self.begin_unload(i, "idle".into());
+            let _ = self.begin_unload(i, "idle".into());
         }
         // Heartbeat leases.
         let expired: Vec<String> =
@@ -1206,7 +1232,7 @@ impl Arbiter {
                 policy::pressure_victim(device, &residents, millis_since(self.started, Instant::now()))
                 && let Ok(i) = self.index(&victim)
             {
-                self.begin_unload(i, "pressure".into());
+                let _ = self.begin_unload(i, "pressure".into());
             }
         }
     }
@@ -1219,10 +1245,12 @@ impl Arbiter {
             state: m.state.as_str().into(),
             device: m.device,
             vram_mib: m.footprint(),
-            in_use: m.in_use,
+            in_use: m.gate.in_use(),
             pinned: m.spec.pinned,
             priority: m.spec.priority,
-            last_used: m.last_used_wall,
+            last_used: m
+                .used_once
+                .then(|| self.started_wall + chrono::Duration::milliseconds(m.gate.last_used_ms() as i64)),
             upstream: m.upstream(),
             pid: m.process.as_ref().map(|p| p.pid),
             measured_mib: m.learned_mib,

@@ -6,6 +6,7 @@
 //! blocks. After every message it publishes an [`ArbiterView`] for status readers.
 
 mod actor;
+pub mod gate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -152,6 +153,8 @@ pub(crate) enum Command {
 pub struct ArbiterHandle {
     commands: mpsc::Sender<Command>,
     view: watch::Receiver<Arc<ArbiterView>>,
+    /// Every model's gate by id and by alias, for the hot path.
+    gates: Arc<HashMap<String, Arc<gate::ModelGate>>>,
 }
 
 impl ArbiterHandle {
@@ -204,6 +207,26 @@ impl ArbiterHandle {
     /// A model's log buffer (`None` if it never ran in this daemon).
     pub async fn logs(&self, name: &str) -> Result<Option<Arc<LogBuffer>>, ArbiterError> {
         self.ask(|reply| Command::Logs { name: name.to_string(), reply }).await
+    }
+
+    /// The gate of a model, by id or alias.
+    pub fn gate(&self, name: &str) -> Option<Arc<gate::ModelGate>> {
+        self.gates.get(name).cloned()
+    }
+
+    /// Every model id (not aliases), sorted.
+    pub fn model_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.gates.values().map(|g| g.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Every name requests may use (ids and aliases), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.gates.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// The latest view.

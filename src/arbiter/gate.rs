@@ -1,0 +1,172 @@
+//! The hot path's view of a model: whether it is serving, where, and how many requests use it.
+//!
+//! A warm request must not queue on the arbiter's mailbox (DESIGN.md, "The hot path"). So each
+//! model has a gate, shared by the arbiter and the proxy: the proxy pins a serving model with one
+//! short read lock and an atomic increment, and unpins it by dropping the [`Pin`]. The arbiter reads
+//! the counter when it chooses victims, and closes the gate under the write lock only if nobody
+//! holds a pin, so a request can never pin a model that is being evicted.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+/// One model's gate.
+pub struct ModelGate {
+    /// The model id.
+    pub id: String,
+    /// The upstream base URL while the model is ready; `None` otherwise.
+    serving: RwLock<Option<Arc<str>>>,
+    in_use: AtomicU32,
+    /// Milliseconds since `origin` of the last unpin (or of becoming ready).
+    last_used_ms: AtomicU64,
+    origin: Instant,
+    /// Woken when a model's last pin is dropped, so the arbiter can serve a waiter that needed it
+    /// idle, without a message per request.
+    idle: Arc<Notify>,
+}
+
+/// A model held in use; unpinned when dropped (the response body ended or the client went away).
+pub struct Pin {
+    gate: Arc<ModelGate>,
+    /// Where to send the request.
+    pub upstream: Arc<str>,
+}
+
+impl ModelGate {
+    pub(crate) fn new(id: String, origin: Instant, idle: Arc<Notify>) -> Arc<ModelGate> {
+        Arc::new(ModelGate {
+            id,
+            serving: RwLock::new(None),
+            in_use: AtomicU32::new(0),
+            last_used_ms: AtomicU64::new(0),
+            origin,
+            idle,
+        })
+    }
+
+    /// Pins the model if it is serving. `None` means: ask the arbiter (it is not ready).
+    pub fn try_pin(self: &Arc<Self>) -> Option<Pin> {
+        let serving = self.serving.read().ok()?;
+        let upstream = serving.as_ref()?.clone();
+        // Incremented under the read lock: `close_if_idle` cannot slip in between.
+        self.in_use.fetch_add(1, Ordering::AcqRel);
+        drop(serving);
+        Some(Pin { gate: self.clone(), upstream })
+    }
+
+    /// Requests (and model leases) using it now.
+    pub fn in_use(&self) -> u32 {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// When it was last used, as milliseconds since the arbiter's origin.
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_used_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Opens the gate: the model is ready at `upstream`.
+    pub(crate) fn open(&self, upstream: &str) {
+        self.touch();
+        if let Ok(mut serving) = self.serving.write() {
+            *serving = Some(Arc::from(upstream));
+        }
+    }
+
+    /// Closes the gate whatever the pins (a crash, an explicit unload, shutdown).
+    pub(crate) fn close(&self) {
+        if let Ok(mut serving) = self.serving.write() {
+            *serving = None;
+        }
+    }
+
+    /// Closes the gate only if nobody uses the model; false if a request pinned it meanwhile.
+    pub(crate) fn close_if_idle(&self) -> bool {
+        match self.serving.write() {
+            Ok(mut serving) => {
+                if self.in_use.load(Ordering::Acquire) > 0 {
+                    return false;
+                }
+                *serving = None;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.gate.touch();
+        if self.gate.in_use.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gate.idle.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Arc<ModelGate> {
+        ModelGate::new("llm".into(), Instant::now(), Arc::new(Notify::new()))
+    }
+
+    #[test]
+    fn a_closed_gate_pins_nothing() {
+        let gate = gate();
+        assert!(gate.try_pin().is_none());
+        gate.open("http://127.0.0.1:1");
+        let pin = gate.try_pin().expect("serving");
+        assert_eq!(&*pin.upstream, "http://127.0.0.1:1");
+        assert_eq!(gate.in_use(), 1);
+        drop(pin);
+        assert_eq!(gate.in_use(), 0);
+    }
+
+    #[test]
+    fn a_pinned_model_cannot_be_closed_for_eviction() {
+        let gate = gate();
+        gate.open("http://127.0.0.1:1");
+        let pin = gate.try_pin().unwrap();
+        assert!(!gate.close_if_idle());
+        assert!(gate.try_pin().is_some(), "still serving");
+        drop(pin);
+        assert!(gate.close_if_idle());
+        assert!(gate.try_pin().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_last_unpin_wakes_the_arbiter() {
+        let idle = Arc::new(Notify::new());
+        let gate = ModelGate::new("x".into(), Instant::now(), idle.clone());
+        gate.open("http://127.0.0.1:1");
+        let a = gate.try_pin().unwrap();
+        let b = gate.try_pin().unwrap();
+        drop(a);
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(1), idle.notified()).await.expect("woken");
+    }
+
+    #[test]
+    fn pins_from_many_threads_balance() {
+        let gate = gate();
+        gate.open("http://127.0.0.1:1");
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..10_000 {
+                        let pin = gate.try_pin();
+                        assert!(pin.is_some());
+                    }
+                });
+            }
+        });
+        assert_eq!(gate.in_use(), 0);
+    }
+}
