@@ -31,6 +31,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// `[defaults]`: applied to every model that does not set its own value.
     pub defaults: DefaultsConfig,
+    /// `[proxy]`: the OpenAI-compatible surface.
+    pub proxy: ProxyConfig,
     /// `[models.NAME]`, by name.
     pub models: BTreeMap<String, ModelConfig>,
     /// The text and file the config came from, kept so that checks that need the devices (which
@@ -194,6 +196,20 @@ impl Default for SchedulerConfig {
             queue_timeout: Span(std::time::Duration::from_secs(60)),
             max_queue: 512,
         }
+    }
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Largest request body accepted (413 above it). Large enough for long audio uploads.
+    pub max_body: Mib,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig { max_body: Mib(256) }
     }
 }
 
@@ -643,6 +659,9 @@ impl Config {
         }
         if self.scheduler.max_parallel_loads == 0 {
             return Err((key_path(&["scheduler", "max_parallel_loads"]), "must be at least 1, found 0".into()));
+        }
+        if self.proxy.max_body.0 == 0 {
+            return Err((key_path(&["proxy", "max_body"]), "must be at least 1MiB".into()));
         }
         if self.defaults.ready_timeout.is_zero() {
             return Err((key_path(&["defaults", "ready_timeout"]), "must be longer than 0".into()));

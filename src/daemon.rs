@@ -101,6 +101,12 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         arbiter: arbiter_handle,
         queue_timeout: config.scheduler.queue_timeout.get(),
         default_priority: config.defaults.priority,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot create the proxy's HTTP client")?,
+        max_body_bytes: usize::try_from(config.proxy.max_body.bytes()).unwrap_or(usize::MAX),
         bus,
         shutdown: shutdown.clone(),
     });

@@ -7,12 +7,13 @@
 mod leases;
 mod manage;
 mod models;
+pub mod openai;
 
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
@@ -36,6 +37,10 @@ pub struct AppState {
     pub queue_timeout: std::time::Duration,
     /// `defaults.priority`: a lease's default priority.
     pub default_priority: i32,
+    /// The proxy's pooled client to model servers.
+    pub http: reqwest::Client,
+    /// `proxy.max_body` in bytes.
+    pub max_body_bytes: usize,
     /// Events, for the stream.
     pub bus: EventBus,
     /// Cancelled at shutdown; long-lived responses (the event stream) end on it.
@@ -57,6 +62,14 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{PREFIX}/leases/{{id}}/renew"), post(leases::renew))
         .route(&format!("{PREFIX}/leases/{{id}}"), delete(leases::release))
         .route("/metrics", get(manage::metrics))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::forward))
+        .route("/v1/completions", post(openai::forward))
+        .route("/v1/embeddings", post(openai::forward))
+        .route("/v1/audio/transcriptions", post(openai::forward))
+        .route("/v1/audio/speech", post(openai::forward))
+        // Any other /v1 path of a named model passes through unchanged.
+        .route("/v1/{*rest}", any(openai::forward))
         .fallback(not_found)
         .with_state(state)
 }

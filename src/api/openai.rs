@@ -1,0 +1,231 @@
+//! The OpenAI-compatible surface: `/v1/...` requests name a model; vramgate makes room, starts it
+//! if needed, forwards the request and streams the answer back.
+//!
+//! The per-request path for a ready model is: read the body (bounded), find the `model` field,
+//! pin the model through its gate (a read lock and an atomic, no message to the arbiter), forward
+//! over a pooled connection, and stream the response back holding the pin; the pin is dropped when
+//! the body ends or the client goes away. Only a model that is not ready costs a round trip to the
+//! arbiter, which loads it under the usual admission rules.
+
+use std::pin::Pin as StdPin;
+use std::task::{Context, Poll};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde_json::json;
+
+use super::AppState;
+use crate::arbiter::ArbiterError;
+use crate::arbiter::gate::Pin;
+
+/// Response header naming the model that served the request.
+pub const MODEL_HEADER: &str = "x-vramgate-model";
+
+/// An OpenAI-style error: `{"error": {"message", "type", "code"}}`.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>, code: &str) -> Response {
+    let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
+    let body = json!({ "error": { "message": message.into(), "type": kind, "code": code } });
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+fn arbiter_error(failure: ArbiterError) -> Response {
+    let (status, code) = match &failure {
+        ArbiterError::UnknownModel { .. } => (StatusCode::NOT_FOUND, "model_not_found"),
+        ArbiterError::NeverFits(_) => (StatusCode::SERVICE_UNAVAILABLE, "insufficient_vram"),
+        ArbiterError::Timeout { .. } | ArbiterError::QueueFull(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "insufficient_vram")
+        }
+        ArbiterError::Cooldown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_failed"),
+        ArbiterError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        ArbiterError::StartFailed { .. } => (StatusCode::BAD_GATEWAY, "model_start_failed"),
+        ArbiterError::Cancelled(_) | ArbiterError::UnknownLease(_) => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+    };
+    error(status, failure.to_string(), code)
+}
+
+/// `GET /v1/models`: every model and alias, with its state.
+pub(super) async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let view = state.arbiter.view();
+    let mut data = Vec::new();
+    for model in &view.models {
+        data.push(
+            json!({ "id": model.id, "object": "model", "created": 0, "owned_by": "vramgate", "state": model.state }),
+        );
+        for alias in &model.aliases {
+            data.push(json!({
+                "id": alias, "object": "model", "created": 0, "owned_by": "vramgate",
+                "state": model.state, "alias_of": model.id,
+            }));
+        }
+    }
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// The `model` a request names: the JSON body's `model` field, or a multipart form's `model` field.
+async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Response> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if content_type.starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed multipart body: {e}"), "invalid_body"))?;
+        let stream = futures_util::stream::once({
+            let body = body.clone();
+            async move { Ok::<Bytes, std::io::Error>(body) }
+        });
+        let mut form = multer::Multipart::new(stream, boundary);
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed multipart body: {e}"), "invalid_body"))?
+        {
+            if field.name() == Some("model") {
+                let text = field.text().await.map_err(|e| {
+                    error(StatusCode::BAD_REQUEST, format!("unreadable `model` field: {e}"), "invalid_body")
+                })?;
+                return Ok(text.trim().to_string());
+            }
+        }
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "the form has no `model` field: name the model to use",
+            "missing_model",
+        ));
+    }
+    if body.is_empty() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "the request has no body: send JSON with a `model` field",
+            "missing_model",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"), "invalid_json"))?;
+    match value.get("model") {
+        Some(serde_json::Value::String(name)) if !name.is_empty() => Ok(name.clone()),
+        Some(_) => Err(error(StatusCode::BAD_REQUEST, "`model` must be a non-empty string", "invalid_model")),
+        None => {
+            Err(error(StatusCode::BAD_REQUEST, "the body has no `model` field: name the model to use", "missing_model"))
+        }
+    }
+}
+
+/// Hop-by-hop headers, which describe one connection and must not be forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+fn forwardable(name: &HeaderName) -> bool {
+    !HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Every `/v1/...` request that names a model: find, pin (loading if needed), forward, stream.
+pub(super) async fn forward(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
+                || e.to_string().contains("length limit");
+            if too_large {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than proxy.max_body ({} MiB)", state.max_body_bytes >> 20),
+                    "body_too_large",
+                );
+            }
+            return error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"), "invalid_body");
+        }
+    };
+    let name = match model_name(&parts.headers, &body).await {
+        Ok(name) => name,
+        Err(response) => return response,
+    };
+    let Some(gate) = state.arbiter.gate(&name) else {
+        let names = state.arbiter.names();
+        let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
+        return error(StatusCode::NOT_FOUND, format!("unknown model {name:?}; available: {list}"), "model_not_found");
+    };
+    let pin = match gate.try_pin() {
+        Some(pin) => pin,
+        None => loop {
+            // Not ready: the arbiter loads it (queueing, evicting) and answers when it is.
+            if let Err(e) = state.arbiter.load(&name, false).await {
+                return arbiter_error(e);
+            }
+            // It could be evicted again between "ready" and the pin; then ask again.
+            if let Some(pin) = gate.try_pin() {
+                break pin;
+            }
+        },
+    };
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{path}", pin.upstream);
+    let mut upstream = state.http.request(parts.method.clone(), &url).body(body);
+    for (key, value) in parts.headers.iter() {
+        if forwardable(key) && key != header::CONTENT_LENGTH {
+            upstream = upstream.header(key, value);
+        }
+    }
+    let response = match upstream.send().await {
+        Ok(response) => response,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("model {} at {} failed: {}", gate.id, pin.upstream, root_cause(&e)),
+                "upstream_error",
+            );
+        }
+    };
+    let mut builder = Response::builder().status(response.status());
+    for (key, value) in response.headers() {
+        if forwardable(key) {
+            builder = builder.header(key, value);
+        }
+    }
+    builder = builder.header(MODEL_HEADER, gate.id.as_str());
+    let stream = PinnedBody { inner: Box::pin(response.bytes_stream()), _pin: pin };
+    builder.body(Body::from_stream(stream)).unwrap_or_else(|e| {
+        error(StatusCode::BAD_GATEWAY, format!("cannot relay the answer of model {}: {e}", gate.id), "upstream_error")
+    })
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+type ByteStream = StdPin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// The upstream's body, chunk by chunk as it arrives, holding the model in use until it ends or
+/// is dropped (the client went away).
+struct PinnedBody {
+    inner: ByteStream,
+    _pin: Pin,
+}
+
+impl Stream for PinnedBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx).map(|item| item.map(|chunk| chunk.map_err(std::io::Error::other)))
+    }
+}

@@ -1,0 +1,224 @@
+//! End-to-end: the OpenAI-compatible proxy in front of fake model servers on the sim device.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, fake_model, sim_config};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn start(models: impl Fn(&std::path::Path) -> String, extra: &str) -> Daemon {
+    Daemon::start(|sim| format!("{}{extra}\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"), models(sim)))
+}
+
+async fn chat(daemon: &Daemon, body: Value) -> reqwest::Response {
+    reqwest::Client::new().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_request_starts_its_model_and_a_second_evicts_the_first() {
+    let daemon = start(|sim| [fake_model(sim, "a", 6000, "", ""), fake_model(sim, "b", 6000, "", "")].concat(), "");
+    let response = chat(&daemon, json!({"model": "a", "messages": []})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-vramgate-model"], "a");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "hello from a");
+
+    let response = chat(&daemon, json!({"model": "b", "messages": []})).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["model"], "b");
+    assert_eq!(daemon.model("a").await["state"], "unloaded");
+    assert_eq!(daemon.model("b").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn streamed_chunks_arrive_as_they_are_produced() {
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "--token-delay 150ms", ""), "");
+    let response = chat(&daemon, json!({"model": "a", "stream": true})).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        let piece = String::from_utf8_lossy(&chunk).to_string();
+        if piece.contains("tok") {
+            arrivals.push(Instant::now());
+        }
+        text.push_str(&piece);
+    }
+    assert!(text.contains("tok0") && text.contains("tok4") && text.contains("[DONE]"), "{text}");
+    assert!(arrivals.len() >= 4, "chunks came in {} pieces: buffered, not streamed", arrivals.len());
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread >= Duration::from_millis(400), "the first and last token arrived {spread:?} apart");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_releases_the_model() {
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "--token-delay 1s", ""), "");
+    let response = chat(&daemon, json!({"model": "a", "stream": true})).await;
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("tok0"));
+    assert_eq!(daemon.model("a").await["in_use"], 1);
+    drop(stream);
+    daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
+}
+
+#[tokio::test]
+async fn error_bodies_are_openai_style() {
+    let daemon = start(
+        |sim| {
+            [
+                fake_model(sim, "big", 9000, "", "pinned = true"),
+                fake_model(sim, "other", 3000, "", ""),
+                // Never listens: forwarding to it fails.
+                "[models.deaf]\nbackend = \"process\"\ncmd = \"sleep 30\"\nhealth = \"none\"\nvram = 10\n".to_string(),
+            ]
+            .concat()
+        },
+        "[scheduler]\nqueue_timeout = \"300ms\"\n[proxy]\nmax_body = \"1MiB\"\n",
+    );
+    daemon.wait_model_state("big", "ready", 10 * SECOND).await;
+    let check = |body: &Value, code: &str| {
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
+    };
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", daemon.url);
+
+    let response = client.post(&url).body("{not json").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    check(&response.json().await.unwrap(), "invalid_json");
+    let response = client.post(&url).json(&json!({"messages": []})).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    check(&response.json().await.unwrap(), "missing_model");
+
+    let response = client.post(&url).json(&json!({"model": "gpt-17"})).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    check(&body, "model_not_found");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("big") && message.contains("other") && message.contains("deaf"), "{message}");
+
+    let huge = "x".repeat(2 << 20);
+    let response = client.post(&url).json(&json!({"model": "other", "pad": huge})).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    check(&response.json().await.unwrap(), "body_too_large");
+
+    let response = client.post(&url).json(&json!({"model": "other"})).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    check(&body, "insufficient_vram");
+    assert!(body["error"]["message"].as_str().unwrap().contains("needs 3000 MiB on GPU 0"), "{body}");
+
+    let response = client.post(&url).json(&json!({"model": "deaf"})).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    check(&response.json().await.unwrap(), "upstream_error");
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_stream_is_an_error_and_the_next_request_restarts_it() {
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "--token-delay 300ms", ""), "");
+    let response = chat(&daemon, json!({"model": "a", "stream": true})).await;
+    let pid = daemon.model("a").await["pid"].as_u64().unwrap() as i32;
+    let mut stream = response.bytes_stream();
+    let _first = stream.next().await.unwrap().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut failed = false;
+    while let Some(chunk) = stream.next().await {
+        if chunk.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the client must see the stream break, not a clean end");
+    daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
+    let response = chat(&daemon, json!({"model": "a"})).await;
+    assert_eq!(response.status(), 200);
+    assert_ne!(daemon.model("a").await["pid"].as_u64().unwrap() as i32, pid);
+}
+
+#[tokio::test]
+async fn models_are_listed_with_aliases_and_state() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", "aliases = [\"chat\"]"), "");
+    let response = chat(&daemon, json!({"model": "chat"})).await;
+    assert_eq!(response.headers()["x-vramgate-model"], "a");
+    let list: Value = reqwest::get(format!("{}/v1/models", daemon.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    let data = list["data"].as_array().unwrap();
+    assert!(data.iter().any(|m| m["id"] == "a" && m["state"] == "ready"));
+    assert!(data.iter().any(|m| m["id"] == "chat" && m["alias_of"] == "a"));
+}
+
+#[tokio::test]
+async fn sixty_concurrent_requests_over_three_models_with_room_for_two_never_overcommit() {
+    let daemon = start(
+        |sim| {
+            [
+                fake_model(sim, "m1", 4500, "--token-delay 5ms", ""),
+                fake_model(sim, "m2", 4500, "--token-delay 5ms", ""),
+                fake_model(sim, "m3", 4500, "--token-delay 5ms", ""),
+            ]
+            .concat()
+        },
+        "[scheduler]\nqueue_timeout = \"20s\"\n",
+    );
+    // The watcher reads the sim directory itself, throughout.
+    let dir = daemon.device_dir();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let mut total = 0;
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    let Ok(pid) = name.parse::<u32>() else { continue };
+                    if !vramgate::gpu::pid_is_alive(pid) {
+                        continue;
+                    }
+                    total += std::fs::read_to_string(entry.path())
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                peak.fetch_max(total, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let client = reqwest::Client::new();
+    let requests = (0..60).map(|i| {
+        let client = client.clone();
+        let url = format!("{}/v1/chat/completions", daemon.url);
+        let model = format!("m{}", i % 3 + 1);
+        async move {
+            let response = client.post(url).json(&json!({"model": model, "stream": i % 2 == 0})).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            (status, body)
+        }
+    });
+    let results = futures_util::future::join_all(requests).await;
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    for (status, body) in &results {
+        assert!(*status == 200 || *status == 503, "{status}: {body}");
+        if *status == 503 {
+            assert!(body.contains("error"), "{body}");
+        }
+    }
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    assert!(ok > 0);
+    assert!(peak.load(Ordering::Relaxed) <= 10000, "the device held {} MiB of 10000", peak.load(Ordering::Relaxed));
+}
