@@ -35,6 +35,9 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `[models.NAME]`, by name.
     pub models: BTreeMap<String, ModelConfig>,
+    /// `[aliases]`: a name with candidate models in preference order; a request for it gets the
+    /// first that is ready, else the first that fits, else waits for the first.
+    pub aliases: BTreeMap<String, Vec<String>>,
     /// The text and file the config came from, kept so that checks that need the devices (which
     /// only the probe knows) can still point at the offending line.
     #[serde(skip)]
@@ -186,6 +189,9 @@ pub struct SchedulerConfig {
     pub queue_timeout: Span,
     /// Most waiting requests; 0 = never queue, fail at once.
     pub max_queue: u32,
+    /// A request waiting for a model that needs a busy model evicted waits at most this long;
+    /// then the busy model takes no new requests, finishes those in flight, and is swapped out.
+    pub max_wait_before_swap: Span,
 }
 
 impl Default for SchedulerConfig {
@@ -195,6 +201,7 @@ impl Default for SchedulerConfig {
             resident_cap: 0,
             queue_timeout: Span(std::time::Duration::from_secs(60)),
             max_queue: 512,
+            max_wait_before_swap: Span(std::time::Duration::from_secs(5)),
         }
     }
 }
@@ -337,6 +344,19 @@ pub struct ModelConfig {
     /// Working directory of the process.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// A request sent once after the model is ready, before any real request reaches it.
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
+}
+
+/// `[models.NAME] warmup = { path = "/v1/chat/completions", body = { ... } }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Warmup {
+    /// Path on the model's server.
+    pub path: String,
+    /// JSON body, POSTed.
+    pub body: serde_json::Value,
 }
 
 /// A model with every default applied: what the arbiter and the backends work from.
@@ -376,6 +396,8 @@ pub struct ModelSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Sent once when ready, before real requests.
+    pub warmup: Option<Warmup>,
 }
 
 /// A configuration error, placed as precisely as the file allows.
@@ -585,6 +607,7 @@ impl Config {
                 aliases: m.aliases.clone(),
                 env: m.env.clone(),
                 cwd: m.cwd.clone(),
+                warmup: m.warmup.clone(),
             })
             .collect()
     }
@@ -723,6 +746,9 @@ impl Config {
                 if !own.insert(alias.as_str()) {
                     return Err((alias_at, format!("alias {alias:?} is listed twice")));
                 }
+                if self.aliases.contains_key(alias) {
+                    return Err((alias_at, format!("alias {alias:?} is also defined in [aliases]")));
+                }
                 if let Some(owner) = names.insert(alias.as_str(), id.as_str()) {
                     let what = if owner == alias {
                         "is the id of another model".to_string()
@@ -730,6 +756,21 @@ impl Config {
                         format!("is already an alias of model {owner:?}")
                     };
                     return Err((alias_at, format!("alias {alias:?} {what}")));
+                }
+            }
+        }
+        for (name, candidates) in &self.aliases {
+            let at = key_path(&["aliases", name]);
+            if self.models.contains_key(name) {
+                return Err((at, format!("{name:?} is the id of a model; an alias needs a name of its own")));
+            }
+            if candidates.is_empty() {
+                return Err((at, "lists no candidate models".into()));
+            }
+            for candidate in candidates {
+                if !self.models.contains_key(candidate) {
+                    let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+                    return Err((at, format!("candidate {candidate:?} is not a model (models: {})", known.join(", "))));
                 }
             }
         }

@@ -25,6 +25,32 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
 /// How long the arbiter may take to stop model processes at shutdown.
 const ARBITER_STOP: Duration = Duration::from_secs(3);
 
+/// Takes the state directory's lock for the daemon's lifetime (released by the OS when the
+/// process ends, however it ends).
+fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let path = state_dir.join("daemon.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let owner = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "another vramgate daemon (pid {}) already uses the state directory {}; stop it, or give this one its own server.state_dir",
+            owner.trim(),
+            state_dir.display()
+        );
+    }
+    file.set_len(0).and_then(|_| write!(file, "{}", std::process::id())).context("cannot write the lock file")?;
+    Ok(file)
+}
+
 /// Stops processes that an earlier daemon started and did not stop (it crashed or was killed),
 /// before anything is admitted: their memory would otherwise count as foreign forever.
 fn reap_leftovers(store: &Store, bus: &EventBus) {
@@ -77,12 +103,16 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     }
 
     let state_dir = config.server.state_dir.clone().unwrap_or_else(store::default_state_dir);
+    // One daemon per state directory: a second one would take the first one's children for
+    // leftovers and stop them.
+    let _lock = lock_state_dir(&state_dir)?;
     let store = Store::open(&state_dir).context("cannot open the state database (server.state_dir)")?;
     reap_leftovers(&store, &bus);
     let settings = ArbiterSettings {
         scheduler: config.scheduler.clone(),
         models: config.model_specs(),
         log_dir: Some(state_dir.join("logs")),
+        aliases: config.aliases.clone(),
     };
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
         .context("cannot start the arbiter")?;

@@ -546,3 +546,121 @@ async fn a_corrupt_state_database_stops_the_daemon_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("state.db") && stderr.contains("move it aside"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_absurd_wait_is_refused_or_honoured_but_never_crashes_the_arbiter() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    let (code, body) = daemon
+        .post(
+            "/vramgate/leases",
+            json!({"vram": "1G", "holder": "x", "wait": 18446744073709551615u64, "ttl": 18446744073709551615u64}),
+        )
+        .await;
+    assert!(code == 201 || code == 400, "{code} {body}");
+    assert_eq!(daemon.load("a").await.0, 200, "the arbiter still works");
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_dir_refuses_and_leaves_the_first_alone() {
+    let first = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    let (_, body) = first.load("a").await;
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let config = first.dir.path().join("vramgate.toml");
+    let output = Command::new(common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("XDG_STATE_HOME", first.dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another vramgate daemon") && stderr.contains("state directory"), "{stderr}");
+    assert!(vramgate::gpu::pid_is_alive(pid), "the first daemon's model survived");
+    assert_eq!(first.model("a").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn the_reaper_leaves_a_process_that_merely_reuses_a_recorded_pid_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state").join("vramgate");
+    let mut bystander = {
+        use std::os::unix::process::CommandExt;
+        Command::new("sleep").arg("30").process_group(0).spawn().unwrap()
+    };
+    let pid = bystander.id();
+    let ticks = vramgate::backend::process::proc_stat_field(pid, 22).unwrap();
+    vramgate::store::Store::open(&state)
+        .unwrap()
+        .record_process(&vramgate::store::ProcessRecord {
+            pid,
+            pgid: pid,
+            start_ticks: ticks + 12345,
+            model: "llm".into(),
+            started_at: chrono::Utc::now(),
+        })
+        .unwrap();
+    let state_dir = state.display().to_string();
+    let daemon = Daemon::start(move |sim| {
+        format!("[server]\nstate_dir = \"{state_dir}\"\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"))
+    });
+    daemon.status().await;
+    assert!(vramgate::gpu::pid_is_alive(pid), "a process with another start time is not ours");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+#[tokio::test]
+async fn an_unload_during_a_failing_spawn_does_not_get_stuck() {
+    let daemon = start(
+        |_| "[models.ghost]\nbackend = \"process\"\ncmd = \"/nonexistent/llama-server\"\nvram = 100\n".to_string(),
+        "",
+    );
+    for _ in 0..5 {
+        let (load, unload) = tokio::join!(daemon.load("ghost"), daemon.unload("ghost"));
+        assert!(load.0 == 502 || load.0 == 409 || load.0 == 503, "{load:?}");
+        assert_eq!(unload.0, 200, "{unload:?}");
+    }
+    let model = daemon.wait_for_status(5 * SECOND, "ghost settled", |s| s["models"][0]["state"] != "unloading").await;
+    assert!(model["models"][0]["state"] == "unloaded" || model["models"][0]["state"] == "failed", "{model:#}");
+    assert_eq!(model["models"][0]["vram_mib"], 100);
+}
+
+#[tokio::test]
+async fn a_lease_jobs_own_memory_is_not_counted_twice() {
+    let daemon = start(|_| String::new(), "[scheduler]\nqueue_timeout = \"2s\"\n");
+    let (code, lease) = daemon.post("/vramgate/leases", json!({"vram": 6000, "holder": "job"})).await;
+    assert_eq!(code, 201, "{lease}");
+    // The job really uses its 6000 MiB: a process the daemon cannot attribute.
+    daemon.claim(&std::process::id().to_string(), 6000);
+    daemon.wait_for_status(5 * SECOND, "the job's memory", |s| s["devices"][0]["used_mib"] == 6000).await;
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": 3000, "holder": "second", "wait": "0"})).await;
+    assert_eq!(code, 201, "6000 held + 3000 fit in 10000: {body}");
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_while_queued_leaves_no_lease_behind() {
+    let daemon = start(|_| String::new(), "[scheduler]\nqueue_timeout = \"10s\"\n");
+    let (_, blocker) = daemon.post("/vramgate/leases", json!({"vram": 10000, "holder": "blocker"})).await;
+    let mut events = daemon.events().await;
+    // Raw connections, so the test knows each request was written before it hangs up.
+    let address = daemon.url.trim_start_matches("http://").to_string();
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        use tokio::io::AsyncWriteExt;
+        let body = json!({"vram": 1000, "holder": format!("w{i}"), "hold": "connection"}).to_string();
+        let request = format!(
+            "POST /vramgate/leases HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        sockets.push(socket);
+    }
+    let queued = events.next_of("queued", 5 * SECOND).await;
+    assert!(queued["requester"].as_str().unwrap().starts_with('w'), "{queued}");
+    drop(sockets);
+    let id = blocker["id"].as_str().unwrap();
+    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    // Whatever was granted to a vanished client is released at once.
+    daemon.wait_for_status(3 * SECOND, "no leases", |s| s["leases"].as_array().is_some_and(|l| l.is_empty())).await;
+}

@@ -222,3 +222,137 @@ async fn sixty_concurrent_requests_over_three_models_with_room_for_two_never_ove
     assert!(ok > 0);
     assert!(peak.load(Ordering::Relaxed) <= 10000, "the device held {} MiB of 10000", peak.load(Ordering::Relaxed));
 }
+
+#[tokio::test]
+async fn an_alias_with_candidates_picks_by_fit() {
+    let daemon = start(
+        |sim| {
+            [
+                fake_model(sim, "big", 8000, "", "priority = 10"),
+                fake_model(sim, "small", 3000, "", "priority = 10"),
+                fake_model(sim, "vip", 5000, "", "priority = 100"),
+            ]
+            .concat()
+        },
+        "[aliases]\nchat = [\"big\", \"small\"]\n",
+    );
+    // Nothing is ready: the first candidate fits, so it is used.
+    let response = chat(&daemon, json!({"model": "chat"})).await;
+    assert_eq!((response.status().as_u16(), response.headers()["x-vramgate-model"].to_str().unwrap()), (200, "big"));
+    // A higher-priority model takes the room; big would have to evict it, so small is chosen.
+    assert_eq!(daemon.load("vip").await.0, 200);
+    assert_eq!(daemon.model("big").await["state"], "unloaded");
+    let response = chat(&daemon, json!({"model": "chat"})).await;
+    assert_eq!(response.headers()["x-vramgate-model"], "small");
+    // Now small is ready, and ready wins.
+    let response = chat(&daemon, json!({"model": "chat"})).await;
+    assert_eq!(response.headers()["x-vramgate-model"], "small");
+    assert_eq!(daemon.model("vip").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn a_request_behind_continuous_traffic_is_served_after_max_wait_before_swap() {
+    let daemon = start(
+        |sim| [fake_model(sim, "a", 6000, "", ""), fake_model(sim, "b", 6000, "--token-delay 50ms", "")].concat(),
+        "[scheduler]\nmax_wait_before_swap = \"1s\"\nqueue_timeout = \"15s\"\n",
+    );
+    assert_eq!(daemon.load("b").await.0, 200);
+    // Four overlapping streams to b: b is (almost) never idle on its own.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop) = (format!("{}/v1/chat/completions", daemon.url), stop.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut served = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let response = client.post(&url).json(&json!({"model": "b", "stream": true})).send().await.unwrap();
+                    if response.status() == 200 {
+                        let _ = response.bytes().await;
+                        served += 1;
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    // Let the traffic settle, then ask for a.
+    daemon.wait_for_status(5 * SECOND, "b in use", |s| s["models"][1]["in_use"].as_u64().unwrap_or(0) > 0).await;
+    let asked = Instant::now();
+    let response = chat(&daemon, json!({"model": "a"})).await;
+    let waited = asked.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert!(waited < Duration::from_secs(4), "a waited {waited:?} behind b's traffic (max_wait_before_swap 1 s)");
+    for task in traffic {
+        assert!(task.await.unwrap() > 0);
+    }
+}
+
+#[tokio::test]
+async fn a_warmup_request_reaches_the_model_before_the_first_real_one() {
+    let daemon = start(
+        |sim| {
+            [
+                fake_model(
+                    sim,
+                    "a",
+                    100,
+                    "",
+                    "warmup = { path = \"/v1/chat/completions\", body = { model = \"a\", messages = [{ role = \"user\", content = \"warmup-ping\" }] } }",
+                ),
+                fake_model(sim, "broken", 100, "", "warmup = { path = \"/nope\", body = {} }"),
+            ]
+            .concat()
+        },
+        "",
+    );
+    let response =
+        chat(&daemon, json!({"model": "a", "messages": [{"role": "user", "content": "real-request"}]})).await;
+    assert_eq!(response.status(), 200);
+    let logs = reqwest::get(format!("{}/vramgate/models/a/logs", daemon.url)).await.unwrap().text().await.unwrap();
+    let warm = logs.find("warmup-ping").expect("the warmup reached the model");
+    let real = logs.find("real-request").expect("the request reached the model");
+    assert!(warm < real, "{logs}");
+    let response = chat(&daemon, json!({"model": "broken"})).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("warmup request"), "{body}");
+}
+
+#[tokio::test]
+async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pass_through() {
+    let daemon = start(|sim| fake_model(sim, "stt", 100, "", ""), "");
+    let form = reqwest::multipart::Form::new()
+        .text("model", "stt")
+        .part("file", reqwest::multipart::Part::bytes(vec![0u8; 64 * 1024]).file_name("a.wav"));
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/audio/transcriptions", daemon.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    // The fake has no transcription route: its own 404 comes back, from the right model.
+    assert_eq!(response.headers()["x-vramgate-model"], "stt");
+    assert_eq!(response.headers()["x-fake-model"], "stt");
+    let form = reqwest::multipart::Form::new().text("language", "en");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/audio/transcriptions", daemon.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_model");
+    // Any other /v1 path of a named model reaches its server unchanged.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/embeddings?probe=1", daemon.url))
+        .json(&json!({"model": "stt", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+}

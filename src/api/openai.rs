@@ -20,7 +20,8 @@ use serde_json::json;
 
 use super::AppState;
 use crate::arbiter::ArbiterError;
-use crate::arbiter::gate::Pin;
+use crate::arbiter::gate::{ModelGate, Pin};
+use std::sync::Arc;
 
 /// Response header naming the model that served the request.
 pub const MODEL_HEADER: &str = "x-vramgate-model";
@@ -55,6 +56,12 @@ fn arbiter_error(failure: ArbiterError) -> Response {
 pub(super) async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let view = state.arbiter.view();
     let mut data = Vec::new();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for name in state.arbiter.names() {
+        if let Some(candidates) = state.arbiter.candidates(&name) {
+            groups.push((name, candidates.to_vec()));
+        }
+    }
     for model in &view.models {
         data.push(
             json!({ "id": model.id, "object": "model", "created": 0, "owned_by": "vramgate", "state": model.state }),
@@ -65,6 +72,11 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<serde_json::Va
                 "state": model.state, "alias_of": model.id,
             }));
         }
+    }
+    for (name, candidates) in groups {
+        data.push(
+            json!({ "id": name, "object": "model", "created": 0, "owned_by": "vramgate", "candidates": candidates }),
+        );
     }
     Json(json!({ "object": "list", "data": data }))
 }
@@ -156,23 +168,9 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Ok(name) => name,
         Err(response) => return response,
     };
-    let Some(gate) = state.arbiter.gate(&name) else {
-        let names = state.arbiter.names();
-        let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
-        return error(StatusCode::NOT_FOUND, format!("unknown model {name:?}; available: {list}"), "model_not_found");
-    };
-    let pin = match gate.try_pin() {
-        Some(pin) => pin,
-        None => loop {
-            // Not ready: the arbiter loads it (queueing, evicting) and answers when it is.
-            if let Err(e) = state.arbiter.load(&name, false).await {
-                return arbiter_error(e);
-            }
-            // It could be evicted again between "ready" and the pin; then ask again.
-            if let Some(pin) = gate.try_pin() {
-                break pin;
-            }
-        },
+    let (gate, pin) = match pin_model(&state, &name).await {
+        Ok(pinned) => pinned,
+        Err(response) => return response,
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = format!("{}{path}", pin.upstream);
@@ -203,6 +201,50 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     builder.body(Body::from_stream(stream)).unwrap_or_else(|e| {
         error(StatusCode::BAD_GATEWAY, format!("cannot relay the answer of model {}: {e}", gate.id), "upstream_error")
     })
+}
+
+/// Finds the model a name means and pins it, loading it first if it is not ready. For an
+/// `[aliases]` name: the first candidate that is ready, else the one the arbiter chooses by fit.
+async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin), Response> {
+    let model = match (state.arbiter.gate(name), state.arbiter.candidates(name)) {
+        (Some(gate), _) => gate,
+        (None, Some(candidates)) => {
+            for candidate in candidates {
+                if let Some(gate) = state.arbiter.gate(candidate)
+                    && let Some(pin) = gate.try_pin()
+                {
+                    return Ok((gate, pin));
+                }
+            }
+            let chosen = state.arbiter.choose(candidates).await.map_err(arbiter_error)?;
+            state.arbiter.gate(&chosen).ok_or_else(|| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("alias {name} chose unknown model {chosen}"),
+                    "internal",
+                )
+            })?
+        }
+        (None, None) => {
+            let names = state.arbiter.names();
+            let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("unknown model {name:?}; available: {list}"),
+                "model_not_found",
+            ));
+        }
+    };
+    if let Some(pin) = model.try_pin() {
+        return Ok((model, pin));
+    }
+    loop {
+        // Not ready: the arbiter loads it (queueing, evicting) and answers with a pin taken the
+        // moment it became ready, so it cannot be evicted before this request uses it.
+        if let Some(pin) = state.arbiter.pin(&model.id).await.map_err(arbiter_error)? {
+            return Ok((model, pin));
+        }
+    }
 }
 
 fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::{ModelGate, Pin};
-use super::{ArbiterError, ArbiterHandle, ArbiterView, Command, LeaseGrant, LeaseRequest};
+use super::{ArbiterError, ArbiterHandle, ArbiterView, Command, LeaseGrant, LeaseRequest, Loaded};
 use crate::backend::process::{self, ProcessHandle, SpawnSpec, Spawner};
 use crate::config::{ModelSpec, SchedulerConfig};
 use crate::events::{EventBus, EventKind, ModelState};
@@ -19,6 +19,9 @@ use crate::monitor::{GpuView, Sampler};
 use crate::policy::{self, Decision, DeviceState, Hold, Request, Resident};
 use crate::status::{LeaseStatus, ModelStatus};
 use crate::store::{ProcessRecord, Store};
+
+/// Where a caller waiting for a model to be ready gets its answer.
+type ReadyReply = oneshot::Sender<Result<Loaded, ArbiterError>>;
 
 /// Failed starts in a row before a model is marked `failed`.
 const FAILURES_BEFORE_COOLDOWN: u32 = 3;
@@ -37,6 +40,8 @@ pub struct ArbiterSettings {
     pub models: Vec<ModelSpec>,
     /// Where model logs go (`state_dir/logs`).
     pub log_dir: Option<PathBuf>,
+    /// `[aliases]`: names with candidate models in preference order.
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// One model's state.
@@ -61,12 +66,15 @@ struct Model {
     gate: Arc<ModelGate>,
     /// Whether it was ever used since the daemon started (for `last_used: null`).
     used_once: bool,
+    /// Ready, but taking no new requests: a request waited `max_wait_before_swap` for its memory.
+    /// In-flight requests finish, then it is evicted; new ones wait behind the swap.
+    draining: bool,
     resident_since: Instant,
     failures: u32,
     cooldown_until: Option<Instant>,
     last_error: Option<String>,
     /// Callers waiting for it to be ready, each with its deadline.
-    ready_waiters: Vec<(Instant, oneshot::Sender<Result<ModelStatus, ArbiterError>>)>,
+    ready_waiters: Vec<(Instant, ReadyReply)>,
     /// Callers waiting for it to be unloaded.
     unload_waiters: Vec<oneshot::Sender<Result<ModelStatus, ArbiterError>>>,
     /// Load again once the current unload is done (a request came in while it unloaded).
@@ -88,8 +96,11 @@ impl Model {
     /// When an idle TTL would unload it: ready, unused, not pinned, with a TTL.
     fn idle_expiry(&self, origin: Instant) -> Option<Instant> {
         let idle = self.state == ModelState::Ready && self.gate.in_use() == 0 && !self.spec.pinned;
-        (idle && !self.spec.ttl.is_zero())
-            .then(|| origin + Duration::from_millis(self.gate.last_used_ms()) + self.spec.ttl)
+        if !idle || self.spec.ttl.is_zero() {
+            return None;
+        }
+        // A TTL too large for the clock means "never".
+        origin.checked_add(Duration::from_millis(self.gate.last_used_ms()))?.checked_add(self.spec.ttl)
     }
 
     fn holds_memory(&self) -> bool {
@@ -125,6 +136,9 @@ struct Waiter {
     awaiting_release: BTreeSet<String>,
     /// The last shortfall message, for the timeout error.
     last_shortfall: Option<String>,
+    /// Busy models this waiter has waited on for `max_wait_before_swap`: they take no new
+    /// requests while it waits.
+    drain: BTreeSet<String>,
     announced: bool,
 }
 
@@ -171,6 +185,7 @@ impl Arbiter {
     ) -> std::io::Result<(Arbiter, ArbiterHandle)> {
         let (commands, inbox) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(Arc::new(ArbiterView::default()));
+        let aliases = settings.aliases;
         let learned = store.footprints().unwrap_or_default();
         let now = Instant::now();
         let idle = Arc::new(Notify::new());
@@ -201,6 +216,7 @@ impl Arbiter {
                 reserved_mib: 0,
                 current_mib: 0,
                 used_once: false,
+                draining: false,
                 resident_since: now,
                 failures: 0,
                 cooldown_until: None,
@@ -235,7 +251,8 @@ impl Arbiter {
             started_wall: Utc::now(),
             idle,
         };
-        Ok((arbiter, ArbiterHandle { commands, view: view_rx, gates: Arc::new(names) }))
+        let groups = Arc::new(aliases.into_iter().collect());
+        Ok((arbiter, ArbiterHandle { commands, view: view_rx, gates: Arc::new(names), groups }))
     }
 
     /// Runs until `shutdown`, then stops every model process.
@@ -291,7 +308,7 @@ impl Arbiter {
                 }
                 Ok(i) => {
                     let id = self.models[i].spec.id.clone();
-                    let deadline = Instant::now() + self.settings.queue_timeout.get();
+                    let deadline = deadline_after(self.settings.queue_timeout.get());
                     self.request_load(&id, Some((deadline, reply)), explicit);
                 }
             },
@@ -307,7 +324,7 @@ impl Arbiter {
                     None => Err(ArbiterError::UnknownLease(id)),
                     Some(lease) => {
                         if let Some(ttl) = lease.grant.ttl_ms {
-                            lease.expires = Some(Instant::now() + Duration::from_millis(ttl));
+                            lease.expires = Some(deadline_after(Duration::from_millis(ttl)));
                         }
                         Ok(lease.grant.clone())
                     }
@@ -319,6 +336,16 @@ impl Arbiter {
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
+            }
+            Command::GrantModelLease { request, pin, reply } => {
+                let device = self.index(pin.model_id()).ok().and_then(|i| self.models[i].device);
+                let grant = self.grant_lease(request, device, Some(pin));
+                if let Err(Ok(grant)) = reply.send(Ok(grant)) {
+                    let _ = self.release_lease(&grant.id, "disconnected");
+                }
+            }
+            Command::Choose { candidates, reply } => {
+                let _ = reply.send(self.choose(&candidates));
             }
             Command::Logs { name, reply } => {
                 let result = self.index(&name).map(|i| self.models[i].logs.clone());
@@ -349,20 +376,24 @@ impl Arbiter {
         })
     }
 
-    fn request_load(
-        &mut self,
-        id: &str,
-        caller: Option<(Instant, oneshot::Sender<Result<ModelStatus, ArbiterError>>)>,
-        explicit: bool,
-    ) {
+    fn request_load(&mut self, id: &str, caller: Option<(Instant, ReadyReply)>, explicit: bool) {
         let Ok(i) = self.index(id) else { return };
         let now = Instant::now();
         let model = &mut self.models[i];
         match model.state {
+            ModelState::Ready if model.draining => {
+                // It is being swapped out: wait for it behind the swap, then load it again.
+                model.reload_after_unload = true;
+                if let Some(caller) = caller {
+                    model.ready_waiters.push(caller);
+                }
+                return;
+            }
             ModelState::Ready => {
                 let status = self.model_status(i);
                 if let Some((_, reply)) = caller {
-                    let _ = reply.send(Ok(status));
+                    let pin = self.models[i].gate.try_pin();
+                    let _ = reply.send(Ok(Loaded { status, pin }));
                 }
                 return;
             }
@@ -402,6 +433,7 @@ impl Arbiter {
             pending,
             awaiting_release: BTreeSet::new(),
             last_shortfall: None,
+            drain: BTreeSet::new(),
             announced: false,
         });
         // Priority first (higher first), then arrival: the order in which `schedule` serves.
@@ -502,8 +534,16 @@ impl Arbiter {
             };
             let _ =
                 commands.send(Command::Spawned { model: model_id.clone(), generation, handle: handle.clone() }).await;
-            let result =
+            let mut result =
                 handle.wait_ready(health.as_deref(), spec.ready_timeout, &http).await.map_err(|e| e.to_string());
+            if result.is_ok()
+                && let Some(warmup) = &spec.warmup
+            {
+                result = warm_up(&http, port, warmup, spec.ready_timeout).await;
+                if result.is_err() {
+                    handle.stop(spec.stop_timeout).await;
+                }
+            }
             let _ = commands.send(Command::LoadFinished { model: model_id.clone(), generation, result }).await;
             let exit = handle.wait_exit().await;
             let _ = commands.send(Command::Exited { model: model_id, generation, exit }).await;
@@ -538,6 +578,12 @@ impl Arbiter {
 
     fn on_load_finished(&mut self, id: &str, generation: u64, result: Result<(), String>) {
         let Some(i) = self.find_generation(id, generation) else { return };
+        if self.models[i].state == ModelState::Unloading && self.models[i].process.is_none() {
+            // Unloaded while it was spawning, and the spawn failed: nothing to stop, but the
+            // release must still finish (and answer its waiters).
+            self.begin_release_task(i);
+            return;
+        }
         if self.models[i].state != ModelState::Loading {
             return;
         }
@@ -553,12 +599,20 @@ impl Arbiter {
                 }
                 self.set_state(i, ModelState::Ready, "ready".into(), None);
                 self.sampler.refresh();
-                let status = self.model_status(i);
-                for (_, reply) in self.models[i].ready_waiters.drain(..) {
-                    let _ = reply.send(Ok(status.clone()));
-                }
+                self.answer_ready(i);
             }
             Err(message) => self.fail_start(i, message),
+        }
+    }
+
+    /// Answers everyone waiting for a ready model, each with a pin taken now, before anything
+    /// else can run: a model that just became ready cannot be evicted before its callers use it.
+    fn answer_ready(&mut self, i: usize) {
+        let status = self.model_status(i);
+        let gate = self.models[i].gate.clone();
+        for (_, reply) in self.models[i].ready_waiters.drain(..) {
+            // If the caller is gone, the pin comes back with the unsent answer and is dropped.
+            let _ = reply.send(Ok(Loaded { status: status.clone(), pin: gate.try_pin() }));
         }
     }
 
@@ -651,7 +705,10 @@ impl Arbiter {
             // The memory is back when none of its pids is in the probe's process list any more.
             let started = Instant::now();
             let timed_out = loop {
-                match sampler.sample().await {
+                match tokio::time::timeout(Duration::from_secs(2), sampler.sample())
+                    .await
+                    .unwrap_or_else(|_| Err(crate::gpu::ProbeError("the probe did not answer within 2 s".into())))
+                {
                     Ok(devices) => {
                         if !devices.iter().any(|d| d.processes.iter().any(|p| pids.contains(&p.pid))) {
                             break false;
@@ -702,9 +759,52 @@ impl Arbiter {
         }
         let wanted =
             !self.models[i].ready_waiters.is_empty() || std::mem::take(&mut self.models[i].reload_after_unload);
-        if wanted && !failed {
+        if failed {
+            // In its cooldown: tell whoever still waits why, instead of letting them time out.
+            if let Some(error) = self.cooldown_error(i) {
+                for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        } else if wanted {
             self.request_load(id, None, false);
         }
+    }
+
+    /// For an alias with candidates: the first that is ready, else the first that fits (evicting
+    /// only what its priority allows), else the first.
+    fn choose(&self, candidates: &[String]) -> Result<String, ArbiterError> {
+        let indices: Vec<usize> = candidates.iter().map(|c| self.index(c)).collect::<Result<_, _>>()?;
+        let Some(&first) = indices.first() else {
+            return Err(ArbiterError::Cancelled("an alias with no candidates".into()));
+        };
+        if let Some(&ready) =
+            indices.iter().find(|&&i| self.models[i].state == ModelState::Ready && !self.models[i].draining)
+        {
+            return Ok(self.models[ready].spec.id.clone());
+        }
+        let (devices, residents, holds) = self.policy_inputs();
+        let at = millis_since(self.started, Instant::now());
+        for &i in &indices {
+            let m = &self.models[i];
+            if self.cooldown_error(i).is_some() || devices.is_empty() {
+                continue;
+            }
+            let request = Request {
+                requester: m.spec.id.clone(),
+                mib: self.load_reservation(i, m.spec.device),
+                device: m.spec.device,
+                priority: m.spec.priority,
+                exclusive: false,
+            };
+            if matches!(
+                policy::decide(&devices, &residents, &holds, &request, at),
+                Decision::Admit { .. } | Decision::Evict { .. }
+            ) {
+                return Ok(m.spec.id.clone());
+            }
+        }
+        Ok(self.models[first].spec.id.clone())
     }
 
     // ----- leases -----
@@ -718,7 +818,7 @@ impl Arbiter {
             let _ = reply.send(Err(ArbiterError::QueueFull(self.settings.max_queue)));
             return;
         }
-        let deadline = Instant::now() + request.wait;
+        let deadline = deadline_after(request.wait);
         let priority = request.priority;
         self.enqueue(priority, Pending::Lease { request, reply, deadline });
     }
@@ -742,27 +842,30 @@ impl Arbiter {
             let _ = reply.send(Err(error));
             return;
         }
-        if self.models[i].state == ModelState::Ready {
-            let upstream = self.models[i].upstream();
+        if self.models[i].state == ModelState::Ready && !self.models[i].draining {
             let device = self.models[i].device;
-            let grant = self.grant_lease(request, device, upstream);
+            let grant = self.grant_lease(request, device, None);
             if let Err(Ok(grant)) = reply.send(Ok(grant)) {
                 // The caller went away meanwhile: do not keep the model in use for nobody.
                 let _ = self.release_lease(&grant.id, "disconnected");
             }
             return;
         }
-        let deadline = Instant::now() + request.wait;
+        let deadline = deadline_after(request.wait);
         let (ready_tx, ready_rx) = oneshot::channel();
         let id = self.models[i].spec.id.clone();
         self.request_load(&id, Some((deadline, ready_tx)), false);
         let commands = self.commands.clone();
         tokio::spawn(async move {
             match ready_rx.await {
-                Ok(Ok(_)) => {
+                Ok(Ok(Loaded { pin: Some(pin), .. })) => {
+                    // Pinned when it became ready: it cannot be evicted before the lease exists.
+                    let _ = commands.send(Command::GrantModelLease { request, pin, reply }).await;
+                }
+                Ok(Ok(Loaded { pin: None, .. })) => {
+                    // Closed again at once: ask again with the time left.
                     let wait = deadline.saturating_duration_since(Instant::now());
                     let request = LeaseRequest { wait, ..request };
-                    // The reply travels with the new request: whoever answers it answers the caller.
                     let _ = commands.send(Command::Acquire { request, reply }).await;
                 }
                 Ok(Err(e)) => {
@@ -775,7 +878,13 @@ impl Arbiter {
         });
     }
 
-    fn grant_lease(&mut self, request: LeaseRequest, device: Option<u32>, upstream: Option<String>) -> LeaseGrant {
+    /// Records a lease. A model lease holds a pin like a request in flight: the one taken when
+    /// the model became ready for it, or one taken now (the model is ready when this runs).
+    fn grant_lease(&mut self, request: LeaseRequest, device: Option<u32>, pin: Option<Pin>) -> LeaseGrant {
+        let pin = pin.or_else(|| {
+            request.model.as_ref().and_then(|name| self.index(name).ok()).and_then(|i| self.models[i].gate.try_pin())
+        });
+        let upstream = pin.as_ref().map(|p| p.upstream.to_string());
         self.next_lease += 1;
         let id = format!("lease-{}", self.next_lease);
         let grant = LeaseGrant {
@@ -788,15 +897,12 @@ impl Arbiter {
             model: request.model.clone(),
             upstream,
         };
-        // A model lease holds a pin like a request in flight; the model is ready when this runs.
-        let pin =
-            request.model.as_ref().and_then(|name| self.index(name).ok()).and_then(|i| self.models[i].gate.try_pin());
         self.leases.insert(
             id,
             Lease {
                 grant: grant.clone(),
                 priority: request.priority,
-                expires: request.ttl.map(|t| Instant::now() + t),
+                expires: request.ttl.map(deadline_after),
                 _pin: pin,
             },
         );
@@ -833,11 +939,17 @@ impl Arbiter {
             .map(|d| {
                 let attributed: u64 =
                     d.processes.iter().filter(|p| self.process_models.contains_key(&p.pid)).map(|p| p.used_mib).sum();
-                DeviceState {
-                    index: d.index,
-                    usable_mib: d.usable_mib,
-                    foreign_mib: d.used_mib.saturating_sub(attributed),
-                }
+                // A lease's job (ffmpeg) uses its memory through processes we cannot attribute;
+                // that use is already counted by the lease's hold, so only use beyond the holds is
+                // foreign.
+                let held: u64 = self
+                    .leases
+                    .values()
+                    .filter(|l| l.grant.model.is_none() && l.grant.device == Some(d.index))
+                    .map(|l| l.grant.vram_mib)
+                    .sum();
+                let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held);
+                DeviceState { index: d.index, usable_mib: d.usable_mib, foreign_mib: foreign }
             })
             .collect();
         let residents = self
@@ -882,16 +994,10 @@ impl Arbiter {
         let mut blocked: BTreeSet<u32> = BTreeSet::new();
         let mut blocked_all = false;
         let mut index = 0;
+        self.prune_abandoned();
         while index < self.queue.len() {
             if blocked_all {
                 break;
-            }
-            // Requests whose caller gave up are dropped instead of being granted to nobody.
-            if let Pending::Lease { reply, .. } = &self.queue[index].pending
-                && reply.is_closed()
-            {
-                self.queue.remove(index);
-                continue;
             }
             let (request, is_load) = match self.policy_request(index) {
                 Some(found) => found,
@@ -976,6 +1082,22 @@ impl Arbiter {
                 }
                 Decision::Wait(shortfall) => {
                     self.note_shortfall(index, shortfall.to_string());
+                    if now.saturating_duration_since(self.queue[index].since)
+                        >= self.settings.max_wait_before_swap.get()
+                    {
+                        // Waited long enough behind busy models: stop feeding the ones that block
+                        // it, so that they go idle and can be swapped out.
+                        let (_, mut idle_residents, _) = self.policy_inputs();
+                        for resident in &mut idle_residents {
+                            resident.in_use = 0;
+                        }
+                        let at = millis_since(self.started, now);
+                        if let Decision::Evict { victims, .. } =
+                            policy::decide(&devices, &idle_residents, &holds, &request, at)
+                        {
+                            self.queue[index].drain = victims.into_iter().collect();
+                        }
+                    }
                     mark_blocked(&mut blocked, &mut blocked_all, request.device.or(Some(shortfall.device)));
                     index += 1;
                 }
@@ -984,6 +1106,48 @@ impl Arbiter {
                     let waiter = self.queue.remove(index);
                     self.refuse(waiter, ArbiterError::NeverFits(message));
                 }
+            }
+        }
+        self.apply_draining();
+    }
+
+    /// Closes the gates of the models some waiter is waiting to swap out (in-flight requests
+    /// finish, new ones wait behind the swap) and reopens those no waiter wants any more.
+    fn apply_draining(&mut self) {
+        let wanted: BTreeSet<String> = self.queue.iter().flat_map(|w| w.drain.iter().cloned()).collect();
+        for i in 0..self.models.len() {
+            let ready = self.models[i].state == ModelState::Ready;
+            let want = ready && wanted.contains(&self.models[i].spec.id);
+            let model = &mut self.models[i];
+            if want && !model.draining {
+                model.draining = true;
+                model.gate.close();
+                tracing::info!(model = %model.spec.id, "draining: a request waited too long for its memory");
+            } else if !want && model.draining {
+                model.draining = false;
+                if ready {
+                    // The swap is off (its waiter was served or gave up): serve again.
+                    if let Some(upstream) = model.upstream() {
+                        model.gate.open(&upstream);
+                    }
+                    model.reload_after_unload = false;
+                    self.answer_ready(i);
+                }
+            }
+        }
+    }
+
+    /// Drops requests whose callers went away (a client disconnected while it waited), so that
+    /// they neither block the queue nor count against `max_queue`.
+    fn prune_abandoned(&mut self) {
+        self.queue.retain(|w| !matches!(&w.pending, Pending::Lease { reply, .. } if reply.is_closed()));
+        for i in 0..self.models.len() {
+            let before = self.models[i].ready_waiters.len();
+            self.models[i].ready_waiters.retain(|(_, reply)| !reply.is_closed());
+            let spec = &self.models[i].spec;
+            if before > 0 && self.models[i].ready_waiters.is_empty() && !spec.preload && !spec.pinned {
+                let id = spec.id.clone();
+                self.queue.retain(|w| !matches!(&w.pending, Pending::Load { model } if *model == id));
             }
         }
     }
@@ -1318,6 +1482,38 @@ fn mark_blocked(blocked: &mut BTreeSet<u32>, blocked_all: &mut bool, device: Opt
         }
         None => *blocked_all = true,
     }
+}
+
+/// Sends the model's warmup request; any answer but 2xx fails the start.
+async fn warm_up(
+    http: &reqwest::Client,
+    port: u16,
+    warmup: &crate::config::Warmup,
+    limit: Duration,
+) -> Result<(), String> {
+    let url = format!("http://127.0.0.1:{port}{}", warmup.path);
+    let response = http
+        .post(&url)
+        .json(&warmup.body)
+        .timeout(limit)
+        .send()
+        .await
+        .map_err(|e| format!("warmup request to {url} failed: {e}"))?;
+    let status = response.status();
+    // Read the whole answer: a streamed warmup is only done when its body is.
+    let body = response.bytes().await.map_err(|e| format!("warmup answer from {url} broke off: {e}"))?;
+    if !status.is_success() {
+        let shown: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        return Err(format!("warmup request to {url} answered {status}: {shown}"));
+    }
+    Ok(())
+}
+
+/// `now + wait`, saturating: a client may ask to wait "forever" (u64 seconds) without
+/// overflowing the clock.
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

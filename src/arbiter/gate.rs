@@ -100,6 +100,13 @@ impl ModelGate {
     }
 }
 
+impl Pin {
+    /// The pinned model's id.
+    pub fn model_id(&self) -> &str {
+        &self.gate.id
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         self.gate.touch();

@@ -134,18 +134,48 @@ pub struct LeaseGrant {
     pub upstream: Option<String>,
 }
 
+/// A model that was ready when the answer was made, pinned for the caller so that nothing can
+/// evict it between "ready" and its first use. Dropping it unpins.
+pub struct Loaded {
+    /// The model's status entry.
+    pub status: ModelStatus,
+    /// The pin; `None` only if the model closed again in the same instant.
+    pub pin: Option<gate::Pin>,
+}
+
 /// Messages to the arbiter.
 pub(crate) enum Command {
-    Load { name: String, explicit: bool, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
+    Load { name: String, explicit: bool, reply: oneshot::Sender<Result<Loaded, ArbiterError>> },
+    GrantModelLease { request: LeaseRequest, pin: gate::Pin, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Unload { name: String, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
     Acquire { request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Renew { id: String, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Release { id: String, reason: &'static str, reply: Option<oneshot::Sender<Result<(), ArbiterError>>> },
     Logs { name: String, reply: oneshot::Sender<Result<Option<Arc<LogBuffer>>, ArbiterError>> },
+    Choose { candidates: Vec<String>, reply: oneshot::Sender<Result<String, ArbiterError>> },
     Spawned { model: String, generation: u64, handle: ProcessHandle },
     LoadFinished { model: String, generation: u64, result: Result<(), String> },
     Exited { model: String, generation: u64, exit: ExitInfo },
     Released { model: String, generation: u64, timed_out: bool, waited: Duration },
+}
+
+/// Releases a lease whose grant arrived after its caller stopped waiting.
+struct GrantGuard {
+    answer: Option<oneshot::Receiver<Result<LeaseGrant, ArbiterError>>>,
+    arbiter: ArbiterHandle,
+}
+
+impl Drop for GrantGuard {
+    fn drop(&mut self) {
+        if let Some(mut answer) = self.answer.take() {
+            // Closing first means the arbiter can no longer send: either the grant is here now,
+            // or it will see the closed channel and release it itself.
+            answer.close();
+            if let Ok(Ok(grant)) = answer.try_recv() {
+                self.arbiter.release_detached(&grant.id, "disconnected");
+            }
+        }
+    }
 }
 
 /// The way everything else talks to the arbiter. Cheap to clone.
@@ -155,6 +185,8 @@ pub struct ArbiterHandle {
     view: watch::Receiver<Arc<ArbiterView>>,
     /// Every model's gate by id and by alias, for the hot path.
     gates: Arc<HashMap<String, Arc<gate::ModelGate>>>,
+    /// `[aliases]`: names with candidate models.
+    groups: Arc<HashMap<String, Vec<String>>>,
 }
 
 impl ArbiterHandle {
@@ -170,7 +202,15 @@ impl ArbiterHandle {
     /// Loads a model (by id or alias) and waits until it is ready. `explicit` (a user's `load`)
     /// also retries a model in its failure cooldown.
     pub async fn load(&self, name: &str, explicit: bool) -> Result<ModelStatus, ArbiterError> {
-        self.ask(|reply| Command::Load { name: name.to_string(), explicit, reply }).await
+        self.ask(|reply| Command::Load { name: name.to_string(), explicit, reply }).await.map(|loaded| loaded.status)
+    }
+
+    /// Loads a model if needed (a demand: no retry during a failure cooldown) and returns it
+    /// pinned. `Ok(None)`: it closed again at once (evicted or draining); ask again.
+    pub async fn pin(&self, name: &str) -> Result<Option<gate::Pin>, ArbiterError> {
+        self.ask(|reply| Command::Load { name: name.to_string(), explicit: false, reply })
+            .await
+            .map(|loaded| loaded.pin)
     }
 
     /// Unloads a model and waits until its memory is back.
@@ -178,9 +218,17 @@ impl ArbiterHandle {
         self.ask(|reply| Command::Unload { name: name.to_string(), reply }).await
     }
 
-    /// Asks for a lease and waits for it (up to `request.wait`).
+    /// Asks for a lease and waits for it (up to `request.wait`). If the caller stops waiting
+    /// (its HTTP client disconnected and the handler was dropped), a grant that was already sent
+    /// is released rather than leaked.
     pub async fn acquire(&self, request: LeaseRequest) -> Result<LeaseGrant, ArbiterError> {
-        self.ask(|reply| Command::Acquire { request, reply }).await
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Acquire { request, reply }).await.map_err(|_| ArbiterError::ShuttingDown)?;
+        let mut guard = GrantGuard { answer: Some(answer), arbiter: self.clone() };
+        let answer = guard.answer.as_mut().ok_or(ArbiterError::ShuttingDown)?;
+        let result = answer.await.map_err(|_| ArbiterError::ShuttingDown)?;
+        guard.answer = None;
+        result
     }
 
     /// Renews a heartbeat lease.
@@ -222,9 +270,19 @@ impl ArbiterHandle {
         ids
     }
 
-    /// Every name requests may use (ids and aliases), sorted.
+    /// The candidates of an `[aliases]` name, in preference order.
+    pub fn candidates(&self, name: &str) -> Option<&[String]> {
+        self.groups.get(name).map(Vec::as_slice)
+    }
+
+    /// Which candidate an `[aliases]` name should use now (see `Arbiter::choose`).
+    pub async fn choose(&self, candidates: &[String]) -> Result<String, ArbiterError> {
+        self.ask(|reply| Command::Choose { candidates: candidates.to_vec(), reply }).await
+    }
+
+    /// Every name requests may use (ids, model aliases and `[aliases]`), sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.gates.keys().cloned().collect();
+        let mut names: Vec<String> = self.gates.keys().chain(self.groups.keys()).cloned().collect();
         names.sort();
         names
     }

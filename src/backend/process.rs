@@ -24,6 +24,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 const LOG_RING_LINES: usize = 1000;
 /// Lines of log quoted in a start-up error.
 pub const ERROR_TAIL_LINES: usize = 15;
+/// How long to wait for a process to die after SIGKILL before giving up on it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often readiness is polled (DESIGN: tens of milliseconds, not llama-swap's 1 s).
 const HEALTH_POLL: Duration = Duration::from_millis(25);
 
@@ -220,7 +222,9 @@ impl ProcessHandle {
                 None => Ok(()),
             };
         };
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
         let mut exit = self.exit.clone();
         loop {
             if let Some(info) = *exit.borrow_and_update() {
@@ -259,7 +263,15 @@ impl ProcessHandle {
             Err(_) => {
                 killed = true;
                 let _ = killpg(group, Signal::SIGKILL);
-                self.wait_exit().await
+                // A process stuck in the kernel (a wedged driver) may not die even now: bound the
+                // wait so a release cannot hang forever.
+                match tokio::time::timeout(KILL_WAIT, self.wait_exit()).await {
+                    Ok(info) => info,
+                    Err(_) => {
+                        tracing::error!(pid = self.pid, "still alive {KILL_WAIT:?} after SIGKILL");
+                        ExitInfo { code: None, signal: None }
+                    }
+                }
             }
         };
         if !group_members(self.pid).is_empty() {
@@ -350,6 +362,8 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     if let Some(stderr) = child.stderr.take() {
         drain(stderr, logs.clone(), "stderr");
     }
+    // Read before the waiter can reap it: after that the pid may be gone.
+    let start_ticks = proc_stat_field(pid, 22).unwrap_or(0);
     let (exit_tx, exit) = watch::channel(None);
     let exit_logs = logs.clone();
     let waiter = std::thread::Builder::new().name(format!("vramgate-wait-{pid}")).spawn(move || {
@@ -365,7 +379,6 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         return Err(fail(format!("cannot start its waiter thread: {e}")));
     }
-    let start_ticks = proc_stat_field(pid, 22).unwrap_or(0);
     Ok(ProcessHandle { pid, start_ticks, exit, logs })
 }
 
@@ -394,13 +407,9 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, name: &str) {
 /// time). Returns whether something was stopped.
 pub fn reap_leftover(pid: u32, pgid: u32, start_ticks: u64) -> bool {
     if proc_stat_field(pid, 22) != Some(start_ticks) {
-        // Gone, or the pid now belongs to someone else: leave it alone. Its group may still hold
-        // workers, though, which only we could have started.
-        let members = group_members(pgid);
-        if !members.is_empty() && pgid == pid {
-            let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
-            return true;
-        }
+        // Gone, or the pid now belongs to someone else (after a reboot, every record is stale):
+        // leave it alone. While our group existed its leader's pid could not be reused, so a
+        // group with that id now is not ours either.
         return false;
     }
     let group = Pid::from_raw(pgid as i32);

@@ -6,6 +6,8 @@
 
 use std::process::ExitCode;
 
+use std::io::IsTerminal;
+
 use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -91,6 +93,15 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(device) = grant.device {
         command.env("CUDA_VISIBLE_DEVICES", device.to_string());
     }
+    // If this process dies (even by SIGKILL) the lease is gone, so the command must not keep
+    // using the GPU unguarded: it gets SIGTERM. It stays in our process group so that it keeps
+    // the terminal (ffmpeg reads keys from it).
+    // SAFETY: only prctl, an async-signal-safe call, runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -106,12 +117,15 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("vramgate run: the daemon closed the lease (it stopped?); the command keeps running unguarded");
     });
 
+    let interactive = std::io::stdin().is_terminal();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            _ = sigint.recv() => forward(child_pid, nix::sys::signal::Signal::SIGINT),
+            // From a terminal, Ctrl-C already reached the whole foreground group, the command
+            // included: sending it again would look like a second Ctrl-C ("force quit").
+            _ = sigint.recv() => if !interactive { forward(child_pid, nix::sys::signal::Signal::SIGINT) },
             _ = sigterm.recv() => forward(child_pid, nix::sys::signal::Signal::SIGTERM),
         }
     };
