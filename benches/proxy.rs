@@ -1,0 +1,348 @@
+//! The proxy against the baselines the issue names, side by side in one run:
+//!
+//! - warm requests: `wrk` straight at a fake model server, through nginx (`proxy_pass` with
+//!   upstream keepalive, 1 worker), and through vramgate, at 1, 8 and 64 connections;
+//! - streaming: the delay vramgate adds to each streamed chunk, against the same stream direct;
+//! - cold start and swap: time to first byte when the model must start, against the server's own
+//!   spawn-to-healthy time; a full swap A→B against A's release plus B's start measured alone.
+//!
+//! Run: `cargo bench --bench proxy` (needs `wrk` and `nginx` on PATH for the warm table:
+//! `apt-get install wrk nginx-light`; without them those rows are skipped). `-- --seconds N` sets
+//! each wrk run's length (default 3).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const FAKE: &str = env!("CARGO_BIN_EXE_vramgate-fake-model");
+const VRAMGATE: &str = env!("CARGO_BIN_EXE_vramgate");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx's master must stop its workers itself (SIGTERM); a SIGKILLed master orphans them.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u64 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = dir.path().join("sim");
+    let fake = |name: &str, extra: &str| {
+        format!(
+            "[models.{name}]\nbackend = \"process\"\ncmd = \"{FAKE} --port ${{PORT}} --sim-dir {} --quiet --name {name} {extra}\"\n",
+            sim.display()
+        )
+    };
+    let config = format!(
+        "[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"sim\"\nreserve_mib = 0\nsample_interval = \"500ms\"\n[gpu.sim]\ndir = \"{}\"\ndevices = [{{ name = \"Sim 10G\", total_mib = 10000 }}]\n{}vram = 100\n{}vram = 100\n{}vram = 6000\n{}vram = 6000\n",
+        dir.path().join("state").display(),
+        sim.display(),
+        fake("warm", "--token-delay 0ms --load-delay 10ms --vram 100"),
+        fake("stream", "--token-delay 10ms --load-delay 10ms --vram 100"),
+        fake("swap_a", "--token-delay 0ms --load-delay 500ms --vram 6000"),
+        fake("swap_b", "--token-delay 0ms --load-delay 500ms --vram 6000"),
+    );
+    let config_path = dir.path().join("bench.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let mut daemon = Command::new(VRAMGATE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .env("VRAMGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vramgate");
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let _daemon = Killed(daemon);
+    let gate = line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").to_string();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let client = reqwest::Client::new();
+    let load = |model: &str| {
+        let (client, url) = (client.clone(), format!("{gate}/vramgate/models/{model}/load"));
+        runtime.block_on(async move {
+            let status: Value = client.post(url).send().await.expect("load").json().await.expect("status");
+            status["upstream"].as_str().expect("upstream").to_string()
+        })
+    };
+    let warm_upstream = load("warm");
+    let stream_upstream = load("stream");
+
+    println!("== warm requests (wrk, {seconds} s per cell; POST /v1/chat/completions, non-streamed)");
+    warm_table(dir.path(), &gate, &warm_upstream, seconds);
+
+    println!("\n== streaming: delay added per chunk (5 chunks, 10 ms apart, 40 requests each way)");
+    runtime.block_on(streaming(&client, &gate, &stream_upstream));
+
+    println!("\n== cold start and swap (fake server: 500 ms load, polled by vramgate every 25 ms)");
+    runtime.block_on(cold(&client, &gate, &sim));
+}
+
+fn warm_table(dir: &Path, gate: &str, upstream: &str, seconds: u64) {
+    let (Ok(_), Ok(_)) = (Command::new("wrk").arg("--version").output(), Command::new("nginx").arg("-v").output())
+    else {
+        println!("skipped: needs wrk and nginx (apt-get install wrk nginx-light)");
+        return;
+    };
+    let nginx_port = free_port();
+    let upstream_addr = upstream.trim_start_matches("http://");
+    let conf = format!(
+        "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/nginx.err;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {0};\n  proxy_temp_path {0};\n  upstream up {{ server {upstream_addr}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }}\n  }}\n}}\n",
+        dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("nginx.conf");
+    let nginx = Command::new("nginx")
+        .args(["-c"])
+        .arg(&conf_path)
+        .args(["-p"])
+        .arg(dir)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let _nginx = Stopped(nginx);
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        "wrk.method = \"POST\"\nwrk.body = '{\"model\":\"warm\",\"messages\":[]}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
+    )
+    .expect("lua");
+    // Wait for nginx to listen.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", nginx_port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let targets = [
+        ("direct", upstream.to_string()),
+        ("nginx", format!("http://127.0.0.1:{nginx_port}")),
+        ("vramgate", gate.to_string()),
+    ];
+    println!(
+        "{:<6} {:<9} {:>10} {:>9} {:>9} {:>12} {:>16}",
+        "conns", "path", "req/s", "p50 us", "p99 us", "x direct", "added p50 us"
+    );
+    for connections in [1u32, 8, 64] {
+        let mut rows = Vec::new();
+        for (name, base) in &targets {
+            let result = wrk(&script, &format!("{base}/v1/chat/completions"), connections, seconds);
+            rows.push((*name, result));
+        }
+        let direct = rows[0].1;
+        for (name, (rate, p50, p99)) in &rows {
+            println!(
+                "{connections:<6} {name:<9} {rate:>10.0} {p50:>9.0} {p99:>9.0} {:>11.2}x {:>16.0}",
+                rate / direct.0,
+                p50 - direct.1
+            );
+        }
+        let (nginx, gate) = (rows[1].1, rows[2].1);
+        println!(
+            "       vramgate / nginx throughput = {:.2}x; vramgate added p50 - nginx added p50 = {:+.0} us",
+            gate.0 / nginx.0,
+            (gate.1 - direct.1) - (nginx.1 - direct.1)
+        );
+    }
+}
+
+/// (requests/s, p50 µs, p99 µs) from one wrk run.
+fn wrk(script: &Path, url: &str, connections: u32, seconds: u64) -> (f64, f64, f64) {
+    let output = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rate =
+        text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+    let percentile = |p: &str| {
+        text.lines().map(str::trim).find_map(|l| l.strip_prefix(p)).map(|v| micros(v.trim())).unwrap_or(f64::NAN)
+    };
+    if text.contains("Non-2xx") {
+        eprintln!("warning: non-2xx answers from {url}:\n{text}");
+    }
+    (rate, percentile("50%"), percentile("99%"))
+}
+
+/// wrk's latency ("66.00us", "1.20ms", "2.00s") in microseconds.
+fn micros(text: &str) -> f64 {
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => value,
+        "ms" => value * 1e3,
+        "s" => value * 1e6,
+        _ => f64::NAN,
+    }
+}
+
+/// Arrival time of each chunk that carries a token, from the request's start.
+async fn chunk_times(client: &reqwest::Client, url: &str) -> Vec<Duration> {
+    let start = Instant::now();
+    let response =
+        client.post(url).json(&json!({"model": "stream", "stream": true})).send().await.expect("stream request");
+    let mut times = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        for _ in String::from_utf8_lossy(&chunk).matches("\"tok") {
+            times.push(start.elapsed());
+        }
+    }
+    times
+}
+
+async fn streaming(client: &reqwest::Client, gate: &str, upstream: &str) {
+    let runs = 40;
+    let mut direct: Vec<Vec<Duration>> = Vec::new();
+    let mut proxied: Vec<Vec<Duration>> = Vec::new();
+    for _ in 0..runs {
+        direct.push(chunk_times(client, &format!("{upstream}/v1/chat/completions")).await);
+        proxied.push(chunk_times(client, &format!("{gate}/v1/chat/completions")).await);
+    }
+    // For each chunk index, the median arrival direct and through vramgate; the difference is
+    // what the proxy adds to that chunk.
+    let chunks = direct.iter().chain(&proxied).map(Vec::len).min().unwrap_or(0);
+    let median = |runs: &[Vec<Duration>], k: usize| {
+        let mut v: Vec<Duration> = runs.iter().map(|r| r[k]).collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let p99 = |runs: &[Vec<Duration>], k: usize| {
+        let mut v: Vec<Duration> = runs.iter().map(|r| r[k]).collect();
+        v.sort();
+        v[(v.len() * 99 / 100).min(v.len() - 1)]
+    };
+    println!(
+        "{:<6} {:>14} {:>14} {:>12} {:>16}",
+        "chunk", "direct p50 ms", "proxy p50 ms", "added p50 us", "added p99 us"
+    );
+    for k in 0..chunks {
+        let (d, p) = (median(&direct, k), median(&proxied, k));
+        let added = p.as_secs_f64() * 1e6 - d.as_secs_f64() * 1e6;
+        let added99 = p99(&proxied, k).as_secs_f64() * 1e6 - p99(&direct, k).as_secs_f64() * 1e6;
+        println!(
+            "{k:<6} {:>14.3} {:>14.3} {added:>12.0} {added99:>16.0}",
+            d.as_secs_f64() * 1e3,
+            p.as_secs_f64() * 1e3
+        );
+    }
+    println!("(chunk 0 includes the request itself: finding the model, pinning, forwarding)");
+}
+
+/// Spawns the fake as vramgate would and polls its health every millisecond: the server's own
+/// spawn-to-healthy time, the baseline for a cold start.
+async fn spawn_to_healthy(client: &reqwest::Client, sim: &Path) -> Duration {
+    let port = free_port();
+    let start = Instant::now();
+    let child = Command::new(FAKE)
+        .args(["--port", &port.to_string(), "--sim-dir"])
+        .arg(sim.join("direct"))
+        .args(["--quiet", "--load-delay", "500ms", "--vram", "6000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fake");
+    let _child = Killed(child);
+    let url = format!("http://127.0.0.1:{port}/health");
+    loop {
+        if let Ok(response) = client.get(&url).send().await
+            && response.status() == 200
+        {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn first_byte(client: &reqwest::Client, gate: &str, model: &str) -> Duration {
+    let start = Instant::now();
+    let response = client
+        .post(format!("{gate}/v1/chat/completions"))
+        .json(&json!({"model": model}))
+        .send()
+        .await
+        .expect("request");
+    let elapsed = start.elapsed();
+    let _ = response.bytes().await;
+    elapsed
+}
+
+async fn unload(client: &reqwest::Client, gate: &str, model: &str) -> Duration {
+    let start = Instant::now();
+    client.post(format!("{gate}/vramgate/models/{model}/unload")).send().await.expect("unload");
+    start.elapsed()
+}
+
+async fn cold(client: &reqwest::Client, gate: &str, sim: &Path) {
+    let rounds = 5;
+    let mut baseline = Vec::new();
+    let mut cold_start = Vec::new();
+    let mut release = Vec::new();
+    let mut swap = Vec::new();
+    for _ in 0..rounds {
+        baseline.push(spawn_to_healthy(client, sim).await);
+        unload(client, gate, "swap_a").await;
+        unload(client, gate, "swap_b").await;
+        cold_start.push(first_byte(client, gate, "swap_a").await);
+        release.push(unload(client, gate, "swap_a").await);
+        // A ready and idle, then B, which does not fit beside it: release A, start B.
+        first_byte(client, gate, "swap_a").await;
+        swap.push(first_byte(client, gate, "swap_b").await);
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (b, c, r, s) = (median(&mut baseline), median(&mut cold_start), median(&mut release), median(&mut swap));
+    println!("median of {rounds} rounds:");
+    println!("  server alone, spawn to healthy (1 ms polling)   {:>8.1} ms", ms(b));
+    println!(
+        "  cold start through vramgate, to first byte     {:>8.1} ms = {:.3}x the server alone",
+        ms(c),
+        ms(c) / ms(b)
+    );
+    println!("  release of A alone (unload, memory back)       {:>8.1} ms", ms(r));
+    println!(
+        "  swap A -> B through vramgate, to first byte    {:>8.1} ms = {:.3}x (A's release + B's start alone = {:.1} ms)",
+        ms(s),
+        ms(s) / (ms(r) + ms(b)),
+        ms(r) + ms(b)
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
