@@ -5,6 +5,7 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -131,14 +132,15 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         arbiter: arbiter_handle,
         queue_timeout: config.scheduler.queue_timeout.get(),
         default_priority: config.defaults.priority,
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .context("cannot create the proxy's HTTP client")?,
+        upstream: api::openai::upstream_client(),
         max_body_bytes: usize::try_from(config.proxy.max_body.bytes()).unwrap_or(usize::MAX),
         bus,
         shutdown: shutdown.clone(),
+    });
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // back until the previous is acknowledged.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
     ready(local);

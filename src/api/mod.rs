@@ -37,8 +37,8 @@ pub struct AppState {
     pub queue_timeout: std::time::Duration,
     /// `defaults.priority`: a lease's default priority.
     pub default_priority: i32,
-    /// The proxy's pooled client to model servers.
-    pub http: reqwest::Client,
+    /// The proxy's pooled HTTP/1 client to model servers.
+    pub upstream: openai::UpstreamClient,
     /// `proxy.max_body` in bytes.
     pub max_body_bytes: usize,
     /// Events, for the stream.

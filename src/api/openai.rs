@@ -15,13 +15,26 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
 use serde_json::json;
 
 use super::AppState;
 use crate::arbiter::ArbiterError;
 use crate::arbiter::gate::{ModelGate, Pin};
 use std::sync::Arc;
+
+/// The proxy's client: hyper's pooled HTTP/1 client, without the layers (URL parsing, redirect
+/// and timeout policies) a general-purpose client adds to every request.
+pub type UpstreamClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A client for model servers: keep-alive pool, `TCP_NODELAY` (streamed tokens are small).
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
 
 /// Response header naming the model that served the request.
 pub const MODEL_HEADER: &str = "x-vramgate-model";
@@ -117,10 +130,22 @@ async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Respons
             "missing_model",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"), "invalid_json"))?;
-    match value.get("model") {
-        Some(serde_json::Value::String(name)) if !name.is_empty() => Ok(name.clone()),
+    // Only the `model` field is wanted: serde skips the rest without building it (this is the
+    // per-request path).
+    #[derive(serde::Deserialize)]
+    struct ModelField<'a> {
+        #[serde(borrow, default)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    let field: ModelField = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            error(StatusCode::BAD_REQUEST, format!("`model` must be a non-empty string ({e})"), "invalid_model")
+        } else {
+            error(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"), "invalid_json")
+        }
+    })?;
+    match field.model {
+        Some(name) if !name.is_empty() => Ok(name.into_owned()),
         Some(_) => Err(error(StatusCode::BAD_REQUEST, "`model` must be a non-empty string", "invalid_model")),
         None => {
             Err(error(StatusCode::BAD_REQUEST, "the body has no `model` field: name the model to use", "missing_model"))
@@ -173,14 +198,21 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Err(response) => return response,
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = format!("{}{path}", pin.upstream);
-    let mut upstream = state.http.request(parts.method.clone(), &url).body(body);
+    let uri: axum::http::Uri = match format!("{}{path}", pin.upstream).parse() {
+        Ok(uri) => uri,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot forward path {path:?}: {e}"), "invalid_path"),
+    };
+    let mut upstream = axum::http::Request::builder().method(parts.method).uri(uri);
     for (key, value) in parts.headers.iter() {
-        if forwardable(key) && key != header::CONTENT_LENGTH {
+        if forwardable(key) {
             upstream = upstream.header(key, value);
         }
     }
-    let response = match upstream.send().await {
+    let upstream = match upstream.body(Body::from(body)) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot forward the request: {e}"), "invalid_body"),
+    };
+    let response = match state.upstream.request(upstream).await {
         Ok(response) => response,
         Err(e) => {
             return error(
@@ -190,17 +222,14 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
             );
         }
     };
-    let mut builder = Response::builder().status(response.status());
-    for (key, value) in response.headers() {
-        if forwardable(key) {
-            builder = builder.header(key, value);
-        }
+    let (mut head, incoming) = response.into_parts();
+    for hop in HOP_BY_HOP {
+        head.headers.remove(hop);
     }
-    builder = builder.header(MODEL_HEADER, gate.id.as_str());
-    let stream = PinnedBody { inner: Box::pin(response.bytes_stream()), _pin: pin };
-    builder.body(Body::from_stream(stream)).unwrap_or_else(|e| {
-        error(StatusCode::BAD_GATEWAY, format!("cannot relay the answer of model {}: {e}", gate.id), "upstream_error")
-    })
+    if let Ok(model) = HeaderValue::from_str(&gate.id) {
+        head.headers.insert(MODEL_HEADER, model);
+    }
+    Response::from_parts(head, Body::new(PinnedBody { inner: incoming, _pin: pin }))
 }
 
 /// Finds the model a name means and pins it, loading it first if it is not ready. For an
@@ -255,19 +284,33 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
-type ByteStream = StdPin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
-
-/// The upstream's body, chunk by chunk as it arrives, holding the model in use until it ends or
+/// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or
 /// is dropped (the client went away).
-struct PinnedBody {
-    inner: ByteStream,
+struct PinnedBody<B> {
+    inner: B,
     _pin: Pin,
 }
 
-impl Stream for PinnedBody {
-    type Item = Result<Bytes, std::io::Error>;
+impl<B> http_body::Body for PinnedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
 
-    fn poll_next(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx).map(|item| item.map(|chunk| chunk.map_err(std::io::Error::other)))
+    fn poll_frame(
+        mut self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        StdPin::new(&mut self.inner).poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
