@@ -498,6 +498,12 @@ impl Arbiter {
         model.gpu_pids.clear();
         let spec = model.spec.clone();
         let generation = model.generation;
+        // Admitted: waiting for memory (queue_timeout) is over; now the start may take up to
+        // ready_timeout, and its callers wait for that rather than give up mid-start.
+        let started_by = deadline_after(spec.ready_timeout + Duration::from_secs(1));
+        for (deadline, _) in &mut model.ready_waiters {
+            *deadline = (*deadline).max(started_by);
+        }
         self.set_state(i, ModelState::Loading, "requested".into(), None);
 
         let expand = |text: &str| process::expand(text, port, &spec.id, device);
