@@ -668,7 +668,8 @@ async fn a_client_that_gives_up_while_queued_leaves_no_lease_behind() {
 #[tokio::test]
 async fn a_slow_start_is_waited_for_beyond_queue_timeout() {
     // queue_timeout bounds the wait for memory; once admitted, the start may take ready_timeout.
-    let daemon = start(|sim| fake_model(sim, "slow", 100, "--load-delay 800ms", ""), "[scheduler]\nqueue_timeout = \"300ms\"\n");
+    let daemon =
+        start(|sim| fake_model(sim, "slow", 100, "--load-delay 800ms", ""), "[scheduler]\nqueue_timeout = \"300ms\"\n");
     let (code, body) = daemon.load("slow").await;
     assert_eq!(code, 200, "{body}");
 }

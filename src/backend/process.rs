@@ -24,6 +24,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 const LOG_RING_LINES: usize = 1000;
 /// Lines of log quoted in a start-up error.
 pub const ERROR_TAIL_LINES: usize = 15;
+/// Longest log line kept whole; longer ones are split.
+const MAX_LINE: u64 = 16 * 1024;
 /// How long to wait for a process to die after SIGKILL before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often readiness is polled (DESIGN: tens of milliseconds, not llama-swap's 1 s).
@@ -389,7 +391,8 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, name: &str) {
         let mut buffer = Vec::new();
         loop {
             buffer.clear();
-            match reader.read_until(b'\n', &mut buffer) {
+            // A line is cut at MAX_LINE bytes: a progress bar redrawn with '\r' never ends one.
+            match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buffer) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buffer);
@@ -509,6 +512,23 @@ mod tests {
         bad.argv = vec!["/nonexistent/llama-server".into()];
         let err = spawner.spawn(bad).await.err().unwrap();
         assert!(err.to_string().contains("/nonexistent/llama-server"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_split_not_hoarded() {
+        let spawner = Spawner::start().unwrap();
+        let handle = spawner.spawn(spec("head -c 40000 /dev/zero | tr '\\0' x; echo")).await.unwrap();
+        handle.wait_exit().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let total: usize = handle.logs.tail(10).iter().filter(|l| l.starts_with('x')).map(String::len).sum();
+            if total == 40000 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "got {total} bytes of the line");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(handle.logs.tail(10).iter().all(|l| l.len() as u64 <= MAX_LINE));
     }
 
     #[test]
