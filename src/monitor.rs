@@ -218,8 +218,19 @@ impl Monitor {
             view,
             bus,
         };
-        let never = CancellationToken::new();
-        monitor.sample_once(&never).await;
+        // A wedged driver must not hold start-up (and SIGTERM) hostage: after twice the sample
+        // deadline the daemon starts anyway, degraded, and the timer keeps trying.
+        let give_up = CancellationToken::new();
+        let timer = {
+            let give_up = give_up.clone();
+            let limit = settings.sample_deadline() * 2;
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                give_up.cancel();
+            })
+        };
+        monitor.sample_once(&give_up).await;
+        timer.abort();
         (monitor, receiver)
     }
 
@@ -450,6 +461,17 @@ mod tests {
             free_mib: 1000 - used,
             ..DeviceSnapshot::default()
         }]
+    }
+
+    #[tokio::test]
+    async fn a_first_sample_that_hangs_does_not_hold_start_up() {
+        let (script, answers) = std::sync::mpsc::channel::<Result<Vec<DeviceSnapshot>, ProbeError>>();
+        let bus = EventBus::new();
+        let started = Monitor::start(Box::new(Scripted(answers)), vec![], settings(), bus);
+        // The deadline is max(4 × interval, 2 s); start-up gives up after twice that.
+        let (_monitor, view) = tokio::time::timeout(Duration::from_secs(10), started).await.expect("start-up returns");
+        assert!(view.borrow().degraded_reasons.iter().any(|r| r.contains("did not finish")), "{:?}", view.borrow());
+        drop(script);
     }
 
     #[tokio::test]
