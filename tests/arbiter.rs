@@ -673,3 +673,15 @@ async fn a_slow_start_is_waited_for_beyond_queue_timeout() {
     let (code, body) = daemon.load("slow").await;
     assert_eq!(code, 200, "{body}");
 }
+
+#[tokio::test]
+async fn sigterm_with_a_model_running_stops_it_and_exits_cleanly() {
+    let mut daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    let (_, body) = daemon.load("a").await;
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(5 * SECOND).expect("the daemon exits");
+    assert!(status.success(), "{status:?}\n{}", daemon.log());
+    assert!(!vramgate::gpu::pid_is_alive(pid), "the model was stopped");
+    assert!(daemon.log().contains("stopped (exit status 0)"), "stopped with SIGTERM, not killed:\n{}", daemon.log());
+}

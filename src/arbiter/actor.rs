@@ -74,7 +74,8 @@ struct Model {
     cooldown_until: Option<Instant>,
     last_error: Option<String>,
     /// Callers waiting for it to be ready, each with its deadline.
-    ready_waiters: Vec<(Instant, ReadyReply)>,
+    /// Callers waiting for it to be ready: (deadline, asked at, reply).
+    ready_waiters: Vec<(Instant, Instant, ReadyReply)>,
     /// Callers waiting for it to be unloaded.
     unload_waiters: Vec<oneshot::Sender<Result<ModelStatus, ArbiterError>>>,
     /// Load again once the current unload is done (a request came in while it unloaded).
@@ -384,8 +385,8 @@ impl Arbiter {
             ModelState::Ready if model.draining => {
                 // It is being swapped out: wait for it behind the swap, then load it again.
                 model.reload_after_unload = true;
-                if let Some(caller) = caller {
-                    model.ready_waiters.push(caller);
+                if let Some((deadline, reply)) = caller {
+                    model.ready_waiters.push((deadline, Instant::now(), reply));
                 }
                 return;
             }
@@ -406,8 +407,8 @@ impl Arbiter {
             ModelState::Unloading => model.reload_after_unload = true,
             _ => {}
         }
-        if let Some(caller) = caller {
-            model.ready_waiters.push(caller);
+        if let Some((deadline, reply)) = caller {
+            model.ready_waiters.push((deadline, Instant::now(), reply));
         }
         let queued = self.queue.iter().any(|w| matches!(&w.pending, Pending::Load { model } if model == id));
         if model.state == ModelState::Loading || queued {
@@ -415,7 +416,7 @@ impl Arbiter {
         }
         if self.queue.len() >= self.settings.max_queue as usize {
             let error = ArbiterError::QueueFull(self.settings.max_queue);
-            for (_, reply) in self.models[i].ready_waiters.drain(..) {
+            for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
                 let _ = reply.send(Err(error.clone()));
             }
             return;
@@ -444,7 +445,7 @@ impl Arbiter {
         let id = self.models[i].spec.id.clone();
         // A queued load of this model is withdrawn: the user asked for the opposite.
         self.queue.retain(|w| !matches!(&w.pending, Pending::Load { model } if *model == id));
-        for (_, waiter) in self.models[i].ready_waiters.drain(..) {
+        for (_, _, waiter) in self.models[i].ready_waiters.drain(..) {
             let _ =
                 waiter.send(Err(ArbiterError::Cancelled(format!("model {id} was unloaded while this request waited"))));
         }
@@ -501,7 +502,7 @@ impl Arbiter {
         // Admitted: waiting for memory (queue_timeout) is over; now the start may take up to
         // ready_timeout, and its callers wait for that rather than give up mid-start.
         let started_by = deadline_after(spec.ready_timeout + Duration::from_secs(1));
-        for (deadline, _) in &mut model.ready_waiters {
+        for (deadline, _, _) in &mut model.ready_waiters {
             *deadline = (*deadline).max(started_by);
         }
         self.set_state(i, ModelState::Loading, "requested".into(), None);
@@ -616,7 +617,7 @@ impl Arbiter {
     fn answer_ready(&mut self, i: usize) {
         let status = self.model_status(i);
         let gate = self.models[i].gate.clone();
-        for (_, reply) in self.models[i].ready_waiters.drain(..) {
+        for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
             // If the caller is gone, the pin comes back with the unsent answer and is dropped.
             let _ = reply.send(Ok(Loaded { status: status.clone(), pin: gate.try_pin() }));
         }
@@ -629,7 +630,7 @@ impl Arbiter {
         model.failures += 1;
         model.last_error = Some(message.clone());
         let error = ArbiterError::StartFailed { model: model.spec.id.clone(), message: message.clone() };
-        for (_, reply) in model.ready_waiters.drain(..) {
+        for (_, _, reply) in model.ready_waiters.drain(..) {
             let _ = reply.send(Err(error.clone()));
         }
         if model.failures >= FAILURES_BEFORE_COOLDOWN {
@@ -673,7 +674,7 @@ impl Arbiter {
         let was_loading = self.models[i].state == ModelState::Loading;
         if was_loading {
             let id = self.models[i].spec.id.clone();
-            for (_, reply) in self.models[i].ready_waiters.drain(..) {
+            for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
                 let _ =
                     reply.send(Err(ArbiterError::Cancelled(format!("model {id} was unloaded while it was starting"))));
             }
@@ -768,7 +769,7 @@ impl Arbiter {
         if failed {
             // In its cooldown: tell whoever still waits why, instead of letting them time out.
             if let Some(error) = self.cooldown_error(i) {
-                for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
@@ -1149,7 +1150,7 @@ impl Arbiter {
         self.queue.retain(|w| !matches!(&w.pending, Pending::Lease { reply, .. } if reply.is_closed()));
         for i in 0..self.models.len() {
             let before = self.models[i].ready_waiters.len();
-            self.models[i].ready_waiters.retain(|(_, reply)| !reply.is_closed());
+            self.models[i].ready_waiters.retain(|(_, _, reply)| !reply.is_closed());
             let spec = &self.models[i].spec;
             if before > 0 && self.models[i].ready_waiters.is_empty() && !spec.preload && !spec.pinned {
                 let id = spec.id.clone();
@@ -1252,7 +1253,7 @@ impl Arbiter {
         match waiter.pending {
             Pending::Load { model } => {
                 if let Ok(i) = self.index(&model) {
-                    for (_, reply) in self.models[i].ready_waiters.drain(..) {
+                    for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
                         let _ = reply.send(Err(error.clone()));
                     }
                 }
@@ -1272,7 +1273,7 @@ impl Arbiter {
             if let Some(expiry) = model.idle_expiry(self.started) {
                 consider(expiry);
             }
-            for (deadline, _) in &model.ready_waiters {
+            for (deadline, _, _) in &model.ready_waiters {
                 consider(*deadline);
             }
         }
@@ -1319,7 +1320,7 @@ impl Arbiter {
         }
         for i in 0..self.models.len() {
             let waiters = std::mem::take(&mut self.models[i].ready_waiters);
-            let (late, on_time): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|(deadline, _)| *deadline <= now);
+            let (late, on_time): (Vec<_>, Vec<_>) = waiters.into_iter().partition(|(deadline, _, _)| *deadline <= now);
             self.models[i].ready_waiters = on_time;
             if late.is_empty() {
                 continue;
@@ -1330,8 +1331,8 @@ impl Arbiter {
                 _ => None,
             });
             let message = shortfall.unwrap_or_else(|| format!("model {id} is {}", self.models[i].state));
-            for (deadline, reply) in late {
-                let waited = self.settings.queue_timeout.get().max(now.saturating_duration_since(deadline));
+            for (_, asked, reply) in late {
+                let waited = now.saturating_duration_since(asked);
                 let _ = reply.send(Err(ArbiterError::Timeout { waited, message: message.clone() }));
             }
             // Nobody waits any more: withdraw its queued load (preloads and pinned stay).
