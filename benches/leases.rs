@@ -4,18 +4,14 @@
 //!
 //! Run: `cargo bench --bench leases` (add `-- --iterations 5000` for more).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let iterations: usize = args
-        .iter()
-        .position(|a| a == "--iterations")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+    let iterations: usize = common::arg("--iterations", 2000);
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bench.toml");
     std::fs::write(

@@ -4,7 +4,11 @@
 //!
 //! Run: `cargo bench --bench policy`.
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::measure;
 
 use vramgate::policy::{Decision, DeviceState, Hold, Request, Resident, decide};
 
@@ -31,21 +35,6 @@ fn holds(count: usize, devices: u32) -> Vec<Hold> {
         .collect()
 }
 
-fn measure(iterations: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    for _ in 0..1000 {
-        f();
-    }
-    let mut times: Vec<Duration> = (0..iterations)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    (times[times.len() / 2], times[times.len() * 99 / 100])
-}
-
 fn main() {
     let devices: Vec<DeviceState> =
         (0..4).map(|index| DeviceState { index, usable_mib: 24_000, foreign_mib: 1_200 }).collect();
@@ -58,10 +47,10 @@ fn main() {
 
     let small_residents = residents(1, 1);
     let iterations = 20_000;
-    let (base_p50, base_p99) = measure(iterations, || {
+    let (base_p50, base_p99) = measure(iterations, 1000, || {
         std::hint::black_box(decide(&devices[..1], &small_residents, &[], &request, 200_000));
     });
-    let (p50, p99) = measure(iterations, || {
+    let (p50, p99) = measure(iterations, 1000, || {
         std::hint::black_box(decide(&devices, &big_residents, &big_holds, &request, 200_000));
     });
     println!("policy decision, {iterations} iterations each");

@@ -4,7 +4,11 @@
 //! also measures NVML: the full sample vs. a memory-only query of every device (the cheapest
 //! useful reading), and the share of a 500 ms tick the sample takes.
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::measure;
 
 use vramgate::config::{SimConfig, SimDeviceConfig};
 use vramgate::gpu::nvml::{NVML_CALLS_PER_DEVICE, NvmlProbe};
@@ -13,22 +17,6 @@ use vramgate::gpu::{Probe, ProbeKind};
 use vramgate::units::Mib;
 
 const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Median and p99 of `samples` runs of `f`, after a short warm-up.
-fn measure(samples: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    for _ in 0..samples.min(50) {
-        f();
-    }
-    let mut times: Vec<Duration> = (0..samples)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    (times[times.len() / 2], times[(times.len() * 99 / 100).min(times.len() - 1)])
-}
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
@@ -44,13 +32,7 @@ fn report(name: &str, (p50, p99): (Duration, Duration), baseline: Option<(&str, 
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let samples = args
-        .iter()
-        .position(|a| a == "--samples")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(500usize);
+    let samples: usize = common::arg("--samples", 500);
     println!("probe sample cost, {samples} samples each");
 
     // Sim: the baseline is reading one claim file, the least any sample of the directory does.
@@ -68,10 +50,10 @@ fn main() {
             std::fs::write(device_dir.join(format!("consumer{i}")), "10").expect("write");
         }
         let one_file = device_dir.join(me.to_string());
-        let baseline = measure(samples, || {
+        let baseline = measure(samples, samples.min(50), || {
             std::hint::black_box(std::fs::read_to_string(&one_file).ok());
         });
-        let full = measure(samples, || {
+        let full = measure(samples, samples.min(50), || {
             std::hint::black_box(probe.sample().ok());
         });
         if consumers == 1 {
@@ -86,12 +68,12 @@ fn main() {
             assert_eq!(probe.kind(), ProbeKind::Nvml);
             let devices = probe.sample().map(|d| d.len()).unwrap_or(0);
             let nvml = nvml_wrapper::Nvml::init().expect("NVML loaded once already");
-            let baseline = measure(samples, || {
+            let baseline = measure(samples, samples.min(50), || {
                 for i in 0..devices as u32 {
                     std::hint::black_box(nvml.device_by_index(i).and_then(|d| d.memory_info()).ok());
                 }
             });
-            let full = measure(samples, || {
+            let full = measure(samples, samples.min(50), || {
                 std::hint::black_box(probe.sample().ok());
             });
             println!(

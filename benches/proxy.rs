@@ -10,6 +10,8 @@
 //! `apt-get install wrk nginx-light`; without them those rows are skipped). `-- --seconds N` sets
 //! each wrk run's length (default 3).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,13 +48,7 @@ fn free_port() -> u16 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds: u64 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seconds: u64 = common::arg("--seconds", 3);
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = dir.path().join("sim");
     let fake = |name: &str, extra: &str| {

@@ -152,7 +152,7 @@ fn encode(segment: &str) -> String {
 }
 
 /// The innermost error, which for a refused connection is the useful "Connection refused".
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut current = error;
     while let Some(next) = current.source() {
         current = next;

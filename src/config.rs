@@ -440,6 +440,26 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error at `span` of `text` (line, column and the line's text), if the span is known.
+    fn at(
+        text: &str,
+        file: Option<PathBuf>,
+        span: Option<Range<usize>>,
+        key: Option<String>,
+        message: String,
+    ) -> Box<Self> {
+        let (line, column, source_line) = match span {
+            Some(span) => {
+                let (line, column) = line_and_column(text, span.start);
+                (Some(line), Some(column), text.lines().nth(line - 1).map(str::to_string))
+            }
+            None => (None, None, None),
+        };
+        Box::new(ConfigError { file, key, line, column, message, source_line })
+    }
+}
+
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
@@ -487,14 +507,7 @@ impl Config {
     /// Parses and validates config text; `file` only labels errors.
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Box<ConfigError>> {
         let place = |span: Option<Range<usize>>, key: Option<String>, message: String| {
-            let (line, column, source_line) = match span {
-                Some(span) => {
-                    let (line, column) = line_and_column(text, span.start);
-                    (Some(line), Some(column), text.lines().nth(line - 1).map(str::to_string))
-                }
-                None => (None, None, None),
-            };
-            Box::new(ConfigError { file: file.map(Path::to_path_buf), key, line, column, message, source_line })
+            ConfigError::at(text, file.map(Path::to_path_buf), span, key, message)
         };
         let deserializer =
             toml::Deserializer::parse(text).map_err(|e| place(e.span(), None, e.message().trim().to_string()))?;
@@ -541,14 +554,7 @@ impl Config {
         let Err((path, message)) = self.validate_devices(device_totals_mib) else { return Ok(()) };
         let (file, text) = self.source.clone().unwrap_or((None, String::new()));
         let span = locate(&text, &path);
-        let (line, column, source_line) = match span {
-            Some(span) => {
-                let (line, column) = line_and_column(&text, span.start);
-                (Some(line), Some(column), text.lines().nth(line - 1).map(str::to_string))
-            }
-            None => (None, None, None),
-        };
-        Err(Box::new(ConfigError { file, key: Some(render_path(&path)), line, column, message, source_line }))
+        Err(ConfigError::at(&text, file, span, Some(render_path(&path)), message))
     }
 
     fn validate_devices(&self, totals: &[u64]) -> Result<(), (Vec<Seg>, String)> {

@@ -20,6 +20,7 @@ use serde_json::json;
 use super::AppState;
 use crate::arbiter::ArbiterError;
 use crate::arbiter::gate::{ModelGate, Pin};
+use crate::client::root_cause;
 use std::sync::Arc;
 
 /// The proxy's client: hyper's pooled HTTP/1 client, without the layers (URL parsing, redirect
@@ -274,14 +275,6 @@ async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin)
             return Ok((model, pin));
         }
     }
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 /// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or
