@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -167,10 +167,6 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
-fn forwardable(name: &HeaderName) -> bool {
-    !HOP_BY_HOP.contains(&name.as_str())
-}
-
 /// Every `/v1/...` request that names a model: find, pin (loading if needed), forward, stream.
 pub(super) async fn forward(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
@@ -198,21 +194,30 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Ok(pinned) => pinned,
         Err(response) => return response,
     };
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: axum::http::Uri = match format!("{}{path}", pin.upstream).parse() {
+    // The request goes on as it came, with the model's address and without hop-by-hop headers:
+    // its header map is moved, not rebuilt (this is the per-request path).
+    let mut uri = axum::http::uri::Parts::default();
+    uri.scheme = Some(axum::http::uri::Scheme::HTTP);
+    uri.authority = pin.authority.clone();
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    let uri = match axum::http::Uri::from_parts(uri) {
         Ok(uri) => uri,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot forward path {path:?}: {e}"), "invalid_path"),
-    };
-    let mut upstream = axum::http::Request::builder().method(parts.method).uri(uri);
-    for (key, value) in parts.headers.iter() {
-        if forwardable(key) {
-            upstream = upstream.header(key, value);
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
+                "upstream_error",
+            );
         }
-    }
-    let upstream = match upstream.body(Body::from(body)) {
-        Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot forward the request: {e}"), "invalid_body"),
     };
+    let mut headers = parts.headers;
+    for hop in HOP_BY_HOP {
+        headers.remove(hop);
+    }
+    let mut upstream = axum::http::Request::new(Body::from(body));
+    *upstream.method_mut() = parts.method;
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = headers;
     let response = match state.upstream.request(upstream).await {
         Ok(response) => response,
         Err(e) => {
@@ -236,34 +241,28 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
 /// Finds the model a name means and pins it, loading it first if it is not ready. For an
 /// `[aliases]` name: the first candidate that is ready, else the one the arbiter chooses by fit.
 async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin), Response> {
-    let model = match (state.arbiter.gate(name), state.arbiter.candidates(name)) {
-        (Some(gate), _) => gate,
-        (None, Some(candidates)) => {
-            for candidate in candidates {
-                if let Some(gate) = state.arbiter.gate(candidate)
-                    && let Some(pin) = gate.try_pin()
-                {
-                    return Ok((gate, pin));
-                }
+    let model = if let Some(gate) = state.arbiter.gate(name) {
+        gate
+    } else if let Some(candidates) = state.arbiter.candidates(name) {
+        for candidate in candidates {
+            if let Some(gate) = state.arbiter.gate(candidate)
+                && let Some(pin) = gate.try_pin()
+            {
+                return Ok((gate, pin));
             }
-            let chosen = state.arbiter.choose(candidates).await.map_err(arbiter_error)?;
-            state.arbiter.gate(&chosen).ok_or_else(|| {
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("alias {name} chose unknown model {chosen}"),
-                    "internal",
-                )
-            })?
         }
-        (None, None) => {
-            let names = state.arbiter.names();
-            let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                format!("unknown model {name:?}; available: {list}"),
-                "model_not_found",
-            ));
-        }
+        let chosen = state.arbiter.choose(candidates).await.map_err(arbiter_error)?;
+        state.arbiter.gate(&chosen).ok_or_else(|| {
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("alias {name} chose unknown model {chosen}"), "internal")
+        })?
+    } else {
+        let names = state.arbiter.names();
+        let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("unknown model {name:?}; available: {list}"),
+            "model_not_found",
+        ));
     };
     if let Some(pin) = model.try_pin() {
         return Ok((model, pin));

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use axum::http::uri::Authority;
 use tokio::sync::Notify;
 
 /// One model's gate.
@@ -17,7 +18,7 @@ pub struct ModelGate {
     /// The model id.
     pub id: String,
     /// The upstream base URL while the model is ready; `None` otherwise.
-    serving: RwLock<Option<Arc<str>>>,
+    serving: RwLock<Option<(Arc<str>, Option<Authority>)>>,
     in_use: AtomicU32,
     /// Milliseconds since `origin` of the last unpin (or of becoming ready).
     last_used_ms: AtomicU64,
@@ -30,8 +31,10 @@ pub struct ModelGate {
 /// A model held in use; unpinned when dropped (the response body ended or the client went away).
 pub struct Pin {
     gate: Arc<ModelGate>,
-    /// Where to send the request.
+    /// Where to send the request (`http://127.0.0.1:PORT`).
     pub upstream: Arc<str>,
+    /// The same, parsed once when the model became ready (the proxy builds URIs from it).
+    pub authority: Option<Authority>,
 }
 
 impl ModelGate {
@@ -49,11 +52,11 @@ impl ModelGate {
     /// Pins the model if it is serving. `None` means: ask the arbiter (it is not ready).
     pub fn try_pin(self: &Arc<Self>) -> Option<Pin> {
         let serving = self.serving.read().ok()?;
-        let upstream = serving.as_ref()?.clone();
+        let (upstream, authority) = serving.as_ref()?.clone();
         // Incremented under the read lock: `close_if_idle` cannot slip in between.
         self.in_use.fetch_add(1, Ordering::AcqRel);
         drop(serving);
-        Some(Pin { gate: self.clone(), upstream })
+        Some(Pin { gate: self.clone(), upstream, authority })
     }
 
     /// Requests (and model leases) using it now.
@@ -74,7 +77,8 @@ impl ModelGate {
     pub(crate) fn open(&self, upstream: &str) {
         self.touch();
         if let Ok(mut serving) = self.serving.write() {
-            *serving = Some(Arc::from(upstream));
+            let authority = upstream.strip_prefix("http://").and_then(|a| a.parse::<Authority>().ok());
+            *serving = Some((Arc::from(upstream), authority));
         }
     }
 
