@@ -615,6 +615,8 @@ impl Arbiter {
     /// Answers everyone waiting for a ready model, each with a pin taken now, before anything
     /// else can run: a model that just became ready cannot be evicted before its callers use it.
     fn answer_ready(&mut self, i: usize) {
+        // Published first, so that a caller who reads status right after its answer sees it.
+        self.publish();
         let status = self.model_status(i);
         let gate = self.models[i].gate.clone();
         for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
@@ -630,13 +632,17 @@ impl Arbiter {
         model.failures += 1;
         model.last_error = Some(message.clone());
         let error = ArbiterError::StartFailed { model: model.spec.id.clone(), message: message.clone() };
-        for (_, _, reply) in model.ready_waiters.drain(..) {
-            let _ = reply.send(Err(error.clone()));
-        }
         if model.failures >= FAILURES_BEFORE_COOLDOWN {
             let doublings = (model.failures - FAILURES_BEFORE_COOLDOWN).min(10);
             let cooldown = (COOLDOWN_FIRST * 2u32.pow(doublings)).min(COOLDOWN_MAX);
             model.cooldown_until = Some(now + cooldown);
+        }
+        // Published before the answers, so that a caller who reads status right after sees the
+        // failure counted.
+        self.publish();
+        let model = &mut self.models[i];
+        for (_, _, reply) in model.ready_waiters.drain(..) {
+            let _ = reply.send(Err(error.clone()));
         }
         // Through unloading, so the memory is watched until it is really back.
         self.set_state(i, ModelState::Unloading, "failed".into(), Some(message));
@@ -760,6 +766,7 @@ impl Arbiter {
         for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
             name.remove(id);
         }
+        self.publish();
         let status = self.model_status(i);
         for reply in self.models[i].unload_waiters.drain(..) {
             let _ = reply.send(Ok(status.clone()));
