@@ -115,6 +115,8 @@ async fn pinned_and_in_use_models_are_never_evicted() {
     );
     // Pinned models are loaded at start-up.
     daemon.wait_model_state("pinned", "ready", 10 * SECOND).await;
+    let refused = daemon.post("/vramgate/leases", json!({"model": "busy", "exclusive": true})).await;
+    assert_eq!(refused.0, 400, "{}", refused.1);
     let lease = daemon.post("/vramgate/leases", json!({"model": "busy", "holder": "app"})).await;
     assert_eq!(lease.0, 201, "{}", lease.1);
     assert!(lease.1["upstream"].as_str().unwrap().starts_with("http://127.0.0.1:"));

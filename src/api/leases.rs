@@ -80,6 +80,12 @@ pub(super) async fn create(State(state): State<AppState>, body: Bytes) -> Result
     if body.vram.is_some() && body.model.is_some() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "a lease takes `vram` or `model`, not both"));
     }
+    if body.model.is_some() && body.exclusive {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`exclusive` applies to memory leases (`vram`), not to model leases",
+        ));
+    }
     if body.hold == HoldMode::Connection && body.ttl.is_some() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "`ttl` applies to hold = \"ttl\" only"));
     }
