@@ -8,7 +8,7 @@
 //!
 //! Run: `cargo bench --bench proxy` (needs `wrk` and `nginx` on PATH for the warm table:
 //! `apt-get install wrk nginx-light`; without them those rows are skipped). `-- --seconds N` sets
-//! each wrk run's length (default 3).
+//! each wrk run's length (default 3), `-- --repeat N` the runs per cell (default 3, median kept).
 
 mod common;
 
@@ -49,6 +49,7 @@ fn free_port() -> u16 {
 
 fn main() {
     let seconds: u64 = common::arg("--seconds", 3);
+    let repeat: usize = common::arg("--repeat", 3);
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = dir.path().join("sim");
     let fake = |name: &str, extra: &str| {
@@ -93,8 +94,10 @@ fn main() {
     let warm_upstream = load("warm");
     let stream_upstream = load("stream");
 
-    println!("== warm requests (wrk, {seconds} s per cell; POST /v1/chat/completions, non-streamed)");
-    warm_table(dir.path(), &gate, &warm_upstream, seconds);
+    println!(
+        "== warm requests (wrk, {seconds} s per run, median of {repeat} interleaved runs per cell; POST /v1/chat/completions, non-streamed)"
+    );
+    warm_table(dir.path(), &gate, &warm_upstream, seconds, repeat);
 
     println!("\n== streaming: delay added per chunk (5 chunks, 10 ms apart, 40 requests each way)");
     runtime.block_on(streaming(&client, &gate, &stream_upstream));
@@ -103,7 +106,7 @@ fn main() {
     runtime.block_on(cold(&client, &gate, &sim));
 }
 
-fn warm_table(dir: &Path, gate: &str, upstream: &str, seconds: u64) {
+fn warm_table(dir: &Path, gate: &str, upstream: &str, seconds: u64, repeat: usize) {
     let (Ok(_), Ok(_)) = (Command::new("wrk").arg("--version").output(), Command::new("nginx").arg("-v").output())
     else {
         println!("skipped: needs wrk and nginx (apt-get install wrk nginx-light)");
@@ -149,11 +152,22 @@ fn warm_table(dir: &Path, gate: &str, upstream: &str, seconds: u64) {
         "conns", "path", "req/s", "p50 us", "p99 us", "x direct", "added p50 us"
     );
     for connections in [1u32, 8, 64] {
-        let mut rows = Vec::new();
-        for (name, base) in &targets {
-            let result = wrk(&script, &format!("{base}/v1/chat/completions"), connections, seconds);
-            rows.push((*name, result));
+        // Interleaved (direct, nginx, vramgate, direct, ...) so that a noisy moment hits all
+        // three; each cell is the run with the median throughput.
+        let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+        for _ in 0..repeat.max(1) {
+            for (index, (_, base)) in targets.iter().enumerate() {
+                runs[index].push(wrk(&script, &format!("{base}/v1/chat/completions"), connections, seconds));
+            }
         }
+        let rows: Vec<(&str, (f64, f64, f64))> = targets
+            .iter()
+            .zip(runs)
+            .map(|((name, _), mut results)| {
+                results.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (*name, results[results.len() / 2])
+            })
+            .collect();
         let direct = rows[0].1;
         for (name, (rate, p50, p99)) in &rows {
             println!(
