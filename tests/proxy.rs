@@ -101,6 +101,10 @@ async fn error_bodies_are_openai_style() {
     assert_eq!(response.status(), 400);
     check(&response.json().await.unwrap(), "missing_model");
 
+    let response = client.post(&url).json(&json!({"model": "  "})).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    check(&response.json().await.unwrap(), "invalid_model");
+
     let response = client.post(&url).json(&json!({"model": "gpt-17"})).send().await.unwrap();
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();

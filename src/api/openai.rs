@@ -115,7 +115,11 @@ async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Respons
                 let text = field.text().await.map_err(|e| {
                     error(StatusCode::BAD_REQUEST, format!("unreadable `model` field: {e}"), "invalid_body")
                 })?;
-                return Ok(text.trim().to_string());
+                let name = text.trim();
+                if name.is_empty() {
+                    return Err(error(StatusCode::BAD_REQUEST, "`model` must be a non-empty string", "invalid_model"));
+                }
+                return Ok(name.to_string());
             }
         }
         return Err(error(
@@ -146,7 +150,7 @@ async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Respons
         }
     })?;
     match field.model {
-        Some(name) if !name.is_empty() => Ok(name.into_owned()),
+        Some(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
         Some(_) => Err(error(StatusCode::BAD_REQUEST, "`model` must be a non-empty string", "invalid_model")),
         None => {
             Err(error(StatusCode::BAD_REQUEST, "the body has no `model` field: name the model to use", "missing_model"))
@@ -267,13 +271,19 @@ async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin)
     if let Some(pin) = model.try_pin() {
         return Ok((model, pin));
     }
-    loop {
-        // Not ready: the arbiter loads it (queueing, evicting) and answers with a pin taken the
-        // moment it became ready, so it cannot be evicted before this request uses it.
+    // Not ready: the arbiter loads it (queueing, evicting) and answers with a pin taken the
+    // moment it became ready, so it cannot be evicted before this request uses it. A missing pin
+    // (it closed again in that instant) is retried a few times, not forever.
+    for _ in 0..3 {
         if let Some(pin) = state.arbiter.pin(&model.id).await.map_err(arbiter_error)? {
             return Ok((model, pin));
         }
     }
+    Err(error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("model {} was swapped out again each time it became ready; try again", model.id),
+        "model_busy",
+    ))
 }
 
 /// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or

@@ -78,8 +78,6 @@ struct Model {
     ready_waiters: Vec<(Instant, Instant, ReadyReply)>,
     /// Callers waiting for it to be unloaded.
     unload_waiters: Vec<oneshot::Sender<Result<ModelStatus, ArbiterError>>>,
-    /// Load again once the current unload is done (a request came in while it unloaded).
-    reload_after_unload: bool,
     /// Pids seen using GPU memory for it, watched during a release.
     gpu_pids: BTreeSet<u32>,
 }
@@ -224,7 +222,6 @@ impl Arbiter {
                 last_error: None,
                 ready_waiters: Vec::new(),
                 unload_waiters: Vec::new(),
-                reload_after_unload: false,
                 gpu_pids: BTreeSet::new(),
             })
             .collect();
@@ -384,7 +381,6 @@ impl Arbiter {
         match model.state {
             ModelState::Ready if model.draining => {
                 // It is being swapped out: wait for it behind the swap, then load it again.
-                model.reload_after_unload = true;
                 if let Some((deadline, reply)) = caller {
                     model.ready_waiters.push((deadline, Instant::now(), reply));
                 }
@@ -404,7 +400,6 @@ impl Arbiter {
                 }
                 return;
             }
-            ModelState::Unloading => model.reload_after_unload = true,
             _ => {}
         }
         if let Some((deadline, reply)) = caller {
@@ -449,7 +444,6 @@ impl Arbiter {
             let _ =
                 waiter.send(Err(ArbiterError::Cancelled(format!("model {id} was unloaded while this request waited"))));
         }
-        self.models[i].reload_after_unload = false;
         match self.models[i].state {
             ModelState::Unloaded | ModelState::Failed => {
                 let _ = reply.send(Ok(self.model_status(i)));
@@ -771,8 +765,8 @@ impl Arbiter {
         for reply in self.models[i].unload_waiters.drain(..) {
             let _ = reply.send(Ok(status.clone()));
         }
-        let wanted =
-            !self.models[i].ready_waiters.is_empty() || std::mem::take(&mut self.models[i].reload_after_unload);
+        // Load again only for callers still waiting (they asked while it was going away).
+        let wanted = !self.models[i].ready_waiters.is_empty();
         if failed {
             // In its cooldown: tell whoever still waits why, instead of letting them time out.
             if let Some(error) = self.cooldown_error(i) {
@@ -799,11 +793,13 @@ impl Arbiter {
         }
         let (devices, residents, holds) = self.policy_inputs();
         let at = millis_since(self.started, Instant::now());
-        for &i in &indices {
+        let usable: Vec<usize> = indices.iter().copied().filter(|&i| self.cooldown_error(i).is_none()).collect();
+        if devices.is_empty() {
+            // No GPU: nothing is accounted, any candidate loads; the first that is not failing.
+            return Ok(self.models[usable.first().copied().unwrap_or(first)].spec.id.clone());
+        }
+        for &i in &usable {
             let m = &self.models[i];
-            if self.cooldown_error(i).is_some() || devices.is_empty() {
-                continue;
-            }
             let request = Request {
                 requester: m.spec.id.clone(),
                 mib: self.load_reservation(i, m.spec.device),
@@ -818,7 +814,8 @@ impl Arbiter {
                 return Ok(m.spec.id.clone());
             }
         }
-        Ok(self.models[first].spec.id.clone())
+        // None fits now: wait for the first that is not in a failure cooldown.
+        Ok(self.models[usable.first().copied().unwrap_or(first)].spec.id.clone())
     }
 
     // ----- leases -----
@@ -1106,11 +1103,19 @@ impl Arbiter {
                             resident.in_use = 0;
                         }
                         let at = millis_since(self.started, now);
-                        if let Decision::Evict { victims, .. } =
-                            policy::decide(&devices, &idle_residents, &holds, &request, at)
+                        // Only while draining would help (the plan is redone on every pass), and
+                        // only for someone who is actually waiting (not a preload).
+                        let someone_waits = match &self.queue[index].pending {
+                            Pending::Load { model } => {
+                                self.index(model).is_ok_and(|m| !self.models[m].ready_waiters.is_empty())
+                            }
+                            Pending::Lease { .. } => true,
+                        };
+                        self.queue[index].drain = match policy::decide(&devices, &idle_residents, &holds, &request, at)
                         {
-                            self.queue[index].drain = victims.into_iter().collect();
-                        }
+                            Decision::Evict { victims, .. } if someone_waits => victims.into_iter().collect(),
+                            _ => BTreeSet::new(),
+                        };
                     }
                     mark_blocked(&mut blocked, &mut blocked_all, request.device.or(Some(shortfall.device)));
                     index += 1;
@@ -1144,7 +1149,6 @@ impl Arbiter {
                     if let Some(upstream) = model.upstream() {
                         model.gate.open(&upstream);
                     }
-                    model.reload_after_unload = false;
                     self.answer_ready(i);
                 }
             }
