@@ -63,7 +63,14 @@ fn arbiter_error(failure: ArbiterError) -> Response {
         ArbiterError::StartFailed { .. } => (StatusCode::BAD_GATEWAY, "model_start_failed"),
         ArbiterError::Cancelled(_) | ArbiterError::UnknownLease(_) => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
     };
-    error(status, failure.to_string(), code)
+    let mut response = error(status, failure.to_string(), code);
+    // A model in its failure cooldown says when the next try is due.
+    if let ArbiterError::Cooldown { retry_in, .. } = &failure
+        && let Ok(value) = HeaderValue::from_str(&retry_in.as_secs().max(1).to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// `GET /v1/models`: every model and alias, with its state.
@@ -159,7 +166,28 @@ async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Respons
 }
 
 /// Hop-by-hop headers, which describe one connection and must not be forwarded.
-const HOP_BY_HOP: [&str; 9] = [
+/// Removes the hop-by-hop headers: the fixed list, and any header the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for hop in HOP_BY_HOP {
+        headers.remove(hop);
+    }
+}
+
+const HOP_BY_HOP: [&str; 11] = [
+    "proxy-connection",
+    // Answered by vramgate itself (it reads the whole body before forwarding).
+    "expect",
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -215,9 +243,7 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         }
     };
     let mut headers = parts.headers;
-    for hop in HOP_BY_HOP {
-        headers.remove(hop);
-    }
+    strip_hop_by_hop(&mut headers);
     let mut upstream = axum::http::Request::new(Body::from(body));
     *upstream.method_mut() = parts.method;
     *upstream.uri_mut() = uri;
@@ -233,9 +259,7 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         }
     };
     let (mut head, incoming) = response.into_parts();
-    for hop in HOP_BY_HOP {
-        head.headers.remove(hop);
-    }
+    strip_hop_by_hop(&mut head.headers);
     if let Ok(model) = HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
     }
@@ -314,5 +338,25 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Trace-Hop"));
+        headers.insert("x-trace-hop", HeaderValue::from_static("1"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        headers.insert(header::HOST, HeaderValue::from_static("vramgate"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE) && headers.contains_key(header::AUTHORIZATION));
     }
 }
