@@ -212,11 +212,14 @@ impl Default for SchedulerConfig {
 pub struct ProxyConfig {
     /// Largest request body accepted (413 above it). Large enough for long audio uploads.
     pub max_body: Mib,
+    /// How long a model server may take to start answering a forwarded request (504 after it;
+    /// the model is released for eviction). Generous: a long prompt takes a while. `0` = never.
+    pub first_byte_timeout: Span,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { max_body: Mib(256) }
+        ProxyConfig { max_body: Mib(256), first_byte_timeout: Span(std::time::Duration::from_secs(600)) }
     }
 }
 

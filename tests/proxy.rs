@@ -363,3 +363,17 @@ async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pas
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "list");
 }
+
+#[tokio::test]
+async fn a_model_that_never_answers_is_a_504_and_is_not_kept_in_use() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "[proxy]\nfirst_byte_timeout = \"300ms\"\n");
+    let (_, body) = daemon.load("a").await;
+    let upstream = body["upstream"].as_str().unwrap().to_string();
+    reqwest::Client::new().post(format!("{upstream}/hang")).send().await.unwrap();
+    let response = chat(&daemon, json!({"model": "a"})).await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert!(body["error"]["message"].as_str().unwrap().contains("first_byte_timeout"), "{body}");
+    daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
+}

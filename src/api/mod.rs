@@ -41,6 +41,8 @@ pub struct AppState {
     pub upstream: openai::UpstreamClient,
     /// `proxy.max_body` in bytes.
     pub max_body_bytes: usize,
+    /// `proxy.first_byte_timeout`; `None` = never.
+    pub first_byte_timeout: Option<std::time::Duration>,
     /// Events, for the stream.
     pub bus: EventBus,
     /// Cancelled at shutdown; long-lived responses (the event stream) end on it.

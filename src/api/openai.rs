@@ -248,7 +248,22 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     *upstream.method_mut() = parts.method;
     *upstream.uri_mut() = uri;
     *upstream.headers_mut() = headers;
-    let response = match state.upstream.request(upstream).await {
+    let sent = state.upstream.request(upstream);
+    let answered = match state.first_byte_timeout {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(answered) => answered,
+            // Dropping the request here drops the pin too: the model is free to go.
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("model {} did not start answering within {limit:?} (proxy.first_byte_timeout)", gate.id),
+                    "upstream_timeout",
+                );
+            }
+        },
+        None => sent.await,
+    };
+    let response = match answered {
         Ok(response) => response,
         Err(e) => {
             return error(
