@@ -215,11 +215,18 @@ pub struct ProxyConfig {
     /// How long a model server may take to start answering a forwarded request (504 after it;
     /// the model is released for eviction). Generous: a long prompt takes a while. `0` = never.
     pub first_byte_timeout: Span,
+    /// How long a model server may go silent in the middle of an answer before the stream is
+    /// broken off (the model is released for eviction). `0` = never.
+    pub stall_timeout: Span,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { max_body: Mib(256), first_byte_timeout: Span(std::time::Duration::from_secs(600)) }
+        ProxyConfig {
+            max_body: Mib(256),
+            first_byte_timeout: Span(std::time::Duration::from_secs(600)),
+            stall_timeout: Span(std::time::Duration::from_secs(300)),
+        }
     }
 }
 

@@ -135,6 +135,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         upstream: api::openai::upstream_client(),
         max_body_bytes: usize::try_from(config.proxy.max_body.bytes()).unwrap_or(usize::MAX),
         first_byte_timeout: (!config.proxy.first_byte_timeout.is_zero()).then(|| config.proxy.first_byte_timeout.get()),
+        stall_timeout: (!config.proxy.stall_timeout.is_zero()).then(|| config.proxy.stall_timeout.get()),
         bus,
         shutdown: shutdown.clone(),
     });

@@ -377,3 +377,22 @@ async fn a_model_that_never_answers_is_a_504_and_is_not_kept_in_use() {
     assert!(body["error"]["message"].as_str().unwrap().contains("first_byte_timeout"), "{body}");
     daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
 }
+
+#[tokio::test]
+async fn a_stream_that_stalls_is_broken_off_and_the_model_released() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--token-delay 3s", ""), "[proxy]\nstall_timeout = \"400ms\"\n");
+    let response = chat(&daemon, json!({"model": "a", "stream": true})).await;
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    let mut stream = response.bytes_stream();
+    let mut failed = false;
+    while let Some(chunk) = stream.next().await {
+        if chunk.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the stalled stream must end in an error, not a clean end");
+    assert!(started.elapsed() < Duration::from_secs(3), "broken off after {:?}", started.elapsed());
+    daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
+}

@@ -43,6 +43,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// `proxy.first_byte_timeout`; `None` = never.
     pub first_byte_timeout: Option<std::time::Duration>,
+    /// `proxy.stall_timeout`; `None` = never.
+    pub stall_timeout: Option<std::time::Duration>,
     /// Events, for the stream.
     pub bus: EventBus,
     /// Cancelled at shutdown; long-lived responses (the event stream) end on it.

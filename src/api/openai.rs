@@ -10,6 +10,8 @@
 use std::pin::Pin as StdPin;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -278,7 +280,8 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     if let Ok(model) = HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
     }
-    Response::from_parts(head, Body::new(PinnedBody { inner: incoming, _pin: pin }))
+    let stall = state.stall_timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+    Response::from_parts(head, Body::new(PinnedBody { inner: incoming, stall, _pin: pin }))
 }
 
 /// Finds the model a name means and pins it, loading it first if it is not ready. For an
@@ -329,6 +332,9 @@ async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin)
 /// is dropped (the client went away).
 struct PinnedBody<B> {
     inner: B,
+    /// `proxy.stall_timeout` and the timer it runs, reset by every frame: a server that stops
+    /// sending mid-answer breaks the stream instead of holding the model in use forever.
+    stall: Option<(std::time::Duration, StdPin<Box<tokio::time::Sleep>>)>,
     _pin: Pin,
 }
 
@@ -344,7 +350,20 @@ where
         mut self: StdPin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        StdPin::new(&mut self.inner).poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into)))
+        let this = &mut *self;
+        let frame = StdPin::new(&mut this.inner).poll_frame(cx);
+        match (&frame, &mut this.stall) {
+            (Poll::Ready(_), Some((limit, timer))) => {
+                let next = tokio::time::Instant::now() + *limit;
+                timer.as_mut().reset(next);
+            }
+            (Poll::Pending, Some((limit, timer))) if timer.as_mut().poll(cx).is_ready() => {
+                let message = format!("the model server sent nothing for {limit:?} (proxy.stall_timeout)");
+                return Poll::Ready(Some(Err(message.into())));
+            }
+            _ => {}
+        }
+        frame.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
