@@ -352,16 +352,13 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let frame = StdPin::new(&mut this.inner).poll_frame(cx);
-        match (&frame, &mut this.stall) {
-            (Poll::Ready(_), Some((limit, timer))) => {
-                let next = tokio::time::Instant::now() + *limit;
-                timer.as_mut().reset(next);
-            }
-            (Poll::Pending, Some((limit, timer))) if timer.as_mut().poll(cx).is_ready() => {
+        if let Some((limit, timer)) = &mut this.stall {
+            if frame.is_ready() {
+                timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+            } else if timer.as_mut().poll(cx).is_ready() {
                 let message = format!("the model server sent nothing for {limit:?} (proxy.stall_timeout)");
                 return Poll::Ready(Some(Err(message.into())));
             }
-            _ => {}
         }
         frame.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
