@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
@@ -22,17 +20,8 @@ fn main() {
         ),
     )
     .expect("config");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vramgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env("VRAMGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vramgate");
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").to_string();
+    let daemon = common::Daemon::start(env!("CARGO_BIN_EXE_vramgate"), &config);
+    let url = daemon.url.clone();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
@@ -73,8 +62,6 @@ fn main() {
             leased.as_secs_f64() / baseline.as_secs_f64()
         );
     });
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }
 
 fn us(total: Duration, n: usize) -> f64 {

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,18 +68,8 @@ fn main() {
     );
     let config_path = dir.path().join("bench.toml");
     std::fs::write(&config_path, config).expect("config");
-    let mut daemon = Command::new(VRAMGATE)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config_path)
-        .env("VRAMGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vramgate");
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
-    let _daemon = Killed(daemon);
-    let gate = line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").to_string();
+    let daemon = common::Daemon::start(VRAMGATE, &config_path);
+    let gate = daemon.url.clone();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let client = reqwest::Client::new();

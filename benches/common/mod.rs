@@ -25,3 +25,36 @@ pub fn measure(samples: usize, warmup: usize, mut f: impl FnMut()) -> (Duration,
     times.sort();
     (times[times.len() / 2], times[(times.len() * 99 / 100).min(times.len() - 1)])
 }
+
+/// A `vramgate serve` started on a config file, killed when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its base URL.
+    pub url: String,
+}
+
+impl Daemon {
+    /// Starts the daemon binary on `config` (port chosen by the OS) and waits for its address.
+    pub fn start(binary: &str, config: &std::path::Path) -> Daemon {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .env("VRAMGATE_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start vramgate");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("url").to_string();
+        Daemon { child, url }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

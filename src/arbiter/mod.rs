@@ -262,14 +262,6 @@ impl ArbiterHandle {
         self.gates.get(name).cloned()
     }
 
-    /// Every model id (not aliases), sorted.
-    pub fn model_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.gates.values().map(|g| g.id.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        ids
-    }
-
     /// The candidates of an `[aliases]` name, in preference order.
     pub fn candidates(&self, name: &str) -> Option<&[String]> {
         self.groups.get(name).map(Vec::as_slice)
