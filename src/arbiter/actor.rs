@@ -162,6 +162,8 @@ pub struct Arbiter {
     /// Devices in an emergency episode: relief continues until the level drops below critical.
     pressure: BTreeSet<u32>,
     process_models: HashMap<u32, String>,
+    /// The reading the last `on_sample` processed; decisions use this one.
+    seen: Arc<GpuView>,
     store_error: Option<String>,
     started: Instant,
     started_wall: DateTime<Utc>,
@@ -185,6 +187,7 @@ impl Arbiter {
         let (commands, inbox) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(Arc::new(ArbiterView::default()));
         let aliases = settings.aliases;
+        let first_view = gpu.borrow().clone();
         let learned = store.footprints().unwrap_or_default();
         let now = Instant::now();
         let idle = Arc::new(Notify::new());
@@ -244,6 +247,7 @@ impl Arbiter {
             view,
             pressure: BTreeSet::new(),
             process_models: HashMap::new(),
+            seen: first_view,
             store_error: None,
             started: now,
             started_wall: Utc::now(),
@@ -942,7 +946,9 @@ impl Arbiter {
 
     /// The plain data the policy decides over, from the latest reading and the models.
     fn policy_inputs(&self) -> (Vec<DeviceState>, Vec<Resident>, Vec<Hold>) {
-        let view = self.gpu.borrow().clone();
+        // The reading `on_sample` attributed, not a newer one: a newer reading may show a model's
+        // process before it is attributed, which would count it twice (as foreign and as the model).
+        let view = self.seen.clone();
         let origin = self.started;
         let devices = view
             .devices
@@ -1227,7 +1233,7 @@ impl Arbiter {
         if known > 0 {
             return known;
         }
-        let view = self.gpu.borrow();
+        let view = &self.seen;
         view.devices
             .iter()
             .filter(|d| device.is_none_or(|want| d.index == want))
@@ -1357,6 +1363,7 @@ impl Arbiter {
     /// A new reading: attribute processes to models, learn footprints, relieve pressure.
     fn on_sample(&mut self) {
         let view = self.gpu.borrow_and_update().clone();
+        self.seen = view.clone();
         let mut owners: HashMap<u32, usize> = HashMap::new();
         for (i, model) in self.models.iter().enumerate() {
             if let Some(process) = &model.process {
