@@ -14,7 +14,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -88,7 +88,9 @@ fn main() {
     );
     warm_table(dir.path(), &gate, &warm_upstream, seconds, repeat);
 
-    println!("\n== streaming: delay added per chunk (5 chunks, 10 ms apart, 40 requests each way)");
+    println!(
+        "\n== streaming: transit time of each chunk, server to client (5 chunks 10 ms apart, 100 requests each way)"
+    );
     runtime.block_on(streaming(&client, &gate, &stream_upstream));
 
     println!("\n== cold start and swap (fake server: 500 ms load, polled by vramgate every 25 ms)");
@@ -207,58 +209,60 @@ fn micros(text: &str) -> f64 {
     }
 }
 
-/// Arrival time of each chunk that carries a token, from the request's start.
-async fn chunk_times(client: &reqwest::Client, url: &str) -> Vec<Duration> {
-    let start = Instant::now();
+/// Transit time of each streamed chunk in microseconds: from the fake server stamping it
+/// (`sent_us`, wall clock) to the client reading it. Server, proxy and client share one machine and
+/// one clock, so this is the delay each token sees, without the request's own start-up in it.
+async fn chunk_transits(client: &reqwest::Client, url: &str) -> Vec<f64> {
     let response =
         client.post(url).json(&json!({"model": "stream", "stream": true})).send().await.expect("stream request");
-    let mut times = Vec::new();
+    let mut transits = Vec::new();
+    let mut pending = String::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("chunk");
-        for _ in String::from_utf8_lossy(&chunk).matches("\"tok") {
-            times.push(start.elapsed());
+        let arrived = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as f64;
+        pending.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        // Only complete events: an event split across reads is finished by the next read.
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let sent = event
+                .strip_prefix("data: ")
+                .and_then(|data| serde_json::from_str::<Value>(data.trim()).ok())
+                .and_then(|value| value["sent_us"].as_u64());
+            if let Some(sent) = sent {
+                transits.push(arrived - sent as f64);
+            }
         }
     }
-    times
+    transits
+}
+
+fn percentile(values: &mut [f64], pct: usize) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[(values.len() * pct / 100).min(values.len() - 1)]
 }
 
 async fn streaming(client: &reqwest::Client, gate: &str, upstream: &str) {
-    let runs = 40;
-    let mut direct: Vec<Vec<Duration>> = Vec::new();
-    let mut proxied: Vec<Vec<Duration>> = Vec::new();
+    let runs = 100;
+    let mut direct = Vec::new();
+    let mut proxied = Vec::new();
+    // Interleaved, so both paths see the same machine load.
     for _ in 0..runs {
-        direct.push(chunk_times(client, &format!("{upstream}/v1/chat/completions")).await);
-        proxied.push(chunk_times(client, &format!("{gate}/v1/chat/completions")).await);
+        direct.extend(chunk_transits(client, &format!("{upstream}/v1/chat/completions")).await);
+        proxied.extend(chunk_transits(client, &format!("{gate}/v1/chat/completions")).await);
     }
-    // For each chunk index, the median arrival direct and through vramgate; the difference is
-    // what the proxy adds to that chunk.
-    let chunks = direct.iter().chain(&proxied).map(Vec::len).min().unwrap_or(0);
-    let median = |runs: &[Vec<Duration>], k: usize| {
-        let mut v: Vec<Duration> = runs.iter().map(|r| r[k]).collect();
-        v.sort();
-        v[v.len() / 2]
-    };
-    let p99 = |runs: &[Vec<Duration>], k: usize| {
-        let mut v: Vec<Duration> = runs.iter().map(|r| r[k]).collect();
-        v.sort();
-        v[(v.len() * 99 / 100).min(v.len() - 1)]
-    };
+    println!("{:<10} {:>8} {:>10} {:>10} {:>10}", "path", "chunks", "p50 us", "p90 us", "p99 us");
+    let mut rows = Vec::new();
+    for (name, transits) in [("direct", &mut direct), ("vramgate", &mut proxied)] {
+        let row = [50, 90, 99].map(|pct| percentile(transits, pct));
+        println!("{name:<10} {:>8} {:>10.0} {:>10.0} {:>10.0}", transits.len(), row[0], row[1], row[2]);
+        rows.push(row);
+    }
     println!(
-        "{:<6} {:>14} {:>14} {:>12} {:>16}",
-        "chunk", "direct p50 ms", "proxy p50 ms", "added p50 us", "added p99 us"
+        "added by vramgate: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us",
+        rows[1][0] - rows[0][0],
+        rows[1][1] - rows[0][1],
+        rows[1][2] - rows[0][2]
     );
-    for k in 0..chunks {
-        let (d, p) = (median(&direct, k), median(&proxied, k));
-        let added = p.as_secs_f64() * 1e6 - d.as_secs_f64() * 1e6;
-        let added99 = p99(&proxied, k).as_secs_f64() * 1e6 - p99(&direct, k).as_secs_f64() * 1e6;
-        println!(
-            "{k:<6} {:>14.3} {:>14.3} {added:>12.0} {added99:>16.0}",
-            d.as_secs_f64() * 1e3,
-            p.as_secs_f64() * 1e3
-        );
-    }
-    println!("(chunk 0 includes the request itself: finding the model, pinning, forwarding)");
 }
 
 /// Spawns the fake as vramgate would and polls its health every millisecond: the server's own

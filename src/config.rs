@@ -38,6 +38,8 @@ pub struct Config {
     /// `[aliases]`: a name with candidate models in preference order; a request for it gets the
     /// first that is ready, else the first that fits, else waits for the first.
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// `[modes.NAME]`: named desired states, applied with `vramgate mode NAME`.
+    pub modes: BTreeMap<String, ModeConfig>,
     /// The text and file the config came from, kept so that checks that need the devices (which
     /// only the probe knows) can still point at the offending line.
     #[serde(skip)]
@@ -53,11 +55,40 @@ pub struct ServerConfig {
     /// Embedded database and logs. Default: `$XDG_STATE_HOME/vramgate`, else
     /// `~/.local/state/vramgate`.
     pub state_dir: Option<PathBuf>,
+    /// A `[modes.NAME]` applied once at start-up.
+    pub initial_mode: Option<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), state_dir: None }
+        ServerConfig { listen: default_listen(), state_dir: None, initial_mode: None }
+    }
+}
+
+/// `[modes.NAME]`: which models go where. Applying it releases and demotes first, then loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModeConfig {
+    /// Loaded on the GPU (promoted from the CPU if they are there).
+    pub gpu: Vec<String>,
+    /// A synonym of `gpu`.
+    pub load: Vec<String>,
+    /// Placed on the CPU (demoted if they are on the GPU); they need a CPU form.
+    pub cpu: Vec<String>,
+    /// Unloaded.
+    pub unload: Vec<String>,
+}
+
+impl ModeConfig {
+    /// `gpu` and `load` together, in that order, without repeats.
+    pub fn gpu_models(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for id in self.gpu.iter().chain(&self.load) {
+            if !out.contains(id) {
+                out.push(id.clone());
+            }
+        }
+        out
     }
 }
 
@@ -269,6 +300,11 @@ pub enum Backend {
     /// A supervised server process (llama-server, whisper.cpp server, vLLM, any command with an
     /// HTTP health check).
     Process,
+    /// A model inside a running Ollama, loaded and released through its HTTP API.
+    Ollama,
+    /// A model inside a client application, which attaches to vramgate and follows its
+    /// placement instructions.
+    External,
 }
 
 impl Backend {
@@ -276,9 +312,25 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Process => "process",
+            Backend::Ollama => "ollama",
+            Backend::External => "external",
         }
     }
 }
+
+/// `[models.NAME] on_evict`: what happens to a model chosen to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnEvict {
+    /// It is released.
+    #[default]
+    Unload,
+    /// It moves to its CPU form and keeps serving (slower), using no GPU memory.
+    Cpu,
+}
+
+/// The default Ollama address.
+pub const DEFAULT_OLLAMA_URL: &str = "http://127.0.0.1:11434";
 
 /// A command as one shell-like string or as a list of arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -357,6 +409,26 @@ pub struct ModelConfig {
     /// A request sent once after the model is ready, before any real request reaches it.
     #[serde(default)]
     pub warmup: Option<Warmup>,
+    /// The CPU form of a process model (e.g. llama-server with `-ngl 0`), same expansions as
+    /// `cmd`.
+    #[serde(default)]
+    pub cpu_cmd: Option<CommandLine>,
+    /// What eviction does to it: `unload` (default) or `cpu` (needs a CPU form).
+    #[serde(default)]
+    pub on_evict: OnEvict,
+    /// Ollama's name of the model (`backend = "ollama"`), e.g. `llama3.2:3b`.
+    #[serde(default)]
+    pub ollama_model: Option<String>,
+    /// Ollama's address (`backend = "ollama"`); default `http://127.0.0.1:11434`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Ollama options sent with the load (`backend = "ollama"`), e.g. `{ num_ctx = 8192 }`.
+    #[serde(default)]
+    pub options: BTreeMap<String, serde_json::Value>,
+    /// How long an attached app may take to acknowledge an instruction (`backend = "external"`)
+    /// before it is marked unresponsive. Default 30s.
+    #[serde(default)]
+    pub ack_timeout: Option<Span>,
 }
 
 /// `[models.NAME] warmup = { path = "/v1/chat/completions", body = { ... } }`.
@@ -408,6 +480,38 @@ pub struct ModelSpec {
     pub cwd: Option<PathBuf>,
     /// Sent once when ready, before real requests.
     pub warmup: Option<Warmup>,
+    /// The CPU form's command (process models), split.
+    pub cpu_argv: Option<Vec<String>>,
+    /// What eviction does to it.
+    pub on_evict: OnEvict,
+    /// Ollama's name of it (Ollama models).
+    pub ollama_model: Option<String>,
+    /// Ollama's base URL, without a trailing slash (Ollama models).
+    pub url: String,
+    /// Ollama load options (Ollama models).
+    pub options: serde_json::Map<String, serde_json::Value>,
+    /// The external app's acknowledgement limit (external models).
+    pub ack_timeout: std::time::Duration,
+}
+
+impl ModelSpec {
+    /// Whether it has a form that runs without GPU memory.
+    pub fn has_cpu_form(&self) -> bool {
+        match self.backend {
+            Backend::Process => self.cpu_argv.is_some(),
+            Backend::Ollama | Backend::External => true,
+        }
+    }
+
+    /// What protocol requests for it speak upstream.
+    pub fn upstream_kind(&self) -> crate::arbiter::gate::UpstreamKind {
+        use crate::arbiter::gate::UpstreamKind;
+        match self.backend {
+            Backend::Process => UpstreamKind::OpenAi,
+            Backend::Ollama => UpstreamKind::Ollama { model: self.ollama_model.clone().unwrap_or_default() },
+            Backend::External => UpstreamKind::External,
+        }
+    }
 }
 
 /// A configuration error, placed as precisely as the file allows.
@@ -624,6 +728,12 @@ impl Config {
                 env: m.env.clone(),
                 cwd: m.cwd.clone(),
                 warmup: m.warmup.clone(),
+                cpu_argv: m.cpu_cmd.as_ref().and_then(|c| c.argv().ok()),
+                on_evict: m.on_evict,
+                ollama_model: m.ollama_model.clone(),
+                url: m.url.as_deref().unwrap_or(DEFAULT_OLLAMA_URL).trim_end_matches('/').to_string(),
+                options: m.options.clone().into_iter().collect(),
+                ack_timeout: m.ack_timeout.map(|s| s.get()).unwrap_or(std::time::Duration::from_secs(30)),
             })
             .collect()
     }
@@ -719,8 +829,93 @@ impl Config {
                     format!("model id {id:?} must be non-empty, without '/' or spaces"),
                 ));
             }
+            let misplaced = |keys: &[(&str, bool)]| {
+                keys.iter()
+                    .find(|(_, set)| *set)
+                    .map(|(key, _)| (at(key), format!("does not apply to backend = \"{}\"", model.backend.as_str())))
+            };
             match model.backend {
+                Backend::Ollama => {
+                    if let Some(error) = misplaced(&[
+                        ("cmd", model.cmd.is_some()),
+                        ("cpu_cmd", model.cpu_cmd.is_some()),
+                        ("health", model.health.is_some()),
+                        ("env", !model.env.is_empty()),
+                        ("cwd", model.cwd.is_some()),
+                        ("ack_timeout", model.ack_timeout.is_some()),
+                    ]) {
+                        return Err(error);
+                    }
+                    match model.ollama_model.as_deref() {
+                        None => {
+                            return Err((
+                                key_path(&["models", id]),
+                                "an ollama model needs `ollama_model`, e.g. ollama_model = \"llama3.2:3b\"".into(),
+                            ));
+                        }
+                        Some(name) if name.trim().is_empty() => {
+                            return Err((at("ollama_model"), "must not be empty".into()));
+                        }
+                        Some(_) => {}
+                    }
+                    if let Some(url) = &model.url
+                        && (!url.starts_with("http://") || url.parse::<axum::http::Uri>().is_err())
+                    {
+                        return Err((
+                            at("url"),
+                            format!("{url:?} must be an http:// URL like \"{DEFAULT_OLLAMA_URL}\""),
+                        ));
+                    }
+                }
+                Backend::External => {
+                    if let Some(error) = misplaced(&[
+                        ("cmd", model.cmd.is_some()),
+                        ("cpu_cmd", model.cpu_cmd.is_some()),
+                        ("health", model.health.is_some()),
+                        ("env", !model.env.is_empty()),
+                        ("cwd", model.cwd.is_some()),
+                        ("warmup", model.warmup.is_some()),
+                        ("ollama_model", model.ollama_model.is_some()),
+                        ("url", model.url.is_some()),
+                        ("options", !model.options.is_empty()),
+                    ]) {
+                        return Err(error);
+                    }
+                    if model.vram.is_none() {
+                        return Err((
+                            key_path(&["models", id]),
+                            "an external model needs `vram`: vramgate reserves it before telling the app to place \
+                             the model on the GPU"
+                                .into(),
+                        ));
+                    }
+                    if model.ack_timeout.is_some_and(|t| t.is_zero()) {
+                        return Err((at("ack_timeout"), "must be longer than 0".into()));
+                    }
+                }
                 Backend::Process => {
+                    if let Some(error) = misplaced(&[
+                        ("ollama_model", model.ollama_model.is_some()),
+                        ("url", model.url.is_some()),
+                        ("options", !model.options.is_empty()),
+                        ("ack_timeout", model.ack_timeout.is_some()),
+                    ]) {
+                        return Err(error);
+                    }
+                    if let Some(cpu_cmd) = &model.cpu_cmd {
+                        match cpu_cmd.argv() {
+                            Err(e) => return Err((at("cpu_cmd"), e)),
+                            Ok(argv) if argv.is_empty() || argv[0].is_empty() => {
+                                return Err((at("cpu_cmd"), "is empty: name the program to run".into()));
+                            }
+                            Ok(_) => {}
+                        }
+                    } else if model.on_evict == OnEvict::Cpu {
+                        return Err((
+                            at("on_evict"),
+                            "on_evict = \"cpu\" needs a CPU form: set cpu_cmd (e.g. llama-server with -ngl 0)".into(),
+                        ));
+                    }
                     let Some(cmd) = &model.cmd else {
                         return Err((
                             key_path(&["models", id]),
@@ -789,6 +984,48 @@ impl Config {
                     return Err((at, format!("candidate {candidate:?} is not a model (models: {})", known.join(", "))));
                 }
             }
+        }
+        self.validate_modes()
+    }
+
+    fn validate_modes(&self) -> Result<(), (Vec<Seg>, String)> {
+        for (name, mode) in &self.modes {
+            // Where each model is placed, to catch one listed twice.
+            let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
+            for (list, ids) in [("gpu", &mode.gpu), ("load", &mode.load), ("cpu", &mode.cpu), ("unload", &mode.unload)]
+            {
+                for (index, id) in ids.iter().enumerate() {
+                    let at = vec![
+                        Seg::Key("modes".into()),
+                        Seg::Key(name.clone()),
+                        Seg::Key(list.into()),
+                        Seg::Index(index),
+                    ];
+                    let Some(model) = self.models.get(id) else {
+                        let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+                        return Err((at, format!("{id:?} is not a model (models: {})", known.join(", "))));
+                    };
+                    let same = |a: &str, b: &str| a == b || (a == "gpu" && b == "load") || (a == "load" && b == "gpu");
+                    if let Some(other) = placed.insert(id.as_str(), list)
+                        && !same(other, list)
+                    {
+                        return Err((at, format!("{id:?} is also listed in `{other}` of this mode")));
+                    }
+                    if list == "cpu" && model.backend == Backend::Process && model.cpu_cmd.is_none() {
+                        return Err((at, format!("{id:?} has no CPU form: set models.{id}.cpu_cmd")));
+                    }
+                }
+            }
+        }
+        if let Some(initial) = &self.server.initial_mode
+            && !self.modes.contains_key(initial)
+        {
+            let known: Vec<&str> = self.modes.keys().map(String::as_str).collect();
+            let list = if known.is_empty() { "none defined".to_string() } else { known.join(", ") };
+            return Err((
+                key_path(&["server", "initial_mode"]),
+                format!("{initial:?} is not a [modes] entry ({list})"),
+            ));
         }
         Ok(())
     }

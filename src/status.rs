@@ -124,6 +124,18 @@ pub struct ModelStatus {
     /// Other names it answers to.
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Where it runs while loaded: `gpu` or `cpu` (its CPU form, using no GPU memory); null
+    /// when not loaded.
+    #[serde(default)]
+    pub placement: Option<String>,
+    /// When its idle TTL unloads it if nobody uses it meanwhile; null when it is not loaded, in
+    /// use, pinned, or has no TTL.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why it needs attention (an Ollama that cannot be reached, an app that stopped
+    /// acknowledging), or null.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One lease.

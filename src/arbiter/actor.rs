@@ -194,7 +194,7 @@ impl Arbiter {
         let gates: HashMap<String, Arc<ModelGate>> = settings
             .models
             .iter()
-            .map(|spec| (spec.id.clone(), ModelGate::new(spec.id.clone(), now, idle.clone())))
+            .map(|spec| (spec.id.clone(), ModelGate::new(spec.id.clone(), spec.upstream_kind(), now, idle.clone())))
             .collect();
         let mut names: HashMap<String, Arc<ModelGate>> = gates.clone();
         for spec in &settings.models {
@@ -1448,6 +1448,11 @@ impl Arbiter {
             retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
             last_error: m.last_error.clone(),
             aliases: m.spec.aliases.clone(),
+            placement: (m.state == ModelState::Ready).then(|| "gpu".to_string()),
+            expires_at: m
+                .idle_expiry(self.started)
+                .map(|t| self.started_wall + chrono::Duration::milliseconds(millis_since(self.started, t) as i64)),
+            note: None,
         }
     }
 

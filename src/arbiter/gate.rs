@@ -13,10 +13,28 @@ use std::time::Instant;
 use axum::http::uri::Authority;
 use tokio::sync::Notify;
 
+/// What protocol a model's upstream speaks, fixed by its backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// An OpenAI-compatible server (llama-server, vLLM, whisper.cpp server, ...): requests go to
+    /// it unchanged.
+    OpenAi,
+    /// A model inside Ollama: requests go to Ollama's base URL with the `model` field naming the
+    /// model as Ollama knows it.
+    Ollama {
+        /// Ollama's name for it (`ollama_model`, e.g. `llama3.2:3b`).
+        model: String,
+    },
+    /// A model inside a client application: nothing to forward requests to.
+    External,
+}
+
 /// One model's gate.
 pub struct ModelGate {
     /// The model id.
     pub id: String,
+    /// The protocol of its upstream.
+    pub kind: UpstreamKind,
     /// The upstream base URL while the model is ready; `None` otherwise.
     serving: RwLock<Option<(Arc<str>, Option<Authority>)>>,
     in_use: AtomicU32,
@@ -38,9 +56,10 @@ pub struct Pin {
 }
 
 impl ModelGate {
-    pub(crate) fn new(id: String, origin: Instant, idle: Arc<Notify>) -> Arc<ModelGate> {
+    pub(crate) fn new(id: String, kind: UpstreamKind, origin: Instant, idle: Arc<Notify>) -> Arc<ModelGate> {
         Arc::new(ModelGate {
             id,
+            kind,
             serving: RwLock::new(None),
             in_use: AtomicU32::new(0),
             last_used_ms: AtomicU64::new(0),
@@ -109,6 +128,11 @@ impl Pin {
     pub fn model_id(&self) -> &str {
         &self.gate.id
     }
+
+    /// The protocol of the pinned model's upstream.
+    pub fn kind(&self) -> &UpstreamKind {
+        &self.gate.kind
+    }
 }
 
 impl Drop for Pin {
@@ -125,7 +149,7 @@ mod tests {
     use super::*;
 
     fn gate() -> Arc<ModelGate> {
-        ModelGate::new("llm".into(), Instant::now(), Arc::new(Notify::new()))
+        ModelGate::new("llm".into(), UpstreamKind::OpenAi, Instant::now(), Arc::new(Notify::new()))
     }
 
     #[test]
@@ -155,7 +179,7 @@ mod tests {
     #[tokio::test]
     async fn the_last_unpin_wakes_the_arbiter() {
         let idle = Arc::new(Notify::new());
-        let gate = ModelGate::new("x".into(), Instant::now(), idle.clone());
+        let gate = ModelGate::new("x".into(), UpstreamKind::OpenAi, Instant::now(), idle.clone());
         gate.open("http://127.0.0.1:1");
         let a = gate.try_pin().unwrap();
         let b = gate.try_pin().unwrap();
