@@ -81,6 +81,18 @@ impl Client {
         response.json().await.context("unreadable answer from the daemon")
     }
 
+    /// Applies a mode and waits until it is done; the models' states after it.
+    pub async fn set_mode(&self, mode: &str) -> anyhow::Result<Vec<ModelStatus>> {
+        let response = self.post_json("/mode", &serde_json::json!({ "mode": mode })).await?;
+        let answer: serde_json::Value = response.json().await.context("unreadable answer from the daemon")?;
+        serde_json::from_value(answer["models"].clone()).context("unreadable answer from the daemon")
+    }
+
+    /// The current mode and the modes defined (`GET /vramgate/mode`).
+    pub async fn mode(&self) -> anyhow::Result<serde_json::Value> {
+        self.get("/mode").await?.json().await.context("unreadable answer from the daemon")
+    }
+
     /// Releases a lease.
     pub async fn release(&self, id: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.url(&format!("/leases/{}", encode(id))))).await.map(|_| ())

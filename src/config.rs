@@ -1313,6 +1313,60 @@ ttl = "0"
     }
 
     #[test]
+    fn backend_specific_keys_are_checked() {
+        let ok = Config::parse(
+            "[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\noptions = { num_ctx = 8192 }\n\
+             [models.clip]\nbackend = \"external\"\nvram = \"1GiB\"\non_evict = \"cpu\"\n",
+            None,
+        )
+        .unwrap();
+        let specs = ok.model_specs();
+        let llama = specs.iter().find(|m| m.id == "llama").unwrap();
+        assert_eq!(llama.url, DEFAULT_OLLAMA_URL);
+        assert_eq!(llama.options["num_ctx"], 8192);
+        assert!(specs.iter().all(ModelSpec::has_cpu_form));
+
+        let err = parse_err("[models.llama]\nbackend = \"ollama\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llama"));
+        assert!(err.message.contains("ollama_model"), "{err}");
+        let err = parse_err("[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\ncmd = \"x\"\n");
+        assert_eq!((err.key.as_deref(), err.line), (Some("models.llama.cmd"), Some(4)));
+        let err = parse_err("[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\nurl = \"localhost:1\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llama.url"));
+        let err = parse_err("[models.clip]\nbackend = \"external\"\n");
+        assert!(err.message.contains("needs `vram`"), "{err}");
+        let err = parse_err("[models.llm]\nbackend = \"process\"\ncmd = \"x\"\non_evict = \"cpu\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llm.on_evict"));
+        assert!(err.message.contains("cpu_cmd"), "{err}");
+        let err = parse_err("[models.llm]\nbackend = \"process\"\ncmd = \"x\"\nollama_model = \"y\"\n");
+        assert_eq!(err.key.as_deref(), Some("models.llm.ollama_model"));
+    }
+
+    #[test]
+    fn modes_name_real_models_once_and_cpu_needs_a_cpu_form() {
+        let models = "[models.a]\nbackend = \"process\"\ncmd = \"x\"\n[models.b]\nbackend = \"process\"\ncmd = \"y\"\ncpu_cmd = \"y -ngl 0\"\n";
+        let ok = Config::parse(
+            &format!(
+                "[server]\ninitial_mode = \"m\"\n{models}[modes.m]\ngpu = [\"a\"]\nload = [\"a\"]\ncpu = [\"b\"]\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(ok.modes["m"].gpu_models(), ["a"]);
+        let err = parse_err(&format!("{models}[modes.m]\ngpu = [\"zz\"]\n"));
+        assert_eq!(err.key.as_deref(), Some("modes.m.gpu[0]"));
+        let err = parse_err(&format!("{models}[modes.m]\ngpu = [\"a\"]\nunload = [\"a\"]\n"));
+        assert_eq!(err.key.as_deref(), Some("modes.m.unload[0]"));
+        assert!(err.message.contains("also listed in `gpu`"), "{err}");
+        let err = parse_err(&format!("{models}[modes.m]\ncpu = [\"a\"]\n"));
+        assert!(err.message.contains("no CPU form"), "{err}");
+        let err = parse_err(&format!("[server]\ninitial_mode = \"x\"\n{models}"));
+        assert_eq!((err.key.as_deref(), err.line), (Some("server.initial_mode"), Some(2)));
+        let err = parse_err(&format!("{models}[modes.m]\ngpus = [\"a\"]\n"));
+        assert!(err.message.contains("gpus"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_backend() {
         let err = parse_err("[models.llm]\nbackend = \"docker\"\ncmd = \"x\"\n");
         assert_eq!(err.key.as_deref(), Some("models.llm.backend"));

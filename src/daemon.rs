@@ -114,6 +114,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         models: config.model_specs(),
         log_dir: Some(state_dir.join("logs")),
         aliases: config.aliases.clone(),
+        modes: config.modes.clone(),
     };
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
         .context("cannot start the arbiter")?;
@@ -127,6 +128,15 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let shutdown = CancellationToken::new();
     let monitor_task = monitor.run(shutdown.clone());
     let arbiter_task = arbiter.run(shutdown.clone());
+    if let Some(mode) = config.server.initial_mode.clone() {
+        let arbiter = arbiter_handle.clone();
+        tokio::spawn(async move {
+            match arbiter.set_mode(&mode).await {
+                Ok(_) => tracing::info!("initial mode {mode} applied"),
+                Err(e) => tracing::error!("initial mode {mode} (server.initial_mode) failed: {e}"),
+            }
+        });
+    }
     let app = api::router(AppState {
         gpu: view,
         arbiter: arbiter_handle,

@@ -159,6 +159,53 @@ pub enum EventKind {
         /// How long vramgate waited.
         waited_ms: u64,
     },
+    /// A mode was applied (`vramgate mode NAME`, or `initial_mode` at start-up).
+    ModeChanged {
+        /// The mode before, if any.
+        from: Option<String>,
+        /// The mode now.
+        to: String,
+    },
+    /// A model moved between the GPU and its CPU form while staying loaded.
+    ModelPlaced {
+        /// Model id.
+        model: String,
+        /// `gpu` or `cpu`.
+        placement: String,
+        /// Why: `demoted`, `promoted`, `mode`, `requested`.
+        reason: String,
+    },
+    /// An app attached to an external model, or went away.
+    ExternalAttachment {
+        /// Model id.
+        model: String,
+        /// `attached` or `detached`.
+        change: String,
+        /// Who attached.
+        holder: String,
+        /// The app's pid, if it told.
+        pid: Option<u32>,
+    },
+    /// An app did not acknowledge an instruction in time; its model is no longer counted on.
+    ExternalUnresponsive {
+        /// Model id.
+        model: String,
+        /// The instruction that went unanswered: `gpu`, `cpu` or `release`.
+        action: String,
+        /// How long vramgate waited.
+        waited_ms: u64,
+    },
+    /// An Ollama server stopped answering (its models are failed until it returns) or answers
+    /// again.
+    OllamaReachability {
+        /// Its base URL.
+        url: String,
+        /// Whether it answers now.
+        reachable: bool,
+        /// Why it does not, when it does not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// A process left behind by an earlier daemon was stopped at start-up.
     LeftoverReaped {
         /// Its pid.
@@ -186,6 +233,11 @@ impl EventKind {
             EventKind::LeaseGranted { .. } => "lease_granted",
             EventKind::LeaseReleased { .. } => "lease_released",
             EventKind::MemoryReleaseTimeout { .. } => "memory_release_timeout",
+            EventKind::ModeChanged { .. } => "mode_changed",
+            EventKind::ModelPlaced { .. } => "model_placed",
+            EventKind::ExternalAttachment { .. } => "external_attachment",
+            EventKind::ExternalUnresponsive { .. } => "external_unresponsive",
+            EventKind::OllamaReachability { .. } => "ollama_reachability",
             EventKind::LeftoverReaped { .. } => "leftover_reaped",
             EventKind::EventsLost { .. } => "events_lost",
         }

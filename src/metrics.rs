@@ -151,6 +151,7 @@ mod tests {
             models: vec![],
             leases: vec![],
             mode: None,
+            ollama: Vec::new(),
             sampled_at: None,
         }
     }

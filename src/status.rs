@@ -26,6 +26,10 @@ pub struct Status {
     pub leases: Vec<LeaseStatus>,
     /// The current mode, if one was set.
     pub mode: Option<String>,
+    /// Each Ollama server that models use: whether it answers and what it has loaded, including
+    /// models loaded into it directly (not through vramgate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ollama: Vec<OllamaStatus>,
     /// When the device readings were taken.
     pub sampled_at: Option<DateTime<Utc>>,
 }
@@ -136,6 +140,32 @@ pub struct ModelStatus {
     /// acknowledging), or null.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// One Ollama server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OllamaStatus {
+    /// Its base URL.
+    pub url: String,
+    /// Whether its last `/api/ps` answered; null before the first try.
+    pub reachable: Option<bool>,
+    /// Why it does not answer.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// What it has loaded.
+    pub models: Vec<OllamaModelStatus>,
+}
+
+/// A model loaded in Ollama.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OllamaModelStatus {
+    /// Ollama's name for it.
+    pub name: String,
+    /// GPU memory it holds.
+    pub vram_mib: u64,
+    /// The vramgate model it is, or null if someone loaded it into Ollama directly (its memory
+    /// is counted as Ollama's, not evictable by vramgate).
+    pub managed_as: Option<String>,
 }
 
 /// One lease.

@@ -37,7 +37,8 @@ pub(crate) fn current_status(state: &AppState) -> Status {
         degraded_reasons,
         models: arbiter.models.clone(),
         leases: arbiter.leases.clone(),
-        mode: None,
+        mode: arbiter.mode.clone(),
+        ollama: arbiter.ollama.clone(),
         sampled_at: view.sampled_at,
     }
 }

@@ -4,9 +4,11 @@
 //! (`/api/...`) surfaces can use their standard paths beside them; `/metrics` is at the path
 //! Prometheus expects.
 
+mod external;
 mod leases;
 mod manage;
 mod models;
+mod ollama;
 pub mod openai;
 
 use std::sync::Arc;
@@ -62,6 +64,9 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{PREFIX}/models/{{name}}/load"), post(models::load))
         .route(&format!("{PREFIX}/models/{{name}}/unload"), post(models::unload))
         .route(&format!("{PREFIX}/models/{{name}}/logs"), get(models::logs))
+        .route(&format!("{PREFIX}/models/{{name}}/attach"), post(external::attach))
+        .route(&format!("{PREFIX}/models/{{name}}/ack"), post(external::ack))
+        .route(&format!("{PREFIX}/mode"), post(external::set_mode).get(external::get_mode))
         .route(&format!("{PREFIX}/leases"), post(leases::create).get(leases::list))
         .route(&format!("{PREFIX}/leases/{{id}}/renew"), post(leases::renew))
         .route(&format!("{PREFIX}/leases/{{id}}"), delete(leases::release))
@@ -74,6 +79,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audio/speech", post(openai::forward))
         // Any other /v1 path of a named model passes through unchanged.
         .route("/v1/{*rest}", any(openai::forward))
+        // The Ollama-compatible surface.
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .fallback(not_found)
         .with_state(state)
 }
@@ -91,19 +104,28 @@ impl ApiError {
     }
 }
 
+/// The HTTP status for an arbiter error on the management API.
+fn arbiter_status(error: &ArbiterError) -> StatusCode {
+    match error {
+        ArbiterError::UnknownModel { .. } | ArbiterError::UnknownLease(_) | ArbiterError::NotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
+        ArbiterError::NeverFits(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        ArbiterError::Timeout { .. }
+        | ArbiterError::QueueFull(_)
+        | ArbiterError::Cooldown { .. }
+        | ArbiterError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ArbiterError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
+        ArbiterError::Cancelled(_) | ArbiterError::Conflict(_) => StatusCode::CONFLICT,
+        ArbiterError::Invalid(_) => StatusCode::BAD_REQUEST,
+        // The step's own error says what went wrong.
+        ArbiterError::InMode { inner, .. } => arbiter_status(inner),
+    }
+}
+
 impl From<ArbiterError> for ApiError {
     fn from(error: ArbiterError) -> ApiError {
-        let status = match &error {
-            ArbiterError::UnknownModel { .. } | ArbiterError::UnknownLease(_) => StatusCode::NOT_FOUND,
-            ArbiterError::NeverFits(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ArbiterError::Timeout { .. }
-            | ArbiterError::QueueFull(_)
-            | ArbiterError::Cooldown { .. }
-            | ArbiterError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ArbiterError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
-            ArbiterError::Cancelled(_) => StatusCode::CONFLICT,
-        };
-        ApiError::new(status, error.to_string())
+        ApiError::new(arbiter_status(&error), error.to_string())
     }
 }
 

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::arbiter::ArbiterError;
-use crate::arbiter::gate::{ModelGate, Pin};
+use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
 use crate::client::root_cause;
 use std::sync::Arc;
 
@@ -53,7 +53,7 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>, code: &str) 
     response
 }
 
-fn arbiter_error(failure: ArbiterError) -> Response {
+pub(super) fn arbiter_error(failure: ArbiterError) -> Response {
     let (status, code) = match &failure {
         ArbiterError::UnknownModel { .. } => (StatusCode::NOT_FOUND, "model_not_found"),
         ArbiterError::NeverFits(_) => (StatusCode::SERVICE_UNAVAILABLE, "insufficient_vram"),
@@ -64,6 +64,10 @@ fn arbiter_error(failure: ArbiterError) -> Response {
         ArbiterError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         ArbiterError::StartFailed { .. } => (StatusCode::BAD_GATEWAY, "model_start_failed"),
         ArbiterError::Cancelled(_) | ArbiterError::UnknownLease(_) => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+        ArbiterError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        ArbiterError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        ArbiterError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        ArbiterError::InMode { .. } => (StatusCode::SERVICE_UNAVAILABLE, "mode_failed"),
     };
     let mut response = error(status, failure.to_string(), code);
     // A model in its failure cooldown says when the next try is due.
@@ -169,7 +173,7 @@ async fn model_name(headers: &HeaderMap, body: &Bytes) -> Result<String, Respons
 
 /// Hop-by-hop headers, which describe one connection and must not be forwarded.
 /// Removes the hop-by-hop headers: the fixed list, and any header the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -228,6 +232,29 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Ok(pinned) => pinned,
         Err(response) => return response,
     };
+    let mut headers = parts.headers;
+    let body = match pin.kind() {
+        UpstreamKind::OpenAi => body,
+        UpstreamKind::Ollama { model } => match renamed_for_ollama(&body, model) {
+            Some(renamed) => {
+                // The length changed with the name; hyper sets the new one.
+                headers.remove(header::CONTENT_LENGTH);
+                renamed
+            }
+            None => body,
+        },
+        UpstreamKind::External => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "model {} is an external model: it runs inside the app attached to it, which serves its own \
+                     requests; vramgate only places it",
+                    gate.id
+                ),
+                "invalid_request_error",
+            );
+        }
+    };
     // The request goes on as it came, with the model's address and without hop-by-hop headers:
     // its header map is moved, not rebuilt (this is the per-request path).
     let mut uri = axum::http::uri::Parts::default();
@@ -244,7 +271,6 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
             );
         }
     };
-    let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let mut upstream = axum::http::Request::new(Body::from(body));
     *upstream.method_mut() = parts.method;
@@ -284,9 +310,17 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     Response::from_parts(head, Body::new(PinnedBody { inner: incoming, stall, _pin: pin }))
 }
 
+/// A JSON body with its `model` field set to Ollama's name of the model (Ollama's OpenAI-compatible
+/// routes know models by that name, not by vramgate's id); `None` if the body is not a JSON object.
+fn renamed_for_ollama(body: &Bytes, ollama_name: &str) -> Option<Bytes> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.as_object_mut()?.insert("model".into(), serde_json::Value::String(ollama_name.to_string()));
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
 /// Finds the model a name means and pins it, loading it first if it is not ready. For an
 /// `[aliases]` name: the first candidate that is ready, else the one the arbiter chooses by fit.
-async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin), Response> {
+pub(super) async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin), Response> {
     let model = if let Some(gate) = state.arbiter.gate(name) {
         gate
     } else if let Some(candidates) = state.arbiter.candidates(name) {
@@ -330,12 +364,12 @@ async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin)
 
 /// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or
 /// is dropped (the client went away).
-struct PinnedBody<B> {
-    inner: B,
+pub(super) struct PinnedBody<B> {
+    pub(super) inner: B,
     /// `proxy.stall_timeout` and the timer it runs, reset by every frame: a server that stops
     /// sending mid-answer breaks the stream instead of holding the model in use forever.
-    stall: Option<(std::time::Duration, StdPin<Box<tokio::time::Sleep>>)>,
-    _pin: Pin,
+    pub(super) stall: Option<(std::time::Duration, StdPin<Box<tokio::time::Sleep>>)>,
+    pub(super) _pin: Pin,
 }
 
 impl<B> http_body::Body for PinnedBody<B>

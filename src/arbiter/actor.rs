@@ -10,14 +10,16 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::{ModelGate, Pin};
-use super::{ArbiterError, ArbiterHandle, ArbiterView, Command, LeaseGrant, LeaseRequest, Loaded};
+use super::{Ack, ArbiterError, ArbiterHandle, ArbiterView, Attached, Command, LeaseGrant, LeaseRequest, Loaded};
+use crate::backend::external::{Action, Attachment, PendingAck};
+use crate::backend::ollama::{self, OllamaLoaded};
 use crate::backend::process::{self, ProcessHandle, SpawnSpec, Spawner};
-use crate::config::{ModelSpec, SchedulerConfig};
+use crate::config::{Backend, ModeConfig, ModelSpec, OnEvict, SchedulerConfig};
 use crate::events::{EventBus, EventKind, ModelState};
 use crate::gpu::Level;
 use crate::monitor::{GpuView, Sampler};
 use crate::policy::{self, Decision, DeviceState, Hold, Request, Resident};
-use crate::status::{LeaseStatus, ModelStatus};
+use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus};
 use crate::store::{ProcessRecord, Store};
 
 /// Where a caller waiting for a model to be ready gets its answer.
@@ -31,6 +33,37 @@ const COOLDOWN_MAX: Duration = Duration::from_secs(300);
 const RELEASE_POLL: Duration = Duration::from_millis(5);
 /// At shutdown, how long children get after SIGTERM before SIGKILL.
 const SHUTDOWN_STOP: Duration = Duration::from_millis(1500);
+/// How often a reachable Ollama's `/api/ps` is read (its footprints, models loaded behind
+/// vramgate's back, models it dropped).
+const OLLAMA_POLL: Duration = Duration::from_secs(1);
+/// The longest pause between tries while an Ollama does not answer (backoff from `OLLAMA_POLL`).
+const OLLAMA_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Where a loaded model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// On the GPU: its memory is accounted.
+    Gpu,
+    /// Its CPU form: no GPU memory is accounted for it.
+    Cpu,
+}
+
+impl Placement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Placement::Gpu => "gpu",
+            Placement::Cpu => "cpu",
+        }
+    }
+}
+
+/// What vramgate knows about one Ollama server.
+#[derive(Default)]
+struct OllamaServer {
+    reachable: Option<bool>,
+    error: Option<String>,
+    loaded: Vec<OllamaLoaded>,
+}
 
 /// What the arbiter needs from the rest of the daemon.
 pub struct ArbiterSettings {
@@ -42,6 +75,8 @@ pub struct ArbiterSettings {
     pub log_dir: Option<PathBuf>,
     /// `[aliases]`: names with candidate models in preference order.
     pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    /// `[modes]`.
+    pub modes: std::collections::BTreeMap<String, ModeConfig>,
 }
 
 /// One model's state.
@@ -58,6 +93,19 @@ struct Model {
     /// The footprint it was admitted with (declared, learned, or the whole device on a first load
     /// without either).
     reserved_mib: u64,
+    /// Where it runs (or is being started) while loaded. While unloading: where it runs until
+    /// the release is done.
+    placement: Placement,
+    /// Being released from the GPU only to come back in its CPU form (a demotion).
+    then_cpu: bool,
+    /// Demoted to the CPU to make room: promoted back when it fits again.
+    prefers_gpu: bool,
+    /// External models: the app attached to it.
+    attachment: Option<Attachment>,
+    /// External models: the instruction waiting for the app's acknowledgement.
+    pending_ack: Option<PendingAck>,
+    /// Why it needs attention (shown in status).
+    note: Option<String>,
     /// The largest footprint measured, from the store and this run.
     learned_mib: Option<u64>,
     /// What its processes use now.
@@ -84,6 +132,9 @@ struct Model {
 
 impl Model {
     fn footprint(&self) -> u64 {
+        if self.placement == Placement::Cpu && self.state != ModelState::Unloaded {
+            return 0;
+        }
         self.spec
             .declared_mib
             .unwrap_or(0)
@@ -106,8 +157,27 @@ impl Model {
         matches!(self.state, ModelState::Loading | ModelState::Ready | ModelState::Unloading)
     }
 
+    /// Whether its GPU memory is accounted: loaded or moving, on the GPU.
+    fn on_gpu(&self) -> bool {
+        self.holds_memory() && self.placement == Placement::Gpu
+    }
+
     fn upstream(&self) -> Option<String> {
-        self.port.map(|p| format!("http://127.0.0.1:{p}"))
+        match self.spec.backend {
+            Backend::Process => self.port.map(|p| format!("http://127.0.0.1:{p}")),
+            Backend::Ollama => self.holds_memory().then(|| self.spec.url.clone()),
+            Backend::External => None,
+        }
+    }
+
+    /// Opens its gate: requests may use it. External models are used inside their app, so their
+    /// gate carries no address.
+    fn open_gate(&self) {
+        match self.upstream() {
+            Some(upstream) => self.gate.open(&upstream),
+            None if self.spec.backend == Backend::External => self.gate.open(""),
+            None => {}
+        }
     }
 }
 
@@ -169,6 +239,11 @@ pub struct Arbiter {
     started_wall: DateTime<Utc>,
     /// Woken by the last unpin of a model (see `gate`).
     idle: Arc<Notify>,
+    /// Each Ollama server that models use, by base URL.
+    ollama: std::collections::BTreeMap<String, OllamaServer>,
+    /// The mode applied last.
+    mode: Option<String>,
+    next_session: u64,
 }
 
 fn millis_since(origin: Instant, t: Instant) -> u64 {
@@ -202,6 +277,12 @@ impl Arbiter {
                 names.insert(alias.clone(), gates[&spec.id].clone());
             }
         }
+        let ollama = settings
+            .models
+            .iter()
+            .filter(|m| m.backend == Backend::Ollama)
+            .map(|m| (m.url.clone(), OllamaServer::default()))
+            .collect();
         let models = settings
             .models
             .into_iter()
@@ -226,6 +307,12 @@ impl Arbiter {
                 ready_waiters: Vec::new(),
                 unload_waiters: Vec::new(),
                 gpu_pids: BTreeSet::new(),
+                placement: Placement::Gpu,
+                then_cpu: false,
+                prefers_gpu: false,
+                attachment: None,
+                pending_ack: None,
+                note: None,
             })
             .collect();
         let arbiter = Arbiter {
@@ -252,9 +339,20 @@ impl Arbiter {
             started: now,
             started_wall: Utc::now(),
             idle,
+            ollama,
+            mode: None,
+            next_session: 0,
         };
         let groups = Arc::new(aliases.into_iter().collect());
-        Ok((arbiter, ArbiterHandle { commands, view: view_rx, gates: Arc::new(names), groups }))
+        let handle = ArbiterHandle {
+            commands,
+            view: view_rx,
+            gates: Arc::new(names),
+            groups,
+            modes: Arc::new(settings.modes),
+            mode_switch: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        Ok((arbiter, handle))
     }
 
     /// Runs until `shutdown`, then stops every model process.
@@ -264,6 +362,9 @@ impl Arbiter {
                 self.models.iter().filter(|m| m.spec.preload || m.spec.pinned).map(|m| m.spec.id.clone()).collect();
             for id in preload {
                 self.request_load(&id, None, true);
+            }
+            for url in self.ollama.keys() {
+                tokio::spawn(watch_ollama(url.clone(), self.http.clone(), self.commands.clone(), shutdown.clone()));
             }
             self.on_sample();
             self.schedule();
@@ -359,6 +460,398 @@ impl Arbiter {
             Command::Released { model, generation, timed_out, waited } => {
                 self.on_released(&model, generation, timed_out, waited)
             }
+            Command::PlaceCpu { name, reply } => self.place_cpu(&name, reply),
+            Command::Attach { name, pid, holder, reply } => {
+                let _ = reply.send(self.attach(&name, pid, holder));
+            }
+            Command::Detach { name, session } => self.detach(&name, &session),
+            Command::Ack { name, ack, reply } => {
+                let _ = reply.send(self.on_ack(&name, ack));
+            }
+            Command::OllamaPs { url, result } => self.on_ollama_ps(&url, result),
+            Command::ModeApplied { name, reply } => {
+                let from = self.mode.replace(name.clone());
+                self.bus.publish(EventKind::ModeChanged { from, to: name });
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    // ----- placement -----
+
+    /// Puts a model in its CPU form: loads it there, or demotes it from the GPU. Answered when
+    /// it serves from the CPU.
+    fn place_cpu(&mut self, name: &str, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>>) {
+        let i = match self.index(name) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let model = &self.models[i];
+        let id = model.spec.id.clone();
+        if !model.spec.has_cpu_form() {
+            let _ = reply.send(Err(ArbiterError::Invalid(format!(
+                "model {id} has no CPU form: set models.{id}.cpu_cmd (e.g. llama-server with -ngl 0)"
+            ))));
+            return;
+        }
+        // The caller waits like a load caller; the pin in the answer is dropped at once.
+        let (ready, answer) = oneshot::channel();
+        let deadline = deadline_after(model.spec.ready_timeout + model.spec.stop_timeout + model.spec.release_timeout);
+        match (model.state, model.placement) {
+            (ModelState::Ready, Placement::Cpu) => {
+                let _ = reply.send(Ok(self.model_status(i)));
+                return;
+            }
+            (ModelState::Loading | ModelState::Unloading, _) => {
+                let _ = reply.send(Err(ArbiterError::Conflict(format!(
+                    "model {id} is {}; place it on the CPU once that is done",
+                    model.state
+                ))));
+                return;
+            }
+            (ModelState::Ready, Placement::Gpu) => {
+                self.models[i].ready_waiters.push((deadline, Instant::now(), ready));
+                self.demote(i, "mode".into(), true);
+            }
+            (ModelState::Unloaded | ModelState::Failed, _) => {
+                self.models[i].ready_waiters.push((deadline, Instant::now(), ready));
+                self.start_load(i, None, 0, Placement::Cpu);
+            }
+        }
+        tokio::spawn(async move {
+            let result = match answer.await {
+                Ok(result) => result.map(|loaded| loaded.status),
+                Err(_) => Err(ArbiterError::ShuttingDown),
+            };
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Moves a ready GPU model to its CPU form: the GPU form is released first, then the CPU form
+    /// started (one instruction for an external model). `forced`: a mode or user asked, so it
+    /// goes even while requests use it; else only if idle. Returns whether it started.
+    fn demote(&mut self, i: usize, reason: String, forced: bool) -> bool {
+        if forced {
+            self.models[i].gate.close();
+        } else if !self.models[i].gate.close_if_idle() {
+            return false;
+        }
+        self.models[i].then_cpu = true;
+        self.models[i].prefers_gpu = !forced;
+        self.set_state(i, ModelState::Unloading, reason, None);
+        self.begin_release_task(i);
+        true
+    }
+
+    // ----- external models -----
+
+    fn attach(&mut self, name: &str, pid: Option<u32>, holder: String) -> Result<Attached, ArbiterError> {
+        let i = self.index(name)?;
+        let model = &mut self.models[i];
+        let id = model.spec.id.clone();
+        if model.spec.backend != Backend::External {
+            return Err(ArbiterError::Invalid(format!(
+                "model {id} has backend = \"{}\"; only external models take an attached app",
+                model.spec.backend.as_str()
+            )));
+        }
+        if let Some(current) = &model.attachment
+            && !current.instructions.is_closed()
+        {
+            let who = match current.pid {
+                Some(pid) => format!("{} (pid {pid})", current.holder),
+                None => current.holder.clone(),
+            };
+            return Err(ArbiterError::Conflict(format!("model {id} already has an app attached: {who}")));
+        }
+        if let Some(stale) = model.attachment.as_ref().map(|a| a.session.clone()) {
+            self.detach(&id, &stale);
+        }
+        self.next_session += 1;
+        let session = format!("att-{}", self.next_session);
+        let (sender, instructions) = mpsc::unbounded_channel();
+        let model = &mut self.models[i];
+        model.attachment = Some(Attachment {
+            session: session.clone(),
+            holder: holder.clone(),
+            pid,
+            instructions: sender,
+            last_seq: 0,
+        });
+        model.note = None;
+        self.bus.publish(EventKind::ExternalAttachment { model: id.clone(), change: "attached".into(), holder, pid });
+        if model.spec.preload || model.spec.pinned {
+            self.request_load(&id, None, true);
+        }
+        Ok(Attached { session, instructions })
+    }
+
+    /// The app's stream is gone: everything it held is released.
+    fn detach(&mut self, name: &str, session: &str) {
+        let Ok(i) = self.index(name) else { return };
+        let model = &mut self.models[i];
+        if model.attachment.as_ref().is_none_or(|a| a.session != session) {
+            return;
+        }
+        let Some(attachment) = model.attachment.take() else { return };
+        model.pending_ack = None;
+        let id = model.spec.id.clone();
+        self.bus.publish(EventKind::ExternalAttachment {
+            model: id.clone(),
+            change: "detached".into(),
+            holder: attachment.holder,
+            pid: attachment.pid,
+        });
+        if self.models[i].holds_memory() {
+            let error = ArbiterError::Cancelled(format!("the app attached to model {id} disconnected"));
+            for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+            self.finish_release(i, "detached");
+        }
+    }
+
+    /// Sends an instruction to the attached app and starts its acknowledgement clock. False if
+    /// no app is attached (or its stream is gone).
+    fn instruct(&mut self, i: usize, action: Action) -> bool {
+        let model = &mut self.models[i];
+        let Some(seq) = model.attachment.as_mut().and_then(|a| a.send(action)) else {
+            return false;
+        };
+        model.pending_ack = Some(PendingAck { seq, action, deadline: deadline_after(model.spec.ack_timeout) });
+        true
+    }
+
+    fn on_ack(&mut self, name: &str, ack: Ack) -> Result<(), ArbiterError> {
+        let i = self.index(name)?;
+        let model = &mut self.models[i];
+        let id = model.spec.id.clone();
+        if model.attachment.as_ref().is_none_or(|a| a.session != ack.session) {
+            return Err(ArbiterError::NotFound(format!(
+                "no attachment {:?} on model {id} (it was detached or replaced)",
+                ack.session
+            )));
+        }
+        let Some(pending) = model.pending_ack.take_if(|p| p.seq == ack.seq) else {
+            return Err(ArbiterError::NotFound(format!(
+                "instruction {} of model {id} is not waiting for an acknowledgement (answered already, or timed out)",
+                ack.seq
+            )));
+        };
+        let generation = model.generation;
+        let failure = (!ack.ok).then(|| {
+            let why = ack.error.clone().unwrap_or_else(|| "no reason given".into());
+            format!("the app could not carry out `{}`: {why}", pending.action.as_str())
+        });
+        match (model.state, pending.action) {
+            (ModelState::Loading, Action::Gpu | Action::Cpu) => {
+                self.on_load_finished(&id, generation, failure.map_or(Ok(()), Err));
+            }
+            (ModelState::Unloading, Action::Gpu | Action::Cpu) if !model.then_cpu => {
+                // Unloaded while the app was placing it: now release it.
+                self.begin_release_task(i);
+            }
+            (ModelState::Unloading, Action::Cpu) => match failure {
+                None => {
+                    // Demoted in one step: it serves from the CPU now.
+                    let model = &mut self.models[i];
+                    model.then_cpu = false;
+                    model.placement = Placement::Cpu;
+                    model.current_mib = 0;
+                    model.open_gate();
+                    self.set_state(i, ModelState::Ready, "demoted".into(), None);
+                    self.bus.publish(EventKind::ModelPlaced {
+                        model: id.clone(),
+                        placement: "cpu".into(),
+                        reason: "demoted".into(),
+                    });
+                    self.memory_released(&id);
+                    self.answer_ready(i);
+                }
+                Some(message) => {
+                    // Still on the GPU.
+                    let model = &mut self.models[i];
+                    model.then_cpu = false;
+                    model.note = Some(message.clone());
+                    model.open_gate();
+                    self.set_state(i, ModelState::Ready, "demotion_failed".into(), Some(message.clone()));
+                    for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
+                        let _ =
+                            reply.send(Err(ArbiterError::StartFailed { model: id.clone(), message: message.clone() }));
+                    }
+                    self.memory_released(&id);
+                }
+            },
+            (ModelState::Unloading, Action::Release) => {
+                if let Some(message) = failure {
+                    // Its memory is measured (the app's process) whatever it says; note it.
+                    self.models[i].note = Some(message);
+                }
+                self.on_released(&id, generation, false, Duration::ZERO);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An instruction went unanswered: the app is marked unresponsive and its model no longer
+    /// counted on (what its process really uses is still measured, as foreign use).
+    fn unresponsive(&mut self, i: usize, pending: PendingAck) {
+        let model = &mut self.models[i];
+        let id = model.spec.id.clone();
+        let waited = model.spec.ack_timeout;
+        let message = format!(
+            "unresponsive: the attached app did not acknowledge `{}` within {waited:?}",
+            pending.action.as_str()
+        );
+        model.note = Some(message.clone());
+        model.last_error = Some(message.clone());
+        model.then_cpu = false;
+        model.gate.close();
+        self.bus.publish(EventKind::ExternalUnresponsive {
+            model: id.clone(),
+            action: pending.action.as_str().into(),
+            waited_ms: waited.as_millis() as u64,
+        });
+        let error = ArbiterError::StartFailed { model: id.clone(), message: message.clone() };
+        for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        let model = &mut self.models[i];
+        model.current_mib = 0;
+        model.reserved_mib = 0;
+        self.set_state(i, ModelState::Failed, "unresponsive".into(), Some(message));
+        self.models[i].device = None;
+        self.memory_released(&id);
+        let status = self.model_status(i);
+        for reply in self.models[i].unload_waiters.drain(..) {
+            let _ = reply.send(Ok(status.clone()));
+        }
+    }
+
+    /// Ends a model's residency at once (its app went away): nothing to stop or wait for.
+    fn finish_release(&mut self, i: usize, reason: &str) {
+        let id = self.models[i].spec.id.clone();
+        let model = &mut self.models[i];
+        model.gate.close();
+        model.current_mib = 0;
+        model.reserved_mib = 0;
+        model.then_cpu = false;
+        model.draining = false;
+        self.set_state(i, ModelState::Unloaded, reason.into(), None);
+        self.models[i].device = None;
+        self.memory_released(&id);
+        let status = self.model_status(i);
+        for reply in self.models[i].unload_waiters.drain(..) {
+            let _ = reply.send(Ok(status.clone()));
+        }
+    }
+
+    /// Waiters that were waiting for this model's memory may go on.
+    fn memory_released(&mut self, id: &str) {
+        for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
+            name.remove(id);
+        }
+        self.sampler.refresh();
+    }
+
+    // ----- Ollama -----
+
+    fn on_ollama_ps(&mut self, url: &str, result: Result<Vec<OllamaLoaded>, String>) {
+        let Some(server) = self.ollama.get_mut(url) else { return };
+        let was = server.reachable;
+        match result {
+            Ok(loaded) => {
+                server.reachable = Some(true);
+                server.error = None;
+                server.loaded = loaded.clone();
+                if was == Some(false) {
+                    self.bus.publish(EventKind::OllamaReachability { url: url.into(), reachable: true, error: None });
+                }
+                for i in 0..self.models.len() {
+                    let model = &self.models[i];
+                    if model.spec.backend != Backend::Ollama || model.spec.url != url {
+                        continue;
+                    }
+                    let name = model.spec.ollama_model.clone().unwrap_or_default();
+                    let listed = loaded.iter().find(|m| ollama::same_model(&m.name, &name));
+                    let model = &mut self.models[i];
+                    if model.note.take().is_some() && model.state == ModelState::Failed {
+                        // Its Ollama answers again: it may load on the next demand.
+                        model.failures = 0;
+                        model.cooldown_until = None;
+                        model.last_error = None;
+                        self.set_state(i, ModelState::Unloaded, "ollama_back".into(), None);
+                        continue;
+                    }
+                    match (model.state, listed) {
+                        (ModelState::Ready | ModelState::Loading, Some(entry)) => {
+                            model.current_mib = entry.vram_mib;
+                            if model.state == ModelState::Ready
+                                && model.placement == Placement::Gpu
+                                && entry.vram_mib > model.learned_mib.unwrap_or(0)
+                            {
+                                model.learned_mib = Some(entry.vram_mib);
+                                if let Err(e) = self.store.record_footprint(&model.spec.id, entry.vram_mib) {
+                                    tracing::error!("{e}");
+                                    self.store_error = Some(e.to_string());
+                                }
+                            }
+                        }
+                        (ModelState::Ready, None) if model.gate.in_use() == 0 => {
+                            // Unloaded behind vramgate's back (or Ollama restarted).
+                            model.gate.close();
+                            model.current_mib = 0;
+                            self.set_state(i, ModelState::Unloaded, "gone_from_ollama".into(), None);
+                            self.models[i].device = None;
+                            let id = self.models[i].spec.id.clone();
+                            self.memory_released(&id);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(error) => {
+                server.reachable = Some(false);
+                server.error = Some(error.clone());
+                server.loaded.clear();
+                if was != Some(false) {
+                    tracing::warn!("{error}");
+                    self.bus.publish(EventKind::OllamaReachability {
+                        url: url.into(),
+                        reachable: false,
+                        error: Some(error.clone()),
+                    });
+                }
+                for i in 0..self.models.len() {
+                    let model = &mut self.models[i];
+                    if model.spec.backend != Backend::Ollama || model.spec.url != url || model.note.is_some() {
+                        continue;
+                    }
+                    if model.state == ModelState::Loading || model.state == ModelState::Unloading {
+                        // Its own request will fail and be handled there.
+                        continue;
+                    }
+                    let id = model.spec.id.clone();
+                    let message = format!("{error} (retrying with backoff)");
+                    model.note = Some(message.clone());
+                    model.last_error = Some(message.clone());
+                    model.gate.close();
+                    model.current_mib = 0;
+                    let error = ArbiterError::StartFailed { model: id.clone(), message: message.clone() };
+                    for (_, _, reply) in model.ready_waiters.drain(..) {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    if model.state != ModelState::Failed {
+                        self.set_state(i, ModelState::Failed, "ollama_unreachable".into(), Some(message));
+                    }
+                    self.models[i].device = None;
+                    self.memory_released(&id);
+                }
+            }
         }
     }
 
@@ -390,6 +883,9 @@ impl Arbiter {
                 }
                 return;
             }
+            // A user's or a mode's load of a model running in its CPU form: promote it (through
+            // the queue, like any load). A request through the proxy is served where it runs.
+            ModelState::Ready if explicit && model.placement == Placement::Cpu => {}
             ModelState::Ready => {
                 let status = self.model_status(i);
                 if let Some((_, reply)) = caller {
@@ -476,9 +972,60 @@ impl Arbiter {
         self.bus.publish(event);
     }
 
-    /// Reserves memory and starts the load task.
-    fn start_load(&mut self, i: usize, device: Option<u32>, reserved_mib: u64) {
+    /// Reserves memory and starts the load task, in the given placement. A model that runs in
+    /// its CPU form and is now loaded on the GPU (a promotion) has its CPU form stopped first.
+    fn start_load(&mut self, i: usize, device: Option<u32>, reserved_mib: u64, placement: Placement) {
         let now = Instant::now();
+        let model = &mut self.models[i];
+        let promoting = model.state == ModelState::Ready && model.placement == Placement::Cpu;
+        let demoting = model.state == ModelState::Unloading && model.then_cpu;
+        let prefers_gpu = demoting && model.prefers_gpu;
+        model.gate.close();
+        model.generation += 1;
+        model.device = device;
+        model.reserved_mib = reserved_mib;
+        model.current_mib = 0;
+        model.resident_since = now;
+        model.placement = placement;
+        model.then_cpu = false;
+        model.prefers_gpu = prefers_gpu;
+        model.note = None;
+        model.gate.touch();
+        model.gpu_pids.clear();
+        // Admitted: waiting for memory (queue_timeout) is over; now the start may take up to
+        // ready_timeout, and its callers wait for that rather than give up mid-start.
+        let started_by = deadline_after(model.spec.ready_timeout + Duration::from_secs(1));
+        for (deadline, _, _) in &mut model.ready_waiters {
+            *deadline = (*deadline).max(started_by);
+        }
+        let reason = if promoting {
+            "promoted"
+        } else if demoting {
+            "demoted"
+        } else {
+            "requested"
+        };
+        self.set_state(i, ModelState::Loading, reason.into(), None);
+        match self.models[i].spec.backend {
+            Backend::Process => self.start_process(i, device, placement),
+            Backend::Ollama => self.start_ollama(i, placement),
+            Backend::External => {
+                let action = if placement == Placement::Gpu { Action::Gpu } else { Action::Cpu };
+                if !self.instruct(i, action) {
+                    let id = self.models[i].spec.id.clone();
+                    self.fail_start(
+                        i,
+                        format!(
+                            "no app is attached to external model {id}: the app that holds it attaches with \
+                             POST /vramgate/models/{id}/attach (Python: client.attach(\"{id}\", on_place=...))"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn start_process(&mut self, i: usize, device: Option<u32>, placement: Placement) {
         let port = match process::free_port() {
             Ok(port) => port,
             Err(e) => {
@@ -486,25 +1033,18 @@ impl Arbiter {
                 return;
             }
         };
+        // A promotion: the CPU form stops before the GPU form starts (they share the model id,
+        // and often a port range and files).
+        let previous = self.models[i].process.take();
+        if let Some(previous) = &previous
+            && let Err(e) = self.store.forget_process(previous.pid)
+        {
+            tracing::error!("{e}");
+        }
         let model = &mut self.models[i];
-        model.generation += 1;
-        model.device = device;
         model.port = Some(port);
-        model.reserved_mib = reserved_mib;
-        model.current_mib = 0;
-        model.resident_since = now;
-        model.gate.touch();
-        model.gpu_pids.clear();
         let spec = model.spec.clone();
         let generation = model.generation;
-        // Admitted: waiting for memory (queue_timeout) is over; now the start may take up to
-        // ready_timeout, and its callers wait for that rather than give up mid-start.
-        let started_by = deadline_after(spec.ready_timeout + Duration::from_secs(1));
-        for (deadline, _, _) in &mut model.ready_waiters {
-            *deadline = (*deadline).max(started_by);
-        }
-        self.set_state(i, ModelState::Loading, "requested".into(), None);
-
         let expand = |text: &str| process::expand(text, port, &spec.id, device);
         let mut env: std::collections::BTreeMap<String, String> =
             spec.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect();
@@ -513,8 +1053,13 @@ impl Arbiter {
         }
         env.insert("VRAMGATE_MODEL_ID".into(), spec.id.clone());
         env.insert("VRAMGATE_PORT".into(), port.to_string());
+        env.insert("VRAMGATE_PLACEMENT".into(), placement.as_str().into());
+        let argv = match (placement, &spec.cpu_argv) {
+            (Placement::Cpu, Some(cpu_argv)) => cpu_argv,
+            _ => &spec.argv,
+        };
         let spawn_spec = SpawnSpec {
-            argv: spec.argv.iter().map(|a| expand(a)).collect(),
+            argv: argv.iter().map(|a| expand(a)).collect(),
             env,
             cwd: spec.cwd.clone(),
             log_file: self.log_dir.as_ref().map(|d| d.join(format!("{}.log", spec.id))),
@@ -528,6 +1073,9 @@ impl Arbiter {
         let commands = self.commands.clone();
         let model_id = spec.id.clone();
         tokio::spawn(async move {
+            if let Some(previous) = previous {
+                previous.stop(spec.stop_timeout).await;
+            }
             let handle = match spawner.spawn(spawn_spec).await {
                 Ok(handle) => handle,
                 Err(e) => {
@@ -544,7 +1092,7 @@ impl Arbiter {
             if result.is_ok()
                 && let Some(warmup) = &spec.warmup
             {
-                result = warm_up(&http, port, warmup, spec.ready_timeout).await;
+                result = warm_up(&http, &format!("http://127.0.0.1:{port}"), warmup, spec.ready_timeout).await;
                 if result.is_err() {
                     handle.stop(spec.stop_timeout).await;
                 }
@@ -552,6 +1100,30 @@ impl Arbiter {
             let _ = commands.send(Command::LoadFinished { model: model_id.clone(), generation, result }).await;
             let exit = handle.wait_exit().await;
             let _ = commands.send(Command::Exited { model: model_id, generation, exit }).await;
+        });
+    }
+
+    /// Asks Ollama to load the model (kept until vramgate releases it), reads its footprint from
+    /// `/api/ps`, then sends the warmup if any.
+    fn start_ollama(&mut self, i: usize, placement: Placement) {
+        let model = &mut self.models[i];
+        model.port = None;
+        let spec = model.spec.clone();
+        let generation = model.generation;
+        let http = self.http.clone();
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            let name = spec.ollama_model.clone().unwrap_or_default();
+            let cpu = placement == Placement::Cpu;
+            let mut result = ollama::load(&http, &spec.url, &name, &spec.options, cpu, spec.ready_timeout).await;
+            if result.is_ok() {
+                let listed = ollama::ps(&http, &spec.url, Duration::from_secs(5)).await;
+                let _ = commands.send(Command::OllamaPs { url: spec.url.clone(), result: listed }).await;
+                if let Some(warmup) = &spec.warmup {
+                    result = warm_up(&http, &spec.url, warmup, spec.ready_timeout).await;
+                }
+            }
+            let _ = commands.send(Command::LoadFinished { model: spec.id.clone(), generation, result }).await;
         });
     }
 
@@ -599,10 +1171,14 @@ impl Arbiter {
                 model.cooldown_until = None;
                 model.last_error = None;
                 model.used_once = true;
-                if let Some(upstream) = model.upstream() {
-                    model.gate.open(&upstream);
-                }
+                model.open_gate();
+                let placement = model.placement;
                 self.set_state(i, ModelState::Ready, "ready".into(), None);
+                self.bus.publish(EventKind::ModelPlaced {
+                    model: id.to_string(),
+                    placement: placement.as_str().into(),
+                    reason: "ready".into(),
+                });
                 self.sampler.refresh();
                 self.answer_ready(i);
             }
@@ -670,6 +1246,17 @@ impl Arbiter {
             ModelState::Ready | ModelState::Loading => {}
             _ => return false,
         }
+        let model = &self.models[i];
+        let evicted = reason != "requested" && reason != "idle";
+        if evicted
+            && model.state == ModelState::Ready
+            && model.placement == Placement::Gpu
+            && model.spec.on_evict == OnEvict::Cpu
+            && model.spec.has_cpu_form()
+        {
+            // Its policy says: keep serving from the CPU rather than unload.
+            return self.demote(i, reason, false);
+        }
         if reason == "requested" {
             self.models[i].gate.close();
         } else if !self.models[i].gate.close_if_idle() {
@@ -691,8 +1278,56 @@ impl Arbiter {
         true
     }
 
-    /// Stops the process (if running) and waits until its memory is back, in a task.
+    /// Releases the model in a task and reports `Released` when its memory is back: the process
+    /// stopped and gone from the probe's list, Ollama's `/api/ps` no longer listing it, or the app
+    /// acknowledging `release` (or `cpu`, for a demotion).
     fn begin_release_task(&mut self, i: usize) {
+        match self.models[i].spec.backend {
+            Backend::Process => self.release_process(i),
+            Backend::Ollama => {
+                let model = &self.models[i];
+                let spec = model.spec.clone();
+                let generation = model.generation;
+                let http = self.http.clone();
+                let commands = self.commands.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let name = spec.ollama_model.clone().unwrap_or_default();
+                    let limit = spec.stop_timeout + spec.release_timeout;
+                    let timed_out = match ollama::unload(&http, &spec.url, &name, limit).await {
+                        Ok(gone) => !gone,
+                        Err(e) => {
+                            // An Ollama that cannot be reached holds nothing we could free.
+                            tracing::warn!(model = %spec.id, "release: {e}");
+                            false
+                        }
+                    };
+                    let waited = started.elapsed();
+                    let _ = commands.send(Command::Released { model: spec.id, generation, timed_out, waited }).await;
+                });
+            }
+            Backend::External => {
+                let action = if self.models[i].then_cpu { Action::Cpu } else { Action::Release };
+                if !self.instruct(i, action) {
+                    // No app (any more): nothing holds the memory.
+                    let model = &self.models[i];
+                    let command = Command::Released {
+                        model: model.spec.id.clone(),
+                        generation: model.generation,
+                        timed_out: false,
+                        waited: Duration::ZERO,
+                    };
+                    let commands = self.commands.clone();
+                    tokio::spawn(async move {
+                        let _ = commands.send(command).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stops the process (if running) and waits until its memory is back, in a task.
+    fn release_process(&mut self, i: usize) {
         let model = &mut self.models[i];
         let handle = model.process.clone();
         let mut pids = model.gpu_pids.clone();
@@ -740,6 +1375,19 @@ impl Arbiter {
     fn on_released(&mut self, id: &str, generation: u64, timed_out: bool, waited: Duration) {
         let Some(i) = self.find_generation(id, generation) else { return };
         if self.models[i].state != ModelState::Unloading {
+            return;
+        }
+        if self.models[i].then_cpu {
+            // A demotion (an external model without an app ends here too): the GPU form is
+            // gone; start the CPU form.
+            if let Some(process) = self.models[i].process.take()
+                && let Err(e) = self.store.forget_process(process.pid)
+            {
+                tracing::error!("{e}");
+            }
+            self.models[i].port = None;
+            self.memory_released(id);
+            self.start_load(i, None, 0, Placement::Cpu);
             return;
         }
         if timed_out {
@@ -965,14 +1613,22 @@ impl Arbiter {
                     .filter(|l| l.grant.model.is_none() && l.grant.device == Some(d.index))
                     .map(|l| l.grant.vram_mib)
                     .sum();
-                let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held);
+                // Ollama's runners are not our processes either; what the models vramgate loaded
+                // there use is counted as those models (from `/api/ps`), not again as foreign.
+                let in_ollama: u64 = self
+                    .models
+                    .iter()
+                    .filter(|m| m.spec.backend == Backend::Ollama && m.on_gpu() && m.device == Some(d.index))
+                    .map(|m| m.current_mib)
+                    .sum();
+                let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held).saturating_sub(in_ollama);
                 DeviceState { index: d.index, usable_mib: d.usable_mib, foreign_mib: foreign }
             })
             .collect();
         let residents = self
             .models
             .iter()
-            .filter(|m| m.holds_memory())
+            .filter(|m| m.on_gpu())
             .filter_map(|m| {
                 Some(Resident {
                     id: m.spec.id.clone(),
@@ -1039,7 +1695,7 @@ impl Arbiter {
                     index += 1;
                     continue;
                 }
-                let resident = self.models.iter().filter(|m| m.holds_memory()).count() as u32;
+                let resident = self.models.iter().filter(|m| m.on_gpu()).count() as u32;
                 if self.settings.resident_cap > 0 && resident >= self.settings.resident_cap {
                     let (_, residents, _) = self.policy_inputs();
                     let victim = policy::cap_victim(&residents, millis_since(self.started, now));
@@ -1134,6 +1790,39 @@ impl Arbiter {
             }
         }
         self.apply_draining();
+        self.promote_demoted();
+    }
+
+    /// Models demoted to the CPU to make room go back to the GPU once they fit without evicting
+    /// anything, when nobody waits in the queue and they are idle.
+    fn promote_demoted(&mut self) {
+        if !self.queue.is_empty() {
+            return;
+        }
+        let loading = self.models.iter().filter(|m| m.state == ModelState::Loading).count() as u32;
+        if loading >= self.settings.max_parallel_loads {
+            return;
+        }
+        let Some(i) = (0..self.models.len()).find(|&i| {
+            let m = &self.models[i];
+            m.prefers_gpu && m.state == ModelState::Ready && m.placement == Placement::Cpu && m.gate.in_use() == 0
+        }) else {
+            return;
+        };
+        let (devices, residents, holds) = self.policy_inputs();
+        let model = &self.models[i];
+        let request = Request {
+            requester: model.spec.id.clone(),
+            mib: self.load_reservation(i, model.spec.device),
+            device: model.spec.device,
+            priority: model.spec.priority,
+            exclusive: false,
+        };
+        if let Decision::Admit { device } =
+            policy::decide(&devices, &residents, &holds, &request, millis_since(self.started, Instant::now()))
+        {
+            self.start_load(i, Some(device), request.mib, Placement::Gpu);
+        }
     }
 
     /// Closes the gates of the models some waiter is waiting to swap out (in-flight requests
@@ -1196,7 +1885,8 @@ impl Arbiter {
             Pending::Load { model } => {
                 let i = self.index(model).ok()?;
                 let m = &self.models[i];
-                if m.state != ModelState::Unloaded && m.state != ModelState::Failed {
+                let promotion = m.state == ModelState::Ready && m.placement == Placement::Cpu;
+                if m.state != ModelState::Unloaded && m.state != ModelState::Failed && !promotion {
                     return None;
                 }
                 let mib = self.load_reservation(i, m.spec.device);
@@ -1253,7 +1943,7 @@ impl Arbiter {
                         // Everyone who wanted it gave up.
                         return;
                     }
-                    self.start_load(i, device, mib);
+                    self.start_load(i, device, mib, Placement::Gpu);
                 }
             }
             Pending::Lease { request, reply, .. } => {
@@ -1304,11 +1994,22 @@ impl Arbiter {
                 consider(*deadline);
             }
         }
+        for model in &self.models {
+            if let Some(pending) = &model.pending_ack {
+                consider(pending.deadline);
+            }
+        }
         next
     }
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        // Apps that did not acknowledge in time.
+        for i in 0..self.models.len() {
+            if let Some(pending) = self.models[i].pending_ack.take_if(|p| p.deadline <= now) {
+                self.unresponsive(i, pending);
+            }
+        }
         // Idle TTL.
         let idle: Vec<usize> = (0..self.models.len())
             .filter(|&i| self.models[i].idle_expiry(self.started).is_some_and(|expiry| expiry <= now))
@@ -1366,8 +2067,18 @@ impl Arbiter {
         self.seen = view.clone();
         let mut owners: HashMap<u32, usize> = HashMap::new();
         for (i, model) in self.models.iter().enumerate() {
+            // A CPU form's processes are not the model's GPU footprint: what they use anyway
+            // counts as foreign.
+            if model.placement == Placement::Cpu {
+                continue;
+            }
             if let Some(process) = &model.process {
                 owners.insert(process.pid, i);
+            }
+            if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid)
+                && model.on_gpu()
+            {
+                owners.insert(pid, i);
             }
         }
         let mut process_models = HashMap::new();
@@ -1390,11 +2101,17 @@ impl Arbiter {
         for i in 0..self.models.len() {
             let used = usage.get(&i).copied().unwrap_or(0);
             let model = &mut self.models[i];
-            if !model.holds_memory() {
+            // Ollama models are measured from `/api/ps`.
+            if !model.on_gpu() || model.spec.backend == Backend::Ollama {
                 continue;
             }
             model.current_mib = used;
-            if model.state == ModelState::Ready && used > model.learned_mib.unwrap_or(0) {
+            // An app's process may hold more than the model: its use is not learned as the
+            // model's footprint.
+            if model.state == ModelState::Ready
+                && model.spec.backend == Backend::Process
+                && used > model.learned_mib.unwrap_or(0)
+            {
                 model.learned_mib = Some(used);
                 if let Err(e) = self.store.record_footprint(&model.spec.id, used) {
                     tracing::error!("{e}");
@@ -1448,11 +2165,11 @@ impl Arbiter {
             retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
             last_error: m.last_error.clone(),
             aliases: m.spec.aliases.clone(),
-            placement: (m.state == ModelState::Ready).then(|| "gpu".to_string()),
+            placement: (m.state == ModelState::Ready).then(|| m.placement.as_str().to_string()),
             expires_at: m
                 .idle_expiry(self.started)
                 .map(|t| self.started_wall + chrono::Duration::milliseconds(millis_since(self.started, t) as i64)),
-            note: None,
+            note: m.note.clone(),
         }
     }
 
@@ -1473,11 +2190,47 @@ impl Arbiter {
             .collect();
         leases.sort_by(|a, b| a.id.cmp(&b.id));
         let degraded_reasons = self.store_error.iter().map(|e| format!("state database: {e}")).collect();
+        let mut degraded_reasons: Vec<String> = degraded_reasons;
+        let mut ollama = Vec::new();
+        for (url, server) in &self.ollama {
+            if server.reachable == Some(false) {
+                degraded_reasons.push(format!(
+                    "Ollama at {url} does not answer ({}); its models are failed until it returns (retrying)",
+                    server.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+            let models = server
+                .loaded
+                .iter()
+                .map(|entry| OllamaModelStatus {
+                    name: entry.name.clone(),
+                    vram_mib: entry.vram_mib,
+                    managed_as: self
+                        .models
+                        .iter()
+                        .find(|m| {
+                            m.spec.backend == Backend::Ollama
+                                && m.spec.url == *url
+                                && m.holds_memory()
+                                && m.spec.ollama_model.as_deref().is_some_and(|n| ollama::same_model(n, &entry.name))
+                        })
+                        .map(|m| m.spec.id.clone()),
+                })
+                .collect();
+            ollama.push(OllamaStatus {
+                url: url.clone(),
+                reachable: server.reachable,
+                error: server.error.clone(),
+                models,
+            });
+        }
         self.view.send_replace(Arc::new(ArbiterView {
             models,
             leases,
             process_models: self.process_models.clone(),
             degraded_reasons,
+            mode: self.mode.clone(),
+            ollama,
         }));
     }
 
@@ -1505,6 +2258,28 @@ impl Arbiter {
     }
 }
 
+/// Reads an Ollama's `/api/ps` every second while it answers, backing off to
+/// `OLLAMA_BACKOFF_MAX` while it does not, and reports each answer to the arbiter.
+async fn watch_ollama(
+    url: String,
+    http: reqwest::Client,
+    commands: mpsc::Sender<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut pause = OLLAMA_POLL;
+    loop {
+        let result = ollama::ps(&http, &url, Duration::from_secs(2)).await;
+        pause = if result.is_ok() { OLLAMA_POLL } else { (pause * 2).min(OLLAMA_BACKOFF_MAX) };
+        if commands.send(Command::OllamaPs { url: url.clone(), result }).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 fn mark_blocked(blocked: &mut BTreeSet<u32>, blocked_all: &mut bool, device: Option<u32>) {
     match device {
         Some(d) => {
@@ -1517,11 +2292,11 @@ fn mark_blocked(blocked: &mut BTreeSet<u32>, blocked_all: &mut bool, device: Opt
 /// Sends the model's warmup request; any answer but 2xx fails the start.
 async fn warm_up(
     http: &reqwest::Client,
-    port: u16,
+    base: &str,
     warmup: &crate::config::Warmup,
     limit: Duration,
 ) -> Result<(), String> {
-    let url = format!("http://127.0.0.1:{port}{}", warmup.path);
+    let url = format!("{base}{}", warmup.path);
     let response = http
         .post(&url)
         .json(&warmup.body)

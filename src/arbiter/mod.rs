@@ -8,14 +8,17 @@
 mod actor;
 pub mod gate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::backend::external::Instruction;
+use crate::backend::ollama::OllamaLoaded;
 use crate::backend::process::{ExitInfo, LogBuffer, ProcessHandle};
-use crate::status::{LeaseStatus, ModelStatus};
+use crate::config::ModeConfig;
+use crate::status::{LeaseStatus, ModelStatus, OllamaStatus};
 
 pub use actor::{Arbiter, ArbiterSettings};
 
@@ -28,8 +31,13 @@ pub struct ArbiterView {
     pub leases: Vec<LeaseStatus>,
     /// Which managed model each GPU process belongs to, by pid.
     pub process_models: HashMap<u32, String>,
-    /// Reasons the scheduling side is degraded (a failing state database).
+    /// Reasons the scheduling side is degraded (a failing state database, an unreachable
+    /// Ollama).
     pub degraded_reasons: Vec<String>,
+    /// The mode applied last.
+    pub mode: Option<String>,
+    /// Each Ollama server the models use: reachable or not, and what it has loaded.
+    pub ollama: Vec<OllamaStatus>,
 }
 
 /// Why a request to the arbiter failed. Each message names the numbers a person needs.
@@ -89,6 +97,25 @@ pub enum ArbiterError {
     /// The daemon is stopping.
     #[error("vramgate is shutting down")]
     ShuttingDown,
+    /// The request does not make sense for this model (e.g. attaching to a process model).
+    #[error("{0}")]
+    Invalid(String),
+    /// Something named in the request does not exist (a mode, an attachment, an instruction).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the model's state (another app is attached, it is busy).
+    #[error("{0}")]
+    Conflict(String),
+    /// A step of a mode switch failed; the steps before it stay done.
+    #[error("mode {mode}: {step}: {inner}")]
+    InMode {
+        /// The mode being applied.
+        mode: String,
+        /// The step that failed, e.g. `loading vlm on the GPU`.
+        step: String,
+        /// Why.
+        inner: Box<ArbiterError>,
+    },
 }
 
 /// A request for a lease.
@@ -157,6 +184,35 @@ pub(crate) enum Command {
     LoadFinished { model: String, generation: u64, result: Result<(), String> },
     Exited { model: String, generation: u64, exit: ExitInfo },
     Released { model: String, generation: u64, timed_out: bool, waited: Duration },
+    PlaceCpu { name: String, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
+    Attach { name: String, pid: Option<u32>, holder: String, reply: oneshot::Sender<Result<Attached, ArbiterError>> },
+    Detach { name: String, session: String },
+    Ack { name: String, ack: Ack, reply: oneshot::Sender<Result<(), ArbiterError>> },
+    OllamaPs { url: String, result: Result<Vec<OllamaLoaded>, String> },
+    ModeApplied { name: String, reply: oneshot::Sender<Result<(), ArbiterError>> },
+}
+
+/// An app's attachment to an external model, as the HTTP layer streams it.
+pub struct Attached {
+    /// Names the attachment in acknowledgements.
+    pub session: String,
+    /// The instructions to write on the stream.
+    pub instructions: mpsc::UnboundedReceiver<Instruction>,
+}
+
+/// An app's acknowledgement of an instruction.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// The attachment's session.
+    pub session: String,
+    /// The instruction's number.
+    pub seq: u64,
+    /// Whether the app carried it out.
+    pub ok: bool,
+    /// Why not, when it did not.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Releases a lease whose grant arrived after its caller stopped waiting.
@@ -187,6 +243,10 @@ pub struct ArbiterHandle {
     gates: Arc<HashMap<String, Arc<gate::ModelGate>>>,
     /// `[aliases]`: names with candidate models.
     groups: Arc<HashMap<String, Vec<String>>>,
+    /// `[modes]`.
+    modes: Arc<BTreeMap<String, ModeConfig>>,
+    /// Mode switches run one at a time.
+    mode_switch: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ArbiterHandle {
@@ -282,5 +342,63 @@ impl ArbiterHandle {
     /// The latest view.
     pub fn view(&self) -> Arc<ArbiterView> {
         self.view.borrow().clone()
+    }
+
+    /// Puts a model in its CPU form (loading it there, or demoting it from the GPU) and waits
+    /// until it serves from there.
+    pub async fn place_cpu(&self, name: &str) -> Result<ModelStatus, ArbiterError> {
+        self.ask(|reply| Command::PlaceCpu { name: name.to_string(), reply }).await
+    }
+
+    /// Attaches an app to an external model; it receives instructions until the returned stream
+    /// is dropped, which detaches it and releases what it held.
+    pub async fn attach(&self, name: &str, pid: Option<u32>, holder: &str) -> Result<Attached, ArbiterError> {
+        self.ask(|reply| Command::Attach { name: name.to_string(), pid, holder: holder.to_string(), reply }).await
+    }
+
+    /// Detaches an app (its stream is gone), without waiting.
+    pub fn detach_detached(&self, name: &str, session: &str) {
+        let command = Command::Detach { name: name.to_string(), session: session.to_string() };
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.commands.try_send(command) {
+            let commands = self.commands.clone();
+            tokio::spawn(async move {
+                let _ = commands.send(command).await;
+            });
+        }
+    }
+
+    /// An app's acknowledgement of an instruction.
+    pub async fn ack(&self, name: &str, ack: Ack) -> Result<(), ArbiterError> {
+        self.ask(|reply| Command::Ack { name: name.to_string(), ack, reply }).await
+    }
+
+    /// The `[modes]` table.
+    pub fn modes(&self) -> &BTreeMap<String, ModeConfig> {
+        &self.modes
+    }
+
+    /// Applies a mode: unloads, then CPU placements (demotions), then GPU loads, each waited
+    /// for, stopping at the first error. Mode switches are serialized.
+    pub async fn set_mode(&self, name: &str) -> Result<Vec<ModelStatus>, ArbiterError> {
+        let Some(mode) = self.modes.get(name).cloned() else {
+            let known: Vec<&str> = self.modes.keys().map(String::as_str).collect();
+            let list = if known.is_empty() { "none defined".to_string() } else { known.join(", ") };
+            return Err(ArbiterError::NotFound(format!("unknown mode {name:?} (modes: {list})")));
+        };
+        let _serial = self.mode_switch.lock().await;
+        let fail = |step: String| {
+            move |inner: ArbiterError| ArbiterError::InMode { mode: name.to_string(), step, inner: Box::new(inner) }
+        };
+        for id in &mode.unload {
+            self.unload(id).await.map_err(fail(format!("unloading {id}")))?;
+        }
+        for id in &mode.cpu {
+            self.place_cpu(id).await.map_err(fail(format!("placing {id} on the CPU")))?;
+        }
+        for id in mode.gpu_models() {
+            self.load(&id, true).await.map_err(fail(format!("loading {id} on the GPU")))?;
+        }
+        self.ask(|reply| Command::ModeApplied { name: name.to_string(), reply }).await?;
+        Ok(self.view().models.clone())
     }
 }

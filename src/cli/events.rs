@@ -60,6 +60,23 @@ pub(crate) fn describe(event: &Event) -> String {
         EventKind::MemoryReleaseTimeout { model, waited_ms } => {
             format!("model {model}: memory not back after {waited_ms} ms")
         }
+        EventKind::ModeChanged { from, to } => match from {
+            Some(from) => format!("mode {from} -> {to}"),
+            None => format!("mode {to}"),
+        },
+        EventKind::ModelPlaced { model, placement, reason } => format!("{model} now on {placement} ({reason})"),
+        EventKind::ExternalAttachment { model, change, holder, pid } => match pid {
+            Some(pid) => format!("{model}: app {holder} (pid {pid}) {change}"),
+            None => format!("{model}: app {holder} {change}"),
+        },
+        EventKind::ExternalUnresponsive { model, action, waited_ms } => {
+            format!("{model}: the app did not acknowledge `{action}` within {waited_ms} ms; no longer counted on")
+        }
+        EventKind::OllamaReachability { url, reachable, error } => match (reachable, error) {
+            (true, _) => format!("Ollama at {url} answers again"),
+            (false, Some(error)) => format!("Ollama at {url} unreachable: {error}"),
+            (false, None) => format!("Ollama at {url} unreachable"),
+        },
         EventKind::LeftoverReaped { pid, model } => format!("stopped leftover pid {pid} of model {model}"),
         EventKind::EventsLost { count } => format!("{count} event(s) lost: this client fell behind"),
     };

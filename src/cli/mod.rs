@@ -44,6 +44,8 @@ enum Command {
     Unload(models::ModelArgs),
     /// Print a model server's output.
     Logs(models::LogsArgs),
+    /// Apply a `[modes.NAME]` (releases and CPU placements first, then loads), or show modes.
+    Mode(models::ModeArgs),
     /// Hold a VRAM lease while a command runs; exit with the command's status (75 if no lease).
     Run(run::RunArgs),
     /// Work with configuration files.
@@ -78,6 +80,7 @@ pub fn main() -> ExitCode {
         Command::Load(args) => with_runtime(models::load(args)),
         Command::Unload(args) => with_runtime(models::unload(args)),
         Command::Logs(args) => with_runtime(models::logs(args)),
+        Command::Mode(args) => with_runtime(models::mode(args)),
         Command::Run(args) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(run::run(args)).unwrap_or_else(|e| fail(&e)),
             Err(e) => fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),

@@ -1,4 +1,4 @@
-//! `vramgate load`, `unload` and `logs`.
+//! `vramgate load`, `unload`, `logs` and `mode`.
 
 use std::io::Write;
 
@@ -55,6 +55,48 @@ pub(super) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
         if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
             return Ok(()); // Closed pipe: the reader has what it wanted.
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ModeArgs {
+    /// The `[modes.NAME]` to apply; without it, show the current mode and the modes defined.
+    name: Option<String>,
+    #[command(flatten)]
+    daemon: DaemonUrl,
+}
+
+/// Applies a mode (unloads and CPU placements first, then GPU loads) and prints where each of
+/// its models ended up; or shows the modes.
+pub(super) async fn mode(args: ModeArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.daemon.url)?;
+    let Some(name) = args.name else {
+        let answer = client.mode().await?;
+        let current = answer["mode"].as_str().unwrap_or("none");
+        super::print_line(&format!("current mode: {current}"));
+        if let Some(modes) = answer["modes"].as_object() {
+            for (name, lists) in modes {
+                let list = |key: &str| {
+                    let ids: Vec<&str> =
+                        lists[key].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                    if ids.is_empty() { "-".to_string() } else { ids.join(", ") }
+                };
+                super::print_line(&format!(
+                    "  {name}: gpu {}; cpu {}; unload {}",
+                    list("gpu"),
+                    list("cpu"),
+                    list("unload")
+                ));
+            }
+        }
+        return Ok(());
+    };
+    let models = client.set_mode(&name).await?;
+    super::print_line(&format!("mode {name} applied"));
+    for status in &models {
+        let placement = status.placement.as_deref().map(|p| format!(" [{p}]")).unwrap_or_default();
+        super::print_line(&format!("  {}{placement}", describe(status)));
     }
     Ok(())
 }

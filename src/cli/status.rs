@@ -167,6 +167,7 @@ mod tests {
             models: vec![],
             leases: vec![],
             mode: None,
+            ollama: Vec::new(),
             sampled_at: None,
         };
         let table = render_table(&status);
