@@ -229,20 +229,10 @@ pub(super) async fn ps(State(state): State<AppState>) -> Json<Value> {
 
 /// Reads the request body (bounded by `proxy.max_body`) as a JSON object.
 async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>, Response> {
-    let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
+    let body = match super::openai::read_body(state, body).await {
         Ok(body) => body,
-        Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
-                || e.to_string().contains("length limit");
-            if too_large {
-                return Err(error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is larger than proxy.max_body ({} MiB)", state.max_body_bytes >> 20),
-                ));
-            }
-            return Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")));
-        }
+        Err(super::openai::BodyError::TooLarge(message)) => return Err(error(StatusCode::PAYLOAD_TOO_LARGE, message)),
+        Err(super::openai::BodyError::Unreadable(message)) => return Err(error(StatusCode::BAD_REQUEST, message)),
     };
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(StatusCode::BAD_REQUEST, "the request has no body: send JSON with a `model` field"));

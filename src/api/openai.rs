@@ -205,24 +205,38 @@ const HOP_BY_HOP: [&str; 11] = [
     "host",
 ];
 
+/// Why a request body could not be read; the message says it for a person.
+pub(super) enum BodyError {
+    /// Over `proxy.max_body` (413).
+    TooLarge(String),
+    /// Broken off or otherwise unreadable (400).
+    Unreadable(String),
+}
+
+/// Reads a whole request body, bounded by `proxy.max_body`.
+pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, BodyError> {
+    axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
+            || e.to_string().contains("length limit");
+        if too_large {
+            BodyError::TooLarge(format!(
+                "the request body is larger than proxy.max_body ({} MiB)",
+                state.max_body_bytes >> 20
+            ))
+        } else {
+            BodyError::Unreadable(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
 /// Every `/v1/...` request that names a model: find, pin (loading if needed), forward, stream.
 pub(super) async fn forward(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
+    let body = match read_body(&state, body).await {
         Ok(body) => body,
-        Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
-                || e.to_string().contains("length limit");
-            if too_large {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is larger than proxy.max_body ({} MiB)", state.max_body_bytes >> 20),
-                    "body_too_large",
-                );
-            }
-            return error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"), "invalid_body");
-        }
+        Err(BodyError::TooLarge(message)) => return error(StatusCode::PAYLOAD_TOO_LARGE, message, "body_too_large"),
+        Err(BodyError::Unreadable(message)) => return error(StatusCode::BAD_REQUEST, message, "invalid_body"),
     };
     let name = match model_name(&parts.headers, &body).await {
         Ok(name) => name,
