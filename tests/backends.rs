@@ -374,3 +374,40 @@ async fn seed_001_autopilot_and_recording_with_idle_unload_and_reload_on_demand(
     assert_eq!(app.actions(), ["gpu", "cpu", "gpu"]);
     app.exit();
 }
+
+/// The one-shot form for apps that cannot keep a stream open: a model lease on an external model
+/// (acquire), renewed by heartbeat, released with DELETE or by expiry.
+#[tokio::test]
+async fn an_app_without_a_stream_acquires_renews_and_releases_its_external_model() {
+    let daemon = start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n".into());
+    let pid = std::process::id();
+    let (code, grant) = daemon
+        .post("/vramgate/leases", json!({"model": "clip", "holder": "batch-job", "ttl": "30s", "pid": pid}))
+        .await;
+    assert_eq!(code, 201, "{grant}");
+    let clip = daemon.model("clip").await;
+    assert_eq!((clip["state"].as_str(), clip["placement"].as_str()), (Some("ready"), Some("gpu")));
+    assert_eq!(clip["in_use"], 1, "held by the lease: never evicted");
+    // The app loads the model itself; its memory is the model's, not foreign.
+    let claim = Daemon::sim_dir_for(&daemon.dir).join("0").join(pid.to_string());
+    write_atomically(&claim, "1000");
+    daemon
+        .wait_for_status(5 * SECOND, "the app's memory attributed to clip", |s| {
+            s["devices"][0]["processes"].as_array().is_some_and(|p| p.iter().any(|p| p["model"] == "clip"))
+        })
+        .await;
+    let id = grant["id"].as_str().unwrap().to_string();
+    let (code, renewed) = daemon.post(&format!("/vramgate/leases/{id}/renew"), Value::Null).await;
+    assert_eq!(code, 200, "{renewed}");
+
+    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    daemon.wait_model_state("clip", "unloaded", 3 * SECOND).await;
+    let _ = std::fs::remove_file(&claim);
+
+    // Expiry ends it the same way.
+    let (code, grant) = daemon.post("/vramgate/leases", json!({"model": "clip", "ttl": "300ms"})).await;
+    assert_eq!(code, 201, "{grant}");
+    assert_eq!(daemon.model("clip").await["state"], "ready");
+    daemon.wait_model_state("clip", "unloaded", 3 * SECOND).await;
+}

@@ -65,6 +65,9 @@ pub(super) struct CreateLease {
     model: Option<String>,
     #[serde(default)]
     hold: HoldMode,
+    /// The holder's pid: with `model` naming an external model, its GPU memory is the model's.
+    #[serde(default)]
+    pid: Option<u32>,
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<LeaseStatus>> {
@@ -108,6 +111,7 @@ pub(super) async fn create(State(state): State<AppState>, body: Bytes) -> Result
         wait: body.wait.map(Span::get).unwrap_or(state.queue_timeout),
         ttl,
         model: body.model,
+        pid: body.pid,
     };
     // If the client disconnects while this waits, the handler is dropped with the reply channel
     // and the arbiter gives the lease straight back when it would have granted it.

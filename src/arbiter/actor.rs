@@ -104,6 +104,10 @@ struct Model {
     attachment: Option<Attachment>,
     /// External models: the instruction waiting for the app's acknowledgement.
     pending_ack: Option<PendingAck>,
+    /// External models held in the one-shot form (a model lease, no attached app): loaded
+    /// without an instruction (the lease holder loads it itself once granted) and released when
+    /// the lease ends. The holder's pid, if it gave one, is attributed to the model.
+    oneshot: Option<Option<u32>>,
     /// Why it needs attention (shown in status).
     note: Option<String>,
     /// The largest footprint measured, from the store and this run.
@@ -312,6 +316,7 @@ impl Arbiter {
                 prefers_gpu: false,
                 attachment: None,
                 pending_ack: None,
+                oneshot: None,
                 note: None,
             })
             .collect();
@@ -1011,7 +1016,18 @@ impl Arbiter {
             Backend::Ollama => self.start_ollama(i, placement),
             Backend::External => {
                 let action = if placement == Placement::Gpu { Action::Gpu } else { Action::Cpu };
-                if !self.instruct(i, action) {
+                if self.models[i].oneshot.is_some() && self.models[i].attachment.is_none() {
+                    // Granted to a lease holder that loads the model itself.
+                    let finished = Command::LoadFinished {
+                        model: self.models[i].spec.id.clone(),
+                        generation: self.models[i].generation,
+                        result: Ok(()),
+                    };
+                    let commands = self.commands.clone();
+                    tokio::spawn(async move {
+                        let _ = commands.send(finished).await;
+                    });
+                } else if !self.instruct(i, action) {
                     let id = self.models[i].spec.id.clone();
                     self.fail_start(
                         i,
@@ -1514,6 +1530,10 @@ impl Arbiter {
             }
             return;
         }
+        if self.models[i].spec.backend == Backend::External && self.models[i].attachment.is_none() {
+            // The one-shot form: the lease holder is the app.
+            self.models[i].oneshot = Some(request.pid);
+        }
         let deadline = deadline_after(request.wait);
         let (ready_tx, ready_rx) = oneshot::channel();
         let id = self.models[i].spec.id.clone();
@@ -1582,6 +1602,16 @@ impl Arbiter {
     fn release_lease(&mut self, id: &str, reason: &str) -> Result<(), ArbiterError> {
         // Dropping the lease drops its pin, if any: the model is idle again (and touched).
         let lease = self.leases.remove(id).ok_or_else(|| ArbiterError::UnknownLease(id.to_string()))?;
+        // The end of a one-shot hold of an external model is its release (unless another such
+        // lease still holds it).
+        if let Some(i) = lease.grant.model.as_ref().and_then(|m| self.index(m).ok())
+            && self.models[i].oneshot.is_some()
+            && !self.leases.values().any(|l| l.grant.model.as_deref() == Some(self.models[i].spec.id.as_str()))
+        {
+            self.models[i].oneshot = None;
+            drop(lease._pin);
+            let _ = self.begin_unload(i, "requested".into());
+        }
         self.bus.publish(EventKind::LeaseReleased {
             id: id.to_string(),
             holder: lease.grant.holder,
@@ -2075,7 +2105,7 @@ impl Arbiter {
             if let Some(process) = &model.process {
                 owners.insert(process.pid, i);
             }
-            if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid)
+            if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid).or(model.oneshot.flatten())
                 && model.on_gpu()
             {
                 owners.insert(pid, i);

@@ -138,6 +138,9 @@ pub struct LeaseRequest {
     pub ttl: Option<Duration>,
     /// A model lease: load this model (on demand) and keep it in use (never evicted) while held.
     pub model: Option<String>,
+    /// The holder's process. For a model lease on an external model that no app is attached to
+    /// (the one-shot form: acquire, renew, release), this process's GPU memory is the model's.
+    pub pid: Option<u32>,
 }
 
 /// A granted lease.
