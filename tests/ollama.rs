@@ -185,3 +185,41 @@ async fn openai_requests_for_an_ollama_model_go_to_ollama_under_its_name() {
         requests.as_array().unwrap().iter().find(|r| r["path"] == "/v1/chat/completions").expect("forwarded");
     assert_eq!(forwarded["body"]["model"], "llama3.2:3b");
 }
+
+#[tokio::test]
+async fn a_mode_places_an_ollama_model_on_the_cpu_with_num_gpu_zero_and_back() {
+    let sim = tempfile::tempdir().unwrap();
+    let ollama = FakeOllama::start(sim.path(), 0);
+    let url = ollama.url.clone();
+    let sim_dir = sim.path().to_path_buf();
+    let daemon = Daemon::start(move |_| {
+        format!(
+            "{}[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n\
+             [modes.quiet]\ncpu = [\"llama\"]\n[modes.busy]\ngpu = [\"llama\"]\n",
+            sim_config(&sim_dir, 8000, "50ms", "reserve_mib = 0")
+        )
+    });
+    let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "busy"})).await;
+    assert_eq!(code, 200, "{body}");
+    daemon.wait_for_status(5 * SECOND, "llama on the GPU at 2048", |s| model(s, "llama")["vram_mib"] == 2048).await;
+
+    let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
+    assert_eq!(code, 200, "{body}");
+    let status = daemon.status().await;
+    assert_eq!(
+        (model(&status, "llama")["state"].as_str(), model(&status, "llama")["placement"].as_str()),
+        (Some("ready"), Some("cpu"))
+    );
+    assert_eq!(model(&status, "llama")["vram_mib"], 0, "on the CPU it counts no GPU memory");
+    let listed = ollama.get("/api/ps").await;
+    assert_eq!(listed["models"][0]["size_vram"], 0, "{listed}");
+    let requests = ollama.get("/fake/requests").await;
+    let last_load = requests.as_array().unwrap().iter().rev().find(|r| r["body"]["keep_alive"] == -1).unwrap();
+    assert_eq!(last_load["body"]["options"]["num_gpu"], 0);
+
+    let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "busy"})).await;
+    assert_eq!(code, 200, "{body}");
+    let status = daemon.status().await;
+    assert_eq!(model(&status, "llama")["placement"], "gpu");
+    assert!(ollama.get("/api/ps").await["models"][0]["size_vram"].as_u64().unwrap_or(0) > 0);
+}
