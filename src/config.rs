@@ -508,7 +508,10 @@ impl ModelSpec {
         use crate::arbiter::gate::UpstreamKind;
         match self.backend {
             Backend::Process => UpstreamKind::OpenAi,
-            Backend::Ollama => UpstreamKind::Ollama { model: self.ollama_model.clone().unwrap_or_default() },
+            Backend::Ollama => UpstreamKind::Ollama {
+                model: self.ollama_model.clone().unwrap_or_default(),
+                options: self.options.clone(),
+            },
             Backend::External => UpstreamKind::External,
         }
     }

@@ -115,6 +115,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         log_dir: Some(state_dir.join("logs")),
         aliases: config.aliases.clone(),
         modes: config.modes.clone(),
+        critical_pct: config.gpu.critical_pct,
     };
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
         .context("cannot start the arbiter")?;

@@ -356,6 +356,17 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
             Err(response) => response,
         };
     }
+    // Refused before anything loads: loading an external model for a request it cannot serve
+    // would tell its app to take GPU memory for nothing.
+    if !is_load_call(endpoint, &object) && state.arbiter.gate(&name).is_some_and(|g| g.kind == UpstreamKind::External) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model {name} runs inside an attached application and serves no requests through vramgate; \
+                 a generate without a prompt loads it"
+            ),
+        );
+    }
     let (gate, pin) = match pin_model(&state, &name).await {
         Ok(pinned) => pinned,
         Err(response) => return reshape(response).await,
@@ -365,8 +376,8 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
     }
     let load_duration = started.elapsed();
     match pin.kind().clone() {
-        UpstreamKind::Ollama { model } => {
-            pass_through(&state, &gate, pin, parts.uri.path_and_query(), parts.headers, object, &model).await
+        UpstreamKind::Ollama { .. } => {
+            pass_through(&state, &gate, pin, parts.uri.path_and_query(), parts.headers, object).await
         }
         UpstreamKind::OpenAi => {
             let request = Translation { endpoint, asked, name, started, load_duration };
@@ -423,9 +434,29 @@ async fn send(
 /// The body for a model inside Ollama: `model` becomes Ollama's name for it, and `keep_alive`
 /// goes (vramgate loaded it to stay and decides when it leaves; without the field Ollama keeps
 /// the duration it was loaded with).
-fn ollama_body(mut object: Map<String, Value>, ollama_model: &str) -> Map<String, Value> {
+/// The body Ollama gets: its own name for the model, no `keep_alive` (vramgate owns the idle
+/// TTL), and the model's configured `options` over the client's (plus `num_gpu = 0` while it runs
+/// on the CPU): Ollama reloads a model whose options differ, and vramgate owns its size and
+/// placement.
+fn ollama_body(
+    mut object: Map<String, Value>,
+    ollama_model: &str,
+    configured: &Map<String, Value>,
+    on_cpu: bool,
+) -> Map<String, Value> {
     object.insert("model".into(), Value::String(ollama_model.to_string()));
     object.remove("keep_alive");
+    let mut options = match object.remove("options") {
+        Some(Value::Object(options)) => options,
+        _ => Map::new(),
+    };
+    options.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if on_cpu {
+        options.insert("num_gpu".into(), Value::from(0));
+    }
+    if !options.is_empty() {
+        object.insert("options".into(), Value::Object(options));
+    }
     object
 }
 
@@ -438,9 +469,12 @@ async fn pass_through(
     path_and_query: Option<&axum::http::uri::PathAndQuery>,
     mut headers: HeaderMap,
     object: Map<String, Value>,
-    ollama_model: &str,
 ) -> Response {
-    let body = Value::Object(ollama_body(object, ollama_model)).to_string().into_bytes();
+    let body = match pin.kind() {
+        UpstreamKind::Ollama { model, options } => ollama_body(object, model, options, pin.on_cpu),
+        _ => object,
+    };
+    let body = Value::Object(body).to_string().into_bytes();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -949,7 +983,12 @@ impl Progress {
         }
         if let Some(calls) = choice["delta"]["tool_calls"].as_array() {
             for (position, call) in calls.iter().enumerate() {
-                let index = call["index"].as_u64().map_or(position, |i| i as usize);
+                // A model server's index is not trusted to size memory: at most one past the
+                // calls seen so far.
+                let index = call["index"]
+                    .as_u64()
+                    .map_or(position, |i| usize::try_from(i).unwrap_or(usize::MAX))
+                    .min(self.tool_calls.len());
                 if self.tool_calls.len() <= index {
                     self.tool_calls.resize_with(index + 1, ToolCall::default);
                 }
@@ -1230,8 +1269,12 @@ mod tests {
     fn the_ollama_body_names_ollamas_model_and_drops_keep_alive() {
         let object = json!({"model": "chat", "keep_alive": 0, "messages": [], "options": {"num_ctx": 8192}});
         let Value::Object(object) = object else { unreachable!() };
-        let body = Value::Object(ollama_body(object, "llama3.2:3b"));
+        let body = Value::Object(ollama_body(object.clone(), "llama3.2:3b", &Map::new(), false));
         assert_eq!(body, json!({"model": "llama3.2:3b", "messages": [], "options": {"num_ctx": 8192}}));
+        // The model's configured options win over the client's, and the CPU form is kept.
+        let configured = self::object(json!({"num_ctx": 4096}));
+        let body = Value::Object(ollama_body(object, "llama3.2:3b", &configured, true));
+        assert_eq!(body["options"], json!({"num_ctx": 4096, "num_gpu": 0}));
     }
 
     fn object(value: Value) -> Map<String, Value> {

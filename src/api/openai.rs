@@ -242,6 +242,10 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Ok(name) => name,
         Err(response) => return response,
     };
+    // Refused before anything loads: an external model serves its requests inside its app.
+    if state.arbiter.gate(&name).is_some_and(|g| g.kind == UpstreamKind::External) {
+        return external_refusal(&name);
+    }
     let (gate, pin) = match pin_model(&state, &name).await {
         Ok(pinned) => pinned,
         Err(response) => return response,
@@ -249,7 +253,7 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     let mut headers = parts.headers;
     let body = match pin.kind() {
         UpstreamKind::OpenAi => body,
-        UpstreamKind::Ollama { model } => match renamed_for_ollama(&body, model) {
+        UpstreamKind::Ollama { model, .. } => match renamed_for_ollama(&body, model) {
             Some(renamed) => {
                 // The length changed with the name; hyper sets the new one.
                 headers.remove(header::CONTENT_LENGTH);
@@ -257,17 +261,8 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
             }
             None => body,
         },
-        UpstreamKind::External => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "model {} is an external model: it runs inside the app attached to it, which serves its own \
-                     requests; vramgate only places it",
-                    gate.id
-                ),
-                "invalid_request_error",
-            );
-        }
+        // Reached through an alias.
+        UpstreamKind::External => return external_refusal(&gate.id),
     };
     // The request goes on as it came, with the model's address and without hop-by-hop headers:
     // its header map is moved, not rebuilt (this is the per-request path).
@@ -322,6 +317,17 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
     }
     let stall = state.stall_timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
     Response::from_parts(head, Body::new(PinnedBody { inner: incoming, stall, _pin: pin }))
+}
+
+fn external_refusal(id: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "model {id} is an external model: it runs inside the app attached to it, which serves its own requests; \
+             vramgate only places it"
+        ),
+        "invalid_request_error",
+    )
 }
 
 /// A JSON body with its `model` field set to Ollama's name of the model (Ollama's OpenAI-compatible

@@ -77,6 +77,9 @@ pub struct ArbiterSettings {
     pub aliases: std::collections::BTreeMap<String, Vec<String>>,
     /// `[modes]`.
     pub modes: std::collections::BTreeMap<String, ModeConfig>,
+    /// `[gpu] critical_pct`: a model demoted to the CPU is promoted back only if the device stays
+    /// below it.
+    pub critical_pct: f64,
 }
 
 /// One model's state.
@@ -110,6 +113,8 @@ struct Model {
     oneshot: Option<Option<u32>>,
     /// Why it needs attention (shown in status).
     note: Option<String>,
+    /// When its state last changed: an `/api/ps` answer older than that may predate the change.
+    changed_at: Instant,
     /// The largest footprint measured, from the store and this run.
     learned_mib: Option<u64>,
     /// What its processes use now.
@@ -177,9 +182,10 @@ impl Model {
     /// Opens its gate: requests may use it. External models are used inside their app, so their
     /// gate carries no address.
     fn open_gate(&self) {
+        let on_cpu = self.placement == Placement::Cpu;
         match self.upstream() {
-            Some(upstream) => self.gate.open(&upstream),
-            None if self.spec.backend == Backend::External => self.gate.open(""),
+            Some(upstream) => self.gate.open_on(&upstream, on_cpu),
+            None if self.spec.backend == Backend::External => self.gate.open_on("", on_cpu),
             None => {}
         }
     }
@@ -248,6 +254,8 @@ pub struct Arbiter {
     /// The mode applied last.
     mode: Option<String>,
     next_session: u64,
+    /// See [`ArbiterSettings::critical_pct`].
+    critical_pct: f64,
 }
 
 fn millis_since(origin: Instant, t: Instant) -> u64 {
@@ -318,6 +326,7 @@ impl Arbiter {
                 pending_ack: None,
                 oneshot: None,
                 note: None,
+                changed_at: now,
             })
             .collect();
         let arbiter = Arbiter {
@@ -347,6 +356,7 @@ impl Arbiter {
             ollama,
             mode: None,
             next_session: 0,
+            critical_pct: settings.critical_pct,
         };
         let groups = Arc::new(aliases.into_iter().collect());
         let handle = ArbiterHandle {
@@ -474,6 +484,14 @@ impl Arbiter {
                 let _ = reply.send(self.on_ack(&name, ack));
             }
             Command::OllamaPs { url, result } => self.on_ollama_ps(&url, result),
+            Command::OneshotEnded { model } => {
+                let held = self.leases.values().any(|l| l.grant.model.as_deref() == Some(model.as_str()));
+                if let Ok(i) = self.index(&model)
+                    && !held
+                {
+                    self.models[i].oneshot = None;
+                }
+            }
             Command::ModeApplied { name, reply } => {
                 let from = self.mode.replace(name.clone());
                 self.bus.publish(EventKind::ModeChanged { from, to: name });
@@ -502,19 +520,28 @@ impl Arbiter {
             ))));
             return;
         }
+        if model.oneshot.is_some() {
+            let _ = reply.send(Err(ArbiterError::Conflict(format!(
+                "model {id} is held by a lease in the one-shot form: its holder cannot be told to move it; \
+                 release the lease first"
+            ))));
+            return;
+        }
         // The caller waits like a load caller; the pin in the answer is dropped at once.
         let (ready, answer) = oneshot::channel();
-        let deadline = deadline_after(model.spec.ready_timeout + model.spec.stop_timeout + model.spec.release_timeout);
+        let deadline = deadline_after(
+            model.spec.ready_timeout.saturating_add(model.spec.stop_timeout).saturating_add(model.spec.release_timeout),
+        );
         match (model.state, model.placement) {
             (ModelState::Ready, Placement::Cpu) => {
+                // Where it was asked to be: no promotion back by itself.
+                self.models[i].prefers_gpu = false;
                 let _ = reply.send(Ok(self.model_status(i)));
                 return;
             }
             (ModelState::Loading | ModelState::Unloading, _) => {
-                let _ = reply.send(Err(ArbiterError::Conflict(format!(
-                    "model {id} is {}; place it on the CPU once that is done",
-                    model.state
-                ))));
+                // Placed once the load or unload in progress is done.
+                self.when_settled(&id, deadline, move |name| Command::PlaceCpu { name, reply });
                 return;
             }
             (ModelState::Ready, Placement::Gpu) => {
@@ -532,6 +559,21 @@ impl Arbiter {
                 Err(_) => Err(ArbiterError::ShuttingDown),
             };
             let _ = reply.send(result);
+        });
+    }
+
+    /// Sends a command again once the model is neither loading nor unloading (or at `deadline`),
+    /// for requests that must wait for a transition in progress rather than fail.
+    fn when_settled(&self, id: &str, deadline: Instant, command: impl FnOnce(String) -> Command + Send + 'static) {
+        let mut view = self.view.subscribe();
+        let commands = self.commands.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let settled = |view: &ArbiterView| {
+                view.models.iter().find(|m| m.id == id).is_none_or(|m| m.state != "loading" && m.state != "unloading")
+            };
+            let _ = tokio::time::timeout_at(deadline.into(), view.wait_for(|v| settled(v))).await;
+            let _ = commands.send(command(id)).await;
         });
     }
 
@@ -677,17 +719,16 @@ impl Arbiter {
                     self.answer_ready(i);
                 }
                 Some(message) => {
-                    // Still on the GPU.
+                    // The app cannot move it to the CPU: release it instead (asking again would
+                    // only get the same answer).
                     let model = &mut self.models[i];
                     model.then_cpu = false;
                     model.note = Some(message.clone());
-                    model.open_gate();
-                    self.set_state(i, ModelState::Ready, "demotion_failed".into(), Some(message.clone()));
-                    for (_, _, reply) in self.models[i].ready_waiters.drain(..) {
+                    for (_, _, reply) in model.ready_waiters.drain(..) {
                         let _ =
                             reply.send(Err(ArbiterError::StartFailed { model: id.clone(), message: message.clone() }));
                     }
-                    self.memory_released(&id);
+                    self.begin_release_task(i);
                 }
             },
             (ModelState::Unloading, Action::Release) => {
@@ -737,6 +778,24 @@ impl Arbiter {
         }
     }
 
+    /// Takes an Ollama model that Ollama has loaded as ready (on the GPU if it holds GPU memory).
+    fn adopt_ollama(&mut self, i: usize, vram_mib: u64) {
+        let device = self.models[i].spec.device.or_else(|| self.seen.devices.first().map(|d| d.index));
+        let model = &mut self.models[i];
+        model.generation += 1;
+        model.placement = if vram_mib > 0 { Placement::Gpu } else { Placement::Cpu };
+        model.device = device;
+        model.current_mib = vram_mib;
+        model.reserved_mib = 0;
+        model.then_cpu = false;
+        model.prefers_gpu = false;
+        model.resident_since = Instant::now();
+        model.used_once = true;
+        model.gate.touch();
+        model.open_gate();
+        self.set_state(i, ModelState::Ready, "adopted".into(), None);
+    }
+
     /// Ends a model's residency at once (its app went away): nothing to stop or wait for.
     fn finish_release(&mut self, i: usize, reason: &str) {
         let id = self.models[i].spec.id.clone();
@@ -783,16 +842,29 @@ impl Arbiter {
                     }
                     let name = model.spec.ollama_model.clone().unwrap_or_default();
                     let listed = loaded.iter().find(|m| ollama::same_model(&m.name, &name));
+                    // An answer may have been on its way while the model changed state (a load
+                    // finished, a release completed): only a settled model is judged by it.
+                    let settled = model.changed_at.elapsed() > 2 * OLLAMA_POLL;
                     let model = &mut self.models[i];
                     if model.note.take().is_some() && model.state == ModelState::Failed {
-                        // Its Ollama answers again: it may load on the next demand.
+                        // Its Ollama answers again: it may load on the next demand, or it is
+                        // still loaded there (vramgate asked for keep_alive -1), and is adopted.
                         model.failures = 0;
                         model.cooldown_until = None;
                         model.last_error = None;
-                        self.set_state(i, ModelState::Unloaded, "ollama_back".into(), None);
+                        match listed {
+                            Some(entry) => self.adopt_ollama(i, entry.vram_mib),
+                            None => self.set_state(i, ModelState::Unloaded, "ollama_back".into(), None),
+                        }
                         continue;
                     }
                     match (model.state, listed) {
+                        (ModelState::Unloaded | ModelState::Failed, Some(entry)) if settled => {
+                            // Loaded with vramgate's name but not by vramgate now (a release that
+                            // could not reach Ollama, or a load by hand): it is this model, so it
+                            // is counted and idles out like one.
+                            self.adopt_ollama(i, entry.vram_mib);
+                        }
                         (ModelState::Ready | ModelState::Loading, Some(entry)) => {
                             model.current_mib = entry.vram_mib;
                             if model.state == ModelState::Ready
@@ -806,7 +878,7 @@ impl Arbiter {
                                 }
                             }
                         }
-                        (ModelState::Ready, None) if model.gate.in_use() == 0 => {
+                        (ModelState::Ready, None) if model.gate.in_use() == 0 && settled => {
                             // Unloaded behind vramgate's back (or Ollama restarted).
                             model.gate.close();
                             model.current_mib = 0;
@@ -880,6 +952,15 @@ impl Arbiter {
         let Ok(i) = self.index(id) else { return };
         let now = Instant::now();
         let model = &mut self.models[i];
+        let moving_to_cpu = (model.state == ModelState::Unloading && model.then_cpu)
+            || (model.state == ModelState::Loading && model.placement == Placement::Cpu);
+        if explicit && moving_to_cpu {
+            // A user's load means the GPU: once the CPU form is up, it is promoted.
+            if let Some((deadline, reply)) = caller {
+                self.when_settled(id, deadline, move |name| Command::Load { name, explicit: true, reply });
+            }
+            return;
+        }
         match model.state {
             ModelState::Ready if model.draining => {
                 // It is being swapped out: wait for it behind the swap, then load it again.
@@ -953,7 +1034,11 @@ impl Arbiter {
             ModelState::Unloaded | ModelState::Failed => {
                 let _ = reply.send(Ok(self.model_status(i)));
             }
-            ModelState::Unloading => self.models[i].unload_waiters.push(reply),
+            ModelState::Unloading => {
+                // A demotion in progress becomes a plain release.
+                self.models[i].then_cpu = false;
+                self.models[i].unload_waiters.push(reply);
+            }
             ModelState::Loading | ModelState::Ready => {
                 self.models[i].unload_waiters.push(reply);
                 let _ = self.begin_unload(i, "requested".into());
@@ -965,6 +1050,7 @@ impl Arbiter {
         let model = &mut self.models[i];
         let from = model.state;
         model.state = to;
+        model.changed_at = Instant::now();
         let event = EventKind::ModelState {
             model: model.spec.id.clone(),
             from,
@@ -1088,8 +1174,16 @@ impl Arbiter {
         let http = self.http.clone();
         let commands = self.commands.clone();
         let model_id = spec.id.clone();
+        let gate = self.models[i].gate.clone();
         tokio::spawn(async move {
             if let Some(previous) = previous {
+                // Requests already streaming from the CPU form finish first (the gate is closed,
+                // so no new ones start), up to `ready_timeout`. Polled: this runs once per
+                // promotion, and the arbiter's idle signal belongs to the arbiter.
+                let drain_until = Instant::now() + spec.ready_timeout;
+                while gate.in_use() > 0 && Instant::now() < drain_until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 previous.stop(spec.stop_timeout).await;
             }
             let handle = match spawner.spawn(spawn_spec).await {
@@ -1553,6 +1647,8 @@ impl Arbiter {
                 }
                 Ok(Err(e)) => {
                     let _ = reply.send(Err(e));
+                    // No lease came of it: a one-shot claim on an external model ends here.
+                    let _ = commands.send(Command::OneshotEnded { model: id }).await;
                 }
                 Err(_) => {
                     let _ = reply.send(Err(ArbiterError::ShuttingDown));
@@ -1833,6 +1929,10 @@ impl Arbiter {
         if loading >= self.settings.max_parallel_loads {
             return;
         }
+        let resident = self.models.iter().filter(|m| m.on_gpu()).count() as u32;
+        if self.settings.resident_cap > 0 && resident >= self.settings.resident_cap {
+            return;
+        }
         let Some(i) = (0..self.models.len()).find(|&i| {
             let m = &self.models[i];
             m.prefers_gpu && m.state == ModelState::Ready && m.placement == Placement::Cpu && m.gate.in_use() == 0
@@ -1851,7 +1951,15 @@ impl Arbiter {
         if let Decision::Admit { device } =
             policy::decide(&devices, &residents, &holds, &request, millis_since(self.started, Instant::now()))
         {
-            self.start_load(i, Some(device), request.mib, Placement::Gpu);
+            // Not back into pressure: it was probably demoted to relieve it. The device must stay
+            // below `critical` with the model on it.
+            let calm = !self.pressure.contains(&device)
+                && self.seen.devices.iter().find(|d| d.index == device).is_some_and(|d| {
+                    (d.used_mib + request.mib) as f64 * 100.0 < self.critical_pct * d.total_mib as f64
+                });
+            if calm {
+                self.start_load(i, Some(device), request.mib, Placement::Gpu);
+            }
         }
     }
 
@@ -1871,9 +1979,7 @@ impl Arbiter {
                 model.draining = false;
                 if ready {
                     // The swap is off (its waiter was served or gave up): serve again.
-                    if let Some(upstream) = model.upstream() {
-                        model.gate.open(&upstream);
-                    }
+                    model.open_gate();
                     self.answer_ready(i);
                 }
             }

@@ -24,10 +24,17 @@ pub enum UpstreamKind {
     Ollama {
         /// Ollama's name for it (`ollama_model`, e.g. `llama3.2:3b`).
         model: String,
+        /// The model's configured `options`: a request without them would make Ollama reload
+        /// the model with its defaults (a different size).
+        options: serde_json::Map<String, serde_json::Value>,
     },
     /// A model inside a client application: nothing to forward requests to.
     External,
 }
+
+/// Where a serving model listens (the URL and its parsed authority) and whether it runs in its
+/// CPU form.
+type Serving = (Arc<str>, Option<Authority>, bool);
 
 /// One model's gate.
 pub struct ModelGate {
@@ -35,8 +42,9 @@ pub struct ModelGate {
     pub id: String,
     /// The protocol of its upstream.
     pub kind: UpstreamKind,
-    /// The upstream base URL while the model is ready; `None` otherwise.
-    serving: RwLock<Option<(Arc<str>, Option<Authority>)>>,
+    /// The upstream base URL while the model is ready, and whether it runs in its CPU form;
+    /// `None` otherwise.
+    serving: RwLock<Option<Serving>>,
     in_use: AtomicU32,
     /// Milliseconds since `origin` of the last unpin (or of becoming ready).
     last_used_ms: AtomicU64,
@@ -53,6 +61,9 @@ pub struct Pin {
     pub upstream: Arc<str>,
     /// The same, parsed once when the model became ready (the proxy builds URIs from it).
     pub authority: Option<Authority>,
+    /// Whether the model runs in its CPU form (an Ollama model must then be asked with
+    /// `num_gpu = 0`, or Ollama moves it back to the GPU behind vramgate's back).
+    pub on_cpu: bool,
 }
 
 impl ModelGate {
@@ -71,11 +82,11 @@ impl ModelGate {
     /// Pins the model if it is serving. `None` means: ask the arbiter (it is not ready).
     pub fn try_pin(self: &Arc<Self>) -> Option<Pin> {
         let serving = self.serving.read().ok()?;
-        let (upstream, authority) = serving.as_ref()?.clone();
+        let (upstream, authority, on_cpu) = serving.as_ref()?.clone();
         // Incremented under the read lock: `close_if_idle` cannot slip in between.
         self.in_use.fetch_add(1, Ordering::AcqRel);
         drop(serving);
-        Some(Pin { gate: self.clone(), upstream, authority })
+        Some(Pin { gate: self.clone(), upstream, authority, on_cpu })
     }
 
     /// Requests (and model leases) using it now.
@@ -93,11 +104,17 @@ impl ModelGate {
     }
 
     /// Opens the gate: the model is ready at `upstream`.
+    #[cfg(test)]
     pub(crate) fn open(&self, upstream: &str) {
+        self.open_on(upstream, false);
+    }
+
+    /// Opens the gate: the model is ready at `upstream`, in its CPU form if `on_cpu`.
+    pub(crate) fn open_on(&self, upstream: &str, on_cpu: bool) {
         self.touch();
         if let Ok(mut serving) = self.serving.write() {
             let authority = upstream.strip_prefix("http://").and_then(|a| a.parse::<Authority>().ok());
-            *serving = Some((Arc::from(upstream), authority));
+            *serving = Some((Arc::from(upstream), authority, on_cpu));
         }
     }
 

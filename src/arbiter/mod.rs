@@ -192,6 +192,7 @@ pub(crate) enum Command {
     Detach { name: String, session: String },
     Ack { name: String, ack: Ack, reply: oneshot::Sender<Result<(), ArbiterError>> },
     OllamaPs { url: String, result: Result<Vec<OllamaLoaded>, String> },
+    OneshotEnded { model: String },
     ModeApplied { name: String, reply: oneshot::Sender<Result<(), ArbiterError>> },
 }
 

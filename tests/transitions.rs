@@ -1,5 +1,7 @@
-//! Reproductions of bugs found in review of the Ollama/external backends, CPU placement and modes.
-//! Each test fails on the code as reviewed, for the reason in its doc comment.
+//! End-to-end: transitions that overlap (an unload during a demotion, a load during one, a
+//! promotion while the CPU form streams, pressure, the resident cap, one-shot leases, an Ollama
+//! that pauses), and hostile input. Each test was written in review against a bug it proved; its
+//! doc comment says what used to go wrong.
 
 mod common;
 
@@ -130,7 +132,7 @@ async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: impl F
     }
 }
 
-/// BUG: `vramgate unload` of a model while it is being demoted to the CPU is never answered, and
+/// Used to fail: `vramgate unload` of a model while it is being demoted to the CPU is never answered, and
 /// the model ends up ready on the CPU instead of unloaded. `request_unload` parks the caller in
 /// `unload_waiters` of an `Unloading` model, but `on_released` with `then_cpu` starts the CPU
 /// form and returns without looking at `unload_waiters`.
@@ -168,7 +170,7 @@ async fn an_unload_during_a_demotion_is_answered_and_the_model_ends_unloaded() {
     let _ = mode.await;
 }
 
-/// BUG: an external model whose app cannot carry out `cpu` is re-evicted and re-demoted in a
+/// Used to fail: an external model whose app cannot carry out `cpu` is re-evicted and re-demoted in a
 /// tight loop: the `demotion_failed` path in `on_ack` makes it `ready` on the GPU again and calls
 /// `memory_released`, so the waiting load is reconsidered at once, evicts it again, and the app
 /// gets another `cpu` instruction, as fast as it can answer.
@@ -198,7 +200,7 @@ async fn a_failed_external_demotion_is_not_retried_in_a_tight_loop() {
     app.exit();
 }
 
-/// BUG: a model demoted under pressure (`on_evict = "cpu"`) is promoted straight back by
+/// Used to fail: a model demoted under pressure (`on_evict = "cpu"`) is promoted straight back by
 /// `promote_demoted`, which only asks the policy whether it fits (usable − foreign), not whether
 /// the device would be back at the emergency level; pressure relief then demotes it again, and so
 /// on: the model flaps between GPU and CPU for as long as the pressure lasts.
@@ -238,7 +240,7 @@ async fn a_model_demoted_under_pressure_does_not_flap_between_gpu_and_cpu() {
     );
 }
 
-/// BUG: a mode that puts a model on the CPU does not stick if that model had been demoted by an
+/// Used to fail: a mode that puts a model on the CPU does not stick if that model had been demoted by an
 /// eviction before: `place_cpu` answers "already there" without clearing `prefers_gpu`, so
 /// `promote_demoted` moves it back to the GPU as soon as there is room, against the mode.
 #[tokio::test]
@@ -262,7 +264,7 @@ async fn a_model_a_mode_put_on_the_cpu_is_not_promoted_back() {
     .await;
 }
 
-/// BUG: a one-shot model lease on an external model that is not granted (here: it timed out)
+/// Used to fail: a one-shot model lease on an external model that is not granted (here: it timed out)
 /// leaves `oneshot` set; from then on a plain `vramgate load` of that model "succeeds" with no app
 /// attached (ready on the GPU, its memory reserved for nobody), instead of failing with the
 /// documented message that says how to attach.
@@ -282,7 +284,7 @@ async fn a_failed_one_shot_lease_does_not_make_an_external_model_loadable_withou
     assert!(body.to_string().contains("attach"), "{body}");
 }
 
-/// BUG (README: "Held this way the model is in use, so it is never evicted or demoted"): a mode
+/// Used to fail (README: "Held this way the model is in use, so it is never evicted or demoted"): a mode
 /// demotes an external model held in the one-shot form. `place_cpu` → `demote(forced)` ignores
 /// the lease's pin; with no app to instruct, the "demotion" completes at once and status says the
 /// model is on the CPU, while the lease holder, who was never told, keeps using the GPU (now
@@ -302,7 +304,7 @@ async fn a_mode_does_not_demote_an_external_model_held_by_a_one_shot_lease() {
     );
 }
 
-/// BUG: a mode fails halfway when a model in its `cpu` list happens to be loading (a request, a
+/// Used to fail: a mode fails halfway when a model in its `cpu` list happens to be loading (a request, a
 /// preload or an automatic promotion just started it): `place_cpu` answers 409 "is loading; place
 /// it on the CPU once that is done" instead of waiting, although the README says each step is
 /// waited for. The same happens to `initial_mode` with a preloaded model.
@@ -321,7 +323,7 @@ async fn a_mode_waits_for_a_model_that_is_loading_instead_of_failing() {
     let _ = load.await;
 }
 
-/// BUG: `vramgate load` of a model while it is being demoted answers 200 with the model on the
+/// Used to fail: `vramgate load` of a model while it is being demoted answers 200 with the model on the
 /// CPU. The README says a load of a model on the CPU promotes it; here the load's caller joins the
 /// demotion's `ready_waiters` and is answered when the CPU form is ready.
 #[tokio::test]
@@ -380,7 +382,7 @@ impl Drop for FakeOllama {
     }
 }
 
-/// BUG: an Ollama that stops answering for a few seconds (busy, paused) and comes back leaves the
+/// Used to fail: an Ollama that stops answering for a few seconds (busy, paused) and comes back leaves the
 /// model vramgate had loaded there loaded forever (`keep_alive: -1`) behind vramgate's back:
 /// the `Err` branch of `on_ollama_ps` marks the model `failed` without releasing it, and the
 /// recovery path makes it `unloaded` although `/api/ps` still lists it. Its memory is then
@@ -413,7 +415,7 @@ async fn an_ollama_that_pauses_and_returns_does_not_keep_vramgates_model_loaded_
         .await;
 }
 
-/// BUG: `promote_demoted` ignores `[scheduler] resident_cap`: a model demoted to make room under
+/// Used to fail: `promote_demoted` ignores `[scheduler] resident_cap`: a model demoted to make room under
 /// the cap is promoted straight back as soon as the memory allows it, so more models are resident
 /// on the GPU than the cap permits.
 #[tokio::test]
@@ -443,7 +445,7 @@ async fn a_promotion_does_not_exceed_the_resident_cap() {
     .await;
 }
 
-/// BUG: promoting a model from its CPU form (`vramgate load` of a model a mode put on the CPU)
+/// Used to fail: promoting a model from its CPU form (`vramgate load` of a model a mode put on the CPU)
 /// stops the CPU form even while a request is streaming from it: `start_load` closes the gate with
 /// `close()` (not `close_if_idle`) and `start_process` stops the previous process at once. The
 /// README: "While the answer is being sent the model is in use and never evicted".
@@ -491,7 +493,7 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
     let _ = load.await;
 }
 
-/// BUG (panic on input): the Ollama surface's translation of a streamed OpenAI answer trusts the
+/// Used to fail (panic on input): the Ollama surface's translation of a streamed OpenAI answer trusts the
 /// model server's `tool_calls[].index` and grows a vector to that length
 /// (`src/api/ollama.rs`, `Progress::event`: `self.tool_calls.resize_with(index + 1, ..)`). An
 /// index of 1e11 asks for terabytes: the allocation fails and the whole daemon aborts.
@@ -543,7 +545,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     });
 }
 
-/// BUG (same cause as `a_mode_waits_for_a_model_that_is_loading_instead_of_failing`):
+/// Used to fail (same cause as `a_mode_waits_for_a_model_that_is_loading_instead_of_failing`):
 /// `initial_mode` never applies when a model of its `cpu` list is also `preload`ed: the arbiter
 /// starts the preload before it reads the mode's first command, so `place_cpu` always finds the
 /// model `loading` and the mode fails with 409 (only logged); the daemon runs without a mode.
@@ -572,7 +574,7 @@ async fn the_initial_mode_applies_even_when_one_of_its_cpu_models_is_preloaded()
     }
 }
 
-/// BUG: a `/v1/...` request naming an external model is refused with 400 ("it runs inside the
+/// Used to fail: a `/v1/...` request naming an external model is refused with 400 ("it runs inside the
 /// app attached to it ... vramgate only places it") only after `pin_model` has loaded it: the
 /// app is told to put the model on the GPU, the memory is reserved (evicting idle models if
 /// needed), and it stays there until its TTL. A refused request should have no such effect.
