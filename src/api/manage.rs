@@ -53,11 +53,17 @@ pub(super) async fn index() -> impl IntoResponse {
          POST {PREFIX}/models/NAME/load       load and wait until ready\n\
          POST {PREFIX}/models/NAME/unload     unload and wait until the memory is back\n\
          GET {PREFIX}/models/NAME/logs        ?tail=N&follow=true\n\
-         POST {PREFIX}/leases                 hold VRAM: {{\"holder\", \"vram\", \"device\", \"exclusive\", \"priority\", \"wait\", \"ttl\", \"model\", \"hold\"}}\n\
+         POST {PREFIX}/leases                 hold VRAM: {{\"holder\", \"vram\", \"device\", \"exclusive\", \"priority\", \"wait\", \"ttl\", \"model\", \"hold\", \"pid\"}}\n\
          GET {PREFIX}/leases                  leases held\n\
          POST {PREFIX}/leases/ID/renew        heartbeat\n\
          DELETE {PREFIX}/leases/ID            release\n\
-         GET /metrics          Prometheus metrics\n",
+         POST {PREFIX}/models/NAME/attach     an app attaches to its external model (NDJSON instructions)\n\
+         POST {PREFIX}/models/NAME/ack        the app acknowledges an instruction\n\
+         POST {PREFIX}/mode                   apply a mode: {{\"mode\": \"NAME\"}}\n\
+         GET {PREFIX}/mode                    the current mode and the modes defined\n\
+         GET /metrics          Prometheus metrics\n\
+         POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/audio/*, GET /v1/models: OpenAI-compatible\n\
+         POST /api/chat, /api/generate, /api/embed, GET /api/tags, /api/ps, /api/version: Ollama-compatible\n",
         version = env!("CARGO_PKG_VERSION")
     );
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text)

@@ -227,6 +227,41 @@ pub(super) async fn ps(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "models": models }))
 }
 
+/// The most JSON values (array elements and object members) a request body may hold: about 100 MiB
+/// once parsed; real requests (messages, base64 images, a token context) hold far fewer.
+const MAX_JSON_VALUES: usize = 2_000_000;
+
+/// Only the `model` field; everything else is skipped without being built.
+#[derive(serde::Deserialize)]
+struct ModelOnly<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Counts the values in a JSON text: commas and opening brackets outside strings, an upper bound
+/// on the elements a parse would build.
+fn json_value_count(bytes: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (0, false, false);
+    for &byte in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b',' | b'[' | b'{' => count += 1,
+                _ => {}
+            }
+        }
+    }
+    count
+}
+
 /// Reads the request body (bounded by `proxy.max_body`) as a JSON object.
 async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>, Response> {
     let body = match super::openai::read_body(state, body).await {
@@ -236,6 +271,23 @@ async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>,
     };
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(StatusCode::BAD_REQUEST, "the request has no body: send JSON with a `model` field"));
+    }
+    // A parsed JSON value costs far more than its text for small elements (`[0,0,...]`): an
+    // unknown model is answered from a skim that builds nothing, and a body with more values
+    // than any real request has is refused before it is built.
+    if let Ok(ModelOnly { model: Some(name) }) = serde_json::from_slice::<ModelOnly>(&body) {
+        let known = |n: &str| state.arbiter.gate(n).is_some() || state.arbiter.candidates(n).is_some();
+        let name = name.trim();
+        if !name.is_empty() && !known(name) && !name.strip_suffix(":latest").is_some_and(known) {
+            return Err(unknown_model(state, name));
+        }
+    }
+    let values = json_value_count(&body);
+    if values > MAX_JSON_VALUES {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body holds {values} JSON values; at most {MAX_JSON_VALUES} are accepted on the Ollama API"),
+        ));
     }
     match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(object)) => Ok(object),
@@ -434,6 +486,10 @@ async fn send(
 /// The body for a model inside Ollama: `model` becomes Ollama's name for it, and `keep_alive`
 /// goes (vramgate loaded it to stay and decides when it leaves; without the field Ollama keeps
 /// the duration it was loaded with).
+/// Ollama options fixed when a model is loaded (a different value makes Ollama reload it).
+const LOAD_OPTIONS: &[&str] =
+    &["num_ctx", "num_gpu", "main_gpu", "num_batch", "low_vram", "use_mmap", "use_mlock", "numa"];
+
 /// The body Ollama gets: its own name for the model, no `keep_alive` (vramgate owns the idle
 /// TTL), and the model's configured `options` over the client's (plus `num_gpu = 0` while it runs
 /// on the CPU): Ollama reloads a model whose options differ, and vramgate owns its size and
@@ -450,6 +506,11 @@ fn ollama_body(
         Some(Value::Object(options)) => options,
         _ => Map::new(),
     };
+    // Options that decide how much memory the runner takes, and where: vramgate admitted the model
+    // with the configured ones, so a client's cannot make Ollama reload it at another size.
+    for key in LOAD_OPTIONS {
+        options.remove(*key);
+    }
     options.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
     if on_cpu {
         options.insert("num_gpu".into(), Value::from(0));
@@ -484,6 +545,12 @@ async fn pass_through(
         Err(response) => return response,
     };
     let (mut head, incoming) = response.into_parts();
+    if head.status.is_server_error() {
+        // Ollama's own failure (out of memory, a crashed runner): a 502 naming it, like the
+        // translated path; its 4xx (a bad request) passes through unchanged below.
+        let bytes = read_all(incoming, state.stall_timeout, UPSTREAM_ERROR_LIMIT).await.unwrap_or_default();
+        return upstream_failure(&gate.id, head.status, &bytes);
+    }
     strip_hop_by_hop(&mut head.headers);
     if let Ok(model) = HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
@@ -787,31 +854,50 @@ async fn read_all(body: Body, stall: Option<Duration>, limit: usize) -> Result<B
     }
 }
 
+/// The most one streamed event (or one tool call being assembled) may hold: a model server that
+/// never ends an event must not grow the daemon without bound.
+const MAX_EVENT_BYTES: usize = 16 << 20;
+
 /// A server-sent-events parser fed with reads of any size: an event split across reads waits for
 /// its end, several events in one read all come out.
 #[derive(Default)]
 struct SseParser {
     /// The start of a line not yet ended.
     partial: Vec<u8>,
+    /// How much of `partial` is known to hold no newline (so a read scans only what is new).
+    scanned: usize,
     /// The `data` of the event being read (its lines joined with `\n`).
     data: Option<String>,
 }
 
 impl SseParser {
-    /// Feeds bytes; the data of each event they complete is appended to `events`.
-    fn feed(&mut self, bytes: &[u8], events: &mut Vec<String>) {
+    /// Feeds bytes; the data of each event they complete is appended to `events`. `Err` if an
+    /// event grows past [`MAX_EVENT_BYTES`].
+    fn feed(&mut self, bytes: &[u8], events: &mut Vec<String>) -> Result<(), String> {
         self.partial.extend_from_slice(bytes);
         let mut start = 0;
-        while let Some(end) = self.partial[start..].iter().position(|b| *b == b'\n') {
-            let line = self.partial[start..start + end].to_vec();
-            start += end + 1;
+        let mut from = self.scanned;
+        while let Some(end) = self.partial[from..].iter().position(|b| *b == b'\n') {
+            let line = self.partial[start..from + end].to_vec();
+            start = from + end + 1;
+            from = start;
             self.line(&line, events);
         }
         self.partial.drain(..start);
+        self.scanned = self.partial.len();
+        let pending = self.partial.len() + self.data.as_ref().map_or(0, String::len);
+        if pending > MAX_EVENT_BYTES {
+            return Err(format!(
+                "the model server sent an event larger than {} MiB; the answer was cut off",
+                MAX_EVENT_BYTES >> 20
+            ));
+        }
+        Ok(())
     }
 
     /// The stream ended: an unterminated last line and event still count.
     fn finish(&mut self, events: &mut Vec<String>) {
+        self.scanned = 0;
         let line = std::mem::take(&mut self.partial);
         if !line.is_empty() {
             self.line(&line, events);
@@ -999,6 +1085,12 @@ impl Progress {
                 if let Some(arguments) = call["function"]["arguments"].as_str() {
                     assembled.arguments.push_str(arguments);
                 }
+                if assembled.name.len() + assembled.arguments.len() > MAX_EVENT_BYTES {
+                    return Err(format!(
+                        "the model server sent a tool call larger than {} MiB; the answer was cut off",
+                        MAX_EVENT_BYTES >> 20
+                    ));
+                }
             }
         }
         let content = choice_text(choice, "delta").unwrap_or("");
@@ -1161,7 +1253,9 @@ impl Relay {
             let mut events = Vec::new();
             let ended = match next {
                 Some(Ok(bytes)) => {
-                    self.parser.feed(&bytes, &mut events);
+                    if let Err(message) = self.parser.feed(&bytes, &mut events) {
+                        return Some(Ok(self.fail(message)));
+                    }
                     false
                 }
                 Some(Err(e)) => {
@@ -1213,7 +1307,7 @@ mod tests {
         let mut parser = SseParser::default();
         let mut events = Vec::new();
         for read in reads {
-            parser.feed(read.as_bytes(), &mut events);
+            parser.feed(read.as_bytes(), &mut events).unwrap();
         }
         parser.finish(&mut events);
         events
@@ -1248,8 +1342,8 @@ mod tests {
         for cut in 0..bytes.len() {
             let mut parser = SseParser::default();
             let mut events = Vec::new();
-            parser.feed(&bytes[..cut], &mut events);
-            parser.feed(&bytes[cut..], &mut events);
+            parser.feed(&bytes[..cut], &mut events).unwrap();
+            parser.feed(&bytes[cut..], &mut events).unwrap();
             assert_eq!(events, vec!["{\"c\":\"héllo ✓\"}".to_string()]);
         }
     }
@@ -1267,14 +1361,16 @@ mod tests {
 
     #[test]
     fn the_ollama_body_names_ollamas_model_and_drops_keep_alive() {
-        let object = json!({"model": "chat", "keep_alive": 0, "messages": [], "options": {"num_ctx": 8192}});
+        let object =
+            json!({"model": "chat", "keep_alive": 0, "messages": [], "options": {"num_ctx": 8192, "temperature": 0.5}});
         let Value::Object(object) = object else { unreachable!() };
+        // The client's sampling options pass; its load options (the runner's size) do not.
         let body = Value::Object(ollama_body(object.clone(), "llama3.2:3b", &Map::new(), false));
-        assert_eq!(body, json!({"model": "llama3.2:3b", "messages": [], "options": {"num_ctx": 8192}}));
+        assert_eq!(body, json!({"model": "llama3.2:3b", "messages": [], "options": {"temperature": 0.5}}));
         // The model's configured options win over the client's, and the CPU form is kept.
         let configured = self::object(json!({"num_ctx": 4096}));
         let body = Value::Object(ollama_body(object, "llama3.2:3b", &configured, true));
-        assert_eq!(body["options"], json!({"num_ctx": 4096, "num_gpu": 0}));
+        assert_eq!(body["options"], json!({"num_ctx": 4096, "num_gpu": 0, "temperature": 0.5}));
     }
 
     fn object(value: Value) -> Map<String, Value> {

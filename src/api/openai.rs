@@ -344,14 +344,23 @@ pub(super) async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<Model
     let model = if let Some(gate) = state.arbiter.gate(name) {
         gate
     } else if let Some(candidates) = state.arbiter.candidates(name) {
-        for candidate in candidates {
+        // External models serve their requests inside their app: never a request's choice.
+        let candidates: Vec<String> = candidates
+            .iter()
+            .filter(|c| state.arbiter.gate(c).is_some_and(|g| g.kind != UpstreamKind::External))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Err(external_refusal(name));
+        }
+        for candidate in &candidates {
             if let Some(gate) = state.arbiter.gate(candidate)
                 && let Some(pin) = gate.try_pin()
             {
                 return Ok((gate, pin));
             }
         }
-        let chosen = state.arbiter.choose(candidates).await.map_err(arbiter_error)?;
+        let chosen = state.arbiter.choose(&candidates).await.map_err(arbiter_error)?;
         state.arbiter.gate(&chosen).ok_or_else(|| {
             error(StatusCode::INTERNAL_SERVER_ERROR, format!("alias {name} chose unknown model {chosen}"), "internal")
         })?

@@ -544,6 +544,10 @@ impl Arbiter {
                 self.when_settled(&id, deadline, move |name| Command::PlaceCpu { name, reply });
                 return;
             }
+            (ModelState::Ready, Placement::Gpu) if self.leased(&id) => {
+                let _ = reply.send(Err(self.leased_error(&id, "placed on the CPU")));
+                return;
+            }
             (ModelState::Ready, Placement::Gpu) => {
                 self.models[i].ready_waiters.push((deadline, Instant::now(), ready));
                 self.demote(i, "mode".into(), true);
@@ -560,6 +564,25 @@ impl Arbiter {
             };
             let _ = reply.send(result);
         });
+    }
+
+    /// Whether a model lease holds the model (its holder was given the model's address).
+    fn leased(&self, id: &str) -> bool {
+        self.leases.values().any(|l| l.grant.model.as_deref() == Some(id))
+    }
+
+    fn leased_error(&self, id: &str, what: &str) -> ArbiterError {
+        let holders: Vec<&str> = self
+            .leases
+            .values()
+            .filter(|l| l.grant.model.as_deref() == Some(id))
+            .map(|l| l.grant.holder.as_str())
+            .collect();
+        ArbiterError::Conflict(format!(
+            "model {id} cannot be {what} while model leases hold it (holders: {}): their holders talk to its \
+             server directly; release the leases first",
+            holders.join(", ")
+        ))
     }
 
     /// Sends a command again once the model is neither loading nor unloading (or at `deadline`),
@@ -778,6 +801,18 @@ impl Arbiter {
         }
     }
 
+    /// Whether another model on the same Ollama already holds the runner named `name` (two
+    /// vramgate models with the same `ollama_model`, e.g. with different options).
+    fn ollama_entry_held(&self, url: &str, name: &str, except: usize) -> bool {
+        self.models.iter().enumerate().any(|(j, m)| {
+            j != except
+                && m.spec.backend == Backend::Ollama
+                && m.spec.url == url
+                && m.holds_memory()
+                && m.spec.ollama_model.as_deref().is_some_and(|n| ollama::same_model(n, name))
+        })
+    }
+
     /// Takes an Ollama model that Ollama has loaded as ready (on the GPU if it holds GPU memory).
     fn adopt_ollama(&mut self, i: usize, vram_mib: u64) {
         let device = self.models[i].spec.device.or_else(|| self.seen.devices.first().map(|d| d.index));
@@ -793,7 +828,15 @@ impl Arbiter {
         model.used_once = true;
         model.gate.touch();
         model.open_gate();
+        let placement = model.placement;
         self.set_state(i, ModelState::Ready, "adopted".into(), None);
+        self.bus.publish(EventKind::ModelPlaced {
+            model: self.models[i].spec.id.clone(),
+            placement: placement.as_str().into(),
+            reason: "adopted".into(),
+        });
+        // Whoever waits for it (a queued load) is served now.
+        self.answer_ready(i);
     }
 
     /// Ends a model's residency at once (its app went away): nothing to stop or wait for.
@@ -845,6 +888,7 @@ impl Arbiter {
                     // An answer may have been on its way while the model changed state (a load
                     // finished, a release completed): only a settled model is judged by it.
                     let settled = model.changed_at.elapsed() > 2 * OLLAMA_POLL;
+                    let held_by_another = self.ollama_entry_held(url, &name, i);
                     let model = &mut self.models[i];
                     if model.note.take().is_some() && model.state == ModelState::Failed {
                         // Its Ollama answers again: it may load on the next demand, or it is
@@ -859,7 +903,7 @@ impl Arbiter {
                         continue;
                     }
                     match (model.state, listed) {
-                        (ModelState::Unloaded | ModelState::Failed, Some(entry)) if settled => {
+                        (ModelState::Unloaded | ModelState::Failed, Some(entry)) if settled && !held_by_another => {
                             // Loaded with vramgate's name but not by vramgate now (a release that
                             // could not reach Ollama, or a load by hand): it is this model, so it
                             // is counted and idles out like one.
@@ -951,6 +995,7 @@ impl Arbiter {
     fn request_load(&mut self, id: &str, caller: Option<(Instant, ReadyReply)>, explicit: bool) {
         let Ok(i) = self.index(id) else { return };
         let now = Instant::now();
+        let leased = self.leased(id);
         let model = &mut self.models[i];
         let moving_to_cpu = (model.state == ModelState::Unloading && model.then_cpu)
             || (model.state == ModelState::Loading && model.placement == Placement::Cpu);
@@ -970,7 +1015,14 @@ impl Arbiter {
                 return;
             }
             // A user's or a mode's load of a model running in its CPU form: promote it (through
-            // the queue, like any load). A request through the proxy is served where it runs.
+            // the queue, like any load), unless model leases hold its CPU form's server. A
+            // request through the proxy is served where it runs.
+            ModelState::Ready if explicit && model.placement == Placement::Cpu && leased => {
+                if let Some((_, reply)) = caller {
+                    let _ = reply.send(Err(self.leased_error(id, "moved to the GPU")));
+                }
+                return;
+            }
             ModelState::Ready if explicit && model.placement == Placement::Cpu => {}
             ModelState::Ready => {
                 let status = self.model_status(i);

@@ -171,6 +171,7 @@ class Client:
         priority: Optional[int] = None,
         *,
         model: Optional[str] = None,
+        pid: Optional[int] = None,
     ) -> Lease:
         """Holds VRAM until the returned :class:`Lease` is released; use it as a context
         manager::
@@ -191,7 +192,11 @@ class Client:
                 once. Default: the daemon's ``scheduler.queue_timeout``.
             priority: higher may evict more; default: the daemon's ``defaults.priority``.
             model: instead of ``vram``, keep this model loaded and in use while the lease is
-                held (the lease's ``upstream`` is its server's URL).
+                held (the lease's ``upstream`` is its server's URL). For an external model with
+                no attached app this is the one-shot form: this process holds the model and
+                loads it itself once the lease is granted.
+            pid: the process whose GPU memory is the model's (one-shot form); default: this
+                process, when ``model`` is given.
 
         Raises:
             VramgateError: 422 it can never fit, 503 it waited in vain (the numbers are in the
@@ -204,6 +209,7 @@ class Client:
             body["vram"] = _size(vram)
         if model is not None:
             body["model"] = model
+            body["pid"] = int(pid) if pid is not None else os.getpid()
         if holder is not None:
             body["holder"] = holder
         if exclusive:

@@ -1,0 +1,483 @@
+//! End-to-end: edges of the Ollama surface (hostile bodies and streams, Ollama's own errors),
+//! Ollama adoption, model leases against promotion and demotion, external models behind
+//! `[aliases]`. Each test was written in review against a bug it proved; its doc comment says what
+//! used to go wrong.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, fake, fake_model, sim_config};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
+}
+
+/// An 8000 MiB sim device without reserve, plus `rest`.
+fn start(rest: impl Fn(&Path) -> String) -> Daemon {
+    Daemon::start(|sim| format!("{}{}", sim_config(sim, 8000, "50ms", "reserve_mib = 0"), rest(sim)))
+}
+
+/// `cpu_cmd` for a fake process model: the same fake, claiming no GPU memory.
+fn cpu_form(sim: &Path, name: &str) -> String {
+    format!("cpu_cmd = \"{} --port ${{PORT}} --sim-dir {} --vram 0 --name {name}-cpu\"\n", fake(), sim.display())
+}
+
+/// Polls status for `period`, failing as soon as `bad` holds.
+async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: impl Fn(&Value) -> bool) {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        let status = daemon.status().await;
+        assert!(!bad(&status), "{what}; status: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A process's peak resident memory (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM value");
+    kib / 1024
+}
+
+/// A fake Ollama (as in tests/ollama.rs); killed when dropped.
+struct FakeOllama {
+    child: Child,
+    url: String,
+}
+
+impl FakeOllama {
+    fn start(sim: &Path) -> FakeOllama {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vramgate-fake-ollama"))
+            .args(["--port", "0", "--sim-dir"])
+            .arg(sim)
+            .args(["--model", "llama3.2:3b=2048", "--load-delay", "50ms", "--quiet"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the fake Ollama");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("the fake's first line");
+        let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+        FakeOllama { child, url }
+    }
+}
+
+impl Drop for FakeOllama {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small Python HTTP server (`script`, given its port as argv[1]) started by the test itself;
+/// killed when dropped.
+struct PyServer {
+    child: Child,
+    url: String,
+}
+
+impl PyServer {
+    fn start(dir: &Path, script: &str) -> PyServer {
+        let path = dir.join("server.py");
+        std::fs::write(&path, script).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .arg(&path)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let end = Instant::now() + 10 * SECOND;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "the Python server did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PyServer { child, url: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake app attached to an external model that carries out every instruction and records it.
+async fn attach_app(daemon: &Daemon, model: &str) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
+        .json(&json!({"holder": "review-app"}))
+        .send()
+        .await
+        .expect("attach");
+    assert_eq!(response.status(), 200);
+    let actions = Arc::new(Mutex::new(Vec::new()));
+    let (url, model, seen) = (daemon.url.clone(), model.to_string(), actions.clone());
+    let task = tokio::spawn(async move {
+        let mut stream = response.bytes_stream();
+        let mut pending = String::new();
+        let mut session = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
+                match message["event"].as_str() {
+                    Some("attached") => session = message["session"].as_str().unwrap_or_default().to_string(),
+                    Some("instruction") => {
+                        seen.lock().unwrap().push(message["action"].as_str().unwrap_or_default().to_string());
+                        let ack = json!({"session": session, "seq": message["seq"], "ok": true});
+                        let _ = reqwest::Client::new()
+                            .post(format!("{url}/vramgate/models/{model}/ack"))
+                            .json(&ack)
+                            .send()
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    (actions, task)
+}
+
+/// The translation of a streamed OpenAI answer into NDJSON (`src/api/ollama.rs`, `SseParser`)
+/// keeps everything a model server sends until an event ends: `feed` appends to `partial` until a
+/// newline and `line` appends every `data:` line to `data` until a blank line, with no limit. A
+/// model server that streams one endless event (a bug, a runaway generation, a hostile process)
+/// makes the daemon hold all of it in memory; the non-streamed path stops at 1 GiB, this one
+/// never does. Here 256 MiB of `data:` lines without a blank line grow the daemon by hundreds of
+/// MiB while the OpenAI proxy would relay the same answer in constant memory.
+#[tokio::test]
+async fn a_streamed_answer_whose_event_never_ends_does_not_grow_the_daemon_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("endless.py");
+    std::fs::write(
+        &server,
+        r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-type", "application/json"); self.end_headers()
+        self.wfile.write(b"{}")
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
+        line = b"data: " + b"x" * 65536 + b"\n"
+        try:
+            for _ in range(4096):   # 256 MiB of one event's data lines, never a blank line
+                self.wfile.write(line)
+            self.wfile.write(b"\n")
+        except OSError:
+            pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+    )
+    .unwrap();
+    let script = server.display().to_string();
+    let daemon = start(move |_| {
+        format!(
+            "[models.m]\nbackend = \"process\"\ncmd = \"python3 {script} ${{PORT}}\"\nhealth = \"/health\"\nvram = 100\n"
+        )
+    });
+    assert_eq!(daemon.load("m").await.0, 200, "{}", daemon.log());
+    let pid = daemon.child.id();
+    let before = peak_rss_mib(pid);
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", daemon.url))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let _ = tokio::time::timeout(60 * SECOND, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+    let after = peak_rss_mib(pid);
+    assert!(
+        after.saturating_sub(before) < 64,
+        "relaying one streamed answer raised the daemon's peak memory from {before} MiB to {after} MiB: \
+         the SSE parser buffers an event without limit"
+    );
+}
+
+/// `adopt_ollama` (`on_ollama_ps`, the `(Unloaded | Failed, Some(entry))` arm) adopts any
+/// configured model whose `ollama_model` Ollama lists, even when that entry is already another
+/// vramgate model's. Two models on the same Ollama model (the same weights with different
+/// `options`, a common setup): loading one makes the other `ready` two seconds later without
+/// anyone asking, and the one Ollama runner's 2048 MiB is counted twice (as both models, and
+/// subtracted twice from foreign use), so admission refuses memory that is free.
+#[tokio::test]
+async fn a_model_nobody_loaded_is_not_adopted_from_another_models_ollama_entry() {
+    let sim = tempfile::tempdir().unwrap();
+    let ollama = FakeOllama::start(sim.path());
+    let (url, sim_dir) = (ollama.url.clone(), sim.path().to_path_buf());
+    let daemon = Daemon::start(move |_| {
+        format!(
+            "{}[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n\
+             [models.llama-long]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n\
+             options = {{ num_ctx = 32768 }}\n",
+            sim_config(&sim_dir, 8000, "50ms", "reserve_mib = 0")
+        )
+    });
+    let (code, body) = daemon.load("llama").await;
+    assert_eq!(code, 200, "{body}");
+    daemon.wait_for_status(5 * SECOND, "llama's footprint", |s| model(s, "llama")["vram_mib"] == 2048).await;
+    never_within(&daemon, 4 * SECOND, "llama-long, which nobody loaded, became ready on llama's Ollama entry", |s| {
+        model(s, "llama-long")["state"] == "ready"
+    })
+    .await;
+    // 2048 of 8000 used: 5900 more fit.
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": "5900MiB", "holder": "t", "wait": "0"})).await;
+    assert_eq!(code, 201, "{body}");
+}
+
+/// `adopt_ollama` makes a model `ready` without answering the callers waiting for it
+/// (`ready_waiters`; compare `on_load_finished`, which calls `answer_ready`). A load queued
+/// behind a lease, whose model then appears in Ollama (loaded there by hand, or by anything
+/// else), is adopted, and its queued load is dropped from the queue as stale (`policy_request`
+/// returns `None` for a ready model), but the caller hears nothing until `queue_timeout`, and then
+/// gets a 503 "timed out" for a model that has been ready all along.
+#[tokio::test]
+async fn a_load_waiting_in_the_queue_is_answered_when_its_ollama_model_is_adopted() {
+    let sim = tempfile::tempdir().unwrap();
+    let ollama = FakeOllama::start(sim.path());
+    let (url, sim_dir) = (ollama.url.clone(), sim.path().to_path_buf());
+    let daemon = Daemon::start(move |_| {
+        format!(
+            "{}[scheduler]\nqueue_timeout = \"12s\"\n\
+             [models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n",
+            sim_config(&sim_dir, 16000, "50ms", "reserve_mib = 0")
+        )
+    });
+    // 1500 MiB left: llama (2048) must wait.
+    let (code, body) =
+        daemon.post("/vramgate/leases", json!({"vram": "14500MiB", "holder": "job", "ttl": "60s"})).await;
+    assert_eq!(code, 201, "{body}");
+    let mut events = daemon.events().await;
+    let url = daemon.url.clone();
+    let load = tokio::spawn(async move {
+        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/llama/load")).send().await.unwrap();
+        let code = response.status().as_u16();
+        (code, response.text().await.unwrap_or_default())
+    });
+    events.next_of("queued", 5 * SECOND).await;
+    // Someone loads the model into Ollama directly.
+    let loaded = reqwest::Client::new()
+        .post(format!("{}/api/generate", ollama.url))
+        .json(&json!({"model": "llama3.2:3b", "keep_alive": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(loaded.status(), 200);
+    daemon.wait_model_state("llama", "ready", 5 * SECOND).await;
+    let answered = tokio::time::timeout(3 * SECOND, load).await;
+    let status = daemon.status().await;
+    let (code, body) = answered
+        .unwrap_or_else(|_| {
+            panic!(
+                "llama is ready (adopted), but the load waiting for it was not answered within 3 s: {}",
+                model(&status, "llama")
+            )
+        })
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+/// The promotion drain (`start_process`: wait while `gate.in_use() > 0`, up to `ready_timeout`,
+/// then stop the CPU form) counts a model lease's pin as a request that will finish, and stops
+/// the CPU form under it when `ready_timeout` runs out. A model lease (README: "keeps it in use,
+/// never evicted, while the lease is held; the grant carries its upstream URL") talks to that
+/// upstream directly; after `vramgate load` its URL is dead while the lease is still held. The
+/// same holds for a mode's forced demotion of a lease-held model (`demote(.., forced)` closes the
+/// gate whatever the pins): only the external one-shot form was guarded.
+#[tokio::test]
+async fn a_promotion_does_not_stop_the_cpu_form_a_model_lease_holds() {
+    let daemon = start(|sim| {
+        format!(
+            "{}[modes.quiet]\ncpu = [\"a\"]\n",
+            fake_model(sim, "a", 1000, "", &format!("{}ready_timeout = \"2s\"\nttl = \"0\"", cpu_form(sim, "a")))
+        )
+    });
+    let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, grant) =
+        daemon.post("/vramgate/leases", json!({"model": "a", "holder": "direct-client", "ttl": "60s"})).await;
+    assert_eq!(code, 201, "{grant}");
+    let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
+    let health = format!("{upstream}/health");
+    assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+    let url = daemon.url.clone();
+    let load = tokio::spawn(async move {
+        reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
+    });
+    let end = Instant::now() + 5 * SECOND;
+    while Instant::now() < end {
+        let alive = reqwest::get(&health).await.is_ok_and(|r| r.status() == 200);
+        assert!(
+            alive,
+            "the lease {} still holds a, but its upstream {upstream} (a's CPU form) was stopped by the promotion; \
+             a is now: {}",
+            grant["id"],
+            model(&daemon.status().await, "a")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load.abort();
+}
+
+/// Same cause, through a mode: `place_cpu` → `demote(i, "mode", forced = true)` closes the gate
+/// and releases the GPU form although a model lease holds it (only the external one-shot form is
+/// refused, with a Conflict). The lease holder's upstream URL goes dead while it holds the lease.
+#[tokio::test]
+async fn a_mode_does_not_demote_a_process_model_a_model_lease_holds() {
+    let daemon = start(|sim| {
+        format!(
+            "{}[modes.quiet]\ncpu = [\"a\"]\n",
+            fake_model(sim, "a", 1000, "", &format!("{}ttl = \"0\"", cpu_form(sim, "a")))
+        )
+    });
+    let (code, grant) =
+        daemon.post("/vramgate/leases", json!({"model": "a", "holder": "direct-client", "ttl": "60s"})).await;
+    assert_eq!(code, 201, "{grant}");
+    let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
+    let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
+    let alive = reqwest::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    assert!(
+        alive,
+        "mode quiet (answered {code}: {body}) stopped a's GPU form at {upstream} while lease {} held it",
+        grant["id"]
+    );
+}
+
+/// The Ollama surface refuses a request for an external model "before anything loads" only when
+/// the name is the model's own (`state.arbiter.gate(&name)`); an `[aliases]` name has no gate,
+/// so `pin_model` chooses and loads the external model first (the app is told `gpu`, memory is
+/// reserved) and the request is refused only afterwards (the `UpstreamKind::External` arm).
+/// `src/api/openai.rs` has the same hole ("Reached through an alias").
+#[tokio::test]
+async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_it() {
+    let daemon =
+        start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n[aliases]\nvision = [\"clip\"]\n".into());
+    let (actions, app) = attach_app(&daemon, "clip").await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", daemon.url))
+        .json(&json!({"model": "vision", "messages": [{"role": "user", "content": "a cat"}]}))
+        .timeout(10 * SECOND)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let clip = daemon.model("clip").await;
+    let seen = actions.lock().unwrap().clone();
+    assert_eq!(
+        (clip["state"].as_str(), seen.clone()),
+        (Some("unloaded"), Vec::<String>::new()),
+        "the refused request loaded clip onto the GPU: {clip}; the app was told {seen:?}"
+    );
+    app.abort();
+}
+
+/// README (The Ollama-compatible API): "an error status from the model server is passed on if it
+/// is a 4xx and becomes 502 otherwise". That holds for translated requests
+/// (`upstream_failure`), but `pass_through` returns an Ollama model's answer whatever its status:
+/// Ollama's 500 (a runner that crashed, CUDA out of memory) reaches the client as 500.
+#[tokio::test]
+async fn a_5xx_from_an_ollama_model_becomes_502_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let ollama = PyServer::start(
+        dir.path(),
+        r#"
+import http.server, json, sys, threading
+loaded = set()
+lock = threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def log_message(self, *a): pass
+    def answer(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code); self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def do_GET(self):
+        with lock:
+            models = [{"name": m, "model": m, "size": 1 << 30, "size_vram": 1 << 30} for m in loaded]
+        self.answer(200, {"models": models})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+        if self.path == "/api/generate" and not body.get("prompt"):
+            with lock:
+                if body.get("keep_alive") == 0: loaded.discard(body["model"])
+                else: loaded.add(body["model"])
+            self.answer(200, {"model": body["model"], "response": "", "done": True})
+        else:
+            self.answer(500, {"error": "llama runner process has terminated: CUDA error: out of memory"})
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+    );
+    let (url, sim_dir) = (ollama.url.clone(), dir.path().join("sim"));
+    let daemon = Daemon::start(move |_| {
+        format!(
+            "{}[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n",
+            sim_config(&sim_dir, 8000, "50ms", "reserve_mib = 0")
+        )
+    });
+    let (code, body) = daemon.load("llama").await;
+    assert_eq!(code, 200, "{body}");
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", daemon.url))
+        .json(&json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, 502, "Ollama's 500 was passed on as {status}: {body}");
+    assert!(body["error"].as_str().is_some_and(|m| m.contains("out of memory")), "{body}");
+}
+
+/// The Ollama surface parses every request body into a `serde_json::Value` tree
+/// (`read_object`) before it even looks at `model`; the OpenAI side only extracts `model`
+/// without building anything. A `Value` costs 32 bytes and more per element, so a body of small
+/// numbers within `proxy.max_body` (256 MiB by default, sized for audio uploads) costs the daemon
+/// 16 to 32 times its size: one 256 MiB request is 4 to 8 GiB, and a few at once take the whole
+/// daemon (and, through `PR_SET_PDEATHSIG`, every model server) down with the OOM killer. Here 32
+/// MiB of `[0,0,...]` for an unknown model (answered 404) raises the peak by far more than the
+/// body.
+#[tokio::test]
+async fn a_large_json_body_on_the_ollama_surface_costs_about_its_size_not_many_times_it() {
+    let daemon = start(|_| String::new());
+    let pid = daemon.child.id();
+    let before = peak_rss_mib(pid);
+    let mut body = String::with_capacity(33 << 20);
+    body.push_str("{\"model\": \"nobody\", \"messages\": [], \"junk\": [0");
+    while body.len() < 32 << 20 {
+        body.push_str(",0");
+    }
+    body.push_str("]}");
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", daemon.url))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let after = peak_rss_mib(pid);
+    assert!(
+        after.saturating_sub(before) < 128,
+        "one 32 MiB request on /api/chat raised the daemon's peak memory from {before} MiB to {after} MiB"
+    );
+}
