@@ -3,99 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Daemon, fake, fake_model, sim_config, write_atomically};
-use futures_util::StreamExt;
+use common::app::{Answer, App};
+use common::{Daemon, fake, fake_model, model_in as model, sim_config, write_atomically};
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// What a fake app does with instructions.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
-    /// Carries each one out (claims or frees its sim memory) and acknowledges it.
-    Obedient,
-    /// Never acknowledges.
-    Silent,
-}
-
-/// A fake client app holding an external model: it attaches, and for `gpu` claims `mib` of sim
-/// memory under the test's pid (as a CLIP model inside a Python app would), for `cpu`/`release`
-/// frees it, then acknowledges. Dropping it closes the stream (the app went away).
-struct App {
-    actions: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-    claim: PathBuf,
-}
-
-impl App {
-    async fn attach(daemon: &Daemon, model: &str, mib: u64, behaviour: Behaviour) -> App {
-        let response = reqwest::Client::new()
-            .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
-            .json(&json!({"pid": std::process::id(), "holder": "test-app"}))
-            .send()
-            .await
-            .expect("attach");
-        assert_eq!(response.status(), 200, "attach: {}", response.text().await.unwrap_or_default());
-        let claim = Daemon::sim_dir_for(&daemon.dir).join("0").join(std::process::id().to_string());
-        let actions = Arc::new(Mutex::new(Vec::new()));
-        let (url, model, seen, file) = (daemon.url.clone(), model.to_string(), actions.clone(), claim.clone());
-        let task = tokio::spawn(async move {
-            let mut stream = response.bytes_stream();
-            let mut pending = String::new();
-            let mut session = String::new();
-            while let Some(Ok(chunk)) = stream.next().await {
-                pending.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = pending.find('\n') {
-                    let line: String = pending.drain(..=end).collect();
-                    let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
-                    match message["event"].as_str() {
-                        Some("attached") => session = message["session"].as_str().unwrap_or_default().to_string(),
-                        Some("instruction") => {
-                            let action = message["action"].as_str().unwrap_or_default().to_string();
-                            seen.lock().unwrap().push(action.clone());
-                            if behaviour == Behaviour::Silent {
-                                continue;
-                            }
-                            if action == "gpu" {
-                                write_atomically(&file, &mib.to_string());
-                            } else {
-                                let _ = std::fs::remove_file(&file);
-                            }
-                            let ack = json!({"session": session, "seq": message["seq"], "ok": true});
-                            let answer = reqwest::Client::new()
-                                .post(format!("{url}/vramgate/models/{model}/ack"))
-                                .json(&ack)
-                                .send()
-                                .await
-                                .expect("ack");
-                            assert_eq!(answer.status(), 204);
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        });
-        App { actions, task, claim }
-    }
-
-    fn actions(&self) -> Vec<String> {
-        self.actions.lock().unwrap().clone()
-    }
-
-    /// The app exits: its stream closes and its memory is gone with it.
-    fn exit(self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.claim);
-    }
-}
-
-fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
-}
 
 /// An 8000 MiB sim device without reserve, plus `rest`.
 fn start(rest: impl Fn(&Path) -> String) -> Daemon {
@@ -111,7 +26,7 @@ async fn an_external_model_is_placed_demoted_under_pressure_promoted_back_and_re
         )
     });
     let mut events = daemon.events().await;
-    let app = App::attach(&daemon, "clip", 1000, Behaviour::Obedient).await;
+    let app = App::attach(&daemon, "clip", 1000, |_| Answer::Ok).await;
     assert_eq!(events.next_of("external_attachment", 5 * SECOND).await["change"], "attached");
 
     let (code, body) = daemon.load("clip").await;
@@ -158,7 +73,7 @@ async fn an_external_model_is_placed_demoted_under_pressure_promoted_back_and_re
 async fn an_app_that_never_acknowledges_is_marked_unresponsive() {
     let daemon = start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\nack_timeout = \"300ms\"\n".into());
     let mut events = daemon.events().await;
-    let app = App::attach(&daemon, "clip", 1000, Behaviour::Silent).await;
+    let app = App::attach(&daemon, "clip", 1000, |_| Answer::Silent).await;
     let (code, body) = daemon.load("clip").await;
     assert_eq!(code, 502, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
@@ -194,7 +109,7 @@ async fn attaching_errors_name_the_problem() {
     let (code, body) = daemon.post("/vramgate/models/clip/attach", json!({"pid": "x"})).await;
     assert_eq!(code, 400, "{body}");
 
-    let app = App::attach(&daemon, "clip", 1000, Behaviour::Obedient).await;
+    let app = App::attach(&daemon, "clip", 1000, |_| Answer::Ok).await;
     let (code, body) = daemon.post("/vramgate/models/clip/attach", json!({})).await;
     assert_eq!(code, 409, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("test-app"), "{body}");
@@ -339,7 +254,7 @@ async fn seed_001_autopilot_and_recording_with_idle_unload_and_reload_on_demand(
             fake_model(sim, "vlm", 6000, "", "ttl = \"500ms\"")
         )
     });
-    let app = App::attach(&daemon, "clip", 1500, Behaviour::Obedient).await;
+    let app = App::attach(&daemon, "clip", 1500, |_| Answer::Ok).await;
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "autopilot"})).await;
     assert_eq!(code, 200, "{body}");
     let status = daemon.status().await;

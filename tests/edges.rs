@@ -5,40 +5,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, fake, fake_model, sim_config};
+use common::app::{Answer, App};
+use common::ollama::FakeOllama;
+use common::{Daemon, cpu_form, fake_model, model_in as model, never_within, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
-}
-
 /// An 8000 MiB sim device without reserve, plus `rest`.
 fn start(rest: impl Fn(&Path) -> String) -> Daemon {
     Daemon::start(|sim| format!("{}{}", sim_config(sim, 8000, "50ms", "reserve_mib = 0"), rest(sim)))
-}
-
-/// `cpu_cmd` for a fake process model: the same fake, claiming no GPU memory.
-fn cpu_form(sim: &Path, name: &str) -> String {
-    format!("cpu_cmd = \"{} --port ${{PORT}} --sim-dir {} --vram 0 --name {name}-cpu\"\n", fake(), sim.display())
-}
-
-/// Polls status for `period`, failing as soon as `bad` holds.
-async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: impl Fn(&Value) -> bool) {
-    let end = Instant::now() + period;
-    while Instant::now() < end {
-        let status = daemon.status().await;
-        assert!(!bad(&status), "{what}; status: {status:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A process's peak resident memory (`VmHWM`), in MiB.
@@ -47,37 +28,6 @@ fn peak_rss_mib(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
     let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM value");
     kib / 1024
-}
-
-/// A fake Ollama (as in tests/ollama.rs); killed when dropped.
-struct FakeOllama {
-    child: Child,
-    url: String,
-}
-
-impl FakeOllama {
-    fn start(sim: &Path) -> FakeOllama {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vramgate-fake-ollama"))
-            .args(["--port", "0", "--sim-dir"])
-            .arg(sim)
-            .args(["--model", "llama3.2:3b=2048", "--load-delay", "50ms", "--quiet"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the fake Ollama");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("the fake's first line");
-        let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
-        FakeOllama { child, url }
-    }
-}
-
-impl Drop for FakeOllama {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A small Python HTTP server (`script`, given its port as argv[1]) started by the test itself;
@@ -113,45 +63,6 @@ impl Drop for PyServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A fake app attached to an external model that carries out every instruction and records it.
-async fn attach_app(daemon: &Daemon, model: &str) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
-    let response = reqwest::Client::new()
-        .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
-        .json(&json!({"holder": "review-app"}))
-        .send()
-        .await
-        .expect("attach");
-    assert_eq!(response.status(), 200);
-    let actions = Arc::new(Mutex::new(Vec::new()));
-    let (url, model, seen) = (daemon.url.clone(), model.to_string(), actions.clone());
-    let task = tokio::spawn(async move {
-        let mut stream = response.bytes_stream();
-        let mut pending = String::new();
-        let mut session = String::new();
-        while let Some(Ok(chunk)) = stream.next().await {
-            pending.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = pending.find('\n') {
-                let line: String = pending.drain(..=end).collect();
-                let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
-                match message["event"].as_str() {
-                    Some("attached") => session = message["session"].as_str().unwrap_or_default().to_string(),
-                    Some("instruction") => {
-                        seen.lock().unwrap().push(message["action"].as_str().unwrap_or_default().to_string());
-                        let ack = json!({"session": session, "seq": message["seq"], "ok": true});
-                        let _ = reqwest::Client::new()
-                            .post(format!("{url}/vramgate/models/{model}/ack"))
-                            .json(&ack)
-                            .send()
-                            .await;
-                    }
-                    _ => {}
-                }
-            }
-        }
-    });
-    (actions, task)
 }
 
 /// The translation of a streamed OpenAI answer into NDJSON (`src/api/ollama.rs`, `SseParser`)
@@ -372,7 +283,7 @@ async fn a_mode_does_not_demote_a_process_model_a_model_lease_holds() {
 async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_it() {
     let daemon =
         start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n[aliases]\nvision = [\"clip\"]\n".into());
-    let (actions, app) = attach_app(&daemon, "clip").await;
+    let app = App::attach(&daemon, "clip", 0, |_| Answer::Ok).await;
     let response = reqwest::Client::new()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "vision", "messages": [{"role": "user", "content": "a cat"}]}))
@@ -382,13 +293,13 @@ async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_i
         .unwrap();
     assert_eq!(response.status(), 400);
     let clip = daemon.model("clip").await;
-    let seen = actions.lock().unwrap().clone();
+    let seen = app.actions();
     assert_eq!(
         (clip["state"].as_str(), seen.clone()),
         (Some("unloaded"), Vec::<String>::new()),
         "the refused request loaded clip onto the GPU: {clip}; the app was told {seen:?}"
     );
-    app.abort();
+    app.exit();
 }
 
 /// README (The Ollama-compatible API): "an error status from the model server is passed on if it

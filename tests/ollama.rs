@@ -3,61 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, sim_config};
+use common::ollama::FakeOllama;
+use common::{Daemon, model_in as model, sim_config};
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// A fake Ollama; killed when dropped.
-struct FakeOllama {
-    child: Child,
-    url: String,
-}
-
-impl FakeOllama {
-    /// Starts it on `port` (0 = any) with the models `llama3.2:3b` (2048 MiB) and `tiny` (300).
-    fn start(sim: &Path, port: u16) -> FakeOllama {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vramgate-fake-ollama"))
-            .args(["--port", &port.to_string(), "--sim-dir"])
-            .arg(sim)
-            .args(["--model", "llama3.2:3b=2048", "--model", "tiny=300", "--load-delay", "50ms", "--quiet"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the fake Ollama");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("the fake's first line");
-        let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
-        FakeOllama { child, url }
-    }
-
-    fn port(&self) -> u16 {
-        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
-    }
-
-    /// Stops it the way a crash would look to vramgate: it just stops answering.
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        reqwest::get(format!("{}{path}", self.url)).await.expect("GET fake").json().await.expect("JSON")
-    }
-}
-
-impl Drop for FakeOllama {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start(sim_dir: &Path, ollama: &FakeOllama) -> Daemon {
     let url = ollama.url.clone();
@@ -70,14 +23,10 @@ fn start(sim_dir: &Path, ollama: &FakeOllama) -> Daemon {
     })
 }
 
-fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
-}
-
 #[tokio::test]
 async fn an_ollama_model_loads_and_releases_through_vramgate_with_its_footprint_from_api_ps() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), 0);
+    let ollama = FakeOllama::start(sim.path());
     let daemon = start(sim.path(), &ollama);
     let (code, body) = daemon.load("llama").await;
     assert_eq!(code, 200, "{body}");
@@ -111,7 +60,7 @@ async fn an_ollama_model_loads_and_releases_through_vramgate_with_its_footprint_
 #[tokio::test]
 async fn a_model_loaded_into_ollama_directly_shows_up_as_ollamas() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), 0);
+    let ollama = FakeOllama::start(sim.path());
     let daemon = start(sim.path(), &ollama);
     let loaded = reqwest::Client::new()
         .post(format!("{}/api/generate", ollama.url))
@@ -134,7 +83,7 @@ async fn a_model_loaded_into_ollama_directly_shows_up_as_ollamas() {
 #[tokio::test]
 async fn ollama_down_fails_its_models_and_degrades_then_recovers_by_itself() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), 0);
+    let ollama = FakeOllama::start(sim.path());
     let port = ollama.port();
     let daemon = start(sim.path(), &ollama);
     assert_eq!(daemon.load("llama").await.0, 200);
@@ -152,7 +101,7 @@ async fn ollama_down_fails_its_models_and_degrades_then_recovers_by_itself() {
     let (code, body) = daemon.load("llama").await;
     assert_eq!(code, 502, "{body}");
 
-    let _back = FakeOllama::start(sim.path(), port);
+    let _back = FakeOllama::start_with(sim.path(), port, &[]);
     let status = daemon
         .wait_for_status(15 * SECOND, "recovery", |s| {
             s["degraded"] == false && model(s, "llama")["state"] == "unloaded"
@@ -168,7 +117,7 @@ async fn ollama_down_fails_its_models_and_degrades_then_recovers_by_itself() {
 #[tokio::test]
 async fn openai_requests_for_an_ollama_model_go_to_ollama_under_its_name() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), 0);
+    let ollama = FakeOllama::start(sim.path());
     let daemon = start(sim.path(), &ollama);
     let response = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", daemon.url))
@@ -189,7 +138,7 @@ async fn openai_requests_for_an_ollama_model_go_to_ollama_under_its_name() {
 #[tokio::test]
 async fn a_mode_places_an_ollama_model_on_the_cpu_with_num_gpu_zero_and_back() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), 0);
+    let ollama = FakeOllama::start(sim.path());
     let url = ollama.url.clone();
     let sim_dir = sim.path().to_path_buf();
     let daemon = Daemon::start(move |_| {

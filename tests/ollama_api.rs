@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::ollama::FakeOllama;
 use common::{Daemon, fake_model, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -339,47 +340,10 @@ async fn a_client_that_disconnects_mid_stream_releases_the_model() {
     daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
 }
 
-/// A `vramgate-fake-ollama` (a stand-in for a real Ollama); killed when dropped.
-struct FakeOllama {
-    child: std::process::Child,
-    url: String,
-}
-
-impl FakeOllama {
-    fn start(sim: &std::path::Path, args: &[&str]) -> FakeOllama {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vramgate-fake-ollama"))
-            .args(["--port", "0", "--sim-dir"])
-            .arg(sim)
-            .args(["--model", "llama3.2:3b=2048", "--quiet"])
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the fake Ollama");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).expect("the fake's first line");
-        let url = line.trim().strip_prefix("listening on ").expect("a listening line").to_string();
-        FakeOllama { child, url }
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        reqwest::get(format!("{}{path}", self.url)).await.unwrap().json().await.unwrap()
-    }
-}
-
-impl Drop for FakeOllama {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_model_inside_ollama_is_passed_through_with_its_ollama_name_and_without_keep_alive() {
     let sim = tempfile::tempdir().unwrap();
-    let ollama = FakeOllama::start(sim.path(), &["--token-delay", "100ms"]);
+    let ollama = FakeOllama::start_with(sim.path(), 0, &["--token-delay", "100ms"]);
     let (sim_dir, url) = (sim.path().to_path_buf(), ollama.url.clone());
     let daemon = Daemon::start(move |_| {
         format!(

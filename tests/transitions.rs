@@ -5,107 +5,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, fake, fake_model, sim_config, write_atomically};
+use common::app::{Answer, App};
+use common::ollama::FakeOllama;
+use common::{Daemon, cpu_form, fake, fake_model, model_in as model, never_within, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
-}
-
 /// An 8000 MiB sim device without reserve, plus `rest`.
 fn start(rest: impl Fn(&Path) -> String) -> Daemon {
     Daemon::start(|sim| format!("{}{}", sim_config(sim, 8000, "50ms", "reserve_mib = 0"), rest(sim)))
-}
-
-/// `cpu_cmd` for a fake process model: the same fake, claiming no GPU memory.
-fn cpu_form(sim: &Path, name: &str) -> String {
-    format!("cpu_cmd = \"{} --port ${{PORT}} --sim-dir {} --vram 0 --name {name}-cpu\"\n", fake(), sim.display())
-}
-
-/// What a fake app answers to an instruction.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Answer {
-    Ok,
-    Fail,
-}
-
-/// A fake app attached to an external model (as in tests/backends.rs), whose answer per action
-/// is chosen by `answer`.
-struct App {
-    actions: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-    claim: PathBuf,
-}
-
-impl App {
-    async fn attach(daemon: &Daemon, model: &str, mib: u64, answer: fn(&str) -> Answer) -> App {
-        let response = reqwest::Client::new()
-            .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
-            .json(&json!({"pid": std::process::id(), "holder": "review-app"}))
-            .send()
-            .await
-            .expect("attach");
-        assert_eq!(response.status(), 200, "attach: {}", response.text().await.unwrap_or_default());
-        let claim = Daemon::sim_dir_for(&daemon.dir).join("0").join(std::process::id().to_string());
-        let actions = Arc::new(Mutex::new(Vec::new()));
-        let (url, model, seen, file) = (daemon.url.clone(), model.to_string(), actions.clone(), claim.clone());
-        let task = tokio::spawn(async move {
-            let mut stream = response.bytes_stream();
-            let mut pending = String::new();
-            let mut session = String::new();
-            while let Some(Ok(chunk)) = stream.next().await {
-                pending.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = pending.find('\n') {
-                    let line: String = pending.drain(..=end).collect();
-                    let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
-                    match message["event"].as_str() {
-                        Some("attached") => session = message["session"].as_str().unwrap_or_default().to_string(),
-                        Some("instruction") => {
-                            let action = message["action"].as_str().unwrap_or_default().to_string();
-                            seen.lock().unwrap().push(action.clone());
-                            let ack = match answer(&action) {
-                                Answer::Ok => {
-                                    if action == "gpu" {
-                                        write_atomically(&file, &mib.to_string());
-                                    } else {
-                                        let _ = std::fs::remove_file(&file);
-                                    }
-                                    json!({"session": session, "seq": message["seq"], "ok": true})
-                                }
-                                Answer::Fail => json!({"session": session, "seq": message["seq"], "ok": false,
-                                                       "error": format!("cannot do {action}")}),
-                            };
-                            let _ = reqwest::Client::new()
-                                .post(format!("{url}/vramgate/models/{model}/ack"))
-                                .json(&ack)
-                                .send()
-                                .await;
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        });
-        App { actions, task, claim }
-    }
-
-    fn actions(&self) -> Vec<String> {
-        self.actions.lock().unwrap().clone()
-    }
-
-    fn exit(self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.claim);
-    }
 }
 
 /// Collects every event of the daemon in the background.
@@ -119,17 +33,6 @@ fn collect_events(mut events: common::EventStream) -> Arc<Mutex<Vec<Value>>> {
         }
     });
     seen
-}
-
-/// Polls status for `period`, failing as soon as `bad` holds (a condition that must never become
-/// true during that period).
-async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: impl Fn(&Value) -> bool) {
-    let end = Instant::now() + period;
-    while Instant::now() < end {
-        let status = daemon.status().await;
-        assert!(!bad(&status), "{what}; status: {status:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Used to fail: `vramgate unload` of a model while it is being demoted to the CPU is never answered, and
@@ -344,42 +247,6 @@ async fn a_load_during_a_demotion_ends_with_the_model_on_the_gpu() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["placement"], "gpu", "`load a` answered with a on the CPU: {body}");
     let _ = mode.await;
-}
-
-/// A fake Ollama (as in tests/ollama.rs); killed when dropped.
-struct FakeOllama {
-    child: Child,
-    url: String,
-}
-
-impl FakeOllama {
-    fn start(sim: &Path) -> FakeOllama {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vramgate-fake-ollama"))
-            .args(["--port", "0", "--sim-dir"])
-            .arg(sim)
-            .args(["--model", "llama3.2:3b=2048", "--load-delay", "50ms", "--quiet"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the fake Ollama");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("the fake's first line");
-        let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
-        FakeOllama { child, url }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).expect("kill");
-    }
-}
-
-impl Drop for FakeOllama {
-    fn drop(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Used to fail: an Ollama that stops answering for a few seconds (busy, paused) and comes back leaves the

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod app;
+pub mod ollama;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -281,5 +284,26 @@ impl Daemon {
             })
             .await;
         status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id.as_str()).cloned()).unwrap_or_default()
+    }
+}
+
+/// A model's entry in a status document.
+pub fn model_in<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["models"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id)).expect("model in status")
+}
+
+/// `cpu_cmd` for a fake process model: the same fake, claiming no GPU memory.
+pub fn cpu_form(sim: &Path, name: &str) -> String {
+    format!("cpu_cmd = \"{} --port ${{PORT}} --sim-dir {} --vram 0 --name {name}-cpu\"\n", fake(), sim.display())
+}
+
+/// Polls status for `period`, failing as soon as `bad` holds (a condition that must never become
+/// true during that period).
+pub async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: impl Fn(&Value) -> bool) {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        let status = daemon.status().await;
+        assert!(!bad(&status), "{what}; status: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
