@@ -117,6 +117,39 @@ pub fn render(status: &Status) -> String {
             named.sample(name, &[("device", &index), ("name", &n.name)], n.used_mib * mib);
         }
     }
+    let name = "vramgate_model_state";
+    let mut states = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "1 for the state a model is in (unloaded, loading, ready, unloading, failed), with where it runs.",
+    );
+    for m in &status.models {
+        let placement = m.placement.as_deref().unwrap_or("");
+        states.sample(
+            name,
+            &[("model", &m.id), ("backend", &m.backend), ("state", &m.state), ("placement", placement)],
+            1,
+        );
+    }
+    let name = "vramgate_model_vram_bytes";
+    let mut footprints = Family::new(&mut out, name, "gauge", "A model's footprint as vramgate counts it.");
+    for m in &status.models {
+        footprints.sample(name, &[("model", &m.id)], m.vram_mib * mib);
+    }
+    let name = "vramgate_model_in_use";
+    let mut in_use = Family::new(&mut out, name, "gauge", "Requests and model leases using a model now.");
+    for m in &status.models {
+        in_use.sample(name, &[("model", &m.id)], m.in_use);
+    }
+    let name = "vramgate_leases";
+    let mut leases = Family::new(&mut out, name, "gauge", "Leases held.");
+    leases.sample(name, &[], status.leases.len());
+    if let Some(mode) = &status.mode {
+        let name = "vramgate_mode";
+        let mut current = Family::new(&mut out, name, "gauge", "1 for the mode applied last.");
+        current.sample(name, &[("mode", mode)], 1);
+    }
     out
 }
 
@@ -185,6 +218,29 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
         }
+    }
+
+    #[test]
+    fn renders_models_leases_and_the_mode() {
+        let mut status = status();
+        let model: crate::status::ModelStatus = serde_json::from_value(serde_json::json!({
+            "id": "clip", "backend": "external", "state": "ready", "device": 0, "vram_mib": 1000,
+            "in_use": 2, "pinned": false, "priority": 80, "last_used": null, "placement": "cpu"
+        }))
+        .unwrap();
+        status.models = vec![model];
+        status.mode = Some("recording".into());
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "vramgate_model_state{model=\"clip\",backend=\"external\",state=\"ready\",placement=\"cpu\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("vramgate_model_vram_bytes{model=\"clip\"} 1048576000\n"));
+        assert!(text.contains("vramgate_model_in_use{model=\"clip\"} 2\n"));
+        assert!(text.contains("vramgate_leases 0\n"));
+        assert!(text.contains("vramgate_mode{mode=\"recording\"} 1\n"));
     }
 
     #[test]

@@ -96,22 +96,43 @@ pub(crate) fn render_table(status: &Status) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{:<20} {:<9} {:<10} {:>6} {:>9} {:>6} {:>8}",
-            "MODEL", "BACKEND", "STATE", "GPU", "VRAM MiB", "IN USE", "PRIORITY"
+            "{:<20} {:<9} {:<10} {:<5} {:>6} {:>9} {:>6} {:>8}",
+            "MODEL", "BACKEND", "STATE", "ON", "GPU", "VRAM MiB", "IN USE", "PRIORITY"
         );
         for m in &status.models {
             let _ = writeln!(
                 out,
-                "{:<20} {:<9} {:<10} {:>6} {:>9} {:>6} {:>8}{}",
+                "{:<20} {:<9} {:<10} {:<5} {:>6} {:>9} {:>6} {:>8}{}",
                 truncate(&m.id, 20),
                 m.backend,
                 m.state,
+                m.placement.as_deref().unwrap_or("-"),
                 dash(m.device),
                 m.vram_mib,
                 m.in_use,
                 m.priority,
                 if m.pinned { "  pinned" } else { "" }
             );
+            if let Some(note) = &m.note {
+                let _ = writeln!(out, "  {}: {note}", m.id);
+            }
+        }
+    }
+    for server in &status.ollama {
+        let _ = writeln!(out);
+        let state = match (server.reachable, &server.error) {
+            (Some(true), _) => "reachable".to_string(),
+            (Some(false), Some(error)) => format!("UNREACHABLE: {error}"),
+            (Some(false), None) => "UNREACHABLE".to_string(),
+            (None, _) => "not asked yet".to_string(),
+        };
+        let _ = writeln!(out, "Ollama at {}: {state}", server.url);
+        for loaded in &server.models {
+            let owner = match &loaded.managed_as {
+                Some(id) => format!("model {id}"),
+                None => "loaded directly, not by vramgate".to_string(),
+            };
+            let _ = writeln!(out, "  {:<28} {:>8} MiB  {owner}", truncate(&loaded.name, 28), loaded.vram_mib);
         }
     }
     if !status.leases.is_empty() {
@@ -177,6 +198,59 @@ mod tests {
         assert!(table.contains("pid 4242") && table.contains("python3"));
         assert!(table.contains("desktop") && table.contains("(named consumer)"));
         assert!(table.contains("warning: sim file x: garbage"));
+    }
+
+    #[test]
+    fn table_shows_placement_notes_mode_and_ollama_servers() {
+        let model = |id: &str, placement: Option<&str>, note: Option<&str>| crate::status::ModelStatus {
+            id: id.into(),
+            backend: "ollama".into(),
+            state: if placement.is_some() { "ready" } else { "failed" }.into(),
+            device: Some(0),
+            vram_mib: 2048,
+            in_use: 0,
+            pinned: false,
+            priority: 50,
+            last_used: None,
+            upstream: None,
+            pid: None,
+            measured_mib: None,
+            declared_mib: None,
+            failures: 0,
+            retry_in_s: None,
+            last_error: None,
+            aliases: vec![],
+            placement: placement.map(str::to_string),
+            expires_at: None,
+            note: note.map(str::to_string),
+        };
+        let status = Status {
+            version: "0.1.0".into(),
+            probe: ProbeKind::Sim,
+            devices: vec![],
+            degraded: false,
+            degraded_reasons: vec![],
+            models: vec![model("clip", Some("cpu"), None), model("llama", None, Some("Ollama does not answer"))],
+            leases: vec![],
+            mode: Some("recording".into()),
+            ollama: vec![crate::status::OllamaStatus {
+                url: "http://127.0.0.1:11434".into(),
+                reachable: Some(true),
+                error: None,
+                models: vec![crate::status::OllamaModelStatus {
+                    name: "tiny:latest".into(),
+                    vram_mib: 300,
+                    managed_as: None,
+                }],
+            }],
+            sampled_at: None,
+        };
+        let table = render_table(&status);
+        assert!(table.contains("mode: recording"), "{table}");
+        assert!(table.lines().any(|l| l.starts_with("clip") && l.contains("cpu")), "{table}");
+        assert!(table.contains("llama: Ollama does not answer"), "{table}");
+        assert!(table.contains("Ollama at http://127.0.0.1:11434: reachable"), "{table}");
+        assert!(table.contains("tiny:latest") && table.contains("loaded directly"), "{table}");
     }
 
     #[test]
