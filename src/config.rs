@@ -249,6 +249,10 @@ pub struct ProxyConfig {
     /// How long a model server may go silent in the middle of an answer before the stream is
     /// broken off (the model is released for eviction). `0` = never.
     pub stall_timeout: Span,
+    /// How long a write to a client may stay blocked (the client stopped reading: hung, stopped,
+    /// gone without a FIN) before its connection is closed, releasing the model it held. `0` =
+    /// never.
+    pub client_timeout: Span,
 }
 
 impl Default for ProxyConfig {
@@ -257,6 +261,7 @@ impl Default for ProxyConfig {
             max_body: Mib(256),
             first_byte_timeout: Span(std::time::Duration::from_secs(600)),
             stall_timeout: Span(std::time::Duration::from_secs(300)),
+            client_timeout: Span(std::time::Duration::from_secs(300)),
         }
     }
 }

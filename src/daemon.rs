@@ -5,7 +5,6 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -150,11 +149,8 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         bus,
         shutdown: shutdown.clone(),
     });
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-    // back until the previous is acknowledged.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let client_timeout = (!config.proxy.client_timeout.is_zero()).then(|| config.proxy.client_timeout.get());
+    let listener = ClientListener { inner: listener, write_timeout: client_timeout };
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
     ready(local);
     tracing::info!("listening on http://{local}");
@@ -185,4 +181,32 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let _ = tokio::time::timeout(Duration::from_millis(100), monitor_task).await;
     tracing::info!("stopped");
     served
+}
+
+/// Accepts client connections with `TCP_NODELAY` and a write timeout. Streamed tokens are small
+/// writes: without `TCP_NODELAY`, Nagle's algorithm holds each one back until the previous is
+/// acknowledged. The write timeout (`proxy.client_timeout`) closes a connection whose client
+/// stopped reading: otherwise the server stops polling that answer's body, and the model the
+/// answer pins could never be evicted.
+struct ClientListener {
+    inner: TcpListener,
+    write_timeout: Option<Duration>,
+}
+
+impl axum::serve::Listener for ClientListener {
+    type Io = std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // axum's own accept logs and retries transient errors (out of file descriptors).
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let _ = tcp.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(tcp);
+        stream.set_write_timeout(self.write_timeout);
+        (Box::pin(stream), addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }

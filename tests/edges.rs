@@ -392,3 +392,50 @@ async fn a_large_json_body_on_the_ollama_surface_costs_about_its_size_not_many_t
         "one 32 MiB request on /api/chat raised the daemon's peak memory from {before} MiB to {after} MiB"
     );
 }
+
+/// A client that stops reading mid-answer (hung, stopped, gone without a FIN) is cut off after
+/// `proxy.client_timeout`, and the model its answer pinned is free again: otherwise the server
+/// would never poll that body again and the model could never be evicted.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_releases_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("flood.py");
+    std::fs::write(
+        &script,
+        "import sys\nfrom http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n\
+         class H(BaseHTTPRequestHandler):\n\
+         \x20   def log_message(self, *a): pass\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n\
+         \x20   def do_POST(self):\n\
+         \x20       self.rfile.read(int(self.headers.get('Content-Length', 0)))\n\
+         \x20       self.send_response(200); self.send_header('Content-Type', 'text/event-stream'); self.end_headers()\n\
+         \x20       chunk = b'data: ' + b'x' * 65536 + b'\\n\\n'\n\
+         \x20       try:\n\
+         \x20           while True: self.wfile.write(chunk)\n\
+         \x20       except OSError: pass\n\
+         ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    let daemon = start(move |_| {
+        format!(
+            "[proxy]\nclient_timeout = \"1s\"\n[models.flood]\nbackend = \"process\"\n\
+             cmd = [\"python3\", \"{script}\", \"${{PORT}}\"]\nvram = 100\n"
+        )
+    });
+    let (code, body) = daemon.load("flood").await;
+    assert_eq!(code, 200, "{body}");
+    // A raw client that sends its request and then never reads a byte.
+    let address = daemon.url.trim_start_matches("http://").to_string();
+    let mut client = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = "{\"model\": \"flood\", \"stream\": true}";
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut client, head.as_bytes()).await.unwrap();
+    daemon.wait_for_status(10 * SECOND, "the flood in use", |s| model(s, "flood")["in_use"] == 1).await;
+    daemon.wait_for_status(20 * SECOND, "the stuck client cut off", |s| model(s, "flood")["in_use"] == 0).await;
+    drop(client);
+}
