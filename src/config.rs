@@ -218,7 +218,7 @@ pub struct SchedulerConfig {
     pub resident_cap: u32,
     /// How long a request may wait for memory before it is refused.
     pub queue_timeout: Span,
-    /// Most waiting requests; 0 = never queue, fail at once.
+    /// Most waiting requests (at least 1: every request passes through the queue).
     pub max_queue: u32,
     /// A request waiting for a model that needs a busy model evicted waits at most this long;
     /// then the busy model takes no new requests, finishes those in flight, and is swapped out.
@@ -724,7 +724,13 @@ impl Config {
                 },
                 declared_mib: m.vram.map(|v| v.0),
                 priority: m.priority.unwrap_or(d.priority),
-                ttl: m.ttl.unwrap_or(d.ttl).get(),
+                // An external model is used inside its app, never through vramgate, so it would
+                // always look idle: it idles out only with a `ttl` of its own.
+                ttl: match (m.ttl, m.backend) {
+                    (Some(ttl), _) => ttl.get(),
+                    (None, Backend::External) => std::time::Duration::ZERO,
+                    (None, _) => d.ttl.get(),
+                },
                 min_residency: m.min_residency.unwrap_or(d.min_residency).get(),
                 ready_timeout: m.ready_timeout.unwrap_or(d.ready_timeout).get(),
                 stop_timeout: m.stop_timeout.unwrap_or(d.stop_timeout).get(),
@@ -814,6 +820,14 @@ impl Config {
                 }
             }
         }
+        if self.scheduler.max_queue == 0 {
+            return Err((
+                key_path(&["scheduler", "max_queue"]),
+                "must be at least 1, found 0 (every request passes through the queue; to fail instead of \
+                 waiting, send a `wait` of 0 or set queue_timeout)"
+                    .into(),
+            ));
+        }
         if self.scheduler.max_parallel_loads == 0 {
             return Err((key_path(&["scheduler", "max_parallel_loads"]), "must be at least 1, found 0".into()));
         }
@@ -867,11 +881,14 @@ impl Config {
                         Some(_) => {}
                     }
                     if let Some(url) = &model.url
-                        && (!url.starts_with("http://") || url.parse::<axum::http::Uri>().is_err())
+                        && (!url.starts_with("http://")
+                            || url.parse::<axum::http::Uri>().map_or(true, |u| !matches!(u.path(), "" | "/")))
                     {
                         return Err((
                             at("url"),
-                            format!("{url:?} must be an http:// URL like \"{DEFAULT_OLLAMA_URL}\""),
+                            format!(
+                                "{url:?} must be Ollama's base URL, http:// without a path, like \"{DEFAULT_OLLAMA_URL}\""
+                            ),
                         ));
                     }
                 }
@@ -1372,6 +1389,36 @@ ttl = "0"
         assert_eq!((err.key.as_deref(), err.line), (Some("server.initial_mode"), Some(2)));
         let err = parse_err(&format!("{models}[modes.m]\ngpus = [\"a\"]\n"));
         assert!(err.message.contains("gpus"), "{err}");
+    }
+
+    #[test]
+    fn max_queue_zero_and_an_ollama_url_with_a_path_are_refused() {
+        let err = parse_err("[scheduler]\nmax_queue = 0\n");
+        assert_eq!((err.key.as_deref(), err.line), (Some("scheduler.max_queue"), Some(2)));
+        let err = parse_err(
+            "[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\nurl = \"http://127.0.0.1:11434/api\"\n",
+        );
+        assert_eq!(err.key.as_deref(), Some("models.llama.url"));
+        assert!(err.message.contains("without a path"), "{err}");
+        let ok = Config::parse(
+            "[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\nurl = \"http://gpu-box:11434/\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(ok.model_specs()[0].url, "http://gpu-box:11434");
+    }
+
+    #[test]
+    fn an_external_model_never_idles_out_unless_it_sets_a_ttl() {
+        let config = Config::parse(
+            "[defaults]\nttl = \"1m\"\n[models.clip]\nbackend = \"external\"\nvram = 1000\n\
+             [models.vlm]\nbackend = \"external\"\nvram = 1000\nttl = \"5m\"\n",
+            None,
+        )
+        .unwrap();
+        let specs = config.model_specs();
+        assert_eq!(specs[0].ttl, std::time::Duration::ZERO);
+        assert_eq!(specs[1].ttl, std::time::Duration::from_secs(300));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::arbiter::{Arbiter, ArbiterSettings};
+use crate::arbiter::{Arbiter, ArbiterHandle, ArbiterSettings};
 use crate::backend::process;
 use crate::config::Config;
 use crate::events::EventBus;
@@ -129,13 +129,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let monitor_task = monitor.run(shutdown.clone());
     let arbiter_task = arbiter.run(shutdown.clone());
     if let Some(mode) = config.server.initial_mode.clone() {
-        let arbiter = arbiter_handle.clone();
-        tokio::spawn(async move {
-            match arbiter.set_mode(&mode).await {
-                Ok(_) => tracing::info!("initial mode {mode} applied"),
-                Err(e) => tracing::error!("initial mode {mode} (server.initial_mode) failed: {e}"),
-            }
-        });
+        tokio::spawn(apply_initial_mode(arbiter_handle.clone(), bus.clone(), mode, shutdown.clone()));
     }
     let app = api::router(AppState {
         gpu: view,
@@ -208,5 +202,35 @@ impl axum::serve::Listener for ClientListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// Applies `[server] initial_mode`. A mode with external models usually cannot be applied at
+/// start-up (no app has attached yet), so a failure is retried each time an app attaches, until
+/// the mode holds once or the daemon stops.
+async fn apply_initial_mode(arbiter: ArbiterHandle, bus: EventBus, mode: String, shutdown: CancellationToken) {
+    let mut events = bus.subscribe();
+    loop {
+        match arbiter.set_mode(&mode).await {
+            Ok(_) => {
+                tracing::info!("initial mode {mode} applied");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "initial mode {mode} (server.initial_mode) not applied yet: {e}; retrying when an app attaches"
+                )
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = events.recv() => match event {
+                    Ok(event) if matches!(&event.kind, EventKind::ExternalAttachment { change, .. } if change == "attached") => break,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
     }
 }

@@ -630,7 +630,8 @@ async fn an_unload_during_a_failing_spawn_does_not_get_stuck() {
 #[tokio::test]
 async fn a_lease_jobs_own_memory_is_not_counted_twice() {
     let daemon = start(|_| String::new(), "[scheduler]\nqueue_timeout = \"2s\"\n");
-    let (code, lease) = daemon.post("/vramgate/leases", json!({"vram": 6000, "holder": "job"})).await;
+    let (code, lease) =
+        daemon.post("/vramgate/leases", json!({"vram": 6000, "holder": "job", "pid": std::process::id()})).await;
     assert_eq!(code, 201, "{lease}");
     // The job really uses its 6000 MiB: a process the daemon cannot attribute.
     daemon.claim(&std::process::id().to_string(), 6000);

@@ -195,6 +195,9 @@ struct Lease {
     grant: LeaseGrant,
     priority: i32,
     expires: Option<Instant>,
+    /// The holder's process: its GPU use, and its descendants' (the job `vramgate run` starts),
+    /// is the lease's, not foreign, up to the lease's size.
+    pid: Option<u32>,
     /// For a model lease: the model kept in use until the lease is dropped.
     _pin: Option<Pin>,
 }
@@ -256,6 +259,8 @@ pub struct Arbiter {
     next_session: u64,
     /// See [`ArbiterSettings::critical_pct`].
     critical_pct: f64,
+    /// GPU memory the processes of each memory lease's holder use (last reading), by lease id.
+    lease_usage: HashMap<String, u64>,
 }
 
 fn millis_since(origin: Instant, t: Instant) -> u64 {
@@ -357,6 +362,7 @@ impl Arbiter {
             mode: None,
             next_session: 0,
             critical_pct: settings.critical_pct,
+            lease_usage: HashMap::new(),
         };
         let groups = Arc::new(aliases.into_iter().collect());
         let handle = ArbiterHandle {
@@ -652,7 +658,15 @@ impl Arbiter {
             last_seq: 0,
         });
         model.note = None;
+        // Loads tried before any app was attached failed for that reason only: start afresh.
+        model.failures = 0;
+        model.cooldown_until = None;
+        model.last_error = None;
+        if model.state == ModelState::Failed {
+            self.set_state(i, ModelState::Unloaded, "attached".into(), None);
+        }
         self.bus.publish(EventKind::ExternalAttachment { model: id.clone(), change: "attached".into(), holder, pid });
+        let model = &self.models[i];
         if model.spec.preload || model.spec.pinned {
             self.request_load(&id, None, true);
         }
@@ -857,8 +871,37 @@ impl Arbiter {
         }
     }
 
+    /// The memory lease whose holder is this process or one of its ancestors, on that device.
+    fn lease_of_process(&self, pid: u32, device: u32) -> Option<String> {
+        let holders: HashMap<u32, &String> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.grant.model.is_none() && l.grant.device == Some(device))
+            .filter_map(|(id, l)| Some((l.pid?, id)))
+            .collect();
+        if holders.is_empty() {
+            return None;
+        }
+        let mut current = pid;
+        // A job's processes are its holder's descendants; a few generations cover a shell
+        // wrapper and a worker pool.
+        for _ in 0..8 {
+            if let Some(id) = holders.get(&current) {
+                return Some((*id).clone());
+            }
+            current = process::proc_stat_field(current, 4)? as u32;
+            if current <= 1 {
+                return None;
+            }
+        }
+        None
+    }
+
     /// Waiters that were waiting for this model's memory may go on.
     fn memory_released(&mut self, id: &str) {
+        // Whatever its processes still use (an app that moved a model to the CPU but kept the
+        // memory cached) is foreign from now on, not invisible until the next reading.
+        self.process_models.retain(|_, model| model != id);
         for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
             name.remove(id);
         }
@@ -1076,6 +1119,10 @@ impl Arbiter {
 
     fn request_unload(&mut self, i: usize, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>>) {
         let id = self.models[i].spec.id.clone();
+        if self.leased(&id) && self.models[i].holds_memory() {
+            let _ = reply.send(Err(self.leased_error(&id, "unloaded")));
+            return;
+        }
         // A queued load of this model is withdrawn: the user asked for the opposite.
         self.queue.retain(|w| !matches!(&w.pending, Pending::Load { model } if *model == id));
         for (_, _, waiter) in self.models[i].ready_waiters.drain(..) {
@@ -1734,6 +1781,7 @@ impl Arbiter {
                 grant: grant.clone(),
                 priority: request.priority,
                 expires: request.ttl.map(deadline_after),
+                pid: request.pid,
                 _pin: pin,
             },
         );
@@ -1782,14 +1830,14 @@ impl Arbiter {
             .map(|d| {
                 let attributed: u64 =
                     d.processes.iter().filter(|p| self.process_models.contains_key(&p.pid)).map(|p| p.used_mib).sum();
-                // A lease's job (ffmpeg) uses its memory through processes we cannot attribute;
-                // that use is already counted by the lease's hold, so only use beyond the holds is
-                // foreign.
+                // A lease's job (ffmpeg) uses its memory through its holder's processes; that use
+                // is already counted by the lease's hold, so it is not foreign too (up to the
+                // hold). Use by processes no lease claims is foreign, held memory or not.
                 let held: u64 = self
                     .leases
-                    .values()
-                    .filter(|l| l.grant.model.is_none() && l.grant.device == Some(d.index))
-                    .map(|l| l.grant.vram_mib)
+                    .iter()
+                    .filter(|(_, l)| l.grant.model.is_none() && l.grant.device == Some(d.index))
+                    .map(|(id, l)| self.lease_usage.get(id).copied().unwrap_or(0).min(l.grant.vram_mib))
                     .sum();
                 // Ollama's runners are not our processes either; what the models vramgate loaded
                 // there use is counted as those models (from `/api/ps`), not again as foreign.
@@ -2214,7 +2262,10 @@ impl Arbiter {
         // Waiters whose time is up, with the numbers of their last shortfall.
         let mut index = 0;
         while index < self.queue.len() {
-            let expired = matches!(&self.queue[index].pending, Pending::Lease { deadline, .. } if *deadline <= now);
+            // A waiter whose victims are being released waits for them (bounded by their
+            // release): giving up now would have evicted them for nothing.
+            let expired = matches!(&self.queue[index].pending, Pending::Lease { deadline, .. } if *deadline <= now)
+                && self.queue[index].awaiting_release.is_empty();
             if expired {
                 let waiter = self.queue.remove(index);
                 let message = waiter.last_shortfall.clone().unwrap_or_else(|| "no memory became available".into());
@@ -2253,7 +2304,10 @@ impl Arbiter {
     fn on_sample(&mut self) {
         let view = self.gpu.borrow_and_update().clone();
         self.seen = view.clone();
-        let mut owners: HashMap<u32, usize> = HashMap::new();
+        // Servers vramgate spawned (each leads its own process group) and the processes of apps
+        // holding external models; one app may hold several models.
+        let mut servers: HashMap<u32, usize> = HashMap::new();
+        let mut apps: HashMap<u32, Vec<usize>> = HashMap::new();
         for (i, model) in self.models.iter().enumerate() {
             // A CPU form's processes are not the model's GPU footprint: what they use anyway
             // counts as foreign.
@@ -2261,31 +2315,48 @@ impl Arbiter {
                 continue;
             }
             if let Some(process) = &model.process {
-                owners.insert(process.pid, i);
+                servers.insert(process.pid, i);
             }
             if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid).or(model.oneshot.flatten())
                 && model.on_gpu()
             {
-                owners.insert(pid, i);
+                apps.entry(pid).or_default().push(i);
             }
         }
         let mut process_models = HashMap::new();
         let mut usage: HashMap<usize, u64> = HashMap::new();
+        let mut lease_usage: HashMap<String, u64> = HashMap::new();
         for device in &view.devices {
             for p in &device.processes {
-                let owner = owners.get(&p.pid).copied().or_else(|| {
-                    // A worker of a model's server: same process group as the leader.
+                if let Some(models) = apps.get(&p.pid) {
+                    // Shared by its models in proportion to what they declare, so the process
+                    // is counted once.
+                    let declared: Vec<u64> =
+                        models.iter().map(|&i| self.models[i].spec.declared_mib.unwrap_or(1).max(1)).collect();
+                    let total: u64 = declared.iter().sum();
+                    for (&i, share) in models.iter().zip(declared) {
+                        *usage.entry(i).or_default() += p.used_mib * share / total;
+                    }
+                    process_models.insert(p.pid, self.models[models[0]].spec.id.clone());
+                    continue;
+                }
+                // A worker of a model's server: same process group as the leader (only for
+                // servers vramgate spawned; an app's own jobs are not its model).
+                let server = servers.get(&p.pid).copied().or_else(|| {
                     let group = process::proc_stat_field(p.pid, 5)? as u32;
-                    owners.get(&group).copied()
+                    servers.get(&group).copied()
                 });
-                if let Some(i) = owner {
+                if let Some(i) = server {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
                     *usage.entry(i).or_default() += p.used_mib;
                     self.models[i].gpu_pids.insert(p.pid);
+                } else if let Some(lease) = self.lease_of_process(p.pid, device.index) {
+                    *lease_usage.entry(lease).or_default() += p.used_mib;
                 }
             }
         }
         self.process_models = process_models;
+        self.lease_usage = lease_usage;
         for i in 0..self.models.len() {
             let used = usage.get(&i).copied().unwrap_or(0);
             let model = &mut self.models[i];

@@ -389,7 +389,18 @@ impl ArbiterHandle {
             let list = if known.is_empty() { "none defined".to_string() } else { known.join(", ") };
             return Err(ArbiterError::NotFound(format!("unknown mode {name:?} (modes: {list})")));
         };
-        let _serial = self.mode_switch.lock().await;
+        // Run to the end in its own task: a caller that stops waiting (an HTTP client that gave
+        // up) must not leave the switch half done and the mode unrecorded.
+        let handle = self.clone();
+        let name = name.to_string();
+        let switch = tokio::spawn(async move {
+            let _serial = handle.mode_switch.lock().await;
+            handle.apply_mode(&name, &mode).await
+        });
+        switch.await.map_err(|_| ArbiterError::ShuttingDown)?
+    }
+
+    async fn apply_mode(&self, name: &str, mode: &ModeConfig) -> Result<Vec<ModelStatus>, ArbiterError> {
         let fail = |step: String| {
             move |inner: ArbiterError| ArbiterError::InMode { mode: name.to_string(), step, inner: Box::new(inner) }
         };
@@ -399,8 +410,27 @@ impl ArbiterHandle {
         for id in &mode.cpu {
             self.place_cpu(id).await.map_err(fail(format!("placing {id} on the CPU")))?;
         }
-        for id in mode.gpu_models() {
-            self.load(&id, true).await.map_err(fail(format!("loading {id} on the GPU")))?;
+        let gpu = mode.gpu_models();
+        for id in &gpu {
+            self.load(id, true).await.map_err(fail(format!("loading {id} on the GPU")))?;
+        }
+        // A later load may have evicted an earlier one: the mode holds only if all are there.
+        let view = self.view();
+        let missing: Vec<&str> = gpu
+            .iter()
+            .filter(|id| {
+                !view.models.iter().any(|m| m.id == **id && m.state == "ready" && m.placement.as_deref() == Some("gpu"))
+            })
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            let step = format!("keeping {} on the GPU together", gpu.join(", "));
+            let inner = ArbiterError::Conflict(format!(
+                "{} did not stay on the GPU (evicted to make room for a later model of the mode): they do not fit \
+                 together",
+                missing.join(", ")
+            ));
+            return Err(ArbiterError::InMode { mode: name.to_string(), step, inner: Box::new(inner) });
         }
         self.ask(|reply| Command::ModeApplied { name: name.to_string(), reply }).await?;
         Ok(self.view().models.clone())

@@ -69,6 +69,8 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "vram": args.vram.0,
         "exclusive": args.exclusive,
         "hold": "connection",
+        // The command is this process's child: its GPU memory is the lease's, not foreign.
+        "pid": std::process::id(),
     });
     if let Some(device) = args.device {
         request["device"] = device.into();

@@ -195,8 +195,8 @@ class Client:
                 held (the lease's ``upstream`` is its server's URL). For an external model with
                 no attached app this is the one-shot form: this process holds the model and
                 loads it itself once the lease is granted.
-            pid: the process whose GPU memory is the model's (one-shot form); default: this
-                process, when ``model`` is given.
+            pid: the process whose GPU memory (with its children's) is the lease's: counted
+                once, not again as foreign use; default: this process.
 
         Raises:
             VramgateError: 422 it can never fit, 503 it waited in vain (the numbers are in the
@@ -209,7 +209,9 @@ class Client:
             body["vram"] = _size(vram)
         if model is not None:
             body["model"] = model
-            body["pid"] = int(pid) if pid is not None else os.getpid()
+        # This process (and the jobs it starts) uses the lease's memory: counted once, as the
+        # lease's, not again as foreign use.
+        body["pid"] = int(pid) if pid is not None else os.getpid()
         if holder is not None:
             body["holder"] = holder
         if exclusive:
