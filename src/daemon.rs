@@ -211,6 +211,10 @@ impl axum::serve::Listener for ClientListener {
 async fn apply_initial_mode(arbiter: ArbiterHandle, bus: EventBus, mode: String, shutdown: CancellationToken) {
     let mut events = bus.subscribe();
     loop {
+        // A mode chosen since (by a user or an app) wins over the initial one.
+        if arbiter.view().mode.is_some() {
+            return;
+        }
         match arbiter.set_mode(&mode).await {
             Ok(_) => {
                 tracing::info!("initial mode {mode} applied");

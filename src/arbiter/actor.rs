@@ -259,8 +259,10 @@ pub struct Arbiter {
     next_session: u64,
     /// See [`ArbiterSettings::critical_pct`].
     critical_pct: f64,
-    /// GPU memory the processes of each memory lease's holder use (last reading), by lease id.
-    lease_usage: HashMap<String, u64>,
+    /// GPU memory each lease holder's processes use (last reading), by (holder pid, device).
+    holder_usage: HashMap<(u32, u32), u64>,
+    /// App processes holding external models on the GPU, with those models (last reading).
+    app_pids: HashMap<u32, Vec<String>>,
 }
 
 fn millis_since(origin: Instant, t: Instant) -> u64 {
@@ -362,7 +364,8 @@ impl Arbiter {
             mode: None,
             next_session: 0,
             critical_pct: settings.critical_pct,
-            lease_usage: HashMap::new(),
+            holder_usage: HashMap::new(),
+            app_pids: HashMap::new(),
         };
         let groups = Arc::new(aliases.into_iter().collect());
         let handle = ArbiterHandle {
@@ -871,13 +874,14 @@ impl Arbiter {
         }
     }
 
-    /// The memory lease whose holder is this process or one of its ancestors, on that device.
-    fn lease_of_process(&self, pid: u32, device: u32) -> Option<String> {
-        let holders: HashMap<u32, &String> = self
+    /// The holder (a lease's `pid`) of memory leases on that device that is this process or
+    /// one of its ancestors.
+    fn lease_holder_of(&self, pid: u32, device: u32) -> Option<u32> {
+        let holders: BTreeSet<u32> = self
             .leases
-            .iter()
-            .filter(|(_, l)| l.grant.model.is_none() && l.grant.device == Some(device))
-            .filter_map(|(id, l)| Some((l.pid?, id)))
+            .values()
+            .filter(|l| l.grant.model.is_none() && l.grant.device == Some(device))
+            .filter_map(|l| l.pid)
             .collect();
         if holders.is_empty() {
             return None;
@@ -886,8 +890,8 @@ impl Arbiter {
         // A job's processes are its holder's descendants; a few generations cover a shell
         // wrapper and a worker pool.
         for _ in 0..8 {
-            if let Some(id) = holders.get(&current) {
-                return Some((*id).clone());
+            if holders.contains(&current) {
+                return Some(current);
             }
             current = process::proc_stat_field(current, 4)? as u32;
             if current <= 1 {
@@ -902,6 +906,14 @@ impl Arbiter {
         // Whatever its processes still use (an app that moved a model to the CPU but kept the
         // memory cached) is foreign from now on, not invisible until the next reading.
         self.process_models.retain(|_, model| model != id);
+        // An app process shared with other models is counted whole as foreign until the next
+        // reading splits it again (its other models keep their share meanwhile: counted twice,
+        // the safe way).
+        for (pid, models) in &self.app_pids {
+            if models.iter().any(|m| m == id) {
+                self.process_models.remove(pid);
+            }
+        }
         for name in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
             name.remove(id);
         }
@@ -1833,11 +1845,18 @@ impl Arbiter {
                 // A lease's job (ffmpeg) uses its memory through its holder's processes; that use
                 // is already counted by the lease's hold, so it is not foreign too (up to the
                 // hold). Use by processes no lease claims is foreign, held memory or not.
-                let held: u64 = self
-                    .leases
+                // One holder may hold several leases: its use counts up to their sum.
+                let mut holds: HashMap<u32, u64> = HashMap::new();
+                for lease in self.leases.values() {
+                    if let (None, Some(device), Some(pid)) = (&lease.grant.model, lease.grant.device, lease.pid)
+                        && device == d.index
+                    {
+                        *holds.entry(pid).or_default() += lease.grant.vram_mib;
+                    }
+                }
+                let held: u64 = holds
                     .iter()
-                    .filter(|(_, l)| l.grant.model.is_none() && l.grant.device == Some(d.index))
-                    .map(|(id, l)| self.lease_usage.get(id).copied().unwrap_or(0).min(l.grant.vram_mib))
+                    .map(|(pid, hold)| self.holder_usage.get(&(*pid, d.index)).copied().unwrap_or(0).min(*hold))
                     .sum();
                 // Ollama's runners are not our processes either; what the models vramgate loaded
                 // there use is counted as those models (from `/api/ps`), not again as foreign.
@@ -2325,7 +2344,8 @@ impl Arbiter {
         }
         let mut process_models = HashMap::new();
         let mut usage: HashMap<usize, u64> = HashMap::new();
-        let mut lease_usage: HashMap<String, u64> = HashMap::new();
+        let mut holder_usage: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut app_pids: HashMap<u32, Vec<String>> = HashMap::new();
         for device in &view.devices {
             for p in &device.processes {
                 if let Some(models) = apps.get(&p.pid) {
@@ -2338,6 +2358,7 @@ impl Arbiter {
                         *usage.entry(i).or_default() += p.used_mib * share / total;
                     }
                     process_models.insert(p.pid, self.models[models[0]].spec.id.clone());
+                    app_pids.insert(p.pid, models.iter().map(|&i| self.models[i].spec.id.clone()).collect());
                     continue;
                 }
                 // A worker of a model's server: same process group as the leader (only for
@@ -2350,13 +2371,14 @@ impl Arbiter {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
                     *usage.entry(i).or_default() += p.used_mib;
                     self.models[i].gpu_pids.insert(p.pid);
-                } else if let Some(lease) = self.lease_of_process(p.pid, device.index) {
-                    *lease_usage.entry(lease).or_default() += p.used_mib;
+                } else if let Some(holder) = self.lease_holder_of(p.pid, device.index) {
+                    *holder_usage.entry((holder, device.index)).or_default() += p.used_mib;
                 }
             }
         }
         self.process_models = process_models;
-        self.lease_usage = lease_usage;
+        self.holder_usage = holder_usage;
+        self.app_pids = app_pids;
         for i in 0..self.models.len() {
             let used = usage.get(&i).copied().unwrap_or(0);
             let model = &mut self.models[i];
