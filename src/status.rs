@@ -140,6 +140,9 @@ pub struct ModelStatus {
     /// acknowledging), or null.
     #[serde(default)]
     pub note: Option<String>,
+    /// External models: the app attached to it (its holder name), or null.
+    #[serde(default)]
+    pub attached: Option<String>,
 }
 
 /// One Ollama server.

@@ -39,6 +39,8 @@ async fn an_external_model_is_placed_demoted_under_pressure_promoted_back_and_re
         })
         .await;
     assert_eq!(model(&status, "clip")["vram_mib"], 1000);
+    assert_eq!(model(&status, "clip")["attached"], "test-app");
+    assert_eq!(model(&status, "clip")["pid"], std::process::id());
 
     // big needs 7500 of 8000: clip is demoted to the CPU, not unloaded.
     let (code, body) = daemon.load("big").await;

@@ -2439,7 +2439,7 @@ impl Arbiter {
                 .used_once
                 .then(|| self.started_wall + chrono::Duration::milliseconds(m.gate.last_used_ms() as i64)),
             upstream: m.upstream(),
-            pid: m.process.as_ref().map(|p| p.pid),
+            pid: m.process.as_ref().map(|p| p.pid).or(m.attachment.as_ref().and_then(|a| a.pid)),
             measured_mib: m.learned_mib,
             declared_mib: m.spec.declared_mib,
             failures: m.failures,
@@ -2451,6 +2451,7 @@ impl Arbiter {
                 .idle_expiry(self.started)
                 .map(|t| self.started_wall + chrono::Duration::milliseconds(millis_since(self.started, t) as i64)),
             note: m.note.clone(),
+            attached: m.attachment.as_ref().map(|a| a.holder.clone()),
         }
     }
 

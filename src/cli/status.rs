@@ -113,6 +113,10 @@ pub(crate) fn render_table(status: &Status) -> String {
                 m.priority,
                 if m.pinned { "  pinned" } else { "" }
             );
+            if let Some(holder) = &m.attached {
+                let pid = m.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                let _ = writeln!(out, "  {}: held by app {holder}{pid}", m.id);
+            }
             if let Some(note) = &m.note {
                 let _ = writeln!(out, "  {}: {note}", m.id);
             }
@@ -223,6 +227,7 @@ mod tests {
             placement: placement.map(str::to_string),
             expires_at: None,
             note: note.map(str::to_string),
+            attached: placement.is_some().then(|| "clip-app".to_string()),
         };
         let status = Status {
             version: "0.1.0".into(),
@@ -249,6 +254,7 @@ mod tests {
         assert!(table.contains("mode: recording"), "{table}");
         assert!(table.lines().any(|l| l.starts_with("clip") && l.contains("cpu")), "{table}");
         assert!(table.contains("llama: Ollama does not answer"), "{table}");
+        assert!(table.contains("clip: held by app clip-app"), "{table}");
         assert!(table.contains("Ollama at http://127.0.0.1:11434: reachable"), "{table}");
         assert!(table.contains("tiny:latest") && table.contains("loaded directly"), "{table}");
     }
