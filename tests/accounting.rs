@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::app::{Answer, App};
-use common::{Daemon, fake_model, model_in as model, never_within, sim_config, write_atomically};
-use futures_util::StreamExt;
+use common::procs::{Claims, Proc, attach_keeping, settle};
+use common::{Daemon, fake_model, model_in as model, never_within, sim_config};
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -20,107 +17,6 @@ const SECOND: Duration = Duration::from_secs(1);
 /// An 8000 MiB sim device without reserve, plus `rest`.
 fn start(rest: impl Fn(&Path) -> String) -> Daemon {
     Daemon::start(|sim| format!("{}{}", sim_config(sim, 8000, "50ms", "reserve_mib = 0"), rest(sim)))
-}
-
-/// A child process standing in for an app (it only needs to live); killed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn() -> Proc {
-        Proc(Command::new("sleep").arg("300").spawn().expect("spawn sleep"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// What one app process holds on sim device 0, written as the sum to the claim file of its pid.
-#[derive(Clone)]
-struct Claims {
-    file: PathBuf,
-    held: Arc<Mutex<BTreeMap<String, u64>>>,
-}
-
-impl Claims {
-    fn new(daemon: &Daemon, pid: u32) -> Claims {
-        let dir = Daemon::sim_dir_for(&daemon.dir).join("0");
-        std::fs::create_dir_all(&dir).unwrap();
-        Claims { file: dir.join(pid.to_string()), held: Arc::new(Mutex::new(BTreeMap::new())) }
-    }
-
-    fn set(&self, model: &str, mib: u64) {
-        let mut held = self.held.lock().unwrap();
-        if mib == 0 {
-            held.remove(model);
-        } else {
-            held.insert(model.to_string(), mib);
-        }
-        let total: u64 = held.values().sum();
-        write_atomically(&self.file, &total.to_string());
-    }
-}
-
-/// An app attached to external model `model` as process `pid`: `gpu` claims `mib`; `cpu` and
-/// `release` give it back unless `keeps_memory` (PyTorch's cache after `.to("cpu")`).
-async fn attach_keeping(
-    daemon: &Daemon,
-    model: &str,
-    pid: u32,
-    mib: u64,
-    claims: Claims,
-    keeps_memory: bool,
-) -> tokio::task::JoinHandle<()> {
-    let response = reqwest::Client::new()
-        .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
-        .json(&json!({"pid": pid, "holder": format!("app-{pid}")}))
-        .send()
-        .await
-        .expect("attach");
-    assert_eq!(response.status(), 200, "attach {model}: {}", response.text().await.unwrap_or_default());
-    let (url, model) = (daemon.url.clone(), model.to_string());
-    tokio::spawn(async move {
-        let mut stream = response.bytes_stream();
-        let (mut pending, mut session) = (String::new(), String::new());
-        while let Some(Ok(chunk)) = stream.next().await {
-            pending.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = pending.find('\n') {
-                let line: String = pending.drain(..=end).collect();
-                let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
-                match message["event"].as_str() {
-                    Some("attached") => session = message["session"].as_str().unwrap_or_default().to_string(),
-                    Some("instruction") => {
-                        let on_gpu = message["action"] == "gpu";
-                        if on_gpu || !keeps_memory {
-                            claims.set(&model, if on_gpu { mib } else { 0 });
-                        }
-                        let ack = json!({"session": session, "seq": message["seq"], "ok": true});
-                        let _ = reqwest::Client::new()
-                            .post(format!("{url}/vramgate/models/{model}/ack"))
-                            .json(&ack)
-                            .send()
-                            .await;
-                    }
-                    _ => {}
-                }
-            }
-        }
-    })
-}
-
-/// Polls status until `check` holds or `deadline` passes, without failing.
-async fn settle(daemon: &Daemon, deadline: Duration, check: impl Fn(&Value) -> bool) {
-    let end = Instant::now() + deadline;
-    while Instant::now() < end && !check(&daemon.status().await) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The third review's fix for a demotion acknowledged while the app keeps the memory
@@ -139,7 +35,7 @@ async fn demoting_the_second_external_model_of_an_app_that_keeps_its_memory_does
             fake_model(sim, "big", 6000, "", "ttl = \"0\"\nready_timeout = \"5s\"")
         )
     });
-    let app = Proc::spawn();
+    let app = Proc::spawn(None);
     let claims = Claims::new(&daemon, app.pid());
     let clip = attach_keeping(&daemon, "clip", app.pid(), 1000, claims.clone(), false).await;
     let vlm = attach_keeping(&daemon, "vlm", app.pid(), 2000, claims.clone(), true).await;
@@ -177,7 +73,7 @@ async fn demoting_the_second_external_model_of_an_app_that_keeps_its_memory_does
 #[tokio::test]
 async fn two_leases_held_by_one_process_do_not_count_its_use_twice() {
     let daemon = start(|_| String::new());
-    let holder = Proc::spawn();
+    let holder = Proc::spawn(None);
     for name in ["job-a", "job-b"] {
         let (code, body) = daemon
             .post(

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod ollama;
+pub mod procs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
