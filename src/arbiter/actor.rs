@@ -874,15 +874,9 @@ impl Arbiter {
         }
     }
 
-    /// The holder (a lease's `pid`) of memory leases on that device that is this process or
-    /// one of its ancestors.
-    fn lease_holder_of(&self, pid: u32, device: u32) -> Option<u32> {
-        let holders: BTreeSet<u32> = self
-            .leases
-            .values()
-            .filter(|l| l.grant.model.is_none() && l.grant.device == Some(device))
-            .filter_map(|l| l.pid)
-            .collect();
+    /// The lease holder among `holders` (the `pid`s of memory leases on one device) that is this
+    /// process or one of its ancestors.
+    fn lease_holder_of(pid: u32, holders: &BTreeSet<u32>) -> Option<u32> {
         if holders.is_empty() {
             return None;
         }
@@ -2347,6 +2341,12 @@ impl Arbiter {
         let mut holder_usage: HashMap<(u32, u32), u64> = HashMap::new();
         let mut app_pids: HashMap<u32, Vec<String>> = HashMap::new();
         for device in &view.devices {
+            let holders: BTreeSet<u32> = self
+                .leases
+                .values()
+                .filter(|l| l.grant.model.is_none() && l.grant.device == Some(device.index))
+                .filter_map(|l| l.pid)
+                .collect();
             for p in &device.processes {
                 if let Some(models) = apps.get(&p.pid) {
                     // Shared by its models in proportion to what they declare, so the process
@@ -2371,7 +2371,7 @@ impl Arbiter {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
                     *usage.entry(i).or_default() += p.used_mib;
                     self.models[i].gpu_pids.insert(p.pid);
-                } else if let Some(holder) = self.lease_holder_of(p.pid, device.index) {
+                } else if let Some(holder) = Self::lease_holder_of(p.pid, &holders) {
                     *holder_usage.entry((holder, device.index)).or_default() += p.used_mib;
                 }
             }
