@@ -426,18 +426,8 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
             Err(response) => response,
         };
     }
-    // Refused before anything loads: loading an external model for a request it cannot serve
-    // would tell its app to take GPU memory for nothing.
-    if !is_load_call(endpoint, &object) && state.arbiter.gate(&name).is_some_and(|g| g.kind == UpstreamKind::External) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "model {name} runs inside an attached application and serves no requests through vramgate; \
-                 a generate without a prompt loads it"
-            ),
-        );
-    }
-    let (gate, pin) = match pin_model(&state, &name).await {
+    // An external model is only loaded by a load call (it serves its requests inside its app).
+    let (gate, pin) = match pin_model(&state, &name, !is_load_call(endpoint, &object)).await {
         Ok(pinned) => pinned,
         Err(response) => return reshape(response).await,
     };

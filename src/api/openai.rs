@@ -242,11 +242,7 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
         Ok(name) => name,
         Err(response) => return response,
     };
-    // Refused before anything loads: an external model serves its requests inside its app.
-    if state.arbiter.gate(&name).is_some_and(|g| g.kind == UpstreamKind::External) {
-        return external_refusal(&name);
-    }
-    let (gate, pin) = match pin_model(&state, &name).await {
+    let (gate, pin) = match pin_model(&state, &name, true).await {
         Ok(pinned) => pinned,
         Err(response) => return response,
     };
@@ -340,8 +336,14 @@ fn renamed_for_ollama(body: &Bytes, ollama_name: &str) -> Option<Bytes> {
 
 /// Finds the model a name means and pins it, loading it first if it is not ready. For an
 /// `[aliases]` name: the first candidate that is ready, else the one the arbiter chooses by fit.
-pub(super) async fn pin_model(state: &AppState, name: &str) -> Result<(Arc<ModelGate>, Pin), Response> {
+///
+/// `to_serve`: the model is wanted to answer a request. An external model cannot (it serves inside
+/// its app), so it is refused before anything loads, rather than placed for nothing.
+pub(super) async fn pin_model(state: &AppState, name: &str, to_serve: bool) -> Result<(Arc<ModelGate>, Pin), Response> {
     let model = if let Some(gate) = state.arbiter.gate(name) {
+        if to_serve && gate.kind == UpstreamKind::External {
+            return Err(external_refusal(name));
+        }
         gate
     } else if let Some(candidates) = state.arbiter.candidates(name) {
         // External models serve their requests inside their app: never a request's choice.
