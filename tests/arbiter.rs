@@ -279,7 +279,7 @@ async fn exit_during_start_up_and_three_failures_mean_failed_with_a_cooldown() {
     let lease = daemon.post("/vramgate/leases", json!({"model": "a"})).await;
     assert_eq!(lease.0, 503, "{}", lease.1);
     assert!(lease.1["error"]["message"].as_str().unwrap().contains("next automatic try"), "{}", lease.1);
-    let output = Command::new(common::bin()).args(["load", "a", "--url", &daemon.url]).output().unwrap();
+    let output = common::vramgate().args(["load", "a", "--url", &daemon.url]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("exit status 7"));
     assert_eq!(daemon.model("a").await["failures"], 4);
@@ -375,7 +375,7 @@ async fn a_restart_reaps_a_leftover_recorded_in_the_database() {
 #[tokio::test]
 async fn vramgate_run_holds_a_lease_and_a_sigkill_releases_it() {
     let daemon = start(|_| String::new(), "");
-    let mut run = Command::new(common::bin())
+    let mut run = common::vramgate()
         .args(["run", "--vram", "3G", "--url", &daemon.url, "--", "sleep", "30"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -397,7 +397,7 @@ async fn vramgate_run_holds_a_lease_and_a_sigkill_releases_it() {
 #[test]
 fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
     let daemon = Daemon::start_sim(8192, "50ms");
-    let output = Command::new(common::bin())
+    let output = common::vramgate()
         .args([
             "run",
             "--vram",
@@ -413,10 +413,8 @@ fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
         .unwrap();
     assert_eq!(output.status.code(), Some(5));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 1024");
-    let output = Command::new(common::bin())
-        .args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"])
-        .output()
-        .unwrap();
+    let output =
+        common::vramgate().args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"]).output().unwrap();
     assert_eq!(output.status.code(), Some(75));
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("need at least"),
@@ -482,11 +480,11 @@ async fn emergency_pressure_evicts_idle_models() {
 async fn logs_show_the_model_output() {
     let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
     daemon.load("a").await;
-    let output = Command::new(common::bin()).args(["logs", "a", "--url", &daemon.url]).output().unwrap();
+    let output = common::vramgate().args(["logs", "a", "--url", &daemon.url]).output().unwrap();
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("loading weights") && text.contains("ready"), "{text}");
-    let output = Command::new(common::bin()).args(["logs", "nope", "--url", &daemon.url]).output().unwrap();
+    let output = common::vramgate().args(["logs", "nope", "--url", &daemon.url]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model \"nope\""));
 }
@@ -539,11 +537,8 @@ async fn a_corrupt_state_database_stops_the_daemon_with_a_clear_error() {
     let config = dir.path().join("c.toml");
     std::fs::write(&config, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"none\"\n", dir.path().display()))
         .unwrap();
-    let output = Command::new(common::bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output =
+        common::vramgate().args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("state.db") && stderr.contains("move it aside"), "{stderr}");
@@ -568,7 +563,7 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_leaves_the_first_alon
     let (_, body) = first.load("a").await;
     let pid = body["pid"].as_u64().unwrap() as u32;
     let config = first.dir.path().join("vramgate.toml");
-    let output = Command::new(common::bin())
+    let output = common::vramgate()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .env("XDG_STATE_HOME", first.dir.path().join("state"))

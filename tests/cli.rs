@@ -3,14 +3,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, bin};
+use common::Daemon;
 use serde_json::Value;
 
-fn vramgate(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).env_remove("VRAMGATE_URL").output().expect("run vramgate")
+fn run_cli(args: &[&str]) -> std::process::Output {
+    common::vramgate().args(args).output().expect("run vramgate")
 }
 
 #[tokio::test]
@@ -18,7 +18,7 @@ async fn status_json_is_the_http_document() {
     let daemon = Daemon::start_sim(8192, "50ms");
     daemon.claim("desktop", 1234);
     let http = daemon.wait_for_status(Duration::from_secs(5), "claim", |s| s["devices"][0]["used_mib"] == 1234).await;
-    let output = vramgate(&["status", "--json", "--url", &daemon.url]);
+    let output = run_cli(&["status", "--json", "--url", &daemon.url]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let mut cli: Value = serde_json::from_slice(&output.stdout).expect("status --json prints JSON");
     let mut http = http;
@@ -33,7 +33,7 @@ async fn status_table_and_the_url_from_the_environment() {
     let daemon = Daemon::start_sim(8192, "50ms");
     daemon.claim("desktop", 6500);
     daemon.wait_for_status(Duration::from_secs(5), "claim", |s| s["devices"][0]["used_mib"] == 6500).await;
-    let output = Command::new(bin()).arg("status").env("VRAMGATE_URL", &daemon.url).output().unwrap();
+    let output = common::vramgate().arg("status").env("VRAMGATE_URL", &daemon.url).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("Sim Test"), "{table}");
@@ -47,11 +47,11 @@ fn status_without_a_daemon_fails_clearly() {
     // A port nothing listens on: bind one, then free it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
-    let output = vramgate(&["status", "--url", &url]);
+    let output = run_cli(&["status", "--url", &url]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot reach vramgate") && stderr.contains(&url), "{stderr}");
-    let output = vramgate(&["status", "--url", "localhost:9777"]);
+    let output = run_cli(&["status", "--url", "localhost:9777"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid --url"));
 }
@@ -64,7 +64,7 @@ async fn events_prints_each_event_as_it_happens() {
         if json {
             args.push("--json");
         }
-        let mut child = Command::new(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = common::vramgate().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -105,30 +105,30 @@ fn config_check_accepts_good_files_and_rejects_bad_ones_with_exit_2() {
         "[gpu]\nprobe = \"sim\"\nsample_interval = \"250ms\"\n[gpu.sim]\ndir = \"/tmp/x\"\ndevices = [{ name = \"Sim 8G\", total_mib = \"8GiB\" }]\n",
     )
     .unwrap();
-    let output = vramgate(&["config", "check", good.to_str().unwrap()]);
+    let output = run_cli(&["config", "check", good.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[server]\nlisten = \"127.0.0.1:9777\"\n\n[gpu]\nreserve_mib = \"lots\"\n").unwrap();
-    let output = vramgate(&["config", "check", bad.to_str().unwrap()]);
+    let output = run_cli(&["config", "check", bad.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("gpu.reserve_mib") && stderr.contains("line 5") && stderr.contains("\"lots\""), "{stderr}");
 
-    let output = vramgate(&["config", "check", dir.path().join("missing.toml").to_str().unwrap()]);
+    let output = run_cli(&["config", "check", dir.path().join("missing.toml").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read"));
 }
 
 #[test]
 fn help_explains_every_subcommand() {
-    let output = vramgate(&["--help"]);
+    let output = run_cli(&["--help"]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
     for sub in ["serve", "status", "events", "config"] {
         assert!(help.contains(sub), "{help}");
     }
-    let output = vramgate(&["status", "--help"]);
+    let output = run_cli(&["status", "--help"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("VRAMGATE_URL"));
 }

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, bin, sim_config};
+use common::{Daemon, sim_config};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -269,7 +269,7 @@ fn a_bad_config_makes_serve_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[gpu]\nprobe = \"none\"\nwarning_pct = 95\ncritical_pct = 90\n").unwrap();
-    let mut child = Command::new(bin())
+    let mut child = common::vramgate()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&path)
         .stdout(std::process::Stdio::piped())
@@ -288,8 +288,21 @@ fn a_bad_config_makes_serve_exit_2_naming_the_key() {
 fn a_busy_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
-    let output =
-        Command::new(bin()).args(["serve", "--listen", &address]).env("VRAMGATE_CONFIG", "/dev/null").output().unwrap();
+    // Its own state directory: without one this daemon would lock (and reap leftovers recorded in)
+    // the user's ~/.local/state/vramgate.
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("vramgate.toml");
+    std::fs::write(&config, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"none\"\n", state.path().display()))
+        .unwrap();
+    let mut child = common::vramgate()
+        .args(["serve", "--listen", &address, "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some(), "serve must refuse a busy port");
+    let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("cannot listen on {address}")), "{stderr}");
@@ -302,9 +315,17 @@ fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nvml.toml");
-    std::fs::write(&path, "[gpu]\nprobe = \"nvml\"\n").unwrap();
-    let output =
-        Command::new(bin()).args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(&path, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"nvml\"\n", dir.path().display()))
+        .unwrap();
+    let mut child = common::vramgate()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some(), "serve must refuse to start");
+    let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot start the GPU probe") && stderr.contains("NVML"), "{stderr}");

@@ -17,9 +17,50 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-/// The binary under test.
+/// The binary under test. Run it through [`vramgate`], never with `Command::new(bin())`
+/// directly (`tests/hermetic.rs` checks this).
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vramgate")
+}
+
+/// Where a test's `vramgate` commands point when the test names no daemon: a loopback port that
+/// nothing listens on, so a forgotten `--url` fails at once instead of reaching a real daemon
+/// on the default port.
+pub const NO_DAEMON_URL: &str = "http://127.0.0.1:1";
+
+/// The rule of the test harness: every `vramgate` a test runs is isolated from the user's machine.
+/// Its home, state and config directories are a scratch directory under cargo's target tmp dir,
+/// `VRAMGATE_URL` points at no daemon, and the user's `VRAMGATE_CONFIG` and `VRAMGATE_LOG` are
+/// dropped. So no test reads or writes `~/.local/state/vramgate`, and none talks to a daemon on
+/// the default port, even while the user's own daemon runs there. A test that needs a daemon
+/// passes its URL (`--url`, or `.env("VRAMGATE_URL", …)`) and, for `serve`, a `--listen` port of 0
+/// and a temp state directory (as [`Daemon::start`] does).
+pub fn vramgate() -> Command {
+    let mut command = Command::new(bin());
+    isolate(&mut command);
+    command
+}
+
+/// Applies the harness rule (see [`vramgate`]) to any command that may run `vramgate` itself
+/// (a shell running a README block, a Python script using the client).
+pub fn isolate(command: &mut Command) -> &mut Command {
+    let home = isolated_home();
+    command
+        .env("HOME", &home)
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_DATA_HOME", home.join(".local/share"))
+        .env("VRAMGATE_URL", NO_DAEMON_URL)
+        .env_remove("VRAMGATE_CONFIG")
+        .env_remove("VRAMGATE_LOG")
+}
+
+/// The scratch home of this test binary's commands, inside cargo's target directory (never the
+/// user's home); created on first use.
+pub fn isolated_home() -> PathBuf {
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("isolated-home");
+    std::fs::create_dir_all(&home).expect("create the isolated home");
+    home
 }
 
 /// A sim config with one device of `total_mib` and the given sample interval; `extra` is appended
@@ -53,7 +94,7 @@ impl Daemon {
         std::fs::write(&config_path, config_text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child = Command::new(bin())
+        let mut child = vramgate()
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path)
             .env("VRAMGATE_LOG", "debug")
