@@ -1,6 +1,6 @@
 //! The hot path's view of a model: whether it is serving, where, and how many requests use it.
 //!
-//! A warm request must not queue on the arbiter's mailbox (DESIGN.md, "The hot path"). So each
+//! A warm request must not queue on the arbiter's mailbox. So each
 //! model has a gate, shared by the arbiter and the proxy: the proxy pins a serving model with one
 //! short read lock and an atomic increment, and unpins it by dropping the [`Pin`]. The arbiter reads
 //! the counter when it chooses victims, and closes the gate under the write lock only if nobody

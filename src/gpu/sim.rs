@@ -1,4 +1,4 @@
-//! The simulated device (DESIGN.md contract): tests, demos and CI have no GPU, so a directory of
+//! The simulated device (its file format is a public contract, documented in docs/configuration.md): tests, demos and CI have no GPU, so a directory of
 //! small files plays one.
 //!
 //! A process claims VRAM on device N by writing an integer MiB into `DIR/N/<pid>`; it counts while
