@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod events;
 pub mod gpu;
 pub mod metrics;

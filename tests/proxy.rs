@@ -339,9 +339,10 @@ async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pas
         .send()
         .await
         .unwrap();
-    // The fake has no transcription route: its own 404 comes back, from the right model.
+    // The fake's canned transcription comes back, from the right model.
     assert_eq!(response.headers()["x-vramgate-model"], "stt");
     assert_eq!(response.headers()["x-fake-model"], "stt");
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"text": "hello from stt"}));
     let form = reqwest::multipart::Form::new().text("language", "en");
     let response = reqwest::Client::new()
         .post(format!("{}/v1/audio/transcriptions", daemon.url))

@@ -51,6 +51,10 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the demo model server that `serve --demo` starts for its models (not for users: it
+    /// is hidden from the help, and kept in this binary so the demo needs no other file).
+    #[command(hide = true)]
+    DemoModel(crate::demo::model_server::ModelServerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
         },
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
+        Command::DemoModel(args) => crate::demo::model_server::main(args),
     }
 }
 
