@@ -126,6 +126,7 @@ fn help_explains_every_subcommand() {
     let output = run_cli(&["--help"]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
+    // hermetic: subcommand names looked for in the help text
     for sub in ["serve", "status", "events", "config"] {
         assert!(help.contains(sub), "{help}");
     }

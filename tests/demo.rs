@@ -4,8 +4,10 @@
 //! and the demo leaves nothing behind: its temp dir goes on SIGINT and on a failed start, and
 //! nothing is written under HOME or the state dir.
 //!
-//! Self-contained on purpose (no `common`): the demo needs no config, and these helpers are about
-//! reading the demo's stdout and running shell lines.
+//! Its sandbox goes further than the harness's isolation (`common::isolate`): HOME, the state dir
+//! and TMPDIR are fresh temp dirs that must be empty again at the end.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vramgate")
+    common::bin()
 }
 
 /// The places a demo could write to outside its temp dir, each an empty temp dir to check.
@@ -40,6 +42,7 @@ impl Sandbox {
     /// A command with the sandbox's environment: no way to reach a user's daemon, home or state.
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
+        common::isolate(&mut command);
         command
             .env("HOME", self.home.path())
             .env("XDG_STATE_HOME", self.state.path())
@@ -437,12 +440,14 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
 #[test]
 fn demo_conflicts_with_an_explicit_config_and_the_demo_model_command_is_hidden() {
     let sandbox = Sandbox::new();
+    // hermetic: refused by argument parsing (exit 2) before anything starts
     let output = sandbox.command(bin()).args(["serve", "--demo", "--config", "x.toml"]).output().expect("run");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("'--demo' cannot be used with '--config"));
 
     let help = sandbox.command(bin()).arg("--help").output().expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
+    // hermetic: a subcommand name looked for in the help text
     assert!(help.contains("serve") && !help.contains("demo-model"), "{help}");
     let serve_help = sandbox.command(bin()).args(["serve", "--help"]).output().expect("serve help");
     assert!(String::from_utf8_lossy(&serve_help.stdout).contains("--demo"));
