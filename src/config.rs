@@ -4,6 +4,12 @@
 //! that serde cannot express (`warning_pct` below `critical_pct`, a sim device of 0 MiB) run
 //! after, and find the offending key's line by walking the same text with `toml_edit`, which keeps
 //! positions.
+//!
+//! Relative paths in a model's `cmd`, `cpu_cmd` and `cwd` are anchored to the config file, so a
+//! config works whatever directory the daemon is started from: `cwd` is resolved against the
+//! config file's directory, and a program path with a slash (`./server.sh`, `bin/server`) against
+//! the model's `cwd` if it has one, else the config file's directory. A bare program name
+//! (`llama-server`) is looked up on `PATH` when the model starts, as a shell would.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -44,6 +50,11 @@ pub struct Config {
     /// only the probe knows) can still point at the offending line.
     #[serde(skip)]
     source: Option<(Option<PathBuf>, String)>,
+    /// The config file's directory (absolute): what relative paths in models are resolved
+    /// against. `None` for a config not read from a file (then they stay relative to the
+    /// daemon's working directory).
+    #[serde(skip)]
+    base_dir: Option<PathBuf>,
 }
 
 /// `[server]`.
@@ -113,6 +124,25 @@ pub enum ProbeChoice {
     Sim,
     /// No GPU.
     None,
+}
+
+impl ProbeChoice {
+    /// The word used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeChoice::Auto => "auto",
+            ProbeChoice::Nvml => "nvml",
+            ProbeChoice::Amd => "amd",
+            ProbeChoice::Sim => "sim",
+            ProbeChoice::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for ProbeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `[gpu]`.
@@ -366,7 +396,9 @@ impl CommandLine {
 pub struct ModelConfig {
     /// How the model is run.
     pub backend: Backend,
-    /// The server command; `${PORT}`, `${MODEL_ID}` and `${DEVICE}` are expanded.
+    /// The server command; `${PORT}`, `${MODEL_ID}` and `${DEVICE}` are expanded. A program
+    /// path with a slash is relative to `cwd`, else to the config file's directory; a bare name
+    /// is looked up on `PATH`.
     #[serde(default)]
     pub cmd: Option<CommandLine>,
     /// Readiness check: a path on the upstream (`/health`), a full URL, or `none`.
@@ -408,14 +440,15 @@ pub struct ModelConfig {
     /// Extra environment for the process.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory of the process.
+    /// Working directory of the process; a relative one is relative to the config file's
+    /// directory. Default: the daemon's working directory.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
     /// A request sent once after the model is ready, before any real request reaches it.
     #[serde(default)]
     pub warmup: Option<Warmup>,
-    /// The CPU form of a process model (e.g. llama-server with `-ngl 0`), same expansions as
-    /// `cmd`.
+    /// The CPU form of a process model (e.g. llama-server with `-ngl 0`), same expansions and
+    /// path rules as `cmd`.
     #[serde(default)]
     pub cpu_cmd: Option<CommandLine>,
     /// What eviction does to it: `unload` (default) or `cpu` (needs a CPU form).
@@ -453,7 +486,8 @@ pub struct ModelSpec {
     pub id: String,
     /// How it is run.
     pub backend: Backend,
-    /// The command, split, before expansion.
+    /// The command, split, before expansion; a relative program path already resolved (see the
+    /// module docs).
     pub argv: Vec<String>,
     /// Readiness check: `None` = ready as soon as spawned; `Some(path or URL)`.
     pub health: Option<String>,
@@ -481,7 +515,7 @@ pub struct ModelSpec {
     pub aliases: Vec<String>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// Working directory.
+    /// Working directory, resolved against the config file's directory.
     pub cwd: Option<PathBuf>,
     /// Sent once when ready, before real requests.
     pub warmup: Option<Warmup>,
@@ -626,7 +660,8 @@ impl Config {
         Config::parse(&text, Some(path))
     }
 
-    /// Parses and validates config text; `file` only labels errors.
+    /// Parses and validates config text; `file` labels errors and anchors relative paths (see
+    /// the module docs).
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Box<ConfigError>> {
         let place = |span: Option<Range<usize>>, key: Option<String>, message: String| {
             ConfigError::at(text, file.map(Path::to_path_buf), span, key, message)
@@ -644,7 +679,7 @@ impl Config {
                     serde_path_to_error::Segment::Unknown => None,
                 })
                 .collect();
-            let message = e.inner().message().trim().to_string();
+            let message = with_suggestion(e.inner().message().trim());
             // Name the unknown key itself, not only its table, whichever way the path came.
             if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next())
                 && path.last() != Some(&Seg::Key(unknown.to_string()))
@@ -656,6 +691,10 @@ impl Config {
         })?;
         let mut config = config;
         config.source = Some((file.map(Path::to_path_buf), text.to_string()));
+        // `absolute` does not follow symlinks: a config linked from elsewhere is anchored where
+        // its path says it is, as a shell's `cd "$(dirname "$file")"` would be.
+        config.base_dir =
+            file.and_then(|f| std::path::absolute(f).ok()).and_then(|f| f.parent().map(Path::to_path_buf));
         if let Err((path, message)) = config.validate() {
             let span = locate(text, &path);
             return Err(place(span, Some(render_path(&path)), message));
@@ -707,6 +746,74 @@ impl Config {
         Ok(())
     }
 
+    /// A model's working directory, resolved against the config file's directory.
+    fn model_cwd(&self, model: &ModelConfig) -> Option<PathBuf> {
+        let cwd = model.cwd.as_ref()?;
+        Some(match &self.base_dir {
+            Some(base) if cwd.is_relative() => normalized_join(base, cwd),
+            _ => cwd.clone(),
+        })
+    }
+
+    /// A model's command split, with a relative program path resolved (see the module docs).
+    fn model_argv(&self, model: &ModelConfig, command: Option<&CommandLine>) -> Option<Vec<String>> {
+        let mut argv = command?.argv().ok()?;
+        if let Some(program) = argv.first_mut()
+            && let Some(resolved) = self.resolve_program(model, program)
+        {
+            *program = resolved;
+        }
+        Some(argv)
+    }
+
+    /// The absolute path of a relative program path with a slash; `None` for a bare name (looked
+    /// up on PATH), an absolute path, or a config not read from a file.
+    fn resolve_program(&self, model: &ModelConfig, program: &str) -> Option<String> {
+        let path = Path::new(program);
+        if !program.contains('/') || path.is_absolute() {
+            return None;
+        }
+        let base = self.model_cwd(model).or_else(|| self.base_dir.clone())?;
+        if base.is_relative() {
+            return None;
+        }
+        normalized_join(&base, path).to_str().map(str::to_string)
+    }
+
+    /// Problems that do not stop the config from loading, placed like errors: a model program
+    /// that cannot be found or run on this machine (the config may be meant for another one, so
+    /// this is a warning, not an error).
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let (file, text) = self.source.clone().unwrap_or((None, String::new()));
+        let mut warnings = Vec::new();
+        for (id, model) in &self.models {
+            if model.backend != Backend::Process {
+                continue;
+            }
+            for (key, command) in [("cmd", model.cmd.as_ref()), ("cpu_cmd", model.cpu_cmd.as_ref())] {
+                let Some(argv) = self.model_argv(model, command) else { continue };
+                let Some(program) = argv.first() else { continue };
+                // Placeholders are expanded at start: the name is not known yet.
+                if program.contains("${") {
+                    continue;
+                }
+                let search_path = model.env.get("PATH").map(std::ffi::OsString::from);
+                if let Err(problem) = find_program(program, search_path.as_deref()) {
+                    let written = command.and_then(|c| c.argv().ok()).and_then(|a| a.first().cloned());
+                    let shown = match written {
+                        Some(written) if written != *program => format!("{written:?} (resolved to {program:?})"),
+                        _ => format!("{program:?}"),
+                    };
+                    let path = key_path(&["models", id, key]);
+                    let span = locate(&text, &path);
+                    let message = format!("program {shown} {problem}; the model cannot start on this machine");
+                    warnings.push(*ConfigError::at(&text, file.clone(), span, Some(render_path(&path)), message));
+                }
+            }
+        }
+        warnings
+    }
+
     /// Every model with the defaults applied, in id order.
     pub fn model_specs(&self) -> Vec<ModelSpec> {
         let d = &self.defaults;
@@ -716,7 +823,7 @@ impl Config {
                 id: id.clone(),
                 backend: m.backend,
                 // Validation guarantees a splittable command for process models.
-                argv: m.cmd.as_ref().and_then(|c| c.argv().ok()).unwrap_or_default(),
+                argv: self.model_argv(m, m.cmd.as_ref()).unwrap_or_default(),
                 health: match m.health.as_deref() {
                     None => Some("/health".to_string()),
                     Some("none") => None,
@@ -740,9 +847,9 @@ impl Config {
                 device: m.device,
                 aliases: m.aliases.clone(),
                 env: m.env.clone(),
-                cwd: m.cwd.clone(),
+                cwd: self.model_cwd(m),
                 warmup: m.warmup.clone(),
-                cpu_argv: m.cpu_cmd.as_ref().and_then(|c| c.argv().ok()),
+                cpu_argv: self.model_argv(m, m.cpu_cmd.as_ref()),
                 on_evict: m.on_evict,
                 ollama_model: m.ollama_model.clone(),
                 url: m.url.as_deref().unwrap_or(DEFAULT_OLLAMA_URL).trim_end_matches('/').to_string(),
@@ -1054,6 +1161,80 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `base/path` without `.` components, so that `./server.sh` reads as `/etc/models/server.sh`
+/// in logs and errors (`..` is kept: it may cross a symlink).
+fn normalized_join(base: &Path, path: &Path) -> PathBuf {
+    let mut out = base.to_path_buf();
+    for component in path.components() {
+        if component != std::path::Component::CurDir {
+            out.push(component);
+        }
+    }
+    out
+}
+
+/// Whether `program` can be run: a path (with a slash) must be an executable file; a bare name
+/// must be one in a directory of `search_path` (default: this process's `PATH`). The error says
+/// what is wrong, to follow "program X".
+pub fn find_program(program: &str, search_path: Option<&std::ffi::OsStr>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| {
+        std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    };
+    if program.contains('/') {
+        let path = Path::new(program);
+        return match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("does not exist".into()),
+            Err(e) => Err(format!("cannot be read ({e})")),
+            Ok(m) if !m.is_file() => Err("is not a file".into()),
+            Ok(_) if !executable(path) => Err("is not executable (chmod +x?)".into()),
+            Ok(_) => Ok(path.to_path_buf()),
+        };
+    }
+    let search =
+        search_path.map(std::ffi::OsStr::to_os_string).or_else(|| std::env::var_os("PATH")).unwrap_or_default();
+    std::env::split_paths(&search)
+        // An empty PATH entry means the current directory, as for a shell.
+        .map(|dir| if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir })
+        .map(|dir| dir.join(program))
+        .find(|candidate| executable(candidate))
+        .ok_or_else(|| "is not found on PATH".to_string())
+}
+
+/// Serde's "unknown field `vrma`, expected one of `backend`, ..." (or "unknown variant") with
+/// "did you mean `vram`?" added when one expected name is close to the one written.
+fn with_suggestion(message: &str) -> String {
+    let unknown = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    let Some(unknown) = unknown else { return message.to_string() };
+    let Some((head, expected)) = message.split_once(", expected ") else { return message.to_string() };
+    // The names are the backticked words of the "expected" part: `a`, `b` or `c`.
+    let candidates = expected.split('`').skip(1).step_by(2);
+    match closest(unknown, candidates) {
+        Some(best) => format!("{head}, did you mean `{best}`? (expected {expected})"),
+        None => message.to_string(),
+    }
+}
+
+/// The candidate nearest to `written` by edit distance (a swap of two neighbours counts as one
+/// edit, case is ignored: `VRAM` suggests `vram`), if it is near enough to be the intended one:
+/// one edit for names up to four letters, two up to eight, three beyond.
+fn closest<'a>(written: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let written = written.to_lowercase();
+    let limit = match written.chars().count() {
+        0..=4 => 1,
+        5..=8 => 2,
+        _ => 3,
+    };
+    candidates
+        .map(|candidate| (strsim::osa_distance(&written, candidate), candidate))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
 }
 
 /// 1-based line and column of a byte offset.
@@ -1434,6 +1615,88 @@ ttl = "0"
         let err = parse_err("[models.llm]\nbackend = \"process\"\ncmd = \"x\"\nvrma = \"1G\"\n");
         assert_eq!(err.key.as_deref(), Some("models.llm.vrma"));
         assert_eq!(err.line, Some(4));
+        assert!(err.message.starts_with("unknown field `vrma`, did you mean `vram`? (expected"), "{}", err.message);
+    }
+
+    #[test]
+    fn typos_get_the_closest_known_name_when_it_is_close() {
+        let suggestion = |text: &str| parse_err(text).message;
+        assert!(suggestion("[gpuu]\n").contains("did you mean `gpu`?"));
+        assert!(suggestion("[gpu]\nsampel_interval = \"1s\"\n").contains("did you mean `sample_interval`?"));
+        assert!(suggestion("[gpu]\nprobe = \"simm\"\n").contains("did you mean `sim`?"));
+        assert!(suggestion("[defaults]\nprioirty = 3\n").contains("did you mean `priority`?"));
+        assert!(
+            suggestion("[models.a]\nbackend = \"process\"\ncmd = \"x\"\nVRAM = 1\n").contains("did you mean `vram`?")
+        );
+        // Nothing near: the plain message with the list of valid names, no wild guess.
+        let far = suggestion("[gpu]\ncolour = \"green\"\n");
+        assert!(!far.contains("did you mean"), "{far}");
+        assert!(far.contains("expected one of") && far.contains("`probe`"), "{far}");
+        let far = suggestion("[gpu]\nprobe = \"cuda\"\n");
+        assert!(!far.contains("did you mean"), "{far}");
+    }
+
+    #[test]
+    fn probe_choices_read_as_in_the_config() {
+        for word in ["auto", "nvml", "amd", "sim", "none"] {
+            let probe: ProbeChoice = serde_json::from_value(serde_json::Value::String(word.into())).unwrap();
+            assert_eq!(probe.to_string(), word);
+        }
+    }
+
+    #[test]
+    fn relative_paths_in_models_are_anchored_to_the_config_file() {
+        let text = "[models.a]\nbackend = \"process\"\ncmd = [\"./bin/server.sh\", \"--port\", \"${PORT}\"]\n\
+                    cpu_cmd = \"bin/server.sh --cpu\"\n\
+                    [models.b]\nbackend = \"process\"\ncmd = \"./server\"\ncwd = \"work\"\n\
+                    [models.c]\nbackend = \"process\"\ncmd = \"llama-server --port ${PORT}\"\ncwd = \"/srv/llama\"\n\
+                    [models.d]\nbackend = \"process\"\ncmd = \"/usr/bin/server\"\n";
+        let config = Config::parse(text, Some(Path::new("/etc/vramgate/vramgate.toml"))).unwrap();
+        let specs = config.model_specs();
+        let spec = |id: &str| specs.iter().find(|s| s.id == id).unwrap();
+        assert_eq!(spec("a").argv, vec!["/etc/vramgate/bin/server.sh", "--port", "${PORT}"]);
+        assert_eq!(
+            spec("a").cpu_argv.as_deref(),
+            Some(&["/etc/vramgate/bin/server.sh".to_string(), "--cpu".into()][..])
+        );
+        assert_eq!(spec("a").cwd, None);
+        // With a cwd, the program is where it would be from that directory.
+        assert_eq!(spec("b").cwd.as_deref(), Some(Path::new("/etc/vramgate/work")));
+        assert_eq!(spec("b").argv, vec!["/etc/vramgate/work/server"]);
+        // Bare names stay for the PATH lookup; absolute paths stay as they are.
+        assert_eq!(spec("c").argv[0], "llama-server");
+        assert_eq!(spec("c").cwd.as_deref(), Some(Path::new("/srv/llama")));
+        assert_eq!(spec("d").argv[0], "/usr/bin/server");
+        // Without a file there is nothing to anchor to.
+        let unanchored = Config::parse(text, None).unwrap().model_specs();
+        assert_eq!(unanchored[0].argv[0], "./bin/server.sh");
+    }
+
+    #[test]
+    fn programs_that_cannot_be_found_are_warnings_naming_the_model_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("model.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let text = "[models.ok]\nbackend = \"process\"\ncmd = \"./model.sh --port ${PORT}\"\ncpu_cmd = \"sh -c true\"\n\
+                    [models.typo]\nbackend = \"process\"\ncmd = [\"nosuchprogram-xyz\", \"--port\", \"${PORT}\"]\n\
+                    [models.gone]\nbackend = \"process\"\ncmd = \"sh\"\ncpu_cmd = \"./missing.sh\"\n\
+                    [models.plain]\nbackend = \"process\"\ncmd = \"./plain.txt\"\n\
+                    [models.later]\nbackend = \"process\"\ncmd = \"${MODEL_ID}-server\"\n";
+        let file = dir.path().join("vramgate.toml");
+        std::fs::write(&file, text).unwrap();
+        let config = Config::load(&file).unwrap();
+        let warnings = config.warnings();
+        let keys: Vec<&str> = warnings.iter().filter_map(|w| w.key.as_deref()).collect();
+        assert_eq!(keys, vec!["models.gone.cpu_cmd", "models.plain.cmd", "models.typo.cmd"], "{warnings:?}");
+        let typo = warnings[2].to_string();
+        assert!(typo.contains(", line 7") && typo.contains("\"nosuchprogram-xyz\" is not found on PATH"), "{typo}");
+        let gone = warnings[0].to_string();
+        assert!(gone.contains("\"./missing.sh\" (resolved to") && gone.contains("does not exist"), "{gone}");
+        assert!(warnings[1].message.contains("is not executable"), "{}", warnings[1]);
     }
 
     #[test]

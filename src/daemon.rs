@@ -79,9 +79,14 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
+    for warning in config.warnings() {
+        tracing::warn!("config: {warning}");
+    }
     let opened = gpu::open(&config.gpu)
-        .map_err(|e| anyhow::anyhow!("cannot start the GPU probe (gpu.probe = {:?}): {e}", config.gpu.probe))?;
-    for skipped in &opened.skipped {
+        .map_err(|e| anyhow::anyhow!("cannot start the GPU probe (gpu.probe = \"{}\"): {e}", config.gpu.probe))?;
+    // Probes `auto` skipped on its way to a GPU; when it found none they are degraded reasons,
+    // logged once below with the others.
+    for skipped in opened.skipped.iter().filter(|s| !opened.degraded_reasons.contains(s)) {
         tracing::info!("probe auto: skipped {skipped}");
     }
     let kind = opened.probe.kind();

@@ -2,6 +2,10 @@
 //!
 //! A broadcast channel: publishing never waits for a slow listener; a listener that falls too far
 //! behind is told how many events it lost instead of stalling the daemon.
+//!
+//! Every event is also logged: its JSON at DEBUG (`VRAMGATE_LOG=debug`), and, for the events a
+//! person watching the daemon cares about (model state changes, leases, levels, modes), one
+//! readable line at INFO, or WARN for failures (see [`EventKind::log_line`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -244,6 +248,119 @@ impl EventKind {
     }
 }
 
+/// How loud an event's readable log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Normal operation.
+    Info,
+    /// Something failed or needs attention.
+    Warn,
+}
+
+/// A duration in milliseconds as people read it: `850ms`, `2.0s`, `75s`.
+fn readable_ms(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..10_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => format!("{}s", (ms + 500) / 1000),
+    }
+}
+
+/// An error in one line: its first line and, when it quotes output, the last line of that
+/// output that is not one of vramgate's own markers.
+fn one_line(error: &str) -> String {
+    let mut lines = error.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    let marker =
+        |l: &&str| (l.starts_with("--- ") && l.ends_with(" ---")) || (l.starts_with("[... ") && l.ends_with(" ...]"));
+    match lines.rfind(|l| !marker(l)) {
+        Some(last) => format!("{first} {last}"),
+        None => first,
+    }
+}
+
+impl EventKind {
+    /// The readable log line for this event and how loud it is, or `None` for events that are
+    /// frequent (`vram_changed`) or already logged where they happen (probe failures, leftovers,
+    /// an Ollama that stops answering).
+    pub fn log_line(&self) -> Option<(LogLevel, String)> {
+        use LogLevel::{Info, Warn};
+        let line = match self {
+            EventKind::LevelChanged { device, from, to, used_mib, total_mib } => {
+                let level = if to > from { Warn } else { Info };
+                (
+                    level,
+                    format!(
+                        "GPU {device}: level {} -> {} ({used_mib} of {total_mib} MiB used)",
+                        from.as_str(),
+                        to.as_str()
+                    ),
+                )
+            }
+            EventKind::ModelState { model, from, to, reason, device, vram_mib, error } => {
+                let mut line = format!("model {model}: {from} -> {to} ({reason})");
+                if let Some(device) = device {
+                    line.push_str(&format!(" on GPU {device}"));
+                }
+                if *vram_mib > 0 {
+                    line.push_str(&format!(", {vram_mib} MiB"));
+                }
+                match error {
+                    Some(error) => (Warn, format!("{line}: {}", one_line(error))),
+                    None => (Info, line),
+                }
+            }
+            EventKind::Queued { requester, reason } => (Info, format!("queued: {requester} waits: {reason}")),
+            EventKind::LeaseGranted { id, holder, device, vram_mib, exclusive } => {
+                let place = device.map(|d| format!(" on GPU {d}")).unwrap_or_default();
+                let exclusive = if *exclusive { ", exclusive" } else { "" };
+                (Info, format!("lease {id} granted to {holder}: {vram_mib} MiB{place}{exclusive}"))
+            }
+            EventKind::LeaseReleased { id, holder, reason } => {
+                (Info, format!("lease {id} of {holder} ended ({reason})"))
+            }
+            EventKind::MemoryReleaseTimeout { model, waited_ms } => (
+                Warn,
+                format!(
+                    "model {model}: its memory did not show up free within {} (release_timeout)",
+                    readable_ms(*waited_ms)
+                ),
+            ),
+            EventKind::ModeChanged { from, to } => {
+                (Info, format!("mode {} -> {to}", from.as_deref().unwrap_or("(none)")))
+            }
+            // Every load ends with one on the GPU: only a move is news.
+            EventKind::ModelPlaced { placement, reason, .. } if reason == "ready" && placement == "gpu" => return None,
+            EventKind::ModelPlaced { model, placement, reason } => {
+                (Info, format!("model {model}: now on {placement} ({reason})"))
+            }
+            EventKind::ExternalAttachment { model, change, holder, pid } => {
+                let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                (Info, format!("model {model}: app {holder}{pid} {change}"))
+            }
+            EventKind::ExternalUnresponsive { model, action, waited_ms } => (
+                Warn,
+                format!(
+                    "model {model}: the attached app did not acknowledge `{action}` within {}",
+                    readable_ms(*waited_ms)
+                ),
+            ),
+            EventKind::OllamaReachability { url, reachable: true, .. } => {
+                (Info, format!("Ollama at {url} answers again"))
+            }
+            EventKind::ProbeRecovered { probe, failed_samples } => {
+                (Info, format!("probe {probe} works again after {failed_samples} failed sample(s)"))
+            }
+            EventKind::VramChanged { .. }
+            | EventKind::ProbeFailed { .. }
+            | EventKind::OllamaReachability { .. }
+            | EventKind::LeftoverReaped { .. }
+            | EventKind::EventsLost { .. } => return None,
+        };
+        Some(line)
+    }
+}
+
 /// The publishing side, cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
@@ -264,10 +381,17 @@ impl EventBus {
         EventBus { sender, next_seq: Arc::new(AtomicU64::new(1)) }
     }
 
-    /// Stamps and sends an event; also logs it. Having no listener is normal.
+    /// Stamps and sends an event; also logs it (see the module docs). Having no listener is
+    /// normal.
     pub fn publish(&self, kind: EventKind) -> Arc<Event> {
         let event = Arc::new(Event { seq: self.next_seq.fetch_add(1, Ordering::Relaxed), time: Utc::now(), kind });
-        tracing::info!(target: "vramgate::events", event = %serde_json::to_string(&*event).unwrap_or_default());
+        // The JSON is only built when DEBUG is on: tracing evaluates fields of enabled events only.
+        tracing::debug!(target: "vramgate::events", event = %serde_json::to_string(&*event).unwrap_or_default());
+        match event.kind.log_line() {
+            Some((LogLevel::Info, line)) => tracing::info!(target: "vramgate::events", "{line}"),
+            Some((LogLevel::Warn, line)) => tracing::warn!(target: "vramgate::events", "{line}"),
+            None => {}
+        }
         let _ = self.sender.send(event.clone());
         event
     }
@@ -302,6 +426,75 @@ mod tests {
         assert_eq!(json["seq"], 1);
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, *event);
+    }
+
+    #[test]
+    fn readable_log_lines() {
+        let state = EventKind::ModelState {
+            model: "llm".into(),
+            from: ModelState::Loading,
+            to: ModelState::Ready,
+            reason: "ready".into(),
+            device: Some(0),
+            vram_mib: 5120,
+            error: None,
+        };
+        assert_eq!(
+            state.log_line(),
+            Some((LogLevel::Info, "model llm: loading -> ready (ready) on GPU 0, 5120 MiB".into()))
+        );
+        let evicted = EventKind::ModelState {
+            model: "llm".into(),
+            from: ModelState::Ready,
+            to: ModelState::Unloading,
+            reason: "evicted_for:vision".into(),
+            device: Some(1),
+            vram_mib: 5120,
+            error: None,
+        };
+        assert_eq!(
+            evicted.log_line().unwrap().1,
+            "model llm: ready -> unloading (evicted_for:vision) on GPU 1, 5120 MiB"
+        );
+        let failed = EventKind::ModelState {
+            model: "stt".into(),
+            from: ModelState::Loading,
+            to: ModelState::Unloading,
+            reason: "failed".into(),
+            device: None,
+            vram_mib: 0,
+            error: Some(
+                "exited during start-up (exit status 3); last output:\n--- started ---\nloading\nout of memory\n--- pid 9 exit status 3 ---"
+                    .into(),
+            ),
+        };
+        assert_eq!(
+            failed.log_line(),
+            Some((
+                LogLevel::Warn,
+                "model stt: loading -> unloading (failed): exited during start-up (exit status 3); last output: out of memory"
+                    .into()
+            ))
+        );
+        let level =
+            EventKind::LevelChanged { device: 0, from: Level::Ok, to: Level::Warning, used_mib: 760, total_mib: 1000 };
+        assert_eq!(
+            level.log_line(),
+            Some((LogLevel::Warn, "GPU 0: level ok -> warning (760 of 1000 MiB used)".into()))
+        );
+        let lease = EventKind::LeaseGranted {
+            id: "l-1".into(),
+            holder: "ffmpeg".into(),
+            device: Some(0),
+            vram_mib: 2048,
+            exclusive: true,
+        };
+        assert_eq!(lease.log_line().unwrap().1, "lease l-1 granted to ffmpeg: 2048 MiB on GPU 0, exclusive");
+        let placed = EventKind::ModelPlaced { model: "llm".into(), placement: "gpu".into(), reason: "ready".into() };
+        assert_eq!(placed.log_line(), None);
+        let timeout = EventKind::MemoryReleaseTimeout { model: "llm".into(), waited_ms: 5000 };
+        assert!(timeout.log_line().unwrap().1.ends_with("within 5.0s (release_timeout)"));
+        assert_eq!(EventKind::VramChanged { device: 0, used_mib: 1, previous_mib: 0, free_mib: 1 }.log_line(), None);
     }
 
     #[test]

@@ -24,12 +24,20 @@ use tokio::sync::{broadcast, oneshot, watch};
 const LOG_RING_LINES: usize = 1000;
 /// Lines of log quoted in a start-up error.
 pub const ERROR_TAIL_LINES: usize = 15;
+/// Lines of each stream (stdout, stderr) a start-up error quotes even when the other stream
+/// wrote more since: the reason a server died is often on the quieter one.
+pub const ERROR_TAIL_PER_STREAM: usize = 5;
 /// Longest log line kept whole; longer ones are split.
 const MAX_LINE: u64 = 16 * 1024;
 /// How long to wait for a process to die after SIGKILL before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often readiness is polled (DESIGN: tens of milliseconds, not llama-swap's 1 s).
 const HEALTH_POLL: Duration = Duration::from_millis(25);
+/// How long an exit waits for the pipe readers to reach end-of-file before it is reported. A
+/// process's last words (the stderr line saying why it died) are still in the pipe when `wait`
+/// returns; reporting at once would leave them out of the error. Bounded, because a grandchild
+/// that inherited the pipes can keep them open long after the process itself is gone.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -57,11 +65,42 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSource {
+    /// The process's standard output.
+    Stdout,
+    /// The process's standard error.
+    Stderr,
+    /// vramgate itself (the start and exit markers).
+    Vramgate,
+}
+
 /// The last lines a process printed, its log file, and a feed of new lines for followers.
 pub struct LogBuffer {
-    lines: Mutex<VecDeque<String>>,
+    lines: Mutex<Ring>,
     file: Mutex<Option<std::fs::File>>,
     feed: broadcast::Sender<String>,
+}
+
+/// The lines kept in memory, each numbered in the order it was read.
+#[derive(Default)]
+struct Ring {
+    /// The number the next line gets.
+    next: u64,
+    /// The last [`LOG_RING_LINES`] lines, whatever their source.
+    all: VecDeque<(u64, String)>,
+    /// The last [`ERROR_TAIL_PER_STREAM`] lines of stdout and of stderr, kept apart so that a
+    /// flood on one stream never pushes the other's last words out.
+    stdout: VecDeque<(u64, String)>,
+    stderr: VecDeque<(u64, String)>,
+}
+
+fn push_bounded(lines: &mut VecDeque<(u64, String)>, limit: usize, line: (u64, String)) {
+    if lines.len() >= limit {
+        lines.pop_front();
+    }
+    lines.push_back(line);
 }
 
 impl LogBuffer {
@@ -80,21 +119,30 @@ impl LogBuffer {
             }
         });
         let (feed, _) = broadcast::channel(256);
-        Arc::new(LogBuffer { lines: Mutex::new(VecDeque::new()), file: Mutex::new(file), feed })
+        Arc::new(LogBuffer { lines: Mutex::new(Ring::default()), file: Mutex::new(file), feed })
     }
 
-    /// Adds one line.
+    /// Adds one line of vramgate's own (a marker).
     pub fn push(&self, line: String) {
+        self.push_from(LogSource::Vramgate, line);
+    }
+
+    /// Adds one line read from `source`.
+    pub fn push_from(&self, source: LogSource, line: String) {
         if let Ok(mut file) = self.file.lock()
             && let Some(file) = file.as_mut()
         {
             let _ = writeln!(file, "{line}");
         }
-        if let Ok(mut lines) = self.lines.lock() {
-            if lines.len() == LOG_RING_LINES {
-                lines.pop_front();
+        if let Ok(mut ring) = self.lines.lock() {
+            let number = ring.next;
+            ring.next = number.wrapping_add(1);
+            match source {
+                LogSource::Stdout => push_bounded(&mut ring.stdout, ERROR_TAIL_PER_STREAM, (number, line.clone())),
+                LogSource::Stderr => push_bounded(&mut ring.stderr, ERROR_TAIL_PER_STREAM, (number, line.clone())),
+                LogSource::Vramgate => {}
             }
-            lines.push_back(line.clone());
+            push_bounded(&mut ring.all, LOG_RING_LINES, (number, line.clone()));
         }
         let _ = self.feed.send(line);
     }
@@ -102,9 +150,33 @@ impl LogBuffer {
     /// The last `n` lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         match self.lines.lock() {
-            Ok(lines) => lines.iter().skip(lines.len().saturating_sub(n)).cloned().collect(),
+            Ok(ring) => ring.all.iter().skip(ring.all.len().saturating_sub(n)).map(|(_, line)| line.clone()).collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// The lines an error quotes: the last [`ERROR_TAIL_LINES`] lines, plus the last
+    /// [`ERROR_TAIL_PER_STREAM`] lines of stdout and of stderr however much the other stream
+    /// wrote since, in the order they were read. A gap between quoted lines is shown as
+    /// `[... N lines ...]`.
+    pub fn error_tail(&self) -> Vec<String> {
+        let Ok(ring) = self.lines.lock() else { return Vec::new() };
+        let mut quoted: BTreeMap<u64, &str> = BTreeMap::new();
+        let recent = ring.all.iter().skip(ring.all.len().saturating_sub(ERROR_TAIL_LINES));
+        for (number, line) in recent.chain(&ring.stdout).chain(&ring.stderr) {
+            quoted.insert(*number, line);
+        }
+        let mut out = Vec::new();
+        let mut previous: Option<u64> = None;
+        for (number, line) in quoted {
+            // Lines before the first quoted one are simply older output, as in any tail.
+            if let Some(gap) = previous.and_then(|p| number.checked_sub(p)).filter(|gap| *gap > 1) {
+                out.push(format!("[... {} lines ...]", gap - 1));
+            }
+            previous = Some(number);
+            out.push(line.to_string());
+        }
+        out
     }
 
     /// New lines from now on.
@@ -206,7 +278,7 @@ impl ProcessHandle {
     }
 
     fn tail_text(&self) -> String {
-        let tail = self.logs.tail(ERROR_TAIL_LINES);
+        let tail = self.logs.error_tail();
         if tail.is_empty() { "(nothing)".to_string() } else { tail.join("\n") }
     }
 
@@ -358,12 +430,16 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     let pid = child.id();
     let logs = LogBuffer::new(spec.log_file.as_deref());
     logs.push(format!("--- vramgate started pid {pid}: {} ---", spec.argv.join(" ")));
+    // Each reader holds a clone of `reader_open` until its pipe reaches end-of-file; the waiter
+    // sees the channel disconnect once both are done.
+    let (reader_open, readers_done) = std::sync::mpsc::channel::<()>();
     if let Some(stdout) = child.stdout.take() {
-        drain(stdout, logs.clone(), "stdout");
+        drain(stdout, logs.clone(), LogSource::Stdout, reader_open.clone());
     }
     if let Some(stderr) = child.stderr.take() {
-        drain(stderr, logs.clone(), "stderr");
+        drain(stderr, logs.clone(), LogSource::Stderr, reader_open.clone());
     }
+    drop(reader_open);
     // Read before the waiter can reap it: after that the pid may be gone.
     let start_ticks = proc_stat_field(pid, 22).unwrap_or(0);
     let (exit_tx, exit) = watch::channel(None);
@@ -373,6 +449,9 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
             Ok(status) => ExitInfo::from_status(status),
             Err(_) => ExitInfo { code: None, signal: None },
         };
+        // The exit is reported (and so the error's log tail taken) only once both streams are
+        // read to their end, or after DRAIN_AFTER_EXIT if something else still holds them open.
+        let _ = readers_done.recv_timeout(DRAIN_AFTER_EXIT);
         exit_logs.push(format!("--- pid {pid} {info} ---"));
         let _ = exit_tx.send(Some(info));
     });
@@ -384,9 +463,12 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     Ok(ProcessHandle { pid, start_ticks, exit, logs })
 }
 
-/// Reads a pipe line by line into the log until it closes.
-fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, name: &str) {
-    let spawned = std::thread::Builder::new().name(format!("vramgate-{name}")).spawn(move || {
+/// Reads a pipe line by line into the log until it closes; `open` is dropped then, which tells
+/// the exit waiter this stream is complete.
+fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, source: LogSource, open: std::sync::mpsc::Sender<()>) {
+    let name = if source == LogSource::Stderr { "vramgate-stderr" } else { "vramgate-stdout" };
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _open = open;
         let mut reader = BufReader::new(pipe);
         let mut buffer = Vec::new();
         loop {
@@ -396,7 +478,7 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, name: &str) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buffer);
-                    logs.push(line.trim_end_matches(['\n', '\r']).to_string());
+                    logs.push_from(source, line.trim_end_matches(['\n', '\r']).to_string());
                 }
             }
         }
@@ -462,19 +544,49 @@ mod tests {
         let handle = spawner.spawn(spec("echo out; echo err >&2; exit 7")).await.unwrap();
         let exit = handle.wait_exit().await;
         assert_eq!(exit.code, Some(7));
-        // The exit line is pushed after the pipes close only if the readers finished first; wait
-        // for both lines rather than assuming an order.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !(handle.logs.tail(10).iter().any(|l| l == "out") && handle.logs.tail(10).iter().any(|l| l == "err")) {
-            assert!(Instant::now() < deadline, "{:?}", handle.logs.tail(10));
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // The exit is reported only once both streams are read to their end, so both lines are
+        // there already, before the exit marker.
+        let tail = handle.logs.tail(10);
+        assert!(tail.iter().any(|l| l == "out") && tail.iter().any(|l| l == "err"), "{tail:?}");
+        assert_eq!(tail.last().map(String::as_str), Some(format!("--- pid {} exit status 7 ---", handle.pid).as_str()));
+    }
+
+    #[tokio::test]
+    async fn an_exit_at_start_always_carries_the_last_words_of_both_streams() {
+        // The last words are written right before the exit, behind a screenful of earlier output
+        // that the readers are still working through (the pipes hold up to 64 KiB each) when the
+        // exit arrives. Repeated, because it is a race.
+        let spawner = Spawner::start().unwrap();
+        let http = reqwest::Client::new();
+        let script = "seq 1 8000; seq 1 8000 >&2; echo 'on stdout'; echo 'out of memory' >&2; exit 3";
+        for attempt in 0..10 {
+            let handle = spawner.spawn(spec(script)).await.unwrap();
+            let err =
+                handle.wait_ready(Some("http://127.0.0.1:9/health"), Duration::from_secs(10), &http).await.unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("exit status 3"), "attempt {attempt}: {text}");
+            assert!(text.contains("out of memory"), "attempt {attempt}: the stderr line is missing: {text}");
+            assert!(text.contains("on stdout"), "attempt {attempt}: the stdout line is missing: {text}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_grandchild_holding_the_pipes_delays_the_exit_report_only_briefly() {
+        let spawner = Spawner::start().unwrap();
+        // The background sleep inherits both pipes and keeps them open after its parent exits.
+        let handle = spawner.spawn(spec("sleep 30 & echo bye >&2; exit 5")).await.unwrap();
+        let started = Instant::now();
+        let exit = tokio::time::timeout(Duration::from_secs(5), handle.wait_exit()).await.expect("exit reported");
+        assert_eq!(exit.code, Some(5));
+        assert!(started.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(handle.logs.tail(10).iter().any(|l| l == "bye"), "{:?}", handle.logs.tail(10));
+        let _ = killpg(Pid::from_raw(handle.pid as i32), Signal::SIGKILL);
     }
 
     #[tokio::test]
     async fn exit_during_start_up_carries_status_and_output() {
         let spawner = Spawner::start().unwrap();
-        let handle = spawner.spawn(spec("echo 'model file missing' >&2; sleep 0.05; exit 4")).await.unwrap();
+        let handle = spawner.spawn(spec("echo 'model file missing' >&2; exit 4")).await.unwrap();
         let http = reqwest::Client::new();
         let err =
             handle.wait_ready(Some("http://127.0.0.1:9/health"), Duration::from_secs(10), &http).await.unwrap_err();
@@ -540,6 +652,28 @@ mod tests {
         let tail = logs.tail(2);
         assert_eq!(tail, vec![(LOG_RING_LINES + 3).to_string(), (LOG_RING_LINES + 4).to_string()]);
         assert_eq!(logs.tail(usize::MAX).len(), LOG_RING_LINES);
+    }
+
+    #[test]
+    fn an_error_tail_quotes_the_last_lines_of_each_stream() {
+        let logs = LogBuffer::new(None);
+        logs.push("--- started ---".into());
+        logs.push_from(LogSource::Stderr, "fatal: no such model file".into());
+        for i in 0..(LOG_RING_LINES + 30) {
+            logs.push_from(LogSource::Stdout, format!("progress {i}"));
+        }
+        logs.push("--- exited ---".into());
+        let tail = logs.error_tail();
+        let skipped = LOG_RING_LINES + 30 - (ERROR_TAIL_LINES - 1);
+        let mut expected = vec!["fatal: no such model file".to_string(), format!("[... {skipped} lines ...]")];
+        expected.extend((skipped..LOG_RING_LINES + 30).map(|i| format!("progress {i}")));
+        expected.push("--- exited ---".into());
+        assert_eq!(tail, expected);
+        // Short logs come whole, with no gap marker.
+        let short = LogBuffer::new(None);
+        short.push_from(LogSource::Stdout, "a".into());
+        short.push_from(LogSource::Stderr, "b".into());
+        assert_eq!(short.error_tail(), vec!["a", "b"]);
     }
 
     #[test]

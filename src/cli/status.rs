@@ -120,6 +120,17 @@ pub(crate) fn render_table(status: &Status) -> String {
             if let Some(note) = &m.note {
                 let _ = writeln!(out, "  {}: {note}", m.id);
             }
+            // A note and the error are often the same sentence (an Ollama that does not answer).
+            if let Some(error) = m.last_error.as_deref().filter(|e| m.note.as_deref() != Some(*e)) {
+                render_error(&mut out, &m.id, error);
+            }
+            if let Some(seconds) = m.retry_in_s {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} failed starts in a row; next automatic try in {seconds}s (`vramgate load {}` tries now)",
+                    m.id, m.failures, m.id
+                );
+            }
         }
     }
     for server in &status.ollama {
@@ -148,6 +159,30 @@ pub(crate) fn render_table(status: &Status) -> String {
         }
     }
     out
+}
+
+/// Lines of a start error's quoted output the table shows; `vramgate logs` has the rest.
+const ERROR_OUTPUT_LINES: usize = 3;
+/// Widest error line the table shows.
+const ERROR_LINE_WIDTH: usize = 160;
+
+/// A model's last error under its row: the first line, then the last lines of the output it
+/// quotes (without vramgate's own markers), each cut to a readable width.
+fn render_error(out: &mut String, id: &str, error: &str) {
+    let mut lines = error.lines().map(str::trim_end).filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or_default();
+    let _ = writeln!(out, "  {id}: last error: {}", truncate(first, ERROR_LINE_WIDTH));
+    let marker = |l: &&str| {
+        let l = l.trim();
+        (l.starts_with("--- ") && l.ends_with(" ---")) || (l.starts_with("[... ") && l.ends_with(" ...]"))
+    };
+    let output: Vec<&str> = lines.filter(|l| !marker(l)).collect();
+    if output.len() > ERROR_OUTPUT_LINES {
+        let _ = writeln!(out, "    [... `vramgate logs {id}` shows the whole output]");
+    }
+    for line in &output[output.len().saturating_sub(ERROR_OUTPUT_LINES)..] {
+        let _ = writeln!(out, "    {}", truncate(line, ERROR_LINE_WIDTH));
+    }
 }
 
 fn truncate(text: &str, width: usize) -> String {
@@ -257,6 +292,55 @@ mod tests {
         assert!(table.contains("clip: held by app clip-app"), "{table}");
         assert!(table.contains("Ollama at http://127.0.0.1:11434: reachable"), "{table}");
         assert!(table.contains("tiny:latest") && table.contains("loaded directly"), "{table}");
+    }
+
+    #[test]
+    fn a_failed_model_shows_why_and_when_it_is_tried_again() {
+        let error = format!(
+            "exited during start-up (exit status 7); last output:\n--- vramgate started pid 9: fake ---\nline 1\nline 2\n\
+             loading weights\nerror: out of memory {}\n--- pid 9 exit status 7 ---",
+            "x".repeat(300)
+        );
+        let status = Status {
+            version: "0.1.0".into(),
+            probe: ProbeKind::Sim,
+            devices: vec![],
+            degraded: false,
+            degraded_reasons: vec![],
+            models: vec![crate::status::ModelStatus {
+                id: "llm".into(),
+                backend: "process".into(),
+                state: "failed".into(),
+                device: None,
+                vram_mib: 2048,
+                in_use: 0,
+                pinned: false,
+                priority: 50,
+                last_used: None,
+                upstream: None,
+                pid: None,
+                measured_mib: None,
+                declared_mib: Some(2048),
+                failures: 3,
+                retry_in_s: Some(25),
+                last_error: Some(error),
+                aliases: vec![],
+                placement: None,
+                expires_at: None,
+                note: None,
+                attached: None,
+            }],
+            leases: vec![],
+            mode: None,
+            ollama: Vec::new(),
+            sampled_at: None,
+        };
+        let table = render_table(&status);
+        assert!(table.contains("  llm: last error: exited during start-up (exit status 7); last output:\n"), "{table}");
+        assert!(table.contains("    [... `vramgate logs llm` shows the whole output]\n    line 2\n    loading weights\n    error: out of memory xxx"), "{table}");
+        assert!(!table.contains("line 1") && !table.contains("--- pid 9"), "{table}");
+        assert!(table.lines().all(|l| l.chars().count() <= ERROR_LINE_WIDTH + 4), "{table}");
+        assert!(table.contains("llm: 3 failed starts in a row; next automatic try in 25s"), "{table}");
     }
 
     #[test]
