@@ -1,8 +1,10 @@
 //! The command line: one subcommand per file. Everything except `serve` and `config check`
 //! talks to a running daemon over HTTP.
 
+mod completions;
 mod config_check;
 mod events;
+mod man;
 mod models;
 mod run;
 mod serve;
@@ -51,6 +53,10 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the shell completion script (bash, zsh, fish, elvish or powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page vramgate(1) on stdout, or write every page into a directory (--dir).
+    Man(man::ManArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +92,8 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
         },
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }
 

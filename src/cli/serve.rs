@@ -53,6 +53,7 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
     };
     let result = runtime.block_on(crate::daemon::run(config, |addr| {
         super::print_line(&format!("vramgate {} listening on http://{addr}", env!("CARGO_PKG_VERSION")));
+        crate::notify::ready(addr);
     }));
     // A probe call stuck in the driver must not keep the process alive after shutdown.
     runtime.shutdown_timeout(Duration::from_millis(100));
