@@ -425,6 +425,8 @@ impl Service {
             .arg(&config_path)
             .env("NOTIFY_SOCKET", notify_socket)
             .env("VRAMGATE_LOG", "debug")
+            // A state directory of its own: two of these daemons may run at once.
+            .env("XDG_STATE_HOME", dir.join("state"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
             .spawn()
