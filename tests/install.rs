@@ -69,6 +69,7 @@ fn completions_generate_for_bash_zsh_and_fish() {
         assert!(output.status.success(), "{shell}: {:?}\n{}", output.status, stderr(&output));
         let script = stdout(&output);
         assert!(script.contains(marker), "{shell}: no {marker:?} in\n{script}");
+        // hermetic: a list of subcommand names to find in the script; nothing runs
         for subcommand in ["serve", "status", "events", "load", "unload", "run", "config", "completions", "man"] {
             assert!(script.contains(subcommand), "{shell}: the script does not offer {subcommand}");
         }
@@ -116,6 +117,7 @@ fn the_bash_script_completes_subcommands_options_and_shells() {
     assert!(output.status.success());
     let script = home.path().join("vramgate.bash");
     std::fs::write(&script, &output.stdout).expect("write script");
+    // hermetic: completion candidates; bash runs the completion function, not vramgate
     assert_eq!(bash_completes(&script, &["vramgate", "s"]), ["serve", "status"]);
     assert_eq!(bash_completes(&script, &["vramgate", "serve", "--li"]), ["--listen"]);
     let shells = bash_completes(&script, &["vramgate", "completions", ""]);
@@ -151,6 +153,7 @@ fn man_prints_vramgate_1_in_roff_with_its_subcommands() {
         assert!(page.contains(section), "no {section}:\n{page}");
     }
     // roff escapes the dash: each subcommand is listed by the name of its own page.
+    // hermetic: a list of subcommand names to find in the page; nothing runs
     for subcommand in ["serve", "status", "events", "run", "config", "completions", "man"] {
         let reference = format!("vramgate\\-{subcommand}(1)");
         assert!(page.contains(&reference), "no {reference} in\n{page}");
@@ -293,6 +296,7 @@ fn systemd_units_have_what_the_daemon_needs() {
         );
 
         let exec: Vec<&str> = value(&unit, &path, "Service", "ExecStart").split_whitespace().collect();
+        // hermetic: reads the unit's ExecStart; nothing runs
         assert!(exec[0].ends_with("/vramgate") && exec.get(1) == Some(&"serve"), "{}: {exec:?}", path.display());
         let config = exec.iter().position(|w| *w == "--config").and_then(|i| exec.get(i + 1));
         let wanted = match scope {

@@ -1,5 +1,5 @@
-//! The command line: one subcommand per file. Everything except `serve` and `config check`
-//! talks to a running daemon over HTTP.
+//! The command line: one subcommand per file. Everything except `serve`, `config check`,
+//! `completions` and `man` talks to a running daemon over HTTP.
 
 mod completions;
 mod config_check;
