@@ -161,6 +161,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
             _ = sigint.recv() => "SIGINT",
         };
         tracing::info!("{name} received: shutting down");
+        crate::notify::stopping();
         stopper.cancel();
     });
 

@@ -14,6 +14,7 @@ pub mod events;
 pub mod gpu;
 pub mod metrics;
 pub mod monitor;
+pub mod notify;
 pub mod policy;
 pub mod status;
 pub mod store;

@@ -1,8 +1,10 @@
-//! The command line: one subcommand per file. Everything except `serve` and `config check`
-//! talks to a running daemon over HTTP.
+//! The command line: one subcommand per file. Everything except `serve`, `config check`,
+//! `completions` and `man` talks to a running daemon over HTTP.
 
+mod completions;
 mod config_check;
 mod events;
+mod man;
 mod models;
 mod run;
 mod serve;
@@ -55,6 +57,10 @@ enum Command {
     /// is hidden from the help, and kept in this binary so the demo needs no other file).
     #[command(hide = true)]
     DemoModel(crate::demo::model_server::ModelServerArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish or powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page vramgate(1) on stdout, or write every page into a directory (--dir).
+    Man(man::ManArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +97,8 @@ pub fn main() -> ExitCode {
         },
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
         Command::DemoModel(args) => crate::demo::model_server::main(args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }
 

@@ -83,7 +83,11 @@ fn run_daemon(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    let result = runtime.block_on(crate::daemon::run(config, ready));
+    let result = runtime.block_on(crate::daemon::run(config, |addr| {
+        ready(addr);
+        // After the stdout line: a supervisor that starts dependants on READY=1 finds the API up.
+        crate::notify::ready(addr);
+    }));
     // A probe call stuck in the driver must not keep the process alive after shutdown.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
