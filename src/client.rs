@@ -8,14 +8,15 @@ use crate::api::PREFIX;
 use crate::arbiter::LeaseGrant;
 use crate::config::DEFAULT_LISTEN;
 use crate::events::Event;
-use crate::status::ModelStatus;
+use crate::status::{ModelStatus, Status};
 
 /// The URL the CLI uses when neither `--url` nor `VRAMGATE_URL` says otherwise.
 pub fn default_url() -> String {
     format!("http://{DEFAULT_LISTEN}")
 }
 
-/// A client for one daemon.
+/// A client for one daemon. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
@@ -75,10 +76,15 @@ impl Client {
         response.json().await.context("unreadable answer from the daemon")
     }
 
-    /// Unloads a model and waits until its memory is back.
-    pub async fn unload(&self, model: &str) -> anyhow::Result<ModelStatus> {
+    /// Unloads a model and waits until its memory is back: its status, and whether it was
+    /// loaded at all (false: there was nothing to unload).
+    pub async fn unload(&self, model: &str) -> anyhow::Result<(ModelStatus, bool)> {
         let response = self.post_json(&format!("/models/{}/unload", encode(model)), &serde_json::json!({})).await?;
-        response.json().await.context("unreadable answer from the daemon")
+        let answer: serde_json::Value = response.json().await.context("unreadable answer from the daemon")?;
+        // A daemon from before `was_loaded` existed did unload something, or said nothing.
+        let was_loaded = answer["was_loaded"].as_bool().unwrap_or(true);
+        let status = serde_json::from_value(answer).context("unreadable answer from the daemon")?;
+        Ok((status, was_loaded))
     }
 
     /// Applies a mode and waits until it is done; the models' states after it.
@@ -122,6 +128,11 @@ impl Client {
                 return Ok((grant, response));
             }
         }
+    }
+
+    /// The status document, parsed.
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        self.get("/status").await?.json().await.context("unreadable status document from the daemon")
     }
 
     /// The status document, exactly as the daemon sent it.

@@ -183,6 +183,7 @@ mod tests {
             degraded_reasons: vec![],
             models: vec![],
             leases: vec![],
+            queue: vec![],
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,

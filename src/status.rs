@@ -24,6 +24,9 @@ pub struct Status {
     pub models: Vec<ModelStatus>,
     /// Leases held.
     pub leases: Vec<LeaseStatus>,
+    /// Requests waiting in the queue (loads and leases), in the order they will be served.
+    #[serde(default)]
+    pub queue: Vec<QueueEntry>,
     /// The current mode, if one was set.
     pub mode: Option<String>,
     /// Each Ollama server that models use: whether it answers and what it has loaded, including
@@ -190,4 +193,37 @@ pub struct LeaseStatus {
     /// Its priority.
     #[serde(default)]
     pub priority: i32,
+}
+
+/// One request waiting in the queue: a load (a `vramgate load`, a request through the proxy, a
+/// model lease, a preload) or a memory lease (`vramgate run`, `POST /vramgate/leases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// Who waits: the model id of a load, the holder of a lease.
+    pub requester: String,
+    /// `load` or `lease`.
+    pub kind: String,
+    /// For a load: the model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// For a lease: who holds it once granted.
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// For a lease: the holder's pid, if it gave one.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The device asked for; null when vramgate may choose.
+    #[serde(default)]
+    pub device: Option<u32>,
+    /// The memory it needs.
+    pub vram_mib: u64,
+    /// Its priority (higher is served first).
+    pub priority: i32,
+    /// What it waits for, with the numbers as of the arbiter's last look at it (every reading):
+    /// e.g. `needs 7000 MiB on GPU 0; 2680 MiB available (usable 7680, foreign 0); held by: llm
+    /// 5000 MiB (in use)`. Null until the arbiter has looked at it.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it was queued.
+    pub since: DateTime<Utc>,
 }

@@ -1,7 +1,9 @@
 //! Sizes and durations as people write them (`1536MiB`, `1.5GiB`, `6G`; `500ms`, `10s`, `5m`, `0`).
 //!
-//! Both parse the same way from the config file and from the command line, so an error message
-//! reads the same wherever the value came from.
+//! Both parse the same way from the config file, the command line and the HTTP API, so an error
+//! message reads the same wherever the value came from. One rule for a bare number everywhere: a
+//! size in MiB, a duration in seconds (`5`, `1.5`). [`Rounded`] is how every message shows a
+//! duration.
 
 use std::fmt;
 use std::str::FromStr;
@@ -136,18 +138,62 @@ impl fmt::Display for Span {
     }
 }
 
-/// Parses a duration: `500ms`, `10s`, `5m`, `1h 30m`, or `0`.
+/// Parses a duration: `500ms`, `10s`, `5m`, `1h 30m`, `0`, or a bare number of seconds (`5`,
+/// `1.5`), the same rule as an integer in the config file.
 pub fn parse_duration(text: &str) -> Result<Span, UnitError> {
     let trimmed = text.trim();
-    if trimmed == "0" {
-        return Ok(Span(Duration::ZERO));
-    }
     if trimmed.starts_with('-') {
         return Err(UnitError(format!("invalid duration {text:?}: a duration cannot be negative")));
     }
+    if let Some(seconds) = bare_seconds(trimmed) {
+        return seconds.map(Span).ok_or_else(|| UnitError(format!("invalid duration {text:?}: too large")));
+    }
     humantime::parse_duration(trimmed).map(Span).map_err(|e| {
-        UnitError(format!("invalid duration {text:?}: {e} (write e.g. \"500ms\", \"10s\", \"5m\", or \"0\")"))
+        UnitError(format!(
+            "invalid duration {text:?}: {e} (write e.g. \"500ms\", \"10s\", \"5m\", or a number of seconds)"
+        ))
     })
+}
+
+/// A bare decimal number (`5`, `1.5`, `.5`, `0`) read as seconds: `None` if `text` is not one,
+/// `Some(None)` if it is one but too large for a `Duration`. Parsed digit by digit rather than
+/// through `f64`, so that `0.1` is exactly 100 ms; digits past nanoseconds are dropped.
+fn bare_seconds(text: &str) -> Option<Option<Duration>> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let Ok(seconds) = (if whole.is_empty() { Ok(0) } else { whole.parse::<u64>() }) else {
+        return Some(None); // Only digits, so the one way to fail is overflow.
+    };
+    let nanos = fraction
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(9)
+        .fold(0u32, |nanos, digit| nanos * 10 + u32::from(digit - b'0'));
+    Some(Some(Duration::new(seconds, nanos)))
+}
+
+/// A duration as messages show it: rounded to what a person reads (`150ms`, `2.5s`, `60s`), never
+/// `60.001663614s`. Whole seconds from 10 s up, one decimal from 1 s, milliseconds below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rounded(pub Duration);
+
+impl fmt::Display for Rounded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Each step rounds to its own precision first, so 999.6 ms is "1.0s", not "1000ms", and
+        // 9.96 s is "10s", not "10.0s".
+        let millis = (self.0.as_nanos() + 500_000) / 1_000_000;
+        if millis < 1000 {
+            return write!(f, "{millis}ms");
+        }
+        let tenths = (self.0.as_nanos() + 50_000_000) / 100_000_000;
+        if tenths < 100 {
+            return write!(f, "{}.{}s", tenths / 10, tenths % 10);
+        }
+        write!(f, "{}s", (self.0.as_nanos() + 500_000_000) / 1_000_000_000)
+    }
 }
 
 impl FromStr for Span {
@@ -164,13 +210,14 @@ impl Serialize for Span {
 }
 
 impl<'de> Deserialize<'de> for Span {
-    /// Accepts a string with a unit, or an integer number of seconds.
+    /// Accepts a string with a unit, or a number of seconds (as a number or a string: `5`,
+    /// `"5"`, `1.5`).
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct SpanVisitor;
         impl Visitor<'_> for SpanVisitor {
             type Value = Span;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration such as \"500ms\", \"10s\", \"5m\" or \"0\"")
+                f.write_str("a duration such as \"500ms\", \"10s\", \"5m\", or a number of seconds")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Span, E> {
                 parse_duration(v).map_err(E::custom)
@@ -182,6 +229,14 @@ impl<'de> Deserialize<'de> for Span {
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Span, E> {
                 Ok(Span(Duration::from_secs(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Span, E> {
+                if v < 0.0 {
+                    return Err(E::custom(format!("invalid duration {v}: a duration cannot be negative")));
+                }
+                Duration::try_from_secs_f64(v)
+                    .map(Span)
+                    .map_err(|_| E::custom(format!("invalid duration {v}: not a number of seconds that fits")))
             }
         }
         deserializer.deserialize_any(SpanVisitor)
@@ -238,15 +293,69 @@ mod tests {
     fn bad_durations_say_what_is_wrong() {
         let unit = parse_duration("10 parsecs").unwrap_err().to_string();
         assert!(unit.contains("\"10 parsecs\""), "{unit}");
-        let bare = parse_duration("10").unwrap_err().to_string();
-        assert!(bare.contains("\"10\""), "{bare}");
+        let dots = parse_duration("1.2.3").unwrap_err().to_string();
+        assert!(dots.contains("\"1.2.3\""), "{dots}");
+        let huge = parse_duration("99999999999999999999").unwrap_err().to_string();
+        assert!(huge.contains("too large"), "{huge}");
+        assert!(parse_duration("-5").unwrap_err().to_string().contains("negative"));
+        assert!(parse_duration(".").is_err());
+        assert!(parse_duration("").is_err());
         let neg = parse_duration("-1s").unwrap_err().to_string();
         assert!(neg.contains("negative"), "{neg}");
     }
 
     #[test]
+    fn a_bare_number_is_seconds() {
+        assert_eq!(parse_duration("5"), Ok(Span(Duration::from_secs(5))));
+        assert_eq!(parse_duration(" 60 "), Ok(Span(Duration::from_secs(60))));
+        assert_eq!(parse_duration("1.5"), Ok(Span(Duration::from_millis(1500))));
+        assert_eq!(parse_duration("0.1"), Ok(Span(Duration::from_millis(100))));
+        assert_eq!(parse_duration(".25"), Ok(Span(Duration::from_millis(250))));
+        assert_eq!(parse_duration("2."), Ok(Span(Duration::from_secs(2))));
+        assert_eq!(parse_duration("0.0000000019"), Ok(Span(Duration::from_nanos(1))));
+    }
+
+    #[test]
+    fn the_config_and_the_api_read_numbers_as_seconds() {
+        #[derive(Deserialize)]
+        struct Doc {
+            wait: Span,
+        }
+        let read = |json: &str| serde_json::from_str::<Doc>(json).map(|d| d.wait).map_err(|e| e.to_string());
+        assert_eq!(read(r#"{"wait": 5}"#), Ok(Span(Duration::from_secs(5))));
+        assert_eq!(read(r#"{"wait": "5"}"#), Ok(Span(Duration::from_secs(5))));
+        assert_eq!(read(r#"{"wait": 1.5}"#), Ok(Span(Duration::from_millis(1500))));
+        assert_eq!(read(r#"{"wait": "1.5"}"#), Ok(Span(Duration::from_millis(1500))));
+        assert_eq!(read(r#"{"wait": "250ms"}"#), Ok(Span(Duration::from_millis(250))));
+        assert!(read(r#"{"wait": -1.5}"#).is_err_and(|e| e.contains("negative")));
+        assert!(read(r#"{"wait": -1}"#).is_err_and(|e| e.contains("negative")));
+        assert!(read(r#"{"wait": 1e300}"#).is_err());
+        let toml: Doc = toml::from_str("wait = 2.5").expect("a float in TOML");
+        assert_eq!(toml.wait, Span(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn messages_round_durations() {
+        let shown = |d: Duration| Rounded(d).to_string();
+        assert_eq!(shown(Duration::from_nanos(60_001_663_614)), "60s");
+        assert_eq!(shown(Duration::from_millis(59_600)), "60s");
+        assert_eq!(shown(Duration::from_secs(3600)), "3600s");
+        assert_eq!(shown(Duration::from_millis(10_000)), "10s");
+        assert_eq!(shown(Duration::from_millis(9_960)), "10s");
+        assert_eq!(shown(Duration::from_millis(9_940)), "9.9s");
+        assert_eq!(shown(Duration::from_millis(2_000)), "2.0s");
+        assert_eq!(shown(Duration::from_millis(1_049)), "1.0s");
+        assert_eq!(shown(Duration::from_micros(999_600)), "1.0s");
+        assert_eq!(shown(Duration::from_micros(150_400)), "150ms");
+        assert_eq!(shown(Duration::from_micros(400)), "0ms");
+        assert_eq!(shown(Duration::ZERO), "0ms");
+        // The largest duration still rounds without overflowing.
+        assert!(shown(Duration::MAX).starts_with("18446744073709551616"));
+    }
+
+    #[test]
     fn display_round_trips() {
-        for text in ["500ms", "10s", "5m", "0"] {
+        for text in ["500ms", "10s", "5m", "0", "1.5", "0.001"] {
             let span = parse_duration(text).unwrap();
             assert_eq!(parse_duration(&span.to_string()), Ok(span));
         }

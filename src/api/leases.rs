@@ -54,10 +54,11 @@ pub(super) struct CreateLease {
     exclusive: bool,
     #[serde(default)]
     priority: Option<i32>,
-    /// How long to wait for memory; `"0"` fails at once. Default: `scheduler.queue_timeout`.
+    /// How long to wait for memory: `"30s"`, `"500ms"`, or seconds as a number or a string (`5`,
+    /// `1.5`, `"5"`); `0` fails at once. Default: `scheduler.queue_timeout`.
     #[serde(default)]
     wait: Option<Span>,
-    /// Heartbeat for `hold = "ttl"`.
+    /// Heartbeat for `hold = "ttl"`, written like `wait`.
     #[serde(default)]
     ttl: Option<Span>,
     /// Keep this model loaded and in use instead of holding raw memory.

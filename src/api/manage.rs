@@ -37,6 +37,7 @@ pub(crate) fn current_status(state: &AppState) -> Status {
         degraded_reasons,
         models: arbiter.models.clone(),
         leases: arbiter.leases.clone(),
+        queue: arbiter.queue.clone(),
         mode: arbiter.mode.clone(),
         ollama: arbiter.ollama.clone(),
         sampled_at: view.sampled_at,

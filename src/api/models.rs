@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::{ApiError, AppState};
@@ -26,12 +26,22 @@ pub(super) async fn load(
     Ok(Json(state.arbiter.load(&name, true).await?))
 }
 
+/// The answer to an unload: the model's status entry, plus whether there was anything to unload.
+#[derive(Debug, Serialize)]
+pub(super) struct UnloadAnswer {
+    #[serde(flatten)]
+    status: ModelStatus,
+    /// False when the model was unloaded (or failed) already.
+    was_loaded: bool,
+}
+
 /// Blocks until the model is unloaded and its memory is back.
 pub(super) async fn unload(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<ModelStatus>, ApiError> {
-    Ok(Json(state.arbiter.unload(&name).await?))
+) -> Result<Json<UnloadAnswer>, ApiError> {
+    let unloaded = state.arbiter.unload(&name).await?;
+    Ok(Json(UnloadAnswer { status: unloaded.status, was_loaded: unloaded.was_loaded }))
 }
 
 #[derive(Debug, Deserialize)]

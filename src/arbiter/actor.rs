@@ -1,6 +1,6 @@
 //! The arbiter's task and its state. See the module docs in `mod.rs`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,9 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::{ModelGate, Pin};
-use super::{Ack, ArbiterError, ArbiterHandle, ArbiterView, Attached, Command, LeaseGrant, LeaseRequest, Loaded};
+use super::{
+    Ack, ArbiterError, ArbiterHandle, ArbiterView, Attached, Command, LeaseGrant, LeaseRequest, Loaded, Unloaded,
+};
 use crate::backend::external::{Action, Attachment, PendingAck};
 use crate::backend::ollama::{self, OllamaLoaded};
 use crate::backend::process::{self, ProcessHandle, SpawnSpec, Spawner};
@@ -19,8 +21,9 @@ use crate::events::{EventBus, EventKind, ModelState};
 use crate::gpu::Level;
 use crate::monitor::{GpuView, Sampler};
 use crate::policy::{self, Decision, DeviceState, Hold, Request, Resident};
-use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus};
+use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
 use crate::store::{ProcessRecord, Store};
+use crate::units::Rounded;
 
 /// Where a caller waiting for a model to be ready gets its answer.
 type ReadyReply = oneshot::Sender<Result<Loaded, ArbiterError>>;
@@ -134,7 +137,7 @@ struct Model {
     /// Callers waiting for it to be ready: (deadline, asked at, reply).
     ready_waiters: Vec<(Instant, Instant, ReadyReply)>,
     /// Callers waiting for it to be unloaded.
-    unload_waiters: Vec<oneshot::Sender<Result<ModelStatus, ArbiterError>>>,
+    unload_waiters: Vec<oneshot::Sender<Result<Unloaded, ArbiterError>>>,
     /// Pids seen using GPU memory for it, watched during a release.
     gpu_pids: BTreeSet<u32>,
 }
@@ -216,8 +219,12 @@ struct Waiter {
     /// Models being evicted for it; it is not reconsidered until they are gone, so that one
     /// request never evicts twice for the same deficit.
     awaiting_release: BTreeSet<String>,
-    /// The last shortfall message, for the timeout error.
+    /// The last shortfall message (with numbers), for the timeout error when it waited for
+    /// nothing more recent.
     last_shortfall: Option<String>,
+    /// What it waits for as of the last `schedule` pass that looked at it (a shortfall with its
+    /// numbers, evictions, an earlier waiter, a load slot), for the queue in status.
+    waiting_for: Option<String>,
     /// Busy models this waiter has waited on for `max_wait_before_swap`: they take no new
     /// requests while it waits.
     drain: BTreeSet<String>,
@@ -790,8 +797,9 @@ impl Arbiter {
         let id = model.spec.id.clone();
         let waited = model.spec.ack_timeout;
         let message = format!(
-            "unresponsive: the attached app did not acknowledge `{}` within {waited:?}",
-            pending.action.as_str()
+            "unresponsive: the attached app did not acknowledge `{}` within {}",
+            pending.action.as_str(),
+            Rounded(waited)
         );
         model.note = Some(message.clone());
         model.last_error = Some(message.clone());
@@ -814,7 +822,7 @@ impl Arbiter {
         self.memory_released(&id);
         let status = self.model_status(i);
         for reply in self.models[i].unload_waiters.drain(..) {
-            let _ = reply.send(Ok(status.clone()));
+            let _ = reply.send(Ok(Unloaded { status: status.clone(), was_loaded: true }));
         }
     }
 
@@ -870,7 +878,7 @@ impl Arbiter {
         self.memory_released(&id);
         let status = self.model_status(i);
         for reply in self.models[i].unload_waiters.drain(..) {
-            let _ = reply.send(Ok(status.clone()));
+            let _ = reply.send(Ok(Unloaded { status: status.clone(), was_loaded: true }));
         }
     }
 
@@ -1116,6 +1124,7 @@ impl Arbiter {
             pending,
             awaiting_release: BTreeSet::new(),
             last_shortfall: None,
+            waiting_for: None,
             drain: BTreeSet::new(),
             announced: false,
         });
@@ -1123,7 +1132,7 @@ impl Arbiter {
         self.queue.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.seq));
     }
 
-    fn request_unload(&mut self, i: usize, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>>) {
+    fn request_unload(&mut self, i: usize, reply: oneshot::Sender<Result<Unloaded, ArbiterError>>) {
         let id = self.models[i].spec.id.clone();
         if self.leased(&id) && self.models[i].holds_memory() {
             let _ = reply.send(Err(self.leased_error(&id, "unloaded")));
@@ -1137,7 +1146,7 @@ impl Arbiter {
         }
         match self.models[i].state {
             ModelState::Unloaded | ModelState::Failed => {
-                let _ = reply.send(Ok(self.model_status(i)));
+                let _ = reply.send(Ok(Unloaded { status: self.model_status(i), was_loaded: false }));
             }
             ModelState::Unloading => {
                 // A demotion in progress becomes a plain release.
@@ -1560,7 +1569,7 @@ impl Arbiter {
             if let Some(handle) = &handle {
                 let (exit, killed) = handle.stop(grace).await;
                 if killed {
-                    tracing::warn!(model = %id, "did not stop within {grace:?} of SIGTERM: killed ({exit})");
+                    tracing::warn!(model = %id, "did not stop within {} of SIGTERM: killed ({exit})", Rounded(grace));
                 }
             }
             // The memory is back when none of its pids is in the probe's process list any more.
@@ -1630,7 +1639,7 @@ impl Arbiter {
         self.publish();
         let status = self.model_status(i);
         for reply in self.models[i].unload_waiters.drain(..) {
-            let _ = reply.send(Ok(status.clone()));
+            let _ = reply.send(Ok(Unloaded { status: status.clone(), was_loaded: true }));
         }
         // Load again only for callers still waiting (they asked while it was going away).
         let wanted = !self.models[i].ready_waiters.is_empty();
@@ -1903,12 +1912,18 @@ impl Arbiter {
     /// later waiters on its device, so nobody is overtaken forever on the device it waits for.
     fn schedule(&mut self) {
         let now = Instant::now();
-        let mut blocked: BTreeSet<u32> = BTreeSet::new();
-        let mut blocked_all = false;
+        // Devices blocked by a waiter that cannot be served yet (or that waits for its
+        // evictions), each with that waiter's name; `blocked_all`: by one that may use any device.
+        let mut blocked: BTreeMap<u32, String> = BTreeMap::new();
+        let mut blocked_all: Option<String> = None;
         let mut index = 0;
         self.prune_abandoned();
         while index < self.queue.len() {
-            if blocked_all {
+            if let Some(first) = &blocked_all {
+                let behind = format!("behind {first} in the queue");
+                for waiter in &mut self.queue[index..] {
+                    waiter.waiting_for = Some(behind.clone());
+                }
                 break;
             }
             let (request, is_load) = match self.policy_request(index) {
@@ -1918,12 +1933,18 @@ impl Arbiter {
                     continue;
                 }
             };
-            let device_blocked = match request.device {
-                Some(d) => blocked.contains(&d),
-                None => !blocked.is_empty(),
+            let blocker = match request.device {
+                Some(d) => blocked.get(&d),
+                None => blocked.values().next(),
             };
-            if device_blocked || !self.queue[index].awaiting_release.is_empty() {
-                mark_blocked(&mut blocked, &mut blocked_all, request.device);
+            let waiter = &mut self.queue[index];
+            if let Some(evicting) = evicting(&waiter.awaiting_release) {
+                waiter.waiting_for = Some(evicting);
+            } else if let Some(blocker) = blocker {
+                waiter.waiting_for = Some(format!("behind {blocker} in the queue"));
+            }
+            if blocker.is_some() || !waiter.awaiting_release.is_empty() {
+                mark_blocked(&mut blocked, &mut blocked_all, request.device, &request.requester);
                 index += 1;
                 continue;
             }
@@ -1931,6 +1952,10 @@ impl Arbiter {
                 let loading = self.models.iter().filter(|m| m.state == ModelState::Loading).count() as u32;
                 if loading >= self.settings.max_parallel_loads {
                     // Waits for a load slot, not for memory: other requests may still go ahead.
+                    self.queue[index].waiting_for = Some(format!(
+                        "no load slot free ({loading} loading, max_parallel_loads = {})",
+                        self.settings.max_parallel_loads
+                    ));
                     index += 1;
                     continue;
                 }
@@ -1953,7 +1978,7 @@ impl Arbiter {
                             ),
                         );
                     }
-                    mark_blocked(&mut blocked, &mut blocked_all, request.device);
+                    mark_blocked(&mut blocked, &mut blocked_all, request.device, &request.requester);
                     index += 1;
                     continue;
                 }
@@ -1989,7 +2014,10 @@ impl Arbiter {
                             }
                         }
                     }
-                    blocked.insert(device);
+                    if let Some(evicting) = evicting(&self.queue[index].awaiting_release) {
+                        self.queue[index].waiting_for = Some(evicting);
+                    }
+                    blocked.entry(device).or_insert_with(|| request.requester.clone());
                     index += 1;
                 }
                 Decision::Wait(shortfall) => {
@@ -2018,7 +2046,8 @@ impl Arbiter {
                             _ => BTreeSet::new(),
                         };
                     }
-                    mark_blocked(&mut blocked, &mut blocked_all, request.device.or(Some(shortfall.device)));
+                    let device = request.device.or(Some(shortfall.device));
+                    mark_blocked(&mut blocked, &mut blocked_all, device, &request.requester);
                     index += 1;
                 }
                 decision @ Decision::NeverFits(_) => {
@@ -2124,6 +2153,7 @@ impl Arbiter {
             };
             self.bus.publish(EventKind::Queued { requester, reason: message.clone() });
         }
+        self.queue[index].waiting_for = Some(message.clone());
         self.queue[index].last_shortfall = Some(message);
     }
 
@@ -2281,7 +2311,12 @@ impl Arbiter {
                 && self.queue[index].awaiting_release.is_empty();
             if expired {
                 let waiter = self.queue.remove(index);
-                let message = waiter.last_shortfall.clone().unwrap_or_else(|| "no memory became available".into());
+                // What it waited for last (a waiter blocked behind another has no shortfall).
+                let message = waiter
+                    .waiting_for
+                    .clone()
+                    .or_else(|| waiter.last_shortfall.clone())
+                    .unwrap_or_else(|| "no memory became available".into());
                 let waited = now.saturating_duration_since(waiter.since);
                 self.refuse(waiter, ArbiterError::Timeout { waited, message });
             } else {
@@ -2297,7 +2332,7 @@ impl Arbiter {
             }
             let id = self.models[i].spec.id.clone();
             let shortfall = self.queue.iter().find_map(|w| match &w.pending {
-                Pending::Load { model } if *model == id => w.last_shortfall.clone(),
+                Pending::Load { model } if *model == id => w.waiting_for.clone().or_else(|| w.last_shortfall.clone()),
                 _ => None,
             });
             let message = shortfall.unwrap_or_else(|| format!("model {id} is {}", self.models[i].state));
@@ -2455,6 +2490,38 @@ impl Arbiter {
         }
     }
 
+    /// The queue as status shows it, in serving order; stale waiters (whose model vanished or
+    /// is loading already) are left out, as `schedule` will drop them.
+    fn queue_status(&self) -> Vec<QueueEntry> {
+        (0..self.queue.len())
+            .filter_map(|index| {
+                let (request, is_load) = self.policy_request(index)?;
+                let waiter = &self.queue[index];
+                let (model, holder, pid) = match &waiter.pending {
+                    Pending::Load { model } => (Some(model.clone()), None, None),
+                    Pending::Lease { request, .. } => (None, Some(request.holder.clone()), request.pid),
+                };
+                let queued_at = i64::try_from(millis_since(self.started, waiter.since))
+                    .ok()
+                    .and_then(chrono::TimeDelta::try_milliseconds)
+                    .and_then(|after_start| self.started_wall.checked_add_signed(after_start))
+                    .unwrap_or(self.started_wall);
+                Some(QueueEntry {
+                    requester: request.requester,
+                    kind: if is_load { "load" } else { "lease" }.into(),
+                    model,
+                    holder,
+                    pid,
+                    device: request.device,
+                    vram_mib: request.mib,
+                    priority: waiter.priority,
+                    reason: waiter.waiting_for.clone(),
+                    since: queued_at,
+                })
+            })
+            .collect()
+    }
+
     fn publish(&mut self) {
         let models = (0..self.models.len()).map(|i| self.model_status(i)).collect();
         let mut leases: Vec<LeaseStatus> = self
@@ -2506,9 +2573,11 @@ impl Arbiter {
                 models,
             });
         }
+        let queue = self.queue_status();
         self.view.send_replace(Arc::new(ArbiterView {
             models,
             leases,
+            queue,
             process_models: self.process_models.clone(),
             degraded_reasons,
             mode: self.mode.clone(),
@@ -2562,12 +2631,27 @@ async fn watch_ollama(
     }
 }
 
-fn mark_blocked(blocked: &mut BTreeSet<u32>, blocked_all: &mut bool, device: Option<u32>) {
+/// What a waiter whose victims are being released waits for; `None` when it waits for none.
+fn evicting(victims: &BTreeSet<String>) -> Option<String> {
+    let names: Vec<&str> = victims.iter().map(String::as_str).collect();
+    (!names.is_empty()).then(|| format!("evicting {} to make room", names.join(", ")))
+}
+
+/// Records that `requester`, not served yet, blocks later waiters on `device` (on every device
+/// when it may use any); the first blocker is the one named to those behind it.
+fn mark_blocked(
+    blocked: &mut BTreeMap<u32, String>,
+    blocked_all: &mut Option<String>,
+    device: Option<u32>,
+    requester: &str,
+) {
     match device {
         Some(d) => {
-            blocked.insert(d);
+            blocked.entry(d).or_insert_with(|| requester.to_string());
         }
-        None => *blocked_all = true,
+        None => {
+            blocked_all.get_or_insert_with(|| requester.to_string());
+        }
     }
 }
 

@@ -18,7 +18,8 @@ use crate::backend::external::Instruction;
 use crate::backend::ollama::OllamaLoaded;
 use crate::backend::process::{ExitInfo, LogBuffer, ProcessHandle};
 use crate::config::ModeConfig;
-use crate::status::{LeaseStatus, ModelStatus, OllamaStatus};
+use crate::status::{LeaseStatus, ModelStatus, OllamaStatus, QueueEntry};
+use crate::units::Rounded;
 
 pub use actor::{Arbiter, ArbiterSettings};
 
@@ -29,6 +30,8 @@ pub struct ArbiterView {
     pub models: Vec<ModelStatus>,
     /// Every lease held.
     pub leases: Vec<LeaseStatus>,
+    /// The requests waiting, in serving order, each with what it waits for.
+    pub queue: Vec<QueueEntry>,
     /// Which managed model each GPU process belongs to, by pid.
     pub process_models: HashMap<u32, String>,
     /// Reasons the scheduling side is degraded (a failing state database, an unreachable
@@ -55,7 +58,7 @@ pub enum ArbiterError {
     #[error("{0}")]
     NeverFits(String),
     /// It waited `queue_timeout` (or `--wait`) without fitting.
-    #[error("gave up after waiting {waited:?}: {message}")]
+    #[error("gave up after waiting {}: {message}", Rounded(*waited))]
     Timeout {
         /// How long it waited.
         waited: Duration,
@@ -75,8 +78,8 @@ pub enum ArbiterError {
     },
     /// The model failed repeatedly and waits out a cooldown before the next automatic try.
     #[error(
-        "model {model} failed to start {failures} times in a row; next automatic try in {}s (`vramgate load {model}` retries now). Last error: {last_error}",
-        retry_in.as_secs()
+        "model {model} failed to start {failures} times in a row; next automatic try in {} (`vramgate load {model}` retries now). Last error: {last_error}",
+        Rounded(*retry_in)
     )]
     Cooldown {
         /// Model id.
@@ -164,6 +167,16 @@ pub struct LeaseGrant {
     pub upstream: Option<String>,
 }
 
+/// The answer to an unload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unloaded {
+    /// The model's status entry once it is unloaded.
+    pub status: ModelStatus,
+    /// False when there was nothing to unload (it was unloaded or failed already), so that a
+    /// second `vramgate unload` can say so instead of reporting memory it did not free.
+    pub was_loaded: bool,
+}
+
 /// A model that was ready when the answer was made, pinned for the caller so that nothing can
 /// evict it between "ready" and its first use. Dropping it unpins.
 pub struct Loaded {
@@ -177,7 +190,7 @@ pub struct Loaded {
 pub(crate) enum Command {
     Load { name: String, explicit: bool, reply: oneshot::Sender<Result<Loaded, ArbiterError>> },
     GrantModelLease { request: LeaseRequest, pin: gate::Pin, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
-    Unload { name: String, reply: oneshot::Sender<Result<ModelStatus, ArbiterError>> },
+    Unload { name: String, reply: oneshot::Sender<Result<Unloaded, ArbiterError>> },
     Acquire { request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Renew { id: String, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Release { id: String, reason: &'static str, reply: Option<oneshot::Sender<Result<(), ArbiterError>>> },
@@ -278,7 +291,7 @@ impl ArbiterHandle {
     }
 
     /// Unloads a model and waits until its memory is back.
-    pub async fn unload(&self, name: &str) -> Result<ModelStatus, ArbiterError> {
+    pub async fn unload(&self, name: &str) -> Result<Unloaded, ArbiterError> {
         self.ask(|reply| Command::Unload { name: name.to_string(), reply }).await
     }
 

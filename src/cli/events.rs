@@ -1,11 +1,14 @@
 //! `vramgate events [--json]`: follows the event stream until interrupted.
 
+use std::time::Duration;
+
 use clap::Args;
 use futures_util::StreamExt;
 
 use super::DaemonUrl;
 use crate::client::Client;
 use crate::events::{Event, EventKind};
+use crate::units::Rounded;
 
 #[derive(Debug, Args)]
 pub(super) struct EventsArgs {
@@ -58,7 +61,7 @@ pub(crate) fn describe(event: &Event) -> String {
         }
         EventKind::LeaseReleased { id, holder, reason } => format!("lease {id} of {holder} released ({reason})"),
         EventKind::MemoryReleaseTimeout { model, waited_ms } => {
-            format!("model {model}: memory not back after {waited_ms} ms")
+            format!("model {model}: memory not back after {}", Rounded(Duration::from_millis(*waited_ms)))
         }
         EventKind::ModeChanged { from, to } => match from {
             Some(from) => format!("mode {from} -> {to}"),
@@ -70,7 +73,10 @@ pub(crate) fn describe(event: &Event) -> String {
             None => format!("{model}: app {holder} {change}"),
         },
         EventKind::ExternalUnresponsive { model, action, waited_ms } => {
-            format!("{model}: the app did not acknowledge `{action}` within {waited_ms} ms; no longer counted on")
+            format!(
+                "{model}: the app did not acknowledge `{action}` within {}; no longer counted on",
+                Rounded(Duration::from_millis(*waited_ms))
+            )
         }
         EventKind::OllamaReachability { url, reachable, error } => match (reachable, error) {
             (true, _) => format!("Ollama at {url} answers again"),

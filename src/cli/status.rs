@@ -226,6 +226,7 @@ mod tests {
             degraded_reasons: vec!["probe sim failing: boom".into()],
             models: vec![],
             leases: vec![],
+            queue: vec![],
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
@@ -272,6 +273,7 @@ mod tests {
             degraded_reasons: vec![],
             models: vec![model("clip", Some("cpu"), None), model("llama", None, Some("Ollama does not answer"))],
             leases: vec![],
+            queue: vec![],
             mode: Some("recording".into()),
             ollama: vec![crate::status::OllamaStatus {
                 url: "http://127.0.0.1:11434".into(),
