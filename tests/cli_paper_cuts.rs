@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, bin, fake_model, sim_config, wait_child};
+use common::{Daemon, fake_model, sim_config, wait_child};
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -27,7 +27,7 @@ fn start(rest: impl Fn(&std::path::Path) -> String) -> Daemon {
 fn cli(daemon: &Daemon, args: &[&str]) -> Command {
     let home = daemon.dir.path().join("cli-home");
     std::fs::create_dir_all(&home).expect("cli home");
-    let mut command = Command::new(bin());
+    let mut command = common::vramgate();
     command
         .args(args)
         .env("VRAMGATE_URL", &daemon.url)
@@ -290,7 +290,7 @@ async fn run_says_what_it_waits_for_and_gives_up_after_bare_seconds() {
 fn run_help_lists_exit_codes_and_the_environment() {
     let home = tempfile::tempdir().expect("tempdir");
     let help = |args: &[&str]| {
-        let output = Command::new(bin())
+        let output = common::vramgate()
             .args(args)
             .env("HOME", home.path())
             .env("XDG_STATE_HOME", home.path().join("state"))
@@ -323,7 +323,7 @@ fn run_help_lists_exit_codes_and_the_environment() {
 #[test]
 fn run_refuses_a_duration_it_cannot_read() {
     let home = tempfile::tempdir().expect("tempdir");
-    let output = Command::new(bin())
+    let output = common::vramgate()
         .args(["run", "--vram", "1G", "--wait", "5 parsecs", "--", "true"])
         .env("HOME", home.path())
         .env("XDG_STATE_HOME", home.path().join("state"))

@@ -333,6 +333,7 @@ mod tests {
                 attached: None,
             }],
             leases: vec![],
+            queue: vec![],
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
