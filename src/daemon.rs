@@ -169,14 +169,17 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let served = tokio::select! {
         result = &mut server => result.context("HTTP server failed"),
         _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}: closing them");
+            tracing::warn!("connections still open after {}: closing them", crate::units::Rounded(SHUTDOWN_GRACE));
             Ok(())
         }
     };
     shutdown.cancel();
     // The arbiter stops model processes (SIGTERM, a bounded grace, SIGKILL) before it returns.
     if tokio::time::timeout(ARBITER_STOP, arbiter_task).await.is_err() {
-        tracing::warn!("model processes still stopping after {ARBITER_STOP:?}; they die with the daemon");
+        tracing::warn!(
+            "model processes still stopping after {}; they die with the daemon",
+            crate::units::Rounded(ARBITER_STOP)
+        );
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), monitor_task).await;
     tracing::info!("stopped");

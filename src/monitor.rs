@@ -268,7 +268,7 @@ impl Monitor {
             _ = shutdown.cancelled() => return false,
             joined = &mut task => joined,
             _ = tokio::time::sleep(deadline) => {
-                let late = ProbeError(format!("sample did not finish within {deadline:?}"));
+                let late = ProbeError(format!("sample did not finish within {}", crate::units::Rounded(deadline)));
                 self.record_failure(&late);
                 tokio::select! {
                     _ = shutdown.cancelled() => return false,

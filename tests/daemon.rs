@@ -330,3 +330,25 @@ fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot start the GPU probe") && stderr.contains("NVML"), "{stderr}");
 }
+
+#[test]
+fn serve_without_a_config_says_what_to_try_next() {
+    let state = tempfile::tempdir().unwrap();
+    let stderr_path = state.path().join("stderr.log");
+    let mut child = common::vramgate()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("XDG_STATE_HOME", state.path())
+        .env("VRAMGATE_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    // The listening line comes after the hint is logged.
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    assert!(first.contains("listening on http://127.0.0.1:"), "{first:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(log.contains("no config file") && log.contains("vramgate serve --demo"), "{log}");
+}

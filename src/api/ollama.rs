@@ -477,7 +477,11 @@ async fn send(
         Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
             error(
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("model {} did not start answering within {limit:?} (proxy.first_byte_timeout)", gate.id),
+                format!(
+                    "model {} did not start answering within {} (proxy.first_byte_timeout)",
+                    gate.id,
+                    crate::units::Rounded(limit)
+                ),
             )
         })?,
         None => sent.await,
@@ -844,9 +848,9 @@ async fn read_all(body: Body, stall: Option<Duration>, limit: usize) -> Result<B
     let mut out = Vec::new();
     loop {
         let next = match stall {
-            Some(limit) => tokio::time::timeout(limit, stream.next())
-                .await
-                .map_err(|_| format!("the model server sent nothing for {limit:?} (proxy.stall_timeout)"))?,
+            Some(limit) => tokio::time::timeout(limit, stream.next()).await.map_err(|_| {
+                format!("the model server sent nothing for {} (proxy.stall_timeout)", crate::units::Rounded(limit))
+            })?,
             None => stream.next().await,
         };
         match next {
@@ -1252,7 +1256,10 @@ impl Relay {
                 Some(limit) => match tokio::time::timeout(limit, self.upstream.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let message = format!("the model server sent nothing for {limit:?} (proxy.stall_timeout)");
+                        let message = format!(
+                            "the model server sent nothing for {} (proxy.stall_timeout)",
+                            crate::units::Rounded(limit)
+                        );
                         return Some(Ok(self.fail(message)));
                     }
                 },

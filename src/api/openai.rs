@@ -289,7 +289,11 @@ pub(super) async fn forward(State(state): State<AppState>, request: Request) -> 
             Err(_) => {
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("model {} did not start answering within {limit:?} (proxy.first_byte_timeout)", gate.id),
+                    format!(
+                        "model {} did not start answering within {} (proxy.first_byte_timeout)",
+                        gate.id,
+                        crate::units::Rounded(limit)
+                    ),
                     "upstream_timeout",
                 );
             }
@@ -421,7 +425,10 @@ where
             if frame.is_ready() {
                 timer.as_mut().reset(tokio::time::Instant::now() + *limit);
             } else if timer.as_mut().poll(cx).is_ready() {
-                let message = format!("the model server sent nothing for {limit:?} (proxy.stall_timeout)");
+                let message = format!(
+                    "the model server sent nothing for {} (proxy.stall_timeout)",
+                    crate::units::Rounded(*limit)
+                );
                 return Poll::Ready(Some(Err(message.into())));
             }
         }

@@ -246,7 +246,7 @@ pub enum StartError {
         tail: String,
     },
     /// Its health check did not pass in time; it was stopped.
-    #[error("not ready after {timeout:?} (health check {url}); last output:\n{tail}")]
+    #[error("not ready after {} (health check {url}); last output:\n{tail}", crate::units::Rounded(*timeout))]
     Timeout {
         /// The limit.
         timeout: Duration,
@@ -342,7 +342,11 @@ impl ProcessHandle {
                 match tokio::time::timeout(KILL_WAIT, self.wait_exit()).await {
                     Ok(info) => info,
                     Err(_) => {
-                        tracing::error!(pid = self.pid, "still alive {KILL_WAIT:?} after SIGKILL");
+                        tracing::error!(
+                            pid = self.pid,
+                            "still alive {} after SIGKILL",
+                            crate::units::Rounded(KILL_WAIT)
+                        );
                         ExitInfo { code: None, signal: None }
                     }
                 }
@@ -409,6 +413,9 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     let fail = |message: String| StartError::Spawn { program: program.clone(), message };
     let mut command = Command::new(&program);
     command.args(&spec.argv[1.min(spec.argv.len())..]);
+    // NOTIFY_SOCKET is the daemon's own line to systemd: a model server that speaks sd_notify
+    // (some do) must not report "ready" or "stopping" on the daemon's behalf.
+    command.env_remove("NOTIFY_SOCKET");
     command.envs(&spec.env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);

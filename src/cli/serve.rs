@@ -61,7 +61,15 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(super::EXIT_CONFIG);
             }
         },
-        None => Config::default(),
+        None => {
+            // A newcomer's first `serve` on a machine without a GPU shows little; say what next.
+            tracing::info!(
+                "no config file (--config or VRAMGATE_CONFIG): monitoring the GPUs only, with no models to manage; \
+                 `vramgate serve --demo` shows what vramgate does (no GPU needed), and docs/configuration.md \
+                 in vramgate's repository says how to declare your models"
+            );
+            Config::default()
+        }
     };
     if let Some(listen) = args.listen {
         config.server.listen = listen;

@@ -158,6 +158,15 @@ pub(crate) fn render_table(status: &Status) -> String {
                 writeln!(out, "lease {} held by {}: {} MiB on GPU {}{exclusive}", l.id, l.holder, l.vram_mib, l.device);
         }
     }
+    if !status.queue.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "waiting, in the order they will be served:");
+        for w in &status.queue {
+            let device = w.device.map(|d| format!(" on GPU {d}")).unwrap_or_default();
+            let reason = w.reason.as_deref().unwrap_or("not looked at yet");
+            let _ = writeln!(out, "  {} {} ({} MiB{device}): {reason}", w.kind, w.requester, w.vram_mib);
+        }
+    }
     out
 }
 
@@ -226,13 +235,28 @@ mod tests {
             degraded_reasons: vec!["probe sim failing: boom".into()],
             models: vec![],
             leases: vec![],
-            queue: vec![],
+            queue: vec![crate::status::QueueEntry {
+                requester: "vision".into(),
+                kind: "load".into(),
+                model: Some("vision".into()),
+                holder: None,
+                pid: None,
+                device: Some(0),
+                vram_mib: 3072,
+                priority: 50,
+                reason: Some("needs 3072 MiB on GPU 0; 1180 MiB available".into()),
+                since: chrono::Utc::now(),
+            }],
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
         };
         let table = render_table(&status);
         assert!(table.contains("health: DEGRADED"), "{table}");
+        assert!(
+            table.contains("load vision (3072 MiB on GPU 0): needs 3072 MiB on GPU 0; 1180 MiB available"),
+            "the queue with its reason: {table}"
+        );
         assert!(table.contains("degraded: probe sim failing: boom"));
         assert!(table.contains("Sim 8G") && table.contains("warning") && table.contains("51C"));
         assert!(table.contains("pid 4242") && table.contains("python3"));
