@@ -72,12 +72,30 @@ fn reap_leftovers(store: &Store, bus: &EventBus) {
     }
 }
 
+/// Whether this process ignores SIGHUP (started under `nohup`), read from the kernel's view of
+/// its signal dispositions: installing a handler would undo what the user asked for.
+fn hangup_is_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find_map(|l| l.strip_prefix("SigIgn:").map(|mask| mask.trim().to_string())))
+        .and_then(|mask| u64::from_str_radix(&mask, 16).ok())
+        // Signal N is bit N - 1; SIGHUP is 1.
+        .is_some_and(|mask| mask & 1 != 0)
+}
+
 /// Runs the daemon until a signal. `ready` is called with the bound address once the API
 /// accepts connections (the CLI prints it; tests read it to find a port chosen with `:0`).
 pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
     // Signal handlers first, so a SIGTERM during start-up is not lost to the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    // A closed terminal (SIGHUP) stops the daemon as cleanly as Ctrl-C, so `serve --demo` still
+    // removes its temp dir; under `nohup` (SIGHUP ignored) it keeps running, as the user asked.
+    let mut sighup = if hangup_is_ignored() {
+        None
+    } else {
+        Some(signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?)
+    };
 
     for warning in config.warnings() {
         tracing::warn!("config: {warning}");
@@ -159,6 +177,12 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         let name = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
+            _ = async {
+                match sighup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
         };
         tracing::info!("{name} received: shutting down");
         crate::notify::stopping();

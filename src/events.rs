@@ -257,15 +257,6 @@ pub enum LogLevel {
     Warn,
 }
 
-/// A duration in milliseconds as people read it: `850ms`, `2.0s`, `75s`.
-fn readable_ms(ms: u64) -> String {
-    match ms {
-        0..1000 => format!("{ms}ms"),
-        1000..10_000 => format!("{:.1}s", ms as f64 / 1000.0),
-        _ => format!("{}s", (ms + 500) / 1000),
-    }
-}
-
 /// An error in one line: its first line and, when it quotes output, the last line of that
 /// output that is not one of vramgate's own markers.
 fn one_line(error: &str) -> String {
@@ -323,7 +314,7 @@ impl EventKind {
                 Warn,
                 format!(
                     "model {model}: its memory did not show up free within {} (release_timeout)",
-                    readable_ms(*waited_ms)
+                    crate::units::Rounded(std::time::Duration::from_millis(*waited_ms))
                 ),
             ),
             EventKind::ModeChanged { from, to } => {
@@ -342,7 +333,7 @@ impl EventKind {
                 Warn,
                 format!(
                     "model {model}: the attached app did not acknowledge `{action}` within {}",
-                    readable_ms(*waited_ms)
+                    crate::units::Rounded(std::time::Duration::from_millis(*waited_ms))
                 ),
             ),
             EventKind::OllamaReachability { url, reachable: true, .. } => {

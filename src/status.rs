@@ -146,6 +146,11 @@ pub struct ModelStatus {
     /// External models: the app attached to it (its holder name), or null.
     #[serde(default)]
     pub attached: Option<String>,
+    /// Why it is in its state: the `reason` of the `model_state` event that put it there
+    /// (`requested`, `idle`, `evicted_for:vision`, `crashed`, …; an unload's cause, not the
+    /// `released` that ends it), or null before its first change.
+    #[serde(default)]
+    pub state_reason: Option<String>,
 }
 
 /// One Ollama server.

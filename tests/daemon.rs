@@ -264,20 +264,29 @@ async fn sigint_stops_the_daemon_within_a_second() {
     assert_stops_within_a_second(&mut daemon, Signal::SIGINT);
 }
 
+/// Runs `serve` with a config that must make it refuse to start; its output, once it exited
+/// (within a deadline: a daemon that started after all fails the test instead of hanging it).
+fn serve_that_must_not_start(listen: &str, config: &std::path::Path) -> std::process::Output {
+    let mut child = common::vramgate()
+        .args(["serve", "--listen", listen, "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if common::wait_child(&mut child, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+        panic!("serve started although it must refuse to");
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn a_bad_config_makes_serve_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[gpu]\nprobe = \"none\"\nwarning_pct = 95\ncritical_pct = 90\n").unwrap();
-    let mut child = common::vramgate()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some(), "serve must refuse to start");
-    let output = child.wait_with_output().unwrap();
+    let output = serve_that_must_not_start("127.0.0.1:0", &path);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("gpu.warning_pct") && stderr.contains("line 3"), "{stderr}");
@@ -294,15 +303,7 @@ fn a_busy_port_is_a_clear_error() {
     let config = state.path().join("vramgate.toml");
     std::fs::write(&config, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"none\"\n", state.path().display()))
         .unwrap();
-    let mut child = common::vramgate()
-        .args(["serve", "--listen", &address, "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some(), "serve must refuse a busy port");
-    let output = child.wait_with_output().unwrap();
+    let output = serve_that_must_not_start(&address, &config);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("cannot listen on {address}")), "{stderr}");
@@ -317,15 +318,7 @@ fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
     let path = dir.path().join("nvml.toml");
     std::fs::write(&path, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"nvml\"\n", dir.path().display()))
         .unwrap();
-    let mut child = common::vramgate()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some(), "serve must refuse to start");
-    let output = child.wait_with_output().unwrap();
+    let output = serve_that_must_not_start("127.0.0.1:0", &path);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot start the GPU probe") && stderr.contains("NVML"), "{stderr}");
@@ -351,4 +344,39 @@ fn serve_without_a_config_says_what_to_try_next() {
     assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
     let log = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(log.contains("no config file") && log.contains("vramgate serve --demo"), "{log}");
+}
+
+#[tokio::test]
+async fn sighup_stops_the_daemon_within_a_second_like_a_closed_terminal() {
+    let mut daemon = Daemon::start(|_| "[gpu]\nprobe = \"none\"\n".into());
+    assert_stops_within_a_second(&mut daemon, Signal::SIGHUP);
+}
+
+#[tokio::test]
+async fn under_nohup_sighup_is_left_ignored() {
+    let state = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("nohup");
+    common::isolate(&mut command);
+    let mut child = command
+        .arg(common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("XDG_STATE_HOME", state.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("listening line").to_string();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    // It must keep serving: for a second, every health check answers and the process lives on.
+    let end = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < end {
+        assert!(child.try_wait().unwrap().is_none(), "a SIGHUP under nohup stopped the daemon");
+        let health = reqwest::get(format!("{url}/vramgate/health")).await.expect("health");
+        assert!(health.status().is_success());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
 }

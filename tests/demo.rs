@@ -122,7 +122,7 @@ impl DemoDaemon {
     }
 
     fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        wait_child(&mut self.child, deadline)
+        common::wait_child(&mut self.child, deadline)
     }
 }
 
@@ -130,20 +130,6 @@ impl Drop for DemoDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Polls a child until it exits or the deadline passes.
-fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -177,7 +163,7 @@ fn run_line(sandbox: &Sandbox, url: &str, line: &str, deadline: Duration) -> Ran
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    let status = wait_child(&mut child, deadline).unwrap_or_else(|| {
+    let status = common::wait_child(&mut child, deadline).unwrap_or_else(|| {
         let _ = child.kill();
         panic!("{line:?} did not finish within {deadline:?}")
     });
@@ -415,6 +401,24 @@ async fn the_printed_lines_work_as_printed_and_the_demo_leaves_nothing_behind() 
     sandbox.assert_untouched();
 }
 
+#[tokio::test]
+async fn closing_the_terminal_stops_the_demo_and_removes_its_temp_dir() {
+    let sandbox = Sandbox::new();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut demo = DemoDaemon::start(&sandbox, "127.0.0.1:0", logs.path());
+    let printed = demo.read_until("Ctrl-C stops the demo", Duration::from_secs(20));
+    let url = printed[0].split_whitespace().find(|w| w.starts_with("http://")).expect("the URL").to_owned();
+    // A model running, so that stopping has work to do.
+    let loaded = reqwest::Client::new().post(format!("{url}/vramgate/models/stt/load")).send().await.expect("load");
+    assert!(loaded.status().is_success(), "{}", loaded.text().await.unwrap_or_default());
+    // A closed terminal sends SIGHUP.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.child.id() as i32), nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP");
+    let exit = demo.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| panic!("still running; {}", demo.log()));
+    assert!(exit.success(), "{exit}\n{}", demo.log());
+    sandbox.assert_untouched();
+}
+
 #[test]
 fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
     let sandbox = Sandbox::new();
@@ -427,7 +431,7 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let status = wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    let status = common::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
     let output = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(status.code(), Some(1), "{stderr}");

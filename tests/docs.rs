@@ -2,6 +2,8 @@
 //! valid config, every doc must be reachable from the README, and every link between them must
 //! resolve to a file in the repository.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use vramgate::config::Config;
@@ -20,28 +22,6 @@ fn documents() -> Vec<PathBuf> {
     docs.sort();
     docs.insert(0, root().join("README.md"));
     docs
-}
-
-/// The fenced blocks of `language` in a Markdown text.
-fn fenced_blocks(text: &str, language: &str) -> Vec<String> {
-    let opening = format!("```{language}");
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        match (&mut current, line.trim_start()) {
-            (None, fence) if fence == opening => current = Some(String::new()),
-            (Some(block), "```") => {
-                blocks.push(std::mem::take(block));
-                current = None;
-            }
-            (Some(block), _) => {
-                block.push_str(line);
-                block.push('\n');
-            }
-            (None, _) => {}
-        }
-    }
-    blocks
 }
 
 /// The targets of the Markdown links `[text](target)` in a text.
@@ -63,7 +43,7 @@ fn every_toml_block_in_the_docs_is_a_valid_config() {
     let mut checked = 0;
     for doc in documents() {
         let text = std::fs::read_to_string(&doc).expect("read a doc");
-        for block in fenced_blocks(&text, "toml") {
+        for block in common::fenced_blocks(&text, "toml") {
             if let Err(e) = Config::parse(&block, Some(&doc)) {
                 panic!("{}: example does not parse: {e}\n---\n{block}", doc.display());
             }

@@ -19,31 +19,17 @@ use serde_json::Value;
 
 /// The shell blocks of the README section whose heading starts with `heading`.
 fn shell_blocks(readme: &str, heading: &str) -> Vec<String> {
+    let mut section = String::new();
     let mut in_section = false;
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
     for line in readme.lines() {
         if line.starts_with("## ") {
             in_section = line.starts_with(heading);
-            continue;
-        }
-        if !in_section {
-            continue;
-        }
-        match (&mut current, line.trim_start()) {
-            (None, "```sh") => current = Some(String::new()),
-            (Some(block), "```") => {
-                blocks.push(std::mem::take(block));
-                current = None;
-            }
-            (Some(block), _) => {
-                block.push_str(line);
-                block.push('\n');
-            }
-            (None, _) => {}
+        } else if in_section {
+            section.push_str(line);
+            section.push('\n');
         }
     }
-    blocks
+    common::fenced_blocks(&section, "sh")
 }
 
 /// The demo, started from the README's command; stopped with SIGINT by the test, killed if the
@@ -186,8 +172,8 @@ async fn the_quick_start_runs_as_written() {
 
     // 4. `vramgate status` shows it, with the eviction's reason.
     let table = run_line(tour[3], &demo.url, &bin_dir);
-    for word in ["vision", "stt", "llm", "ready", "unloaded"] {
-        assert!(table.contains(word), "status lacks {word}: {table}");
+    for word in ["vision", "stt", "ready", "llm: unloaded: evicted for vision"] {
+        assert!(table.contains(word), "status lacks {word:?}: {table}");
     }
 
     // 5. A job holds a lease for as long as its command runs, with its GPU in the environment.

@@ -118,6 +118,9 @@ struct Model {
     note: Option<String>,
     /// When its state last changed: an `/api/ps` answer older than that may predate the change.
     changed_at: Instant,
+    /// Why it is in its state: the reason of the last change that had a cause of its own (the
+    /// `released` that ends an unload keeps the cause of the unload, e.g. `evicted_for:vision`).
+    state_reason: Option<String>,
     /// The largest footprint measured, from the store and this run.
     learned_mib: Option<u64>,
     /// What its processes use now.
@@ -341,6 +344,7 @@ impl Arbiter {
                 oneshot: None,
                 note: None,
                 changed_at: now,
+                state_reason: None,
             })
             .collect();
         let arbiter = Arbiter {
@@ -1165,6 +1169,9 @@ impl Arbiter {
         let from = model.state;
         model.state = to;
         model.changed_at = Instant::now();
+        if reason != "released" {
+            model.state_reason = Some(reason.clone());
+        }
         let event = EventKind::ModelState {
             model: model.spec.id.clone(),
             from,
@@ -1967,7 +1974,10 @@ impl Arbiter {
                         && let Ok(v) = self.index(&victim)
                     {
                         if self.begin_unload(v, "resident_cap".into()) {
-                            self.queue[index].awaiting_release.insert(victim.clone());
+                            let waiter = &mut self.queue[index];
+                            waiter.awaiting_release.insert(victim.clone());
+                            // Status shows the new reason now, not at the next pass.
+                            waiter.waiting_for = evicting(&waiter.awaiting_release);
                         }
                     } else {
                         self.note_shortfall(
@@ -2487,6 +2497,7 @@ impl Arbiter {
                 .map(|t| self.started_wall + chrono::Duration::milliseconds(millis_since(self.started, t) as i64)),
             note: m.note.clone(),
             attached: m.attachment.as_ref().map(|a| a.holder.clone()),
+            state_reason: m.state_reason.clone(),
         }
     }
 

@@ -113,6 +113,10 @@ pub(crate) fn render_table(status: &Status) -> String {
                 m.priority,
                 if m.pinned { "  pinned" } else { "" }
             );
+            // Why a model is out of service: evicted for whom, idle, crashed, asked to.
+            if let Some(reason) = m.state_reason.as_deref().filter(|_| m.state != "ready" && m.state != "loading") {
+                let _ = writeln!(out, "  {}: {}: {}", m.id, m.state, reason.replace("evicted_for:", "evicted for "));
+            }
             if let Some(holder) = &m.attached {
                 let pid = m.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
                 let _ = writeln!(out, "  {}: held by app {holder}{pid}", m.id);
@@ -288,6 +292,7 @@ mod tests {
             expires_at: None,
             note: note.map(str::to_string),
             attached: placement.is_some().then(|| "clip-app".to_string()),
+            state_reason: placement.is_none().then(|| "evicted_for:vlm".to_string()),
         };
         let status = Status {
             version: "0.1.0".into(),
@@ -315,6 +320,7 @@ mod tests {
         assert!(table.contains("mode: recording"), "{table}");
         assert!(table.lines().any(|l| l.starts_with("clip") && l.contains("cpu")), "{table}");
         assert!(table.contains("llama: Ollama does not answer"), "{table}");
+        assert!(table.contains("llama: failed: evicted for vlm"), "why a model is out of service: {table}");
         assert!(table.contains("clip: held by app clip-app"), "{table}");
         assert!(table.contains("Ollama at http://127.0.0.1:11434: reachable"), "{table}");
         assert!(table.contains("tiny:latest") && table.contains("loaded directly"), "{table}");
@@ -355,6 +361,7 @@ mod tests {
                 expires_at: None,
                 note: None,
                 attached: None,
+                state_reason: Some("failed".into()),
             }],
             leases: vec![],
             queue: vec![],

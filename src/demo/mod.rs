@@ -243,7 +243,21 @@ pub fn try_lines(addr: SocketAddr, vramgate: &str) -> [String; 3] {
 
 /// ` --url http://ADDR` when `addr` is not where the CLI looks by default, else nothing.
 fn url_flag(addr: SocketAddr) -> String {
-    if addr == crate::config::default_listen() { String::new() } else { format!(" --url http://{addr}") }
+    if needs_url(addr, std::env::var("VRAMGATE_URL").ok().as_deref()) {
+        format!(" --url http://{addr}")
+    } else {
+        String::new()
+    }
+}
+
+/// Whether a printed `vramgate` line must name the demo's URL: when the demo is not where the CLI
+/// looks by default, which is `VRAMGATE_URL` if the user set one (it may name their own daemon),
+/// else the default address.
+fn needs_url(addr: SocketAddr, env_url: Option<&str>) -> bool {
+    match env_url.map(|u| u.trim().trim_end_matches('/')).filter(|u| !u.is_empty()) {
+        Some(url) => url != format!("http://{addr}"),
+        None => addr != crate::config::default_listen(),
+    }
 }
 
 /// The block printed after the listening line: what the demo is, where its files are, three
@@ -395,6 +409,18 @@ mod tests {
         assert_eq!(load, "vramgate load stt");
         assert!(vision.starts_with("curl -s -w '\\n' http://127.0.0.1:9777/v1/chat/completions "), "{vision}");
         assert!(vision.contains("\"model\": \"vision\""), "{vision}");
+    }
+
+    #[test]
+    fn a_vramgate_url_of_the_users_own_is_overridden_in_the_printed_lines() {
+        let default = crate::config::default_listen();
+        assert!(!needs_url(default, None));
+        assert!(!needs_url(default, Some("")), "an empty VRAMGATE_URL counts as unset");
+        assert!(!needs_url(default, Some("http://127.0.0.1:9777/")));
+        assert!(needs_url(default, Some("http://192.168.1.5:9777")), "the user's daemon elsewhere");
+        let other: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        assert!(needs_url(other, None));
+        assert!(!needs_url(other, Some("http://127.0.0.1:4000")));
     }
 
     #[test]

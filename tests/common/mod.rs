@@ -349,3 +349,25 @@ pub async fn never_within(daemon: &Daemon, period: Duration, what: &str, bad: im
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The fenced blocks of `language` (```` ```toml ````, ```` ```sh ````) in a Markdown text, in order.
+pub fn fenced_blocks(text: &str, language: &str) -> Vec<String> {
+    let opening = format!("```{language}");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, fence) if fence == opening => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
