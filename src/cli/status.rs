@@ -92,7 +92,11 @@ pub(crate) fn render_table(status: &Status) -> String {
     }
     let _ = writeln!(out);
     if status.models.is_empty() {
-        let _ = writeln!(out, "models: none configured");
+        let _ = writeln!(
+            out,
+            "models: none configured (declare them in the config file: `vramgate serve --help`; \
+             `vramgate serve --demo` shows vramgate managing models, no GPU needed)"
+        );
     } else {
         let _ = writeln!(
             out,
@@ -266,6 +270,7 @@ mod tests {
         assert!(table.contains("pid 4242") && table.contains("python3"));
         assert!(table.contains("desktop") && table.contains("(named consumer)"));
         assert!(table.contains("warning: sim file x: garbage"));
+        assert!(table.contains("models: none configured") && table.contains("vramgate serve --demo"), "{table}");
     }
 
     #[test]
