@@ -1,4 +1,4 @@
-//! The status document (DESIGN.md contract): what `GET /vramgate/status` returns and what
+//! The status document (a public contract, documented in docs/http-api.md): what `GET /vramgate/status` returns and what
 //! `vramgate status --json` prints, the same bytes. The CLI deserializes it to draw its table, so
 //! both directions live here.
 
