@@ -110,3 +110,16 @@ fn the_harness_points_commands_away_from_the_user() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains(common::NO_DAEMON_URL));
 }
+
+#[test]
+fn a_command_gets_its_output_within_a_deadline() {
+    let output = common::output(std::process::Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]));
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!((output.stdout.as_slice(), output.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
+}
+
+#[test]
+#[should_panic(expected = "did not finish within")]
+fn a_command_that_hangs_fails_the_test_instead_of_hanging_it() {
+    common::output_within(std::process::Command::new("sleep").arg("30"), std::time::Duration::from_millis(200));
+}

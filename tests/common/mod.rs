@@ -371,3 +371,64 @@ pub fn fenced_blocks(text: &str, language: &str) -> Vec<String> {
     }
     blocks
 }
+
+/// How long a CLI command a test runs may take before the test fails (a regression that hangs
+/// must fail the test, not hang the suite).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `command` to completion with its output captured, like `Command::output`, but fails the
+/// test (killing the process) if it has not exited within `deadline`.
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let mut child =
+        KillOnDrop(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"));
+    // Read both pipes on threads so a chatty process cannot block on a full pipe meanwhile.
+    let end = Instant::now() + deadline;
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            let _ = tx.send(bytes);
+        });
+        rx
+    };
+    let out = read(child.0.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let err = read(child.0.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let Some(status) = wait_child(&mut child.0, deadline) else {
+        panic!("{command:?} did not finish within {deadline:?}");
+    };
+    // A grandchild may hold the pipes open after the command exited: don't wait past the deadline.
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(end.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("{command:?} exited, but its output did not end within {deadline:?}"))
+    };
+    std::process::Output { status, stdout: collect(out), stderr: collect(err) }
+}
+
+/// [`output_within`] with [`COMMAND_DEADLINE`].
+pub fn output(command: &mut Command) -> std::process::Output {
+    output_within(command, COMMAND_DEADLINE)
+}
+
+/// A child process that is killed (and reaped) when the test ends, even when it fails first.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Spawns `command`, to be killed when the guard drops.
+    pub fn spawn(command: &mut Command) -> KillOnDrop {
+        KillOnDrop(command.spawn().expect("spawn"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
