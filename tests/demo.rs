@@ -445,15 +445,15 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
 fn demo_conflicts_with_an_explicit_config_and_the_demo_model_command_is_hidden() {
     let sandbox = Sandbox::new();
     // hermetic: refused by argument parsing (exit 2) before anything starts
-    let output = sandbox.command(bin()).args(["serve", "--demo", "--config", "x.toml"]).output().expect("run");
+    let output = common::output(sandbox.command(bin()).args(["serve", "--demo", "--config", "x.toml"]));
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("'--demo' cannot be used with '--config"));
 
-    let help = sandbox.command(bin()).arg("--help").output().expect("help");
+    let help = common::output(sandbox.command(bin()).arg("--help"));
     let help = String::from_utf8_lossy(&help.stdout);
     // hermetic: a subcommand name looked for in the help text
     assert!(help.contains("serve") && !help.contains("demo-model"), "{help}");
-    let serve_help = sandbox.command(bin()).args(["serve", "--help"]).output().expect("serve help");
+    let serve_help = common::output(sandbox.command(bin()).args(["serve", "--help"]));
     assert!(String::from_utf8_lossy(&serve_help.stdout).contains("--demo"));
     sandbox.assert_untouched();
 }

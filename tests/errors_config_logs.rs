@@ -18,13 +18,13 @@ const SECOND: Duration = Duration::from_secs(1);
 /// Runs the CLI against `url`, with a temp HOME and state dir so nothing can reach a user's own
 /// daemon or files.
 fn cli(url: &str, home: &Path, args: &[&str]) -> Output {
-    common::vramgate()
-        .args(args)
-        .env("VRAMGATE_URL", url)
-        .env("HOME", home)
-        .env("XDG_STATE_HOME", home.join("state"))
-        .output()
-        .expect("run vramgate")
+    common::output(
+        common::vramgate()
+            .args(args)
+            .env("VRAMGATE_URL", url)
+            .env("HOME", home)
+            .env("XDG_STATE_HOME", home.join("state")),
+    )
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -111,14 +111,14 @@ fn config_check_names_the_probe_as_written_and_warns_about_missing_programs() {
     config.push_str("[models.typo]\nbackend = \"process\"\ncmd = [\"nosuchprogram-xyz\", \"--port\", \"${PORT}\"]\n");
     std::fs::write(&file, &config).unwrap();
     let line = config.lines().position(|l| l.contains("nosuchprogram-xyz")).unwrap() + 1;
-    let output = common::vramgate()
-        .args(["config", "check"])
-        .arg(&file)
-        .env_remove("VRAMGATE_URL")
-        .env("HOME", dir.path())
-        .env("XDG_STATE_HOME", dir.path().join("state"))
-        .output()
-        .unwrap();
+    let output = common::output(
+        common::vramgate()
+            .args(["config", "check"])
+            .arg(&file)
+            .env_remove("VRAMGATE_URL")
+            .env("HOME", dir.path())
+            .env("XDG_STATE_HOME", dir.path().join("state")),
+    );
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     // A program missing here is a warning: the config may be meant for another machine.
     assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");

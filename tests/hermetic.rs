@@ -106,7 +106,7 @@ fn the_harness_points_commands_away_from_the_user() {
     assert_eq!(envs["VRAMGATE_CONFIG"], None, "the user's VRAMGATE_CONFIG is removed");
 
     // A CLI command that names no daemon fails at once, naming the harmless address.
-    let output = common::vramgate().arg("status").output().expect("run vramgate status");
+    let output = common::output(common::vramgate().arg("status"));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains(common::NO_DAEMON_URL));
 }

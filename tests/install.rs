@@ -23,7 +23,7 @@ fn units() -> [(&'static str, PathBuf); 2] {
 /// files), with a fresh scratch directory for the test's own files.
 fn vramgate(args: &[&str]) -> (Output, tempfile::TempDir) {
     let scratch = tempfile::tempdir().expect("tempdir");
-    let output = common::vramgate().args(args).output().expect("run vramgate");
+    let output = common::output(common::vramgate().args(args));
     (output, scratch)
 }
 
@@ -89,7 +89,7 @@ fn bash_completes(script: &Path, words: &[&str]) -> Vec<String> {
         quoted.join(" "),
         words.len() - 1
     );
-    let output = Command::new("bash").args(["--norc", "--noprofile", "-c", &program]).output().expect("run bash");
+    let output = common::output(Command::new("bash").args(["--norc", "--noprofile", "-c", &program]));
     assert!(output.status.success(), "{}", stderr(&output));
     stdout(&output).lines().map(str::to_owned).collect()
 }
@@ -363,15 +363,15 @@ fn systemd_analyze_verifies_the_units() {
         if !has_man {
             verify.arg("--man=no");
         }
-        let output = verify
-            .arg(&copy)
-            .env("MANPATH", &man_dir)
-            .env("HOME", work.path())
-            .env("XDG_CONFIG_HOME", work.path().join("config"))
-            // The user manager wants a runtime directory; a container has none.
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .output()
-            .expect("run systemd-analyze");
+        let output = common::output(
+            verify
+                .arg(&copy)
+                .env("MANPATH", &man_dir)
+                .env("HOME", work.path())
+                .env("XDG_CONFIG_HOME", work.path().join("config"))
+                // The user manager wants a runtime directory; a container has none.
+                .env("XDG_RUNTIME_DIR", &runtime),
+        );
         let complaints: Vec<&str> = std::str::from_utf8(&output.stderr)
             .expect("utf-8")
             .lines()

@@ -92,13 +92,13 @@ fn run_line(line: &str, url: &str, bin_dir: &Path) -> String {
     let line = line.replace("localhost:9777", address).replace("127.0.0.1:9777", address);
     let mut shell = std::process::Command::new("bash");
     common::isolate(&mut shell);
-    let output = shell
-        .args(["-euo", "pipefail", "-c", &line])
-        .env("PATH", path_with(bin_dir))
-        .env("VRAMGATE_URL", url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run a README line");
+    let output = common::output(
+        shell
+            .args(["-euo", "pipefail", "-c", &line])
+            .env("PATH", path_with(bin_dir))
+            .env("VRAMGATE_URL", url)
+            .stdin(Stdio::null()),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
