@@ -10,9 +10,11 @@
 //! The arbiter feeds [`decide`] a snapshot (devices, resident models, holds), applies the
 //! [`Decision`] (release the victims, reserve the footprint as a [`Hold`], load), and asks again
 //! when something changes. [`pressure_victim`] and [`cap_victim`] pick single idle models for the
-//! pressure relief and the resident cap.
+//! pressure relief and the resident cap. [`failure_cooldown`] says how long a model that keeps
+//! failing to start waits before the next automatic try.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Milliseconds on a monotonic clock chosen by the caller.
 pub type Millis = u64;
@@ -497,6 +499,25 @@ pub fn cap_victim(residents: &[Resident], now: Millis) -> Option<String> {
         .filter(|r| is_idle(r, now))
         .min_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.id.cmp(&b.id)))
         .map(|r| r.id.clone())
+}
+
+/// Failed starts in a row after which a model is `failed` and waits out a cooldown.
+pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+/// The cooldown after the [`FAILURES_BEFORE_COOLDOWN`]th failed start in a row.
+pub const COOLDOWN_FIRST: Duration = Duration::from_secs(10);
+/// The longest cooldown: each further failed start doubles it up to this.
+pub const COOLDOWN_MAX: Duration = Duration::from_secs(300);
+
+/// How long a model that failed `consecutive_failures` starts in a row waits before the next
+/// automatic try: nothing before [`FAILURES_BEFORE_COOLDOWN`], then [`COOLDOWN_FIRST`] (10 s),
+/// doubling with each further failure (20 s, 40 s, ...) up to [`COOLDOWN_MAX`] (5 min). Only the
+/// try after a cooldown runs out can fail next, so each doubling follows one more try.
+#[must_use]
+pub fn failure_cooldown(consecutive_failures: u32) -> Option<Duration> {
+    let beyond = consecutive_failures.checked_sub(FAILURES_BEFORE_COOLDOWN)?;
+    // 2^5 × 10 s already passes the cap: bounding the exponent keeps the product from overflowing.
+    let doublings = beyond.min(5);
+    Some(COOLDOWN_FIRST.saturating_mul(1 << doublings).min(COOLDOWN_MAX))
 }
 
 #[cfg(test)]
@@ -1293,5 +1314,19 @@ mod tests {
                 None => prop_assert!(all.is_empty()),
             }
         }
+    }
+
+    #[test]
+    fn the_failure_cooldown_starts_at_10_s_and_doubles_up_to_5_min() {
+        let secs = |failures| failure_cooldown(failures).map(|d| d.as_secs());
+        for failures in 0..FAILURES_BEFORE_COOLDOWN {
+            assert_eq!(secs(failures), None, "no cooldown after {failures} failures");
+        }
+        let sequence: Vec<Option<u64>> = (3..=10).map(secs).collect();
+        let expected = [10, 20, 40, 80, 160, 300, 300, 300].map(Some);
+        assert_eq!(sequence, expected);
+        // However long the run of failures, the cooldown stays at the cap (no overflow).
+        assert_eq!(secs(1000), Some(300));
+        assert_eq!(secs(u32::MAX), Some(300));
     }
 }

@@ -152,9 +152,31 @@ async fn min_residency_delays_eviction() {
 
 #[tokio::test]
 async fn an_idle_model_is_unloaded_after_its_ttl() {
-    let daemon = start(|sim| fake_model(sim, "a", 1000, "", "ttl = \"300ms\""), "");
+    let ttl = Duration::from_millis(400);
+    let daemon = start(|sim| fake_model(sim, "a", 1000, "", "ttl = \"400ms\""), "");
+    let since_start = Instant::now();
     let mut events = daemon.events().await;
-    assert_eq!(daemon.load("a").await.0, 200);
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("pid");
+    // Use it back to back for three TTLs past the daemon's start: in use, it stays, and the
+    // same process answers every request.
+    let client = reqwest::Client::new();
+    let mut last_use = chrono::Utc::now();
+    while since_start.elapsed() < 3 * ttl {
+        let response = client
+            .post(format!("{}/v1/chat/completions", daemon.url))
+            .json(&json!({"model": "a", "messages": []}))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-fake-pid"].to_str().ok(), Some(pid.to_string().as_str()), "reloaded");
+        response.bytes().await.expect("the whole answer");
+        last_use = chrono::Utc::now();
+    }
+    // Unloaded a TTL after its last use: not before (the TTL counts from the last use, not from
+    // the start), and not much later.
     let event = loop {
         let event = events.next_of("model_state", 5 * SECOND).await;
         if event["to"] == "unloading" {
@@ -162,6 +184,11 @@ async fn an_idle_model_is_unloaded_after_its_ttl() {
         }
     };
     assert_eq!(event["reason"], "idle");
+    let at = chrono::DateTime::parse_from_rfc3339(event["time"].as_str().expect("time")).expect("RFC 3339");
+    let idle_for = (at.to_utc() - last_use).to_std().unwrap_or_default();
+    // The daemon counts from the moment the answer ended, a hair before the client saw it end.
+    assert!(idle_for >= ttl - Duration::from_millis(50), "unloaded {idle_for:?} after its last use (ttl {ttl:?})");
+    assert!(idle_for < ttl + SECOND, "unloaded only {idle_for:?} after its last use (ttl {ttl:?})");
     daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
     daemon.wait_for_status(5 * SECOND, "memory back", |s| s["devices"][0]["used_mib"] == 0).await;
 }

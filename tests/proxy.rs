@@ -258,45 +258,6 @@ async fn an_alias_with_candidates_picks_by_fit() {
 }
 
 #[tokio::test]
-async fn a_request_behind_continuous_traffic_is_served_after_max_wait_before_swap() {
-    let daemon = start(
-        |sim| [fake_model(sim, "a", 6000, "", ""), fake_model(sim, "b", 6000, "--token-delay 50ms", "")].concat(),
-        "[scheduler]\nmax_wait_before_swap = \"1s\"\nqueue_timeout = \"15s\"\n",
-    );
-    assert_eq!(daemon.load("b").await.0, 200);
-    // Four overlapping streams to b: b is (almost) never idle on its own.
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic: Vec<_> = (0..4)
-        .map(|_| {
-            let (url, stop) = (format!("{}/v1/chat/completions", daemon.url), stop.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut served = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let response = client.post(&url).json(&json!({"model": "b", "stream": true})).send().await.unwrap();
-                    if response.status() == 200 {
-                        let _ = response.bytes().await;
-                        served += 1;
-                    }
-                }
-                served
-            })
-        })
-        .collect();
-    // Let the traffic settle, then ask for a.
-    daemon.wait_for_status(5 * SECOND, "b in use", |s| s["models"][1]["in_use"].as_u64().unwrap_or(0) > 0).await;
-    let asked = Instant::now();
-    let response = chat(&daemon, json!({"model": "a"})).await;
-    let waited = asked.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    assert!(waited < Duration::from_secs(4), "a waited {waited:?} behind b's traffic (max_wait_before_swap 1 s)");
-    for task in traffic {
-        assert!(task.await.unwrap() > 0);
-    }
-}
-
-#[tokio::test]
 async fn a_warmup_request_reaches_the_model_before_the_first_real_one() {
     let daemon = start(
         |sim| {

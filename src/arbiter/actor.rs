@@ -20,7 +20,7 @@ use crate::config::{Backend, ModeConfig, ModelSpec, OnEvict, SchedulerConfig};
 use crate::events::{EventBus, EventKind, ModelState};
 use crate::gpu::Level;
 use crate::monitor::{GpuView, Sampler};
-use crate::policy::{self, Decision, DeviceState, Hold, Request, Resident};
+use crate::policy::{self, Decision, DeviceState, FAILURES_BEFORE_COOLDOWN, Hold, Request, Resident};
 use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
 use crate::store::{ProcessRecord, Store};
 use crate::units::Rounded;
@@ -28,10 +28,6 @@ use crate::units::Rounded;
 /// Where a caller waiting for a model to be ready gets its answer.
 type ReadyReply = oneshot::Sender<Result<Loaded, ArbiterError>>;
 
-/// Failed starts in a row before a model is marked `failed`.
-const FAILURES_BEFORE_COOLDOWN: u32 = 3;
-const COOLDOWN_FIRST: Duration = Duration::from_secs(10);
-const COOLDOWN_MAX: Duration = Duration::from_secs(300);
 /// How often a release polls the probe while waiting for memory to come back.
 const RELEASE_POLL: Duration = Duration::from_millis(5);
 /// At shutdown, how long children get after SIGTERM before SIGKILL.
@@ -1437,9 +1433,7 @@ impl Arbiter {
         model.failures += 1;
         model.last_error = Some(message.clone());
         let error = ArbiterError::StartFailed { model: model.spec.id.clone(), message: message.clone() };
-        if model.failures >= FAILURES_BEFORE_COOLDOWN {
-            let doublings = (model.failures - FAILURES_BEFORE_COOLDOWN).min(10);
-            let cooldown = (COOLDOWN_FIRST * 2u32.pow(doublings)).min(COOLDOWN_MAX);
+        if let Some(cooldown) = policy::failure_cooldown(model.failures) {
             model.cooldown_until = Some(now + cooldown);
         }
         // Published before the answers, so that a caller who reads status right after sees the
