@@ -13,7 +13,8 @@
 //! Every misbehaviour the daemon must survive is a flag: slow loading (`--load-delay`), never
 //! becoming ready (`--hang-on-start`), dying during start-up (`--exit-on-start`), refusing to stop
 //! (`--ignore-sigterm`), releasing memory slowly (`--stop-delay`), a memory peak while serving
-//! (`--grow-vram`), and at run time `POST /crash` and `POST /hang`.
+//! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), and at run time
+//! `POST /crash` and `POST /hang`.
 //!
 //! Nothing here may panic on an I/O error from the environment (a closed stdout, a missing or
 //! read-only sim directory): a server that dies for its own reasons would make tests fail in ways
@@ -88,6 +89,12 @@ pub struct ModelServerArgs {
     /// Ignore SIGTERM (only SIGKILL, or SIGINT, stops it).
     #[arg(long)]
     ignore_sigterm: bool,
+
+    /// Outlive the daemon: clear the parent-death signal vramgate sets on its children, as a
+    /// server that installs its own (or a runtime that resets it) does. What a `kill -9` of the
+    /// daemon then leaves behind is a leftover for the next daemon to reap.
+    #[arg(long)]
+    survive_parent_death: bool,
 
     /// On SIGTERM/SIGINT, wait this long before releasing the VRAM and exiting.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
@@ -655,6 +662,16 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
 /// Returns only when the server could not start (a busy port, no async runtime), with the exit
 /// status to use.
 pub fn main(args: ModelServerArgs) -> ExitCode {
+    if args.survive_parent_death {
+        // PR_SET_PDEATHSIG(0). The kernel keeps the setting per thread and only the thread
+        // vramgate forked (this one, after exec) has it: clear it here, before the runtime
+        // starts threads.
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(None) {
+            err(&format!("fake-model: cannot clear the parent-death signal: {e}"));
+            return ExitCode::FAILURE;
+        }
+        err("fake-model: will survive the daemon (--survive-parent-death)");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
