@@ -96,7 +96,7 @@ pub struct ModelServerArgs {
     #[arg(long)]
     survive_parent_death: bool,
 
-    /// On SIGTERM/SIGINT, wait this long before releasing the VRAM and exiting.
+    /// On SIGTERM/SIGINT, wait this long (holding the VRAM) before exiting.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     stop_delay: Duration,
 
@@ -157,7 +157,7 @@ struct Claim {
     base_mib: u64,
     grow_mib: u64,
     in_flight: u64,
-    /// True between "weights loaded" and "released on stop"; outside it nothing is claimed.
+    /// True once the weights are "loaded"; before, nothing is claimed.
     active: bool,
 }
 
@@ -531,10 +531,13 @@ async fn not_found() -> Response {
     json_response(StatusCode::NOT_FOUND, json!({"error": {"message": "no such endpoint", "code": 404}}))
 }
 
-/// Waits for SIGTERM/SIGINT and then stops: after `--stop-delay` the claim is released and the
-/// process exits 0. Exiting directly (rather than a graceful server shutdown) keeps an open
-/// stream from holding the process up, which a real server would not do either.
-async fn handle_signals(state: Arc<AppState>, ignore_sigterm: bool, stop_delay: Duration) -> std::io::Result<()> {
+/// Waits for SIGTERM/SIGINT and then stops: after `--stop-delay` the process exits 0. Its claim
+/// is left for the device to drop with the process (at once, or after the sim's `release_lag`),
+/// as a real server's memory goes when its process does: removing the file here would hand the
+/// memory back before the process is gone. Exiting directly (rather than a graceful server
+/// shutdown) keeps an open stream from holding the process up, which a real server would not do
+/// either.
+async fn handle_signals(ignore_sigterm: bool, stop_delay: Duration) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let which = loop {
@@ -549,13 +552,8 @@ async fn handle_signals(state: Arc<AppState>, ignore_sigterm: bool, stop_delay: 
             _ = int.recv() => break "SIGINT",
         }
     };
-    err(&format!("fake-model: got {which}, releasing in {}", humantime::format_duration(stop_delay)));
+    err(&format!("fake-model: got {which}, exiting in {}", humantime::format_duration(stop_delay)));
     tokio::time::sleep(stop_delay).await;
-    {
-        let mut claim = state.claim();
-        claim.active = false;
-        claim.sync();
-    }
     out("stopping");
     std::process::exit(0);
 }
@@ -605,10 +603,9 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
     });
 
     // Signals first, so a stop during loading (or a hung start) is handled like any other.
-    let signal_state = Arc::clone(&state);
     let (ignore_sigterm, stop_delay) = (args.ignore_sigterm, args.stop_delay);
     tokio::spawn(async move {
-        if let Err(e) = handle_signals(signal_state, ignore_sigterm, stop_delay).await {
+        if let Err(e) = handle_signals(ignore_sigterm, stop_delay).await {
             err(&format!("fake-model: cannot install signal handlers: {e}"));
         }
     });
