@@ -13,7 +13,8 @@ use super::Daemon;
 /// daemon writes into the model's log.
 pub async fn started_pid(daemon: &Daemon, model: &str) -> u32 {
     let url = format!("{}/vramgate/models/{model}/logs?tail=1000", daemon.url);
-    let text = reqwest::get(&url).await.expect("GET logs").text().await.expect("log text");
+    let response = reqwest::Client::new().get(&url).timeout(Duration::from_secs(10)).send().await.expect("GET logs");
+    let text = response.text().await.expect("log text");
     text.lines()
         .rev()
         .find_map(|line| line.strip_prefix("--- vramgate started pid ")?.split(':').next()?.parse().ok())
