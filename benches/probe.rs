@@ -42,6 +42,7 @@ fn main() {
         let config = SimConfig {
             dir: dir.path().join(consumers.to_string()),
             devices: vec![SimDeviceConfig { name: "Sim".into(), total_mib: Mib(8192) }],
+            release_lag: Default::default(),
         };
         let mut probe = SimProbe::open(&config).expect("sim");
         let device_dir = config.dir.join("0");

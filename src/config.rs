@@ -204,7 +204,16 @@ pub struct SimConfig {
     /// The devices, in index order.
     #[serde(default = "default_sim_devices")]
     pub devices: Vec<SimDeviceConfig>,
+    /// How long a process's claim still counts (and its pid is still listed) after the process
+    /// is gone, the way a driver returns memory some time after its process exits. 0 (the
+    /// default) frees it at the first sample that finds the pid gone.
+    #[serde(default)]
+    pub release_lag: Span,
 }
+
+/// The longest `[gpu.sim] release_lag`: a driver returns memory within a second or so; a lag of
+/// minutes is a unit mistake (a bare number is seconds) that would make every release time out.
+pub const SIM_RELEASE_LAG_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn default_sim_dir() -> PathBuf {
     PathBuf::from("/tmp/vramgate-sim")
@@ -900,6 +909,16 @@ impl Config {
             if sim.devices.is_empty() {
                 return Err((key_path(&["gpu", "sim", "devices"]), "needs at least one device".into()));
             }
+            if sim.release_lag.get() > SIM_RELEASE_LAG_MAX {
+                return Err((
+                    key_path(&["gpu", "sim", "release_lag"]),
+                    format!(
+                        "must be at most {} (drivers return memory within about a second), found {}",
+                        Span(SIM_RELEASE_LAG_MAX),
+                        sim.release_lag
+                    ),
+                ));
+            }
             for (index, device) in sim.devices.iter().enumerate() {
                 let at = |field: &str| {
                     vec![
@@ -1443,6 +1462,21 @@ ttl = "0"
         let err = parse_err("[gpu.sim]\ndevices = []\n");
         assert_eq!(err.key.as_deref(), Some("gpu.sim.devices"));
         assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn sim_release_lag_defaults_to_zero_and_is_bounded() {
+        let base = "[gpu]\nprobe = \"sim\"\n[gpu.sim]\ndir = \"/tmp/x\"\n";
+        let config = Config::parse(base, None).unwrap();
+        assert!(config.gpu.sim.unwrap().release_lag.is_zero());
+        let config = Config::parse(&format!("{base}release_lag = \"300ms\"\n"), None).unwrap();
+        assert_eq!(config.gpu.sim.unwrap().release_lag.get(), std::time::Duration::from_millis(300));
+        let err = parse_err(&format!("{base}release_lag = \"2m\"\n"));
+        assert_eq!(err.key.as_deref(), Some("gpu.sim.release_lag"));
+        assert_eq!(err.line, Some(5));
+        assert!(err.message.contains("at most 1m") && err.message.contains("found 2m"), "{err}");
+        let err = parse_err(&format!("{base}release_lag = \"soon\"\n"));
+        assert_eq!(err.key.as_deref(), Some("gpu.sim.release_lag"), "{err}");
     }
 
     #[test]

@@ -284,9 +284,13 @@ async fn a_hang_at_start_is_killed_after_ready_timeout_with_the_log_tail() {
     assert!(message.contains("not ready after 500ms"), "{message}");
     assert!(message.contains("loading weights"), "the log tail is in the error: {message}");
     assert!(started.elapsed() < 5 * SECOND);
+    let pid = common::release::started_pid(&daemon, "a").await;
+    let _guard = common::release::PidGuard::new(pid);
     let model = daemon.wait_model_state("a", "unloaded", 5 * SECOND).await;
     assert_eq!(model["failures"], 1);
     assert!(model["pid"].is_null());
+    // `unloaded` means the process is gone, not merely forgotten.
+    assert!(!vramgate::gpu::pid_is_alive(pid), "the hung model {pid} still runs after its failed start");
 }
 
 #[tokio::test]
@@ -368,35 +372,48 @@ async fn a_child_outlives_daemon_idleness() {
 }
 
 #[tokio::test]
-async fn a_restart_reaps_a_leftover_recorded_in_the_database() {
-    // Plant a leftover: a process in its own group, recorded as an earlier daemon would have.
+async fn a_restart_reaps_a_model_that_outlived_a_kill_9_of_the_daemon() {
+    // A model server that cleared its parent-death signal survives `kill -9` of the daemon,
+    // recorded in the state database as the daemon left it; the next daemon on that state
+    // directory must stop it before admitting anything.
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut sleeper = {
-        use std::os::unix::process::CommandExt;
-        Command::new("sleep").arg("60").process_group(0).stdout(Stdio::null()).spawn().unwrap()
+    let state_dir = dir.path().join("state").display().to_string();
+    let config = move |model_flags: &'static str| {
+        let state_dir = state_dir.clone();
+        move |sim: &std::path::Path| {
+            format!(
+                "[server]\nstate_dir = \"{state_dir}\"\n{}{}",
+                sim_config(sim, 10000, "50ms", "reserve_mib = 0"),
+                fake_model(sim, "a", 100, model_flags, "")
+            )
+        }
     };
-    let pid = sleeper.id();
-    let ticks = vramgate::backend::process::proc_stat_field(pid, 22).unwrap();
-    {
-        let store = vramgate::store::Store::open(&state.join("vramgate")).unwrap();
-        store
-            .record_process(&vramgate::store::ProcessRecord {
-                pid,
-                pgid: pid,
-                start_ticks: ticks,
-                model: "llm".into(),
-                started_at: chrono::Utc::now(),
-            })
-            .unwrap();
-    }
-    let state_dir = state.join("vramgate").display().to_string();
-    let daemon = Daemon::start(move |sim| {
-        format!("[server]\nstate_dir = \"{state_dir}\"\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"))
-    });
-    let status = common::wait_child(&mut sleeper, 5 * SECOND).expect("the leftover was stopped");
-    assert!(!status.success());
-    assert!(daemon.log().contains("leftover"), "{}", daemon.log());
+    let mut first = Daemon::start(config("--survive-parent-death"));
+    let (code, body) = first.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let upstream = body["upstream"].as_str().unwrap().to_string();
+    let _guard = common::release::PidGuard::new(pid);
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(5 * SECOND).expect("the first daemon died");
+    // Still serving without its daemon: a real leftover, not a planted record.
+    let health = reqwest::get(format!("{upstream}/health")).await.expect("the survivor answers");
+    assert_eq!(health.status(), 200);
+
+    let second = Daemon::start(config(""));
+    // Reaping happens at start-up, before the API listens, so no event-stream client can be
+    // subscribed yet: the event is read from the daemon's log, where every published event's
+    // JSON is written.
+    let reaped = common::release::logged_events(&second, "leftover_reaped");
+    assert_eq!(reaped.len(), 1, "one leftover_reaped event; log:\n{}", second.log());
+    assert_eq!(reaped[0]["pid"], pid);
+    assert_eq!(reaped[0]["model"], "a");
+    assert!(common::release::pid_gone_within(pid, 2 * SECOND), "the leftover {pid} still runs");
+    // The model starts afresh under the new daemon.
+    assert_eq!(second.model("a").await["state"], "unloaded");
+    let (code, body) = second.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    assert_ne!(body["pid"].as_u64(), Some(u64::from(pid)));
 }
 
 #[tokio::test]

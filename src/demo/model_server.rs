@@ -13,7 +13,8 @@
 //! Every misbehaviour the daemon must survive is a flag: slow loading (`--load-delay`), never
 //! becoming ready (`--hang-on-start`), dying during start-up (`--exit-on-start`), refusing to stop
 //! (`--ignore-sigterm`), releasing memory slowly (`--stop-delay`), a memory peak while serving
-//! (`--grow-vram`), and at run time `POST /crash` and `POST /hang`.
+//! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), and at run time
+//! `POST /crash` and `POST /hang`.
 //!
 //! Nothing here may panic on an I/O error from the environment (a closed stdout, a missing or
 //! read-only sim directory): a server that dies for its own reasons would make tests fail in ways
@@ -89,7 +90,13 @@ pub struct ModelServerArgs {
     #[arg(long)]
     ignore_sigterm: bool,
 
-    /// On SIGTERM/SIGINT, wait this long before releasing the VRAM and exiting.
+    /// Outlive the daemon: clear the parent-death signal vramgate sets on its children, as a
+    /// server that installs its own (or a runtime that resets it) does. What a `kill -9` of the
+    /// daemon then leaves behind is a leftover for the next daemon to reap.
+    #[arg(long)]
+    survive_parent_death: bool,
+
+    /// On SIGTERM/SIGINT, wait this long (holding the VRAM) before exiting.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     stop_delay: Duration,
 
@@ -150,7 +157,7 @@ struct Claim {
     base_mib: u64,
     grow_mib: u64,
     in_flight: u64,
-    /// True between "weights loaded" and "released on stop"; outside it nothing is claimed.
+    /// True once the weights are "loaded"; before, nothing is claimed.
     active: bool,
 }
 
@@ -524,10 +531,13 @@ async fn not_found() -> Response {
     json_response(StatusCode::NOT_FOUND, json!({"error": {"message": "no such endpoint", "code": 404}}))
 }
 
-/// Waits for SIGTERM/SIGINT and then stops: after `--stop-delay` the claim is released and the
-/// process exits 0. Exiting directly (rather than a graceful server shutdown) keeps an open
-/// stream from holding the process up, which a real server would not do either.
-async fn handle_signals(state: Arc<AppState>, ignore_sigterm: bool, stop_delay: Duration) -> std::io::Result<()> {
+/// Waits for SIGTERM/SIGINT and then stops: after `--stop-delay` the process exits 0. Its claim
+/// is left for the device to drop with the process (at once, or after the sim's `release_lag`),
+/// as a real server's memory goes when its process does: removing the file here would hand the
+/// memory back before the process is gone. Exiting directly (rather than a graceful server
+/// shutdown) keeps an open stream from holding the process up, which a real server would not do
+/// either.
+async fn handle_signals(ignore_sigterm: bool, stop_delay: Duration) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let which = loop {
@@ -542,13 +552,8 @@ async fn handle_signals(state: Arc<AppState>, ignore_sigterm: bool, stop_delay: 
             _ = int.recv() => break "SIGINT",
         }
     };
-    err(&format!("fake-model: got {which}, releasing in {}", humantime::format_duration(stop_delay)));
+    err(&format!("fake-model: got {which}, exiting in {}", humantime::format_duration(stop_delay)));
     tokio::time::sleep(stop_delay).await;
-    {
-        let mut claim = state.claim();
-        claim.active = false;
-        claim.sync();
-    }
     out("stopping");
     std::process::exit(0);
 }
@@ -598,10 +603,9 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
     });
 
     // Signals first, so a stop during loading (or a hung start) is handled like any other.
-    let signal_state = Arc::clone(&state);
     let (ignore_sigterm, stop_delay) = (args.ignore_sigterm, args.stop_delay);
     tokio::spawn(async move {
-        if let Err(e) = handle_signals(signal_state, ignore_sigterm, stop_delay).await {
+        if let Err(e) = handle_signals(ignore_sigterm, stop_delay).await {
             err(&format!("fake-model: cannot install signal handlers: {e}"));
         }
     });
@@ -655,6 +659,16 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
 /// Returns only when the server could not start (a busy port, no async runtime), with the exit
 /// status to use.
 pub fn main(args: ModelServerArgs) -> ExitCode {
+    if args.survive_parent_death {
+        // PR_SET_PDEATHSIG(0). The kernel keeps the setting per thread and only the thread
+        // vramgate forked (this one, after exec) has it: clear it here, before the runtime
+        // starts threads.
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(None) {
+            err(&format!("fake-model: cannot clear the parent-death signal: {e}"));
+            return ExitCode::FAILURE;
+        }
+        err("fake-model: will survive the daemon (--survive-parent-death)");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

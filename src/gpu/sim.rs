@@ -2,13 +2,16 @@
 //! small files plays one.
 //!
 //! A process claims VRAM on device N by writing an integer MiB into `DIR/N/<pid>`; it counts while
-//! the pid lives. A file whose name is not a number (`DIR/0/desktop`) is a named foreign consumer
-//! and always counts. The directory is read on every sample, so a test changes the "GPU" by writing
-//! files.
+//! the pid lives, and for `release_lag` after (a real driver hands memory back some hundred
+//! milliseconds after the process is gone, and NVML lists the pid until then). A file whose name
+//! is not a number (`DIR/0/desktop`) is a named foreign consumer and always counts. The directory
+//! is read on every sample, so a test changes the "GPU" by writing files.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::{
     DeviceSnapshot, NamedUsage, Probe, ProbeError, ProbeKind, ProcessUsage, pid_is_alive, process_name_or_unknown,
@@ -26,6 +29,8 @@ struct SimDevice {
 pub struct SimProbe {
     dir: PathBuf,
     devices: Vec<SimDevice>,
+    /// One per device: the claims of departed pids still held back (see [`ReleaseLag`]).
+    lags: Vec<ReleaseLag>,
 }
 
 impl SimProbe {
@@ -37,7 +42,8 @@ impl SimProbe {
             let path = config.dir.join(index.to_string());
             fs::create_dir_all(&path).map_err(|e| ProbeError(format!("sim: cannot create {}: {e}", path.display())))?;
         }
-        Ok(SimProbe { dir: config.dir.clone(), devices })
+        let lags = devices.iter().map(|_| ReleaseLag::new(config.release_lag.get())).collect();
+        Ok(SimProbe { dir: config.dir.clone(), devices, lags })
     }
 }
 
@@ -47,11 +53,13 @@ impl Probe for SimProbe {
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
+        let now = Instant::now();
         self.devices
             .iter()
+            .zip(self.lags.iter_mut())
             .enumerate()
-            .map(|(index, device)| {
-                let reading = read_device_dir(&self.dir.join(index.to_string()), pid_is_alive)?;
+            .map(|(index, (device, lag))| {
+                let reading = read_device_dir(&self.dir.join(index.to_string()), pid_is_alive, now, lag)?;
                 let used_mib = reading.used_mib();
                 Ok(DeviceSnapshot {
                     index: index as u32,
@@ -87,11 +95,45 @@ impl DirReading {
     }
 }
 
-/// Reads one device directory. Files of dead pids are ignored and deleted (best effort: another
-/// writer may race us); a file with garbage is reported in `warnings` and counts as nothing. An
-/// empty file counts as 0 without a warning, because `echo 500 > file` truncates before it writes
-/// and a sample can land in between.
-pub(crate) fn read_device_dir(dir: &Path, is_alive: impl Fn(u32) -> bool) -> Result<DirReading, ProbeError> {
+/// How long a device keeps the memory of a process that has gone, and since when it has seen
+/// each departed pid gone. The lag is counted from the first sample that finds the pid dead (the
+/// probe cannot know when it died), so the memory comes back `lag` after that sample.
+#[derive(Debug, Default)]
+pub(crate) struct ReleaseLag {
+    lag: Duration,
+    dead_since: HashMap<u32, Instant>,
+}
+
+impl ReleaseLag {
+    pub(crate) fn new(lag: Duration) -> ReleaseLag {
+        ReleaseLag { lag, dead_since: HashMap::new() }
+    }
+
+    /// Whether the claim of `pid`, found dead at `now`, still counts.
+    fn still_held(&mut self, pid: u32, now: Instant) -> bool {
+        if self.lag.is_zero() {
+            return false;
+        }
+        let since = *self.dead_since.entry(pid).or_insert(now);
+        if now.saturating_duration_since(since) < self.lag {
+            return true;
+        }
+        self.dead_since.remove(&pid);
+        false
+    }
+}
+
+/// Reads one device directory at `now`. Files of dead pids count until `lag` has passed since
+/// they were first found dead, then are ignored and deleted (best effort: another writer may race
+/// us); a file with garbage is reported in `warnings` and counts as nothing. An empty file counts
+/// as 0 without a warning, because `echo 500 > file` truncates before it writes and a sample can
+/// land in between.
+pub(crate) fn read_device_dir(
+    dir: &Path,
+    is_alive: impl Fn(u32) -> bool,
+    now: Instant,
+    lag: &mut ReleaseLag,
+) -> Result<DirReading, ProbeError> {
     let mut reading = DirReading::default();
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -107,13 +149,17 @@ pub(crate) fn read_device_dir(dir: &Path, is_alive: impl Fn(u32) -> bool) -> Res
         .filter(|(name, _)| !name.starts_with('.'))
         .collect();
     names.sort();
+    let mut found_dead = Vec::new();
     for (name, path) in names {
         let pid = name.parse::<u32>().ok();
         if let Some(pid) = pid
             && !is_alive(pid)
         {
-            let _ = fs::remove_file(&path);
-            continue;
+            found_dead.push(pid);
+            if !lag.still_held(pid, now) {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
         }
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -145,6 +191,8 @@ pub(crate) fn read_device_dir(dir: &Path, is_alive: impl Fn(u32) -> bool) -> Res
             None => reading.named.push(NamedUsage { name, used_mib }),
         }
     }
+    // A pid alive again (reused) or whose file is gone starts afresh if it ever dies (again).
+    lag.dead_since.retain(|pid, _| found_dead.contains(pid));
     reading.processes.sort_by_key(|p| p.pid);
     Ok(reading)
 }
@@ -153,10 +201,91 @@ pub(crate) fn read_device_dir(dir: &Path, is_alive: impl Fn(u32) -> bool) -> Res
 mod tests {
     use super::*;
     use crate::config::SimDeviceConfig;
-    use crate::units::Mib;
+    use crate::units::{Mib, Span};
 
     fn write(dir: &Path, name: &str, text: &str) {
         fs::write(dir.join(name), text).expect("write sim file");
+    }
+
+    /// One reading without a release lag.
+    fn read(dir: &Path, is_alive: impl Fn(u32) -> bool) -> Result<DirReading, ProbeError> {
+        read_device_dir(dir, is_alive, Instant::now(), &mut ReleaseLag::default())
+    }
+
+    fn pids(reading: &DirReading) -> Vec<u32> {
+        reading.processes.iter().map(|p| p.pid).collect()
+    }
+
+    #[test]
+    fn a_departed_pid_keeps_its_memory_for_the_release_lag_then_is_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "100", "900");
+        write(tmp.path(), "200", "300");
+        let mut lag = ReleaseLag::new(Duration::from_millis(300));
+        let start = Instant::now();
+        let only_100_lives = |pid: u32| pid == 100;
+        // Found dead now: still listed and counted, as NVML lists a pid until the driver frees it.
+        let first = read_device_dir(tmp.path(), only_100_lives, start, &mut lag).unwrap();
+        assert_eq!(pids(&first), vec![100, 200]);
+        assert_eq!(first.used_mib(), 1200);
+        let just_before =
+            read_device_dir(tmp.path(), only_100_lives, start + Duration::from_millis(299), &mut lag).unwrap();
+        assert_eq!(pids(&just_before), vec![100, 200]);
+        assert!(tmp.path().join("200").exists());
+        // The lag has passed since the first sample that found it dead: the memory is back.
+        let after = read_device_dir(tmp.path(), only_100_lives, start + Duration::from_millis(300), &mut lag).unwrap();
+        assert_eq!(pids(&after), vec![100]);
+        assert_eq!(after.used_mib(), 900);
+        assert!(!tmp.path().join("200").exists(), "a released pid's file is cleaned up");
+        assert!(lag.dead_since.is_empty(), "nothing is remembered for a released pid");
+    }
+
+    #[test]
+    fn the_release_lag_counts_from_the_first_sample_that_finds_the_pid_dead() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "200", "300");
+        let mut lag = ReleaseLag::new(Duration::from_millis(300));
+        let start = Instant::now();
+        let alive = read_device_dir(tmp.path(), |_| true, start, &mut lag).unwrap();
+        assert_eq!(pids(&alive), vec![200]);
+        // Dies after a second of life: the lag starts now, not at the first sample.
+        let died_at = start + Duration::from_secs(1);
+        let dead = read_device_dir(tmp.path(), |_| false, died_at, &mut lag).unwrap();
+        assert_eq!(pids(&dead), vec![200]);
+        let later = read_device_dir(tmp.path(), |_| false, died_at + Duration::from_millis(200), &mut lag).unwrap();
+        assert_eq!(later.used_mib(), 300);
+        let gone = read_device_dir(tmp.path(), |_| false, died_at + Duration::from_millis(300), &mut lag).unwrap();
+        assert_eq!(gone.used_mib(), 0);
+    }
+
+    #[test]
+    fn a_pid_alive_again_or_a_vanished_file_starts_its_lag_afresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "200", "300");
+        let mut lag = ReleaseLag::new(Duration::from_millis(300));
+        let start = Instant::now();
+        read_device_dir(tmp.path(), |_| false, start, &mut lag).unwrap();
+        // The pid is reused by a new process before the lag ends; when that one dies, its memory
+        // gets a whole lag of its own.
+        read_device_dir(tmp.path(), |_| true, start + Duration::from_millis(100), &mut lag).unwrap();
+        let redied = start + Duration::from_millis(400);
+        let held = read_device_dir(tmp.path(), |_| false, redied, &mut lag).unwrap();
+        assert_eq!(held.used_mib(), 300, "a new death, a new lag");
+        // A file removed by its writer is forgotten.
+        fs::remove_file(tmp.path().join("200")).unwrap();
+        read_device_dir(tmp.path(), |_| false, redied + Duration::from_millis(10), &mut lag).unwrap();
+        assert!(lag.dead_since.is_empty());
+    }
+
+    #[test]
+    fn without_a_release_lag_a_dead_pid_is_dropped_at_the_first_sample() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "200", "300");
+        let mut lag = ReleaseLag::new(Duration::ZERO);
+        let reading = read_device_dir(tmp.path(), |_| false, Instant::now(), &mut lag).unwrap();
+        assert_eq!(reading.used_mib(), 0);
+        assert!(!tmp.path().join("200").exists());
+        assert!(lag.dead_since.is_empty());
     }
 
     #[test]
@@ -164,7 +293,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "100", "900\n");
         write(tmp.path(), "desktop", "1200");
-        let reading = read_device_dir(tmp.path(), |_| true).unwrap();
+        let reading = read(tmp.path(), |_| true).unwrap();
         assert_eq!(reading.processes.len(), 1);
         assert_eq!(reading.processes[0].pid, 100);
         assert_eq!(reading.processes[0].used_mib, 900);
@@ -178,7 +307,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "100", "900");
         write(tmp.path(), "200", "300");
-        let reading = read_device_dir(tmp.path(), |pid| pid == 200).unwrap();
+        let reading = read(tmp.path(), |pid| pid == 200).unwrap();
         assert_eq!(reading.processes.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![200]);
         assert_eq!(reading.used_mib(), 300);
         assert!(!tmp.path().join("100").exists(), "a dead pid's file is cleaned up");
@@ -188,7 +317,7 @@ mod tests {
     fn named_files_count_whatever_pids_are_alive() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "desktop", "500");
-        let reading = read_device_dir(tmp.path(), |_| false).unwrap();
+        let reading = read(tmp.path(), |_| false).unwrap();
         assert_eq!(reading.used_mib(), 500);
     }
 
@@ -198,7 +327,7 @@ mod tests {
         write(tmp.path(), "100", "lots of memory");
         write(tmp.path(), "desktop", "-5");
         write(tmp.path(), "game", "700");
-        let reading = read_device_dir(tmp.path(), |_| true).unwrap();
+        let reading = read(tmp.path(), |_| true).unwrap();
         assert_eq!(reading.used_mib(), 700);
         assert_eq!(reading.warnings.len(), 2, "{:?}", reading.warnings);
         assert!(reading.warnings.iter().any(|w| w.contains("lots of memory") && w.contains("100")));
@@ -210,7 +339,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "desktop", "");
         write(tmp.path(), ".desktop.swp", "garbage");
-        let reading = read_device_dir(tmp.path(), |_| true).unwrap();
+        let reading = read(tmp.path(), |_| true).unwrap();
         assert_eq!(reading.used_mib(), 0);
         assert!(reading.warnings.is_empty());
     }
@@ -218,7 +347,7 @@ mod tests {
     #[test]
     fn a_missing_directory_is_an_empty_device() {
         let tmp = tempfile::tempdir().unwrap();
-        let reading = read_device_dir(&tmp.path().join("nope"), |_| true).unwrap();
+        let reading = read(&tmp.path().join("nope"), |_| true).unwrap();
         assert_eq!(reading, DirReading::default());
     }
 
@@ -231,6 +360,7 @@ mod tests {
                 SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
                 SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
             ],
+            release_lag: Span::default(),
         };
         let mut probe = SimProbe::open(&config).unwrap();
         write(&tmp.path().join("0"), &std::process::id().to_string(), "1000");
@@ -241,5 +371,25 @@ mod tests {
         assert_eq!(devices[0].processes[0].pid, std::process::id());
         // Over-subscribed: used is what was claimed, free never goes below zero.
         assert_eq!((devices[1].used_mib, devices[1].free_mib), (2000, 0));
+    }
+
+    #[test]
+    fn the_probe_holds_a_departed_pid_for_its_configured_release_lag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            dir: tmp.path().to_path_buf(),
+            devices: vec![SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) }],
+            // Far longer than this test runs: the claim must still count at the next sample.
+            release_lag: Span(Duration::from_secs(3600)),
+        };
+        let mut probe = SimProbe::open(&config).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        write(&tmp.path().join("0"), &pid.to_string(), "1000");
+        let devices = probe.sample().unwrap();
+        assert_eq!(devices[0].used_mib, 1000);
+        assert_eq!(devices[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![pid]);
+        assert!(tmp.path().join("0").join(pid.to_string()).exists());
     }
 }

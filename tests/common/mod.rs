@@ -7,6 +7,7 @@
 pub mod app;
 pub mod ollama;
 pub mod procs;
+pub mod release;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
