@@ -305,12 +305,15 @@ async fn exit_during_start_up_and_three_failures_mean_failed_with_a_cooldown() {
         daemon.wait_model_state("a", expected, 5 * SECOND).await;
     }
     let model = daemon.model("a").await;
-    assert!(model["retry_in_s"].as_u64().unwrap() > 0, "{model}");
+    assert_eq!((model["state"].as_str(), model["failures"].as_u64()), (Some("failed"), Some(3)), "{model}");
+    // The first cooldown is 10 s: what is left of it, seen a moment later.
+    let retry_in = model["retry_in_s"].as_u64().expect("a failed model says when it is tried again");
+    assert!((8..=10).contains(&retry_in), "retry_in_s {retry_in}, expected about 10: {model}");
     // A proxy-style demand is refused during the cooldown; `vramgate load` retries anyway.
     let lease = daemon.post("/vramgate/leases", json!({"model": "a"})).await;
     assert_eq!(lease.0, 503, "{}", lease.1);
     assert!(lease.1["error"]["message"].as_str().unwrap().contains("next automatic try"), "{}", lease.1);
-    let output = common::vramgate().args(["load", "a", "--url", &daemon.url]).output().unwrap();
+    let output = common::output(common::vramgate().args(["load", "a", "--url", &daemon.url]));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("exit status 7"));
     assert_eq!(daemon.model("a").await["failures"], 4);
@@ -441,24 +444,20 @@ async fn vramgate_run_holds_a_lease_and_a_sigkill_releases_it() {
 #[test]
 fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
     let daemon = Daemon::start_sim(8192, "50ms");
-    let output = common::vramgate()
-        .args([
-            "run",
-            "--vram",
-            "1G",
-            "--url",
-            &daemon.url,
-            "--",
-            "sh",
-            "-c",
-            "echo \"$CUDA_VISIBLE_DEVICES $VRAMGATE_LEASE_MIB\"; exit 5",
-        ])
-        .output()
-        .unwrap();
+    let output = common::output(common::vramgate().args([
+        "run",
+        "--vram",
+        "1G",
+        "--url",
+        &daemon.url,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$CUDA_VISIBLE_DEVICES $VRAMGATE_LEASE_MIB\"; exit 5",
+    ]));
     assert_eq!(output.status.code(), Some(5));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 1024");
-    let output =
-        common::vramgate().args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"]).output().unwrap();
+    let output = common::output(common::vramgate().args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"]));
     assert_eq!(output.status.code(), Some(75));
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("need at least"),
@@ -524,11 +523,11 @@ async fn emergency_pressure_evicts_idle_models() {
 async fn logs_show_the_model_output() {
     let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
     daemon.load("a").await;
-    let output = common::vramgate().args(["logs", "a", "--url", &daemon.url]).output().unwrap();
+    let output = common::output(common::vramgate().args(["logs", "a", "--url", &daemon.url]));
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("loading weights") && text.contains("ready"), "{text}");
-    let output = common::vramgate().args(["logs", "nope", "--url", &daemon.url]).output().unwrap();
+    let output = common::output(common::vramgate().args(["logs", "nope", "--url", &daemon.url]));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model \"nope\""));
 }
@@ -581,8 +580,7 @@ async fn a_corrupt_state_database_stops_the_daemon_with_a_clear_error() {
     let config = dir.path().join("c.toml");
     std::fs::write(&config, format!("[server]\nstate_dir = \"{}\"\n[gpu]\nprobe = \"none\"\n", dir.path().display()))
         .unwrap();
-    let output =
-        common::vramgate().args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config).output().unwrap();
+    let output = common::output(common::vramgate().args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config));
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("state.db") && stderr.contains("move it aside"), "{stderr}");
@@ -607,12 +605,12 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_leaves_the_first_alon
     let (_, body) = first.load("a").await;
     let pid = body["pid"].as_u64().unwrap() as u32;
     let config = first.dir.path().join("vramgate.toml");
-    let output = common::vramgate()
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env("XDG_STATE_HOME", first.dir.path().join("state"))
-        .output()
-        .unwrap();
+    let output = common::output(
+        common::vramgate()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .env("XDG_STATE_HOME", first.dir.path().join("state")),
+    );
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("another vramgate daemon") && stderr.contains("state directory"), "{stderr}");
@@ -624,11 +622,11 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_and_leaves_the_first_alon
 async fn the_reaper_leaves_a_process_that_merely_reuses_a_recorded_pid_alone() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state").join("vramgate");
-    let mut bystander = {
+    let bystander = {
         use std::os::unix::process::CommandExt;
-        Command::new("sleep").arg("30").process_group(0).spawn().unwrap()
+        common::KillOnDrop::spawn(Command::new("sleep").arg("30").process_group(0))
     };
-    let pid = bystander.id();
+    let pid = bystander.pid();
     let ticks = vramgate::backend::process::proc_stat_field(pid, 22).unwrap();
     vramgate::store::Store::open(&state)
         .unwrap()
@@ -646,8 +644,7 @@ async fn the_reaper_leaves_a_process_that_merely_reuses_a_recorded_pid_alone() {
     });
     daemon.status().await;
     assert!(vramgate::gpu::pid_is_alive(pid), "a process with another start time is not ours");
-    bystander.kill().unwrap();
-    bystander.wait().unwrap();
+    drop(bystander);
 }
 
 #[tokio::test]
