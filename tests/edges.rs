@@ -267,6 +267,12 @@ async fn a_mode_does_not_demote_a_process_model_a_model_lease_holds() {
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
     let alive = reqwest::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    // The documented refusal: 409, naming who holds the model.
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        code == 409 && message.contains("holders: direct-client"),
+        "mode quiet answered {code} ({body}); expected 409 naming the lease holder direct-client"
+    );
     assert!(
         alive,
         "mode quiet (answered {code}: {body}) stopped a's GPU form at {upstream} while lease {} held it",

@@ -94,6 +94,16 @@ async fn a_failed_external_demotion_is_not_retried_in_a_tight_loop() {
         tokio::spawn(
             async move { reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await },
         );
+    // The demotion must happen (big needs clip's room), or there is no retry to count.
+    let asked = Instant::now() + 3 * SECOND;
+    while !app.actions().iter().any(|a| a == "cpu") {
+        assert!(
+            Instant::now() < asked,
+            "clip was never told `cpu` within 3 s to make room for big: {:?}",
+            app.actions()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let end = Instant::now() + 3 * SECOND;
     while Instant::now() < end {
         let cpu = app.actions().iter().filter(|a| *a == "cpu").count();
@@ -204,6 +214,13 @@ async fn a_mode_does_not_demote_an_external_model_held_by_a_one_shot_lease() {
     assert_eq!(
         clip["placement"], "gpu",
         "a lease-held external model was demoted by a mode (mode answered {code}: {body})"
+    );
+    // The documented refusal: 409, saying the one-shot lease holds it (its holder has no name to
+    // give: a one-shot lease is held by whoever took it).
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        code == 409 && message.contains("held by a lease in the one-shot form"),
+        "mode quiet answered {code} ({body}); expected 409 saying a one-shot lease holds clip"
     );
 }
 
