@@ -189,7 +189,7 @@ async fn modes_release_and_demote_before_they_load() {
     assert!(body["error"]["message"].as_str().unwrap().contains("play, work"), "{body}");
 
     // And back with the CLI; a (on the CPU) is promoted to the GPU.
-    let output = common::vramgate().args(["mode", "work", "--url", &daemon.url]).output().expect("vramgate mode");
+    let output = common::output(common::vramgate().args(["mode", "work", "--url", &daemon.url]));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let status = daemon.status().await;
     assert_eq!(model(&status, "a")["placement"], "gpu");

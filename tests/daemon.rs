@@ -277,18 +277,10 @@ async fn sigint_stops_the_daemon_within_a_second() {
 /// Runs `serve` with a config that must make it refuse to start; its output, once it exited
 /// (within a deadline: a daemon that started after all fails the test instead of hanging it).
 fn serve_that_must_not_start(listen: &str, config: &std::path::Path) -> std::process::Output {
-    let mut child = common::vramgate()
-        .args(["serve", "--listen", listen, "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    if common::wait_child(&mut child, Duration::from_secs(10)).is_none() {
-        let _ = child.kill();
-        panic!("serve started although it must refuse to");
-    }
-    child.wait_with_output().unwrap()
+    common::output_within(
+        common::vramgate().args(["serve", "--listen", listen, "--config"]).arg(config),
+        Duration::from_secs(10),
+    )
 }
 
 #[test]
@@ -338,20 +330,20 @@ fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
 fn serve_without_a_config_says_what_to_try_next() {
     let state = tempfile::tempdir().unwrap();
     let stderr_path = state.path().join("stderr.log");
-    let mut child = common::vramgate()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("XDG_STATE_HOME", state.path())
-        .env("VRAMGATE_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop::spawn(
+        common::vramgate()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("XDG_STATE_HOME", state.path())
+            .env("VRAMGATE_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap()),
+    );
     // The listening line comes after the hint is logged.
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.0.stdout.take().unwrap()), &mut first).unwrap();
     assert!(first.contains("listening on http://127.0.0.1:"), "{first:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.pid() as i32), Signal::SIGTERM).unwrap();
+    assert!(common::wait_child(&mut child.0, Duration::from_secs(10)).is_some_and(|s| s.success()));
     let log = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(log.contains("no config file") && log.contains("vramgate serve --demo"), "{log}");
 }
@@ -367,26 +359,26 @@ async fn under_nohup_sighup_is_left_ignored() {
     let state = tempfile::tempdir().unwrap();
     let mut command = std::process::Command::new("nohup");
     common::isolate(&mut command);
-    let mut child = command
-        .arg(common::bin())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("XDG_STATE_HOME", state.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop::spawn(
+        command
+            .arg(common::bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("XDG_STATE_HOME", state.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.0.stdout.take().unwrap()), &mut first).unwrap();
     let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("listening line").to_string();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.pid() as i32), Signal::SIGHUP).unwrap();
     // It must keep serving: for a second, every health check answers and the process lives on.
     let end = std::time::Instant::now() + Duration::from_secs(1);
     while std::time::Instant::now() < end {
-        assert!(child.try_wait().unwrap().is_none(), "a SIGHUP under nohup stopped the daemon");
+        assert!(child.0.try_wait().unwrap().is_none(), "a SIGHUP under nohup stopped the daemon");
         let health = reqwest::get(format!("{url}/vramgate/health")).await.expect("health");
         assert!(health.status().is_success());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(common::wait_child(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.pid() as i32), Signal::SIGTERM).unwrap();
+    assert!(common::wait_child(&mut child.0, Duration::from_secs(10)).is_some_and(|s| s.success()));
 }
