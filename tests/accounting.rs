@@ -50,7 +50,7 @@ async fn demoting_the_second_external_model_of_an_app_that_keeps_its_memory_does
         .await;
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
         response.status().as_u16()
     });
     // vlm is demoted to make room (it must be: otherwise nothing here is tested)...

@@ -213,7 +213,7 @@ async fn load_says_what_it_waits_for_with_current_numbers() {
     let url = daemon.url.clone();
     let behind = tokio::spawn(async move {
         let body = json!({"vram": 1000, "holder": "job", "wait": 2});
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await;
+        let response = common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await;
         let response = response.expect("POST lease");
         (response.status().as_u16(), response.json::<Value>().await.expect("JSON error"))
     });

@@ -196,7 +196,7 @@ async fn logs_follow_prints_lines_written_after_it_started() {
     // The tail first: once it is printed, the command is following.
     wait_line(&lines, "weights loaded", 10 * SECOND);
     let marker = format!("after-follow-{}", std::process::id());
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/chat/completions", daemon.url))
         .json(&json!({"model": "m", "messages": [{"role": "user", "content": marker}]}))
         .timeout(10 * SECOND)
@@ -269,12 +269,12 @@ async fn the_first_load_of_an_undeclared_model_reserves_everything_free() {
     let daemon = start(|sim| undeclared_fake_model(sim, "u", 3000, "--load-delay 1s", "ttl = \"0\""));
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/models/u/load")).send().await.map(|r| r.status().as_u16())
+        common::http::client().post(format!("{url}/vramgate/models/u/load")).send().await.map(|r| r.status().as_u16())
     });
     daemon.wait_for_status(5 * SECOND, "u loading", |s| model(s, "u")["state"] == "loading").await;
     let url = daemon.url.clone();
     let lease = tokio::spawn(async move {
-        reqwest::Client::new()
+        common::http::client()
             .post(format!("{url}/vramgate/leases"))
             .json(&json!({"vram": "2000MiB", "holder": "job", "wait": "10s", "ttl": "60s"}))
             .send()
@@ -387,12 +387,12 @@ async fn lease_released_says_released_disconnected_or_expired() {
     assert_eq!(code, 201, "{grant}");
     let id = grant["id"].as_str().unwrap();
     let response =
-        reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.expect("DELETE");
+        common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.expect("DELETE");
     assert!(response.status().is_success(), "{}", response.status());
     let event = events.next_of("lease_released", 5 * SECOND).await;
     assert_eq!((event["id"].as_str(), event["reason"].as_str()), (Some(id), Some("released")), "{event}");
 
-    let held = reqwest::Client::new()
+    let held = common::http::client()
         .post(format!("{}/vramgate/leases", daemon.url))
         .json(&json!({"vram": "100MiB", "holder": "goes-away", "hold": "connection"}))
         .send()

@@ -227,7 +227,7 @@ async fn metrics_and_health_endpoints() {
     let me = std::process::id();
     daemon.claim(&me.to_string(), 800);
     daemon.wait_for_status(Duration::from_secs(5), "the claim", |s| device0(s)["used_mib"] == 800).await;
-    let response = reqwest::get(format!("{}/metrics", daemon.url)).await.unwrap();
+    let response = common::http::get(format!("{}/metrics", daemon.url)).await.unwrap();
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = response.text().await.unwrap();
     let mib = 1u64 << 20;
@@ -241,7 +241,7 @@ async fn metrics_and_health_endpoints() {
     assert!(text.contains(&format!("vramgate_process_used_bytes{{device=\"0\",pid=\"{me}\",")));
     let health = daemon.get_json("/vramgate/health").await;
     assert_eq!(health["status"], "ok");
-    let missing = reqwest::get(format!("{}/vramgate/nope", daemon.url)).await.unwrap();
+    let missing = common::http::get(format!("{}/vramgate/nope", daemon.url)).await.unwrap();
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("/vramgate/nope"));
@@ -261,7 +261,7 @@ async fn sigterm_stops_the_daemon_within_a_second_even_with_an_open_event_stream
     let mut daemon = Daemon::start_sim(8192, "50ms");
     let mut events = daemon.events().await;
     // An idle keep-alive connection too.
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     client.get(format!("{}/vramgate/health", daemon.url)).send().await.unwrap();
     assert_stops_within_a_second(&mut daemon, Signal::SIGTERM);
     assert!(events.ends_within(Duration::from_secs(2)).await, "the event stream is closed");
@@ -375,7 +375,7 @@ async fn under_nohup_sighup_is_left_ignored() {
     let end = std::time::Instant::now() + Duration::from_secs(1);
     while std::time::Instant::now() < end {
         assert!(child.0.try_wait().unwrap().is_none(), "a SIGHUP under nohup stopped the daemon");
-        let health = reqwest::get(format!("{url}/vramgate/health")).await.expect("health");
+        let health = common::http::get(format!("{url}/vramgate/health")).await.expect("health");
         assert!(health.status().is_success());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -109,7 +109,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     assert_eq!(daemon.load("m").await.0, 200, "{}", daemon.log());
     let pid = daemon.child.id();
     let before = peak_rss_mib(pid);
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
@@ -181,13 +181,13 @@ async fn a_load_waiting_in_the_queue_is_answered_when_its_ollama_model_is_adopte
     let mut events = daemon.events().await;
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/llama/load")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/llama/load")).send().await.unwrap();
         let code = response.status().as_u16();
         (code, response.text().await.unwrap_or_default())
     });
     events.next_of("queued", 5 * SECOND).await;
     // Someone loads the model into Ollama directly.
-    let loaded = reqwest::Client::new()
+    let loaded = common::http::client()
         .post(format!("{}/api/generate", ollama.url))
         .json(&json!({"model": "llama3.2:3b", "keep_alive": -1}))
         .send()
@@ -230,14 +230,14 @@ async fn a_promotion_does_not_stop_the_cpu_form_a_model_lease_holds() {
     assert_eq!(code, 201, "{grant}");
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let health = format!("{upstream}/health");
-    assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+    assert_eq!(common::http::get(&health).await.unwrap().status(), 200);
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
+        common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
     });
     let end = Instant::now() + 5 * SECOND;
     while Instant::now() < end {
-        let alive = reqwest::get(&health).await.is_ok_and(|r| r.status() == 200);
+        let alive = common::http::get(&health).await.is_ok_and(|r| r.status() == 200);
         assert!(
             alive,
             "the lease {} still holds a, but its upstream {upstream} (a's CPU form) was stopped by the promotion; \
@@ -266,7 +266,7 @@ async fn a_mode_does_not_demote_a_process_model_a_model_lease_holds() {
     assert_eq!(code, 201, "{grant}");
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
-    let alive = reqwest::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    let alive = common::http::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
     // The documented refusal: 409, naming who holds the model.
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
@@ -290,7 +290,7 @@ async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_i
     let daemon =
         start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n[aliases]\nvision = [\"clip\"]\n".into());
     let app = App::attach(&daemon, "clip", 0, |_| Answer::Ok).await;
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "vision", "messages": [{"role": "user", "content": "a cat"}]}))
         .timeout(10 * SECOND)
@@ -353,7 +353,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     });
     let (code, body) = daemon.load("llama").await;
     assert_eq!(code, 200, "{body}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
         .send()
@@ -384,7 +384,7 @@ async fn a_large_json_body_on_the_ollama_surface_costs_about_its_size_not_many_t
         body.push_str(",0");
     }
     body.push_str("]}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .header("content-type", "application/json")
         .body(body)

@@ -73,7 +73,7 @@ async fn a_mode_switch_completes_when_the_client_that_asked_for_it_goes_away() {
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "work"})).await;
     assert_eq!(code, 200, "{body}");
     // The caller gives up after one second, while c (2 s to load) is still starting.
-    let answer = reqwest::Client::new()
+    let answer = common::http::client()
         .post(format!("{}/vramgate/mode", daemon.url))
         .json(&json!({"mode": "play"}))
         .timeout(SECOND)
@@ -157,7 +157,7 @@ async fn a_mode_does_not_unload_a_model_a_model_lease_holds() {
     assert_eq!(code, 201, "{grant}");
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
-    let alive = reqwest::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    let alive = common::http::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
     let leases = daemon.status().await["leases"].clone();
     // The documented refusal: 409, naming who holds the model.
     let message = body["error"]["message"].as_str().unwrap_or_default();
@@ -399,7 +399,7 @@ async fn an_external_demotion_is_not_counted_as_freed_memory_before_the_app_real
         .await;
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
         response.status().as_u16()
     });
     // clip is demoted to make room (it must be: otherwise nothing here is tested)...
@@ -428,7 +428,7 @@ async fn an_external_demotion_is_not_counted_as_freed_memory_before_the_app_real
 async fn an_ollama_unload_call_does_not_cut_off_an_answer_another_client_is_streaming() {
     let daemon = start(|sim| fake_model(sim, "a", 1000, "--token-delay 400ms", "ttl = \"0\""));
     assert_eq!(daemon.load("a").await.0, 200);
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "a", "messages": [{"role": "user", "content": "tell me a story"}]}))
         .send()

@@ -51,12 +51,12 @@ async fn an_unload_during_a_demotion_is_answered_and_the_model_ends_unloaded() {
     assert_eq!(daemon.load("a").await.0, 200);
     let url = daemon.url.clone();
     let mode = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
+        common::http::client().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
     });
     daemon.wait_model_state("a", "unloading", 5 * SECOND).await;
     let url = daemon.url.clone();
     let unload = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/a/unload")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/a/unload")).send().await.unwrap();
         let code = response.status().as_u16();
         (code, response.json::<Value>().await.unwrap_or_default())
     });
@@ -92,7 +92,7 @@ async fn a_failed_external_demotion_is_not_retried_in_a_tight_loop() {
     let url = daemon.url.clone();
     let _big =
         tokio::spawn(
-            async move { reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await },
+            async move { common::http::client().post(format!("{url}/vramgate/models/big/load")).send().await },
         );
     // The demotion must happen (big needs clip's room), or there is no retry to count.
     let asked = Instant::now() + 3 * SECOND;
@@ -189,7 +189,7 @@ async fn a_failed_one_shot_lease_does_not_make_an_external_model_loadable_withou
     let (code, body) = daemon.post("/vramgate/leases", json!({"model": "clip", "wait": "0", "pid": 1})).await;
     assert_eq!(code, 503, "{body}");
     let id = hold["id"].as_str().unwrap();
-    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let response = common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     assert_eq!(response.status(), 204);
 
     let (code, body) = daemon.load("clip").await;
@@ -235,7 +235,7 @@ async fn a_mode_waits_for_a_model_that_is_loading_instead_of_failing() {
     });
     let url = daemon.url.clone();
     let load =
-        tokio::spawn(async move { reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await });
+        tokio::spawn(async move { common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await });
     daemon.wait_model_state("a", "loading", 5 * SECOND).await;
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
     assert_eq!(code, 200, "mode quiet while a was loading: {body}");
@@ -257,7 +257,7 @@ async fn a_load_during_a_demotion_ends_with_the_model_on_the_gpu() {
     assert_eq!(daemon.load("a").await.0, 200);
     let url = daemon.url.clone();
     let mode = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
+        common::http::client().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
     });
     daemon.wait_model_state("a", "unloading", 5 * SECOND).await;
     let (code, body) = daemon.load("a").await;
@@ -345,7 +345,7 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
     });
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
     assert_eq!(code, 200, "{body}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/chat/completions", daemon.url))
         .json(&json!({"model": "a", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
         .send()
@@ -359,7 +359,7 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
     // Promote it while the answer streams.
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
+        common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
     });
     let mut body = String::new();
     let outcome = loop {
@@ -413,14 +413,14 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         )
     });
     assert_eq!(daemon.load("tools").await.0, 200, "{}", daemon.log());
-    let _ = reqwest::Client::new()
+    let _ = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "tools", "messages": [{"role": "user", "content": "call it"}]}))
         .timeout(10 * SECOND)
         .send()
         .await
         .map(|r| async move { r.text().await });
-    let alive = reqwest::get(format!("{}/vramgate/health", daemon.url)).await.is_ok_and(|r| r.status() == 200);
+    let alive = common::http::get(format!("{}/vramgate/health", daemon.url)).await.is_ok_and(|r| r.status() == 200);
     let mut daemon = daemon;
     let exited = daemon.child.try_wait().ok().flatten();
     assert!(alive && exited.is_none(), "the daemon died ({exited:?}); its log ends with:\n{}", {
@@ -466,7 +466,7 @@ async fn the_initial_mode_applies_even_when_one_of_its_cpu_models_is_preloaded()
 async fn a_refused_openai_request_for_an_external_model_does_not_load_it() {
     let daemon = start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n".into());
     let app = App::attach(&daemon, "clip", 1000, |_| Answer::Ok).await;
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/embeddings", daemon.url))
         .json(&json!({"model": "clip", "input": "a cat"}))
         .send()
