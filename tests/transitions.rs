@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{Answer, App};
 use common::ollama::FakeOllama;
+use common::stand_in::{Body, Reply, StandIn, port_reporting_cmd};
 use common::{Daemon, cpu_form, fake, fake_model, model_in as model, never_within, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -384,33 +385,25 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
 #[tokio::test]
 async fn a_huge_tool_call_index_from_a_model_server_does_not_kill_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let server = dir.path().join("server.py");
-    std::fs::write(
-        &server,
-        r#"
-import http.server, json, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        self.send_response(200); self.send_header("content-type", "application/json"); self.end_headers()
-        self.wfile.write(b"{}")
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
-        call = {"index": 100000000000, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
-        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
-    )
-    .unwrap();
-    let script = server.display().to_string();
+    let (cmd, port_file) = port_reporting_cmd(dir.path());
+    // Health is fine; a chat streams one tool call with index 1e11, then `[DONE]`.
+    let call = json!({"index": 100_000_000_000u64, "id": "c", "type": "function",
+                      "function": {"name": "f", "arguments": "{}"}});
+    let chunk = json!({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]});
+    let events = format!("data: {chunk}\n\ndata: [DONE]\n\n").into_bytes();
+    let _server = StandIn::on_reported_port(
+        port_file,
+        Arc::new(move |method, _, _| match method {
+            "GET" => Reply::json(200, &json!({})),
+            _ => Reply {
+                status: 200,
+                content_type: "text/event-stream",
+                body: Body::Repeat { chunk: events.clone(), times: Some(1), then: Vec::new() },
+            },
+        }),
+    );
     let daemon = start(move |_| {
-        format!(
-            "[models.tools]\nbackend = \"process\"\ncmd = \"python3 {script} ${{PORT}}\"\nhealth = \"/health\"\nvram = 100\n"
-        )
+        format!("[models.tools]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n")
     });
     assert_eq!(daemon.load("tools").await.0, 200, "{}", daemon.log());
     let _ = common::http::client()

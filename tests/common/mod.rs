@@ -8,6 +8,7 @@ pub mod app;
 pub mod http;
 pub mod ollama;
 pub mod procs;
+pub mod stand_in;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
