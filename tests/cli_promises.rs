@@ -266,7 +266,7 @@ fn an_unusable_state_database_stops_the_daemon_naming_the_file() {
 /// the state database, and the lease is granted.
 #[tokio::test]
 async fn the_first_load_of_an_undeclared_model_reserves_everything_free() {
-    let daemon = start(|sim| undeclared_fake_model(sim, "u", 3000, "--load-delay 1s", "ttl = \"0\""));
+    let daemon = start(|sim| undeclared_fake_model(sim, "u", 3000, "--load-delay 2s", "ttl = \"0\""));
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
         common::http::client().post(format!("{url}/vramgate/models/u/load")).send().await.map(|r| r.status().as_u16())
