@@ -160,13 +160,24 @@ impl Store {
 /// The default state directory: `$XDG_STATE_HOME/vramgate`, else `~/.local/state/vramgate`, else
 /// a directory under the system temp dir.
 pub fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+    state_dir_for(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"), std::env::temp_dir())
+}
+
+/// [`default_state_dir`] for given values of `XDG_STATE_HOME`, `HOME` and the temp dir (kept
+/// apart from the environment so that each case can be tested exactly; an empty variable counts
+/// as unset, as the XDG spec says).
+fn state_dir_for(
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    temp_dir: PathBuf,
+) -> PathBuf {
+    if let Some(dir) = xdg_state_home.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("vramgate");
     }
-    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+    if let Some(home) = home.filter(|d| !d.is_empty()) {
         return PathBuf::from(home).join(".local/state/vramgate");
     }
-    std::env::temp_dir().join("vramgate-state")
+    temp_dir.join("vramgate-state")
 }
 
 #[cfg(test)]
@@ -227,8 +238,20 @@ mod tests {
 
     #[test]
     fn default_state_dir_follows_xdg() {
-        // Only reads the environment; the directory is not created.
-        let dir = default_state_dir();
-        assert!(dir.ends_with("vramgate") || dir.ends_with("vramgate-state"), "{}", dir.display());
+        let tmp = PathBuf::from("/tmp");
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(state_dir_for(some("/x/state"), some("/home/u"), tmp.clone()), PathBuf::from("/x/state/vramgate"));
+        assert_eq!(state_dir_for(None, some("/home/u"), tmp.clone()), PathBuf::from("/home/u/.local/state/vramgate"));
+        assert_eq!(
+            state_dir_for(some(""), some("/home/u"), tmp.clone()),
+            PathBuf::from("/home/u/.local/state/vramgate")
+        );
+        assert_eq!(state_dir_for(None, None, tmp.clone()), PathBuf::from("/tmp/vramgate-state"));
+        assert_eq!(state_dir_for(some(""), some(""), tmp), PathBuf::from("/tmp/vramgate-state"));
+        // And the real one reads the environment the same way (not created).
+        assert_eq!(
+            default_state_dir(),
+            state_dir_for(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"), std::env::temp_dir())
+        );
     }
 }

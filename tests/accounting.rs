@@ -50,10 +50,14 @@ async fn demoting_the_second_external_model_of_an_app_that_keeps_its_memory_does
         .await;
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/big/load")).send().await.unwrap();
         response.status().as_u16()
     });
-    // vlm is demoted to make room, but the app still uses all 3000 MiB: big (6000) must not start.
+    // vlm is demoted to make room (it must be: otherwise nothing here is tested)...
+    daemon
+        .wait_for_status(5 * SECOND, "vlm demoted to the CPU for big", |s| model(s, "vlm")["placement"] == "cpu")
+        .await;
+    // ...but the app still uses all 3000 MiB: big (6000) must not start.
     never_within(&daemon, 3 * SECOND, "big (6000) was started while the app still used 3000 of 8000 MiB", |s| {
         let big = model(s, "big");
         big["state"] == "loading" || big["state"] == "ready"

@@ -189,7 +189,7 @@ async fn modes_release_and_demote_before_they_load() {
     assert!(body["error"]["message"].as_str().unwrap().contains("play, work"), "{body}");
 
     // And back with the CLI; a (on the CPU) is promoted to the GPU.
-    let output = common::vramgate().args(["mode", "work", "--url", &daemon.url]).output().expect("vramgate mode");
+    let output = common::output(common::vramgate().args(["mode", "work", "--url", &daemon.url]));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let status = daemon.status().await;
     assert_eq!(model(&status, "a")["placement"], "gpu");
@@ -226,7 +226,7 @@ async fn seed_000_a_vlm_request_evicts_the_llm_never_the_pinned_whisper() {
         )
     });
     daemon.wait_model_state("whisper", "ready", 10 * SECOND).await;
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let chat = |id: &str| {
         client.post(format!("{}/v1/chat/completions", daemon.url)).json(&json!({"model": id, "messages": []})).send()
     };
@@ -271,7 +271,7 @@ async fn seed_001_autopilot_and_recording_with_idle_unload_and_reload_on_demand(
 
     // Idle: the VLM goes after its TTL; a request brings it back.
     daemon.wait_model_state("vlm", "unloaded", 5 * SECOND).await;
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/chat/completions", daemon.url))
         .json(&json!({"model": "vlm", "messages": [{"role": "user", "content": "what is on screen?"}]}))
         .send()
@@ -314,7 +314,7 @@ async fn an_app_without_a_stream_acquires_renews_and_releases_its_external_model
     let (code, renewed) = daemon.post(&format!("/vramgate/leases/{id}/renew"), Value::Null).await;
     assert_eq!(code, 200, "{renewed}");
 
-    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let response = common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     assert_eq!(response.status(), 204);
     daemon.wait_model_state("clip", "unloaded", 3 * SECOND).await;
     let _ = std::fs::remove_file(&claim);

@@ -10,7 +10,7 @@ use common::Daemon;
 use serde_json::Value;
 
 fn run_cli(args: &[&str]) -> std::process::Output {
-    common::vramgate().args(args).output().expect("run vramgate")
+    common::output(common::vramgate().args(args))
 }
 
 #[tokio::test]
@@ -33,7 +33,7 @@ async fn status_table_and_the_url_from_the_environment() {
     let daemon = Daemon::start_sim(8192, "50ms");
     daemon.claim("desktop", 6500);
     daemon.wait_for_status(Duration::from_secs(5), "claim", |s| s["devices"][0]["used_mib"] == 6500).await;
-    let output = common::vramgate().arg("status").env("VRAMGATE_URL", &daemon.url).output().unwrap();
+    let output = common::output(common::vramgate().arg("status").env("VRAMGATE_URL", &daemon.url));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("Sim Test"), "{table}");
@@ -64,8 +64,9 @@ async fn events_prints_each_event_as_it_happens() {
         if json {
             args.push("--json");
         }
-        let mut child = common::vramgate().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let mut child =
+            common::KillOnDrop::spawn(common::vramgate().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()));
+        let stdout = child.0.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -91,8 +92,7 @@ async fn events_prints_each_event_as_it_happens() {
             assert!(line.contains("level_changed") || line.contains("vram_changed"), "{line}");
             assert!(line.contains("GPU 0"), "{line}");
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
     }
 }
 
@@ -126,10 +126,32 @@ fn help_explains_every_subcommand() {
     let output = run_cli(&["--help"]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    // hermetic: subcommand names looked for in the help text
-    for sub in ["serve", "status", "events", "config"] {
-        assert!(help.contains(sub), "{help}");
+    // The "Commands:" list: each entry is "  NAME  summary".
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    // hermetic: subcommand names looked for in the help text (each runs only with --help).
+    let visible = ["serve", "status", "events", "load", "unload", "logs", "mode", "run"];
+    let visible = [&visible[..], &["config", "completions", "man"]].concat();
+    for &sub in &visible {
+        let entry = help.lines().find(|line| line.split_whitespace().next() == Some(sub));
+        assert!(
+            listed.contains(&sub) && entry.is_some_and(|line| line.split_whitespace().count() > 2),
+            "{sub} is not listed with a summary under Commands:\n{help}"
+        );
+        let sub_help = run_cli(&[sub, "--help"]);
+        assert!(sub_help.status.success(), "{sub} --help: {}", String::from_utf8_lossy(&sub_help.stderr));
     }
+    // Exactly these (and clap's `help`): nothing listed that this test does not know of, and the
+    // hidden `demo-model` (the demo's model server) is not shown.
+    let mut expected: Vec<&str> = visible.clone();
+    expected.push("help");
+    assert_eq!(listed, expected, "{help}");
+    assert!(!help.contains("demo-model"), "the hidden demo-model subcommand is listed:\n{help}");
     let output = run_cli(&["status", "--help"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("VRAMGATE_URL"));
 }

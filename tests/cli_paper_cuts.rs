@@ -39,11 +39,11 @@ fn cli(daemon: &Daemon, args: &[&str]) -> Command {
 
 /// Runs a CLI command to the end, within `deadline`: its exit code, stdout and stderr.
 fn finish(mut command: Command, deadline: Duration) -> (Option<i32>, String, String) {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn vramgate");
-    let stdout = lines_of(child.stdout.take().expect("stdout"));
-    let stderr = lines_of(child.stderr.take().expect("stderr"));
-    let status = wait_child(&mut child, deadline);
-    let _ = child.kill();
+    let mut child = common::KillOnDrop::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let stdout = lines_of(child.0.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.0.stderr.take().expect("stderr"));
+    let status = wait_child(&mut child.0, deadline);
+    drop(child);
     let status = status.unwrap_or_else(|| panic!("vramgate did not finish within {deadline:?}"));
     let collect = |lines: mpsc::Receiver<String>| lines.iter().collect::<Vec<_>>().join("\n");
     (status.code(), collect(stdout), collect(stderr))
@@ -194,8 +194,9 @@ async fn load_says_what_it_waits_for_with_current_numbers() {
     let lease = daemon.post("/vramgate/leases", json!({"model": "llm", "holder": "app", "ttl": "60s"})).await;
     assert_eq!(lease.0, 201, "{}", lease.1);
 
-    let mut load = cli(&daemon, &["load", "stt"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("load");
-    let stderr = lines_of(load.stderr.take().expect("stderr"));
+    let mut load =
+        common::KillOnDrop::spawn(cli(&daemon, &["load", "stt"]).stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let stderr = lines_of(load.0.stderr.take().expect("stderr"));
     let mut seen = Vec::new();
     let first = line_where(&stderr, &mut seen, 5 * SECOND, "the queued line", |l| l.contains("queued"));
     assert!(first.starts_with("vramgate load: queued: needs 7000 MiB on GPU 0; 5000 MiB available"), "{first}");
@@ -212,7 +213,7 @@ async fn load_says_what_it_waits_for_with_current_numbers() {
     let url = daemon.url.clone();
     let behind = tokio::spawn(async move {
         let body = json!({"vram": 1000, "holder": "job", "wait": 2});
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await;
+        let response = common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await;
         let response = response.expect("POST lease");
         (response.status().as_u16(), response.json::<Value>().await.expect("JSON error"))
     });
@@ -221,7 +222,7 @@ async fn load_says_what_it_waits_for_with_current_numbers() {
             s["queue"][1]["holder"] == "job" && s["queue"][1]["reason"] == "behind stt in the queue"
         })
         .await;
-    let (code, body) = behind.await.expect("lease task");
+    let (code, body) = tokio::time::timeout(10 * SECOND, behind).await.expect("the lease answers").expect("lease task");
     assert_eq!(code, 503, "{body}");
     let message = body["error"]["message"].as_str().expect("message");
     assert!(message.starts_with("gave up after waiting 2") && message.contains(": behind stt in the queue"), "{body}");
@@ -240,7 +241,7 @@ async fn load_says_what_it_waits_for_with_current_numbers() {
     assert!(again.contains("needs 7000 MiB on GPU 0; 4000 MiB available"), "{again}");
 
     // It gives up at queue_timeout, saying how long it waited in rounded form.
-    let exit = wait_child(&mut load, 15 * SECOND).expect("load gives up after queue_timeout");
+    let exit = wait_child(&mut load.0, 15 * SECOND).expect("load gives up after queue_timeout");
     assert_eq!(exit.code(), Some(1));
     let rest: Vec<String> = stderr.iter().collect();
     let failure = rest.iter().find(|l| l.starts_with("vramgate: ")).unwrap_or_else(|| panic!("no error in {rest:#?}"));
@@ -267,16 +268,16 @@ async fn run_says_what_it_waits_for_and_gives_up_after_bare_seconds() {
     assert!(message.contains("needs 3000 MiB on GPU 0; 2000 MiB available"), "{message}");
 
     let started = Instant::now();
-    let mut run = cli(&daemon, &["run", "--vram", "3000", "--wait", "3", "--", "true"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
-    let stderr = lines_of(run.stderr.take().expect("stderr"));
+    let mut run = common::KillOnDrop::spawn(
+        cli(&daemon, &["run", "--vram", "3000", "--wait", "3", "--", "true"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stderr = lines_of(run.0.stderr.take().expect("stderr"));
     let mut seen = Vec::new();
     let first = line_where(&stderr, &mut seen, 3 * SECOND, "the queued line", |l| l.contains("queued"));
     assert_eq!(first, "vramgate run: queued: needs 3000 MiB on GPU 0; 2000 MiB available (usable 10000, foreign 8000)");
-    let exit = wait_child(&mut run, 10 * SECOND).expect("run gives up after --wait");
+    let exit = wait_child(&mut run.0, 10 * SECOND).expect("run gives up after --wait");
     assert_eq!(exit.code(), Some(75));
     assert!(started.elapsed() >= 3 * SECOND, "gave up after {:?}", started.elapsed());
     let rest: Vec<String> = stderr.iter().collect();
@@ -290,13 +291,13 @@ async fn run_says_what_it_waits_for_and_gives_up_after_bare_seconds() {
 fn run_help_lists_exit_codes_and_the_environment() {
     let home = tempfile::tempdir().expect("tempdir");
     let help = |args: &[&str]| {
-        let output = common::vramgate()
-            .args(args)
-            .env("HOME", home.path())
-            .env("XDG_STATE_HOME", home.path().join("state"))
-            .env("VRAMGATE_URL", "http://127.0.0.1:9")
-            .output()
-            .expect("vramgate --help");
+        let output = common::output(
+            common::vramgate()
+                .args(args)
+                .env("HOME", home.path())
+                .env("XDG_STATE_HOME", home.path().join("state"))
+                .env("VRAMGATE_URL", "http://127.0.0.1:9"),
+        );
         assert!(output.status.success(), "{args:?}");
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
@@ -323,13 +324,13 @@ fn run_help_lists_exit_codes_and_the_environment() {
 #[test]
 fn run_refuses_a_duration_it_cannot_read() {
     let home = tempfile::tempdir().expect("tempdir");
-    let output = common::vramgate()
-        .args(["run", "--vram", "1G", "--wait", "5 parsecs", "--", "true"])
-        .env("HOME", home.path())
-        .env("XDG_STATE_HOME", home.path().join("state"))
-        .env("VRAMGATE_URL", "http://127.0.0.1:9")
-        .output()
-        .expect("vramgate run");
+    let output = common::output(
+        common::vramgate()
+            .args(["run", "--vram", "1G", "--wait", "5 parsecs", "--", "true"])
+            .env("HOME", home.path())
+            .env("XDG_STATE_HOME", home.path().join("state"))
+            .env("VRAMGATE_URL", "http://127.0.0.1:9"),
+    );
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("\"5 parsecs\"") && stderr.contains("a number of seconds"), "{stderr}");

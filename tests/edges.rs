@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::app::{Answer, App};
 use common::ollama::FakeOllama;
+use common::stand_in::{Body, Reply, StandIn, port_reporting_cmd};
 use common::{Daemon, cpu_form, fake_model, model_in as model, never_within, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -30,41 +32,6 @@ fn peak_rss_mib(pid: u32) -> u64 {
     kib / 1024
 }
 
-/// A small Python HTTP server (`script`, given its port as argv[1]) started by the test itself;
-/// killed when dropped.
-struct PyServer {
-    child: Child,
-    url: String,
-}
-
-impl PyServer {
-    fn start(dir: &Path, script: &str) -> PyServer {
-        let path = dir.join("server.py");
-        std::fs::write(&path, script).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("python3")
-            .arg(&path)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3");
-        let end = Instant::now() + 10 * SECOND;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "the Python server did not listen within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PyServer { child, url: format!("http://127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The translation of a streamed OpenAI answer into NDJSON (`src/api/ollama.rs`, `SseParser`)
 /// keeps everything a model server sends until an event ends: `feed` appends to `partial` until a
 /// newline and `line` appends every `data:` line to `data` until a blank line, with no limit. A
@@ -75,41 +42,30 @@ impl Drop for PyServer {
 #[tokio::test]
 async fn a_streamed_answer_whose_event_never_ends_does_not_grow_the_daemon_without_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let server = dir.path().join("endless.py");
-    std::fs::write(
-        &server,
-        r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        self.send_response(200); self.send_header("content-type", "application/json"); self.end_headers()
-        self.wfile.write(b"{}")
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
-        line = b"data: " + b"x" * 65536 + b"\n"
-        try:
-            for _ in range(4096):   # 256 MiB of one event's data lines, never a blank line
-                self.wfile.write(line)
-            self.wfile.write(b"\n")
-        except OSError:
-            pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
-    )
-    .unwrap();
-    let script = server.display().to_string();
-    let daemon = start(move |_| {
-        format!(
-            "[models.m]\nbackend = \"process\"\ncmd = \"python3 {script} ${{PORT}}\"\nhealth = \"/health\"\nvram = 100\n"
-        )
-    });
+    let (cmd, port_file) = port_reporting_cmd(dir.path());
+    // Every GET (the health check) is fine; a POST answers 256 MiB of one event's data lines,
+    // never a blank line.
+    let _server = StandIn::on_reported_port(
+        port_file,
+        Arc::new(|method, _, _| match method {
+            "GET" => Reply::json(200, &json!({})),
+            _ => Reply {
+                status: 200,
+                content_type: "text/event-stream",
+                body: Body::Repeat {
+                    chunk: [b"data: ".as_slice(), &[b'x'; 65536], b"\n"].concat(),
+                    times: Some(4096),
+                    then: b"\n".to_vec(),
+                },
+            },
+        }),
+    );
+    let daemon =
+        start(move |_| format!("[models.m]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n"));
     assert_eq!(daemon.load("m").await.0, 200, "{}", daemon.log());
     let pid = daemon.child.id();
     let before = peak_rss_mib(pid);
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
@@ -181,13 +137,13 @@ async fn a_load_waiting_in_the_queue_is_answered_when_its_ollama_model_is_adopte
     let mut events = daemon.events().await;
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/llama/load")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/llama/load")).send().await.unwrap();
         let code = response.status().as_u16();
         (code, response.text().await.unwrap_or_default())
     });
     events.next_of("queued", 5 * SECOND).await;
     // Someone loads the model into Ollama directly.
-    let loaded = reqwest::Client::new()
+    let loaded = common::http::client()
         .post(format!("{}/api/generate", ollama.url))
         .json(&json!({"model": "llama3.2:3b", "keep_alive": -1}))
         .send()
@@ -230,14 +186,14 @@ async fn a_promotion_does_not_stop_the_cpu_form_a_model_lease_holds() {
     assert_eq!(code, 201, "{grant}");
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let health = format!("{upstream}/health");
-    assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+    assert_eq!(common::http::get(&health).await.unwrap().status(), 200);
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
+        common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
     });
     let end = Instant::now() + 5 * SECOND;
     while Instant::now() < end {
-        let alive = reqwest::get(&health).await.is_ok_and(|r| r.status() == 200);
+        let alive = common::http::get(&health).await.is_ok_and(|r| r.status() == 200);
         assert!(
             alive,
             "the lease {} still holds a, but its upstream {upstream} (a's CPU form) was stopped by the promotion; \
@@ -266,7 +222,13 @@ async fn a_mode_does_not_demote_a_process_model_a_model_lease_holds() {
     assert_eq!(code, 201, "{grant}");
     let upstream = grant["upstream"].as_str().expect("the grant's upstream").to_string();
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
-    let alive = reqwest::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    let alive = common::http::get(format!("{upstream}/health")).await.is_ok_and(|r| r.status() == 200);
+    // The documented refusal: 409, naming who holds the model.
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        code == 409 && message.contains("holders: direct-client"),
+        "mode quiet answered {code} ({body}); expected 409 naming the lease holder direct-client"
+    );
     assert!(
         alive,
         "mode quiet (answered {code}: {body}) stopped a's GPU form at {upstream} while lease {} held it",
@@ -284,7 +246,7 @@ async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_i
     let daemon =
         start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n[aliases]\nvision = [\"clip\"]\n".into());
     let app = App::attach(&daemon, "clip", 0, |_| Answer::Ok).await;
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "vision", "messages": [{"role": "user", "content": "a cat"}]}))
         .timeout(10 * SECOND)
@@ -309,36 +271,32 @@ async fn an_ollama_request_through_an_alias_of_an_external_model_does_not_load_i
 #[tokio::test]
 async fn a_5xx_from_an_ollama_model_becomes_502_as_the_readme_says() {
     let dir = tempfile::tempdir().unwrap();
-    let ollama = PyServer::start(
-        dir.path(),
-        r#"
-import http.server, json, sys, threading
-loaded = set()
-lock = threading.Lock()
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def log_message(self, *a): pass
-    def answer(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code); self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data))); self.end_headers(); self.wfile.write(data)
-    def do_GET(self):
-        with lock:
-            models = [{"name": m, "model": m, "size": 1 << 30, "size_vram": 1 << 30} for m in loaded]
-        self.answer(200, {"models": models})
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path == "/api/generate" and not body.get("prompt"):
-            with lock:
-                if body.get("keep_alive") == 0: loaded.discard(body["model"])
-                else: loaded.add(body["model"])
-            self.answer(200, {"model": body["model"], "response": "", "done": True})
-        else:
-            self.answer(500, {"error": "llama runner process has terminated: CUDA error: out of memory"})
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
-    );
-    let (url, sim_dir) = (ollama.url.clone(), dir.path().join("sim"));
+    // An Ollama whose load and unload calls work (listed by /api/ps) and whose every other
+    // answer is its 500 for a crashed runner.
+    let loaded = Arc::new(Mutex::new(BTreeSet::<String>::new()));
+    let (_ollama, url) = StandIn::start(Arc::new(move |method, path, body| {
+        let body: Value = serde_json::from_slice(body).unwrap_or_default();
+        let mut loaded = loaded.lock().unwrap();
+        if method == "GET" {
+            let models: Vec<Value> = loaded
+                .iter()
+                .map(|m| json!({"name": m, "model": m, "size": 1u64 << 30, "size_vram": 1u64 << 30}))
+                .collect();
+            return Reply::json(200, &json!({ "models": models }));
+        }
+        let name = body["model"].as_str().unwrap_or_default().to_string();
+        if path == "/api/generate" && body["prompt"].as_str().is_none_or(str::is_empty) {
+            if body["keep_alive"] == 0 {
+                loaded.remove(&name);
+            } else {
+                loaded.insert(name.clone());
+            }
+            return Reply::json(200, &json!({"model": name, "response": "", "done": true}));
+        }
+        Reply::json(500, &json!({"error": "llama runner process has terminated: CUDA error: out of memory"}))
+    }))
+    .await;
+    let sim_dir = dir.path().join("sim");
     let daemon = Daemon::start(move |_| {
         format!(
             "{}[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n",
@@ -347,7 +305,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     });
     let (code, body) = daemon.load("llama").await;
     assert_eq!(code, 200, "{body}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
         .send()
@@ -378,7 +336,7 @@ async fn a_large_json_body_on_the_ollama_surface_costs_about_its_size_not_many_t
         body.push_str(",0");
     }
     body.push_str("]}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .header("content-type", "application/json")
         .body(body)
@@ -399,30 +357,25 @@ async fn a_large_json_body_on_the_ollama_surface_costs_about_its_size_not_many_t
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_releases_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("flood.py");
-    std::fs::write(
-        &script,
-        "import sys\nfrom http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n\
-         class H(BaseHTTPRequestHandler):\n\
-         \x20   def log_message(self, *a): pass\n\
-         \x20   def do_GET(self):\n\
-         \x20       self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(b'ok')\n\
-         \x20   def do_POST(self):\n\
-         \x20       self.rfile.read(int(self.headers.get('Content-Length', 0)))\n\
-         \x20       self.send_response(200); self.send_header('Content-Type', 'text/event-stream'); self.end_headers()\n\
-         \x20       chunk = b'data: ' + b'x' * 65536 + b'\\n\\n'\n\
-         \x20       try:\n\
-         \x20           while True: self.wfile.write(chunk)\n\
-         \x20       except OSError: pass\n\
-         ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
-    )
-    .unwrap();
-    let script = script.display().to_string();
+    let (cmd, port_file) = port_reporting_cmd(dir.path());
+    // Health is fine; a chat answers events of 64 KiB for as long as anyone reads them.
+    let _server = StandIn::on_reported_port(
+        port_file,
+        Arc::new(|method, _, _| match method {
+            "GET" => Reply::json(200, &json!({})),
+            _ => Reply {
+                status: 200,
+                content_type: "text/event-stream",
+                body: Body::Repeat {
+                    chunk: [b"data: ".as_slice(), &[b'x'; 65536], b"\n\n"].concat(),
+                    times: None,
+                    then: Vec::new(),
+                },
+            },
+        }),
+    );
     let daemon = start(move |_| {
-        format!(
-            "[proxy]\nclient_timeout = \"1s\"\n[models.flood]\nbackend = \"process\"\n\
-             cmd = [\"python3\", \"{script}\", \"${{PORT}}\"]\nvram = 100\n"
-        )
+        format!("[proxy]\nclient_timeout = \"1s\"\n[models.flood]\nbackend = \"process\"\ncmd = {cmd}\nvram = 100\n")
     });
     let (code, body) = daemon.load("flood").await;
     assert_eq!(code, 200, "{body}");

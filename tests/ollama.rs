@@ -47,7 +47,7 @@ async fn an_ollama_model_loads_and_releases_through_vramgate_with_its_footprint_
     assert_eq!(load["body"]["options"]["num_ctx"], 8192);
 
     let response =
-        reqwest::Client::new().delete(format!("{}/vramgate/leases/{}", daemon.url, lease.1["id"].as_str().unwrap()));
+        common::http::client().delete(format!("{}/vramgate/leases/{}", daemon.url, lease.1["id"].as_str().unwrap()));
     assert_eq!(response.send().await.unwrap().status(), 204);
     let (code, body) = daemon.unload("llama").await;
     assert_eq!(code, 200, "{body}");
@@ -62,7 +62,7 @@ async fn a_model_loaded_into_ollama_directly_shows_up_as_ollamas() {
     let sim = tempfile::tempdir().unwrap();
     let ollama = FakeOllama::start(sim.path());
     let daemon = start(sim.path(), &ollama);
-    let loaded = reqwest::Client::new()
+    let loaded = common::http::client()
         .post(format!("{}/api/generate", ollama.url))
         .json(&json!({"model": "tiny"}))
         .send()
@@ -119,7 +119,7 @@ async fn openai_requests_for_an_ollama_model_go_to_ollama_under_its_name() {
     let sim = tempfile::tempdir().unwrap();
     let ollama = FakeOllama::start(sim.path());
     let daemon = start(sim.path(), &ollama);
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/chat/completions", daemon.url))
         .json(&json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}))
         .send()

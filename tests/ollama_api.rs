@@ -17,11 +17,11 @@ fn start(models: impl Fn(&std::path::Path) -> String, extra: &str) -> Daemon {
 }
 
 async fn post(daemon: &Daemon, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new().post(format!("{}{path}", daemon.url)).json(&body).send().await.unwrap()
+    common::http::client().post(format!("{}{path}", daemon.url)).json(&body).send().await.unwrap()
 }
 
 async fn get(daemon: &Daemon, path: &str) -> Value {
-    let response = reqwest::get(format!("{}{path}", daemon.url)).await.unwrap();
+    let response = common::http::get(format!("{}{path}", daemon.url)).await.unwrap();
     assert_eq!(response.status(), 200, "GET {path}");
     response.json().await.unwrap()
 }
@@ -146,7 +146,7 @@ async fn a_generate_streams_response_lines_and_a_raw_one_goes_to_completions() {
     assert_eq!((body["response"].clone(), body["done"].clone()), (json!("hello from a"), json!(true)), "{body}");
 
     // A templated prompt went to the chat endpoint with its system message; the raw one did not.
-    let logs = reqwest::get(format!("{}/vramgate/models/a/logs", daemon.url)).await.unwrap().text().await.unwrap();
+    let logs = common::http::get(format!("{}/vramgate/models/a/logs", daemon.url)).await.unwrap().text().await.unwrap();
     let templated = logs.lines().find(|l| l.contains("why is the sky blue")).expect("the prompt reached the model");
     assert!(templated.contains("chat completion request") && templated.contains("be brief"), "{templated}");
     let raw = logs.lines().find(|l| l.contains("once upon")).expect("the raw prompt reached the model");
@@ -280,7 +280,7 @@ async fn errors_have_ollamas_shape() {
         "[scheduler]\nqueue_timeout = \"300ms\"\n",
     );
     daemon.wait_model_state("big", "ready", 10 * SECOND).await;
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let url = format!("{}/api/chat", daemon.url);
     let message = |body: &Value| -> String {
         let object = body.as_object().unwrap_or_else(|| panic!("not an object: {body}"));

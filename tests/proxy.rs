@@ -17,7 +17,7 @@ fn start(models: impl Fn(&std::path::Path) -> String, extra: &str) -> Daemon {
 }
 
 async fn chat(daemon: &Daemon, body: Value) -> reqwest::Response {
-    reqwest::Client::new().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.unwrap()
+    common::http::client().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.unwrap()
 }
 
 #[tokio::test]
@@ -91,7 +91,7 @@ async fn error_bodies_are_openai_style() {
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
     };
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let url = format!("{}/v1/chat/completions", daemon.url);
 
     let response = client.post(&url).body("{not json").send().await.unwrap();
@@ -116,7 +116,7 @@ async fn error_bodies_are_openai_style() {
     // then closes that connection, which a pooled client could otherwise try to reuse.
     let huge = "x".repeat(2 << 20);
     let response =
-        reqwest::Client::new().post(&url).json(&json!({"model": "other", "pad": huge})).send().await.unwrap();
+        common::http::client().post(&url).json(&json!({"model": "other", "pad": huge})).send().await.unwrap();
     assert_eq!(response.status(), 413);
     check(&response.json().await.unwrap(), "body_too_large");
 
@@ -159,7 +159,7 @@ async fn models_are_listed_with_aliases_and_state() {
     let daemon = start(|sim| fake_model(sim, "a", 100, "", "aliases = [\"chat\"]"), "");
     let response = chat(&daemon, json!({"model": "chat"})).await;
     assert_eq!(response.headers()["x-vramgate-model"], "a");
-    let list: Value = reqwest::get(format!("{}/v1/models", daemon.url)).await.unwrap().json().await.unwrap();
+    let list: Value = common::http::get(format!("{}/v1/models", daemon.url)).await.unwrap().json().await.unwrap();
     assert_eq!(list["object"], "list");
     let data = list["data"].as_array().unwrap();
     assert!(data.iter().any(|m| m["id"] == "a" && m["state"] == "ready"));
@@ -204,7 +204,7 @@ async fn sixty_concurrent_requests_over_three_models_with_room_for_two_never_ove
             }
         })
     };
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let requests = (0..60).map(|i| {
         let client = client.clone();
         let url = format!("{}/v1/chat/completions", daemon.url);
@@ -278,7 +278,7 @@ async fn a_warmup_request_reaches_the_model_before_the_first_real_one() {
     let response =
         chat(&daemon, json!({"model": "a", "messages": [{"role": "user", "content": "real-request"}]})).await;
     assert_eq!(response.status(), 200);
-    let logs = reqwest::get(format!("{}/vramgate/models/a/logs", daemon.url)).await.unwrap().text().await.unwrap();
+    let logs = common::http::get(format!("{}/vramgate/models/a/logs", daemon.url)).await.unwrap().text().await.unwrap();
     let warm = logs.find("warmup-ping").expect("the warmup reached the model");
     let real = logs.find("real-request").expect("the request reached the model");
     assert!(warm < real, "{logs}");
@@ -294,7 +294,7 @@ async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pas
     let form = reqwest::multipart::Form::new()
         .text("model", "stt")
         .part("file", reqwest::multipart::Part::bytes(vec![0u8; 64 * 1024]).file_name("a.wav"));
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/audio/transcriptions", daemon.url))
         .multipart(form)
         .send()
@@ -305,7 +305,7 @@ async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pas
     assert_eq!(response.headers()["x-fake-model"], "stt");
     assert_eq!(response.json::<Value>().await.unwrap(), json!({"text": "hello from stt"}));
     let form = reqwest::multipart::Form::new().text("language", "en");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/audio/transcriptions", daemon.url))
         .multipart(form)
         .send()
@@ -315,7 +315,7 @@ async fn multipart_uploads_are_routed_by_their_model_field_and_unknown_paths_pas
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "missing_model");
     // Any other /v1 path of a named model reaches its server unchanged.
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/embeddings?probe=1", daemon.url))
         .json(&json!({"model": "stt", "input": "x"}))
         .send()
@@ -331,7 +331,7 @@ async fn a_model_that_never_answers_is_a_504_and_is_not_kept_in_use() {
     let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "[proxy]\nfirst_byte_timeout = \"300ms\"\n");
     let (_, body) = daemon.load("a").await;
     let upstream = body["upstream"].as_str().unwrap().to_string();
-    reqwest::Client::new().post(format!("{upstream}/hang")).send().await.unwrap();
+    common::http::client().post(format!("{upstream}/hang")).send().await.unwrap();
     let response = chat(&daemon, json!({"model": "a"})).await;
     assert_eq!(response.status(), 504);
     let body: Value = response.json().await.unwrap();

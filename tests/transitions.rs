@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{Answer, App};
 use common::ollama::FakeOllama;
+use common::stand_in::{Body, Reply, StandIn, port_reporting_cmd};
 use common::{Daemon, cpu_form, fake, fake_model, model_in as model, never_within, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -51,12 +52,12 @@ async fn an_unload_during_a_demotion_is_answered_and_the_model_ends_unloaded() {
     assert_eq!(daemon.load("a").await.0, 200);
     let url = daemon.url.clone();
     let mode = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
+        common::http::client().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
     });
     daemon.wait_model_state("a", "unloading", 5 * SECOND).await;
     let url = daemon.url.clone();
     let unload = tokio::spawn(async move {
-        let response = reqwest::Client::new().post(format!("{url}/vramgate/models/a/unload")).send().await.unwrap();
+        let response = common::http::client().post(format!("{url}/vramgate/models/a/unload")).send().await.unwrap();
         let code = response.status().as_u16();
         (code, response.json::<Value>().await.unwrap_or_default())
     });
@@ -92,8 +93,18 @@ async fn a_failed_external_demotion_is_not_retried_in_a_tight_loop() {
     let url = daemon.url.clone();
     let _big =
         tokio::spawn(
-            async move { reqwest::Client::new().post(format!("{url}/vramgate/models/big/load")).send().await },
+            async move { common::http::client().post(format!("{url}/vramgate/models/big/load")).send().await },
         );
+    // The demotion must happen (big needs clip's room), or there is no retry to count.
+    let asked = Instant::now() + 3 * SECOND;
+    while !app.actions().iter().any(|a| a == "cpu") {
+        assert!(
+            Instant::now() < asked,
+            "clip was never told `cpu` within 3 s to make room for big: {:?}",
+            app.actions()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let end = Instant::now() + 3 * SECOND;
     while Instant::now() < end {
         let cpu = app.actions().iter().filter(|a| *a == "cpu").count();
@@ -179,7 +190,7 @@ async fn a_failed_one_shot_lease_does_not_make_an_external_model_loadable_withou
     let (code, body) = daemon.post("/vramgate/leases", json!({"model": "clip", "wait": "0", "pid": 1})).await;
     assert_eq!(code, 503, "{body}");
     let id = hold["id"].as_str().unwrap();
-    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let response = common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     assert_eq!(response.status(), 204);
 
     let (code, body) = daemon.load("clip").await;
@@ -205,6 +216,13 @@ async fn a_mode_does_not_demote_an_external_model_held_by_a_one_shot_lease() {
         clip["placement"], "gpu",
         "a lease-held external model was demoted by a mode (mode answered {code}: {body})"
     );
+    // The documented refusal: 409, saying the one-shot lease holds it (its holder has no name to
+    // give: a one-shot lease is held by whoever took it).
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        code == 409 && message.contains("held by a lease in the one-shot form"),
+        "mode quiet answered {code} ({body}); expected 409 saying a one-shot lease holds clip"
+    );
 }
 
 /// Used to fail: a mode fails halfway when a model in its `cpu` list happens to be loading (a request, a
@@ -218,7 +236,7 @@ async fn a_mode_waits_for_a_model_that_is_loading_instead_of_failing() {
     });
     let url = daemon.url.clone();
     let load =
-        tokio::spawn(async move { reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await });
+        tokio::spawn(async move { common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await });
     daemon.wait_model_state("a", "loading", 5 * SECOND).await;
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
     assert_eq!(code, 200, "mode quiet while a was loading: {body}");
@@ -240,7 +258,7 @@ async fn a_load_during_a_demotion_ends_with_the_model_on_the_gpu() {
     assert_eq!(daemon.load("a").await.0, 200);
     let url = daemon.url.clone();
     let mode = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
+        common::http::client().post(format!("{url}/vramgate/mode")).json(&json!({"mode": "quiet"})).send().await
     });
     daemon.wait_model_state("a", "unloading", 5 * SECOND).await;
     let (code, body) = daemon.load("a").await;
@@ -328,7 +346,7 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
     });
     let (code, body) = daemon.post("/vramgate/mode", json!({"mode": "quiet"})).await;
     assert_eq!(code, 200, "{body}");
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/chat/completions", daemon.url))
         .json(&json!({"model": "a", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
         .send()
@@ -342,7 +360,7 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
     // Promote it while the answer streams.
     let url = daemon.url.clone();
     let load = tokio::spawn(async move {
-        reqwest::Client::new().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
+        common::http::client().post(format!("{url}/vramgate/models/a/load")).send().await.map(|r| r.status())
     });
     let mut body = String::new();
     let outcome = loop {
@@ -367,43 +385,35 @@ async fn a_promotion_does_not_break_a_request_streaming_from_the_cpu_form() {
 #[tokio::test]
 async fn a_huge_tool_call_index_from_a_model_server_does_not_kill_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let server = dir.path().join("server.py");
-    std::fs::write(
-        &server,
-        r#"
-import http.server, json, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        self.send_response(200); self.send_header("content-type", "application/json"); self.end_headers()
-        self.wfile.write(b"{}")
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
-        call = {"index": 100000000000, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
-        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
-    )
-    .unwrap();
-    let script = server.display().to_string();
+    let (cmd, port_file) = port_reporting_cmd(dir.path());
+    // Health is fine; a chat streams one tool call with index 1e11, then `[DONE]`.
+    let call = json!({"index": 100_000_000_000u64, "id": "c", "type": "function",
+                      "function": {"name": "f", "arguments": "{}"}});
+    let chunk = json!({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]});
+    let events = format!("data: {chunk}\n\ndata: [DONE]\n\n").into_bytes();
+    let _server = StandIn::on_reported_port(
+        port_file,
+        Arc::new(move |method, _, _| match method {
+            "GET" => Reply::json(200, &json!({})),
+            _ => Reply {
+                status: 200,
+                content_type: "text/event-stream",
+                body: Body::Repeat { chunk: events.clone(), times: Some(1), then: Vec::new() },
+            },
+        }),
+    );
     let daemon = start(move |_| {
-        format!(
-            "[models.tools]\nbackend = \"process\"\ncmd = \"python3 {script} ${{PORT}}\"\nhealth = \"/health\"\nvram = 100\n"
-        )
+        format!("[models.tools]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n")
     });
     assert_eq!(daemon.load("tools").await.0, 200, "{}", daemon.log());
-    let _ = reqwest::Client::new()
+    let _ = common::http::client()
         .post(format!("{}/api/chat", daemon.url))
         .json(&json!({"model": "tools", "messages": [{"role": "user", "content": "call it"}]}))
         .timeout(10 * SECOND)
         .send()
         .await
         .map(|r| async move { r.text().await });
-    let alive = reqwest::get(format!("{}/vramgate/health", daemon.url)).await.is_ok_and(|r| r.status() == 200);
+    let alive = common::http::get(format!("{}/vramgate/health", daemon.url)).await.is_ok_and(|r| r.status() == 200);
     let mut daemon = daemon;
     let exited = daemon.child.try_wait().ok().flatten();
     assert!(alive && exited.is_none(), "the daemon died ({exited:?}); its log ends with:\n{}", {
@@ -449,7 +459,7 @@ async fn the_initial_mode_applies_even_when_one_of_its_cpu_models_is_preloaded()
 async fn a_refused_openai_request_for_an_external_model_does_not_load_it() {
     let daemon = start(|_| "[models.clip]\nbackend = \"external\"\nvram = 1000\n".into());
     let app = App::attach(&daemon, "clip", 1000, |_| Answer::Ok).await;
-    let response = reqwest::Client::new()
+    let response = common::http::client()
         .post(format!("{}/v1/embeddings", daemon.url))
         .json(&json!({"model": "clip", "input": "a cat"}))
         .send()

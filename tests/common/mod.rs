@@ -5,9 +5,11 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod app;
+pub mod http;
 pub mod ollama;
 pub mod procs;
 pub mod release;
+pub mod stand_in;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -170,9 +170,11 @@ class Daemon:
         return not str(message).startswith("no endpoint at")
 
     def require(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> None:
-        """Skips the test when the daemon does not have this endpoint yet."""
+        """Fails the test when the daemon does not have this endpoint: every route the client
+        uses is part of the daemon's API, so a missing one is a regression, never a reason to
+        skip (a skip would pass CI unnoticed)."""
         if not self.supports(method, path, body):
-            pytest.skip(f"this vramgate has no {method} {path} yet (404 from the fallback)")
+            pytest.fail(f"this vramgate has no {method} {path} (404 from the fallback): the client needs it")
 
     def stop(self) -> None:
         """SIGTERM (so the daemon stops its model servers), then SIGKILL after a deadline."""
