@@ -46,7 +46,7 @@ async fn two_fit_and_a_third_evicts_the_least_recently_used() {
     let released = daemon.post(&format!("/vramgate/leases/{}", lease.1["id"].as_str().unwrap()), Value::Null).await;
     assert_eq!(released.0, 405, "release is DELETE");
     let id = lease.1["id"].as_str().unwrap().to_string();
-    let response = reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let response = common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     assert_eq!(response.status(), 204);
 
     let (code, body) = daemon.load("c").await;
@@ -127,7 +127,7 @@ async fn pinned_and_in_use_models_are_never_evicted() {
     assert!(message.contains("pinned 4000 MiB (pinned)") && message.contains("busy 4000 MiB (in use)"), "{message}");
     // Once the lease is released, busy is idle and can go.
     let id = lease.1["id"].as_str().unwrap();
-    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     let (code, body) = daemon.load("third").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(daemon.model("busy").await["state"], "unloaded");
@@ -161,7 +161,7 @@ async fn an_idle_model_is_unloaded_after_its_ttl() {
     let pid = body["pid"].as_u64().expect("pid");
     // Use it back to back for three TTLs past the daemon's start: in use, it stays, and the
     // same process answers every request.
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let mut last_use = chrono::Utc::now();
     while since_start.elapsed() < 3 * ttl {
         let response = client
@@ -259,7 +259,7 @@ async fn a_crash_while_ready_is_released_and_restarted_on_the_next_demand() {
     let (_, body) = daemon.load("a").await;
     let upstream = body["upstream"].as_str().unwrap().to_string();
     let first_pid = body["pid"].as_u64().unwrap();
-    reqwest::Client::new().post(format!("{upstream}/crash")).send().await.unwrap();
+    common::http::client().post(format!("{upstream}/crash")).send().await.unwrap();
     let event = loop {
         let event = events.next_of("model_state", 5 * SECOND).await;
         if event["to"] == "unloading" {
@@ -400,7 +400,7 @@ async fn a_restart_reaps_a_model_that_outlived_a_kill_9_of_the_daemon() {
     first.signal(nix::sys::signal::Signal::SIGKILL);
     first.wait_exit(5 * SECOND).expect("the first daemon died");
     // Still serving without its daemon: a real leftover, not a planted record.
-    let health = reqwest::get(format!("{upstream}/health")).await.expect("the survivor answers");
+    let health = common::http::get(format!("{upstream}/health")).await.expect("the survivor answers");
     assert_eq!(health.status(), 200);
 
     let second = Daemon::start(config(""));
@@ -456,7 +456,7 @@ async fn an_exclusive_lease_blocks_other_leases_and_loads_until_released() {
     let (code, body) = daemon.load("a").await;
     assert_eq!(code, 503, "{body}");
     let id = lock["id"].as_str().unwrap();
-    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     assert_eq!(daemon.load("a").await.0, 200);
     let (code, _) = daemon.post("/vramgate/leases", json!({"vram": 100, "holder": "other"})).await;
     assert_eq!(code, 201);
@@ -520,7 +520,7 @@ async fn the_queue_serves_priority_then_arrival_and_is_bounded() {
         let url = daemon.url.clone();
         tokio::spawn(async move {
             let body = json!({"vram": 5000, "holder": "early-low", "priority": 1});
-            reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+            common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
         })
     };
     // Wait until it is queued before the next arrives, so arrival order is certain.
@@ -531,7 +531,7 @@ async fn the_queue_serves_priority_then_arrival_and_is_bounded() {
         let url = daemon.url.clone();
         tokio::spawn(async move {
             let body = json!({"vram": 5000, "holder": "late-high", "priority": 9});
-            reqwest::Client::new().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+            common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
         })
     };
     assert_eq!(events.next_of("queued", 5 * SECOND).await["requester"], "late-high");
@@ -541,7 +541,7 @@ async fn the_queue_serves_priority_then_arrival_and_is_bounded() {
     assert!(body["error"]["message"].as_str().unwrap().contains("queue is full"), "{body}");
 
     let id = blocker["id"].as_str().unwrap();
-    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     let granted = events.next_of("lease_granted", 5 * SECOND).await;
     assert_eq!(granted["holder"], "late-high", "higher priority first");
     assert_eq!(second.await.unwrap(), 201);
@@ -677,7 +677,7 @@ async fn a_client_that_gives_up_while_queued_leaves_no_lease_behind() {
     assert!(queued["requester"].as_str().unwrap().starts_with('w'), "{queued}");
     drop(sockets);
     let id = blocker["id"].as_str().unwrap();
-    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
     // Whatever was granted to a vanished client is released at once.
     daemon.wait_for_status(3 * SECOND, "no leases", |s| s["leases"].as_array().is_some_and(|l| l.is_empty())).await;
 }

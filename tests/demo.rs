@@ -190,7 +190,7 @@ async fn run_curl_line(sandbox: &Sandbox, url: &str, line: &str) -> Value {
     } else {
         let target = line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL in the curl line");
         let body = line.split_once(" -d '").and_then(|(_, rest)| rest.strip_suffix('\'')).expect("a -d '...' body");
-        reqwest::Client::new()
+        common::http::client()
             .post(target)
             .header("content-type", "application/json")
             .body(body.to_owned())
@@ -205,7 +205,7 @@ async fn run_curl_line(sandbox: &Sandbox, url: &str, line: &str) -> Value {
 }
 
 async fn status(url: &str) -> Value {
-    reqwest::get(format!("{url}/vramgate/status")).await.expect("GET status").json().await.expect("status JSON")
+    common::http::get(format!("{url}/vramgate/status")).await.expect("GET status").json().await.expect("status JSON")
 }
 
 /// Polls status until `check` holds; panics with the last status after `deadline`.
@@ -248,7 +248,7 @@ struct Events(
 
 impl Events {
     async fn open(url: &str) -> Events {
-        let response = reqwest::get(format!("{url}/vramgate/events")).await.expect("GET events");
+        let response = common::http::get(format!("{url}/vramgate/events")).await.expect("GET events");
         assert!(response.status().is_success());
         Events(Box::pin(eventsource_stream::EventStream::new(response.bytes_stream())))
     }
@@ -342,7 +342,7 @@ async fn the_printed_lines_work_as_printed_and_the_demo_leaves_nothing_behind() 
 
     // The demo models answer the other kinds of request too: a streamed chat, embeddings and a
     // transcription (multipart), all from models that are loaded, so nothing moves.
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let response = client
         .post(format!("{url}/v1/chat/completions"))
         .json(&json!({"model": "vision", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
@@ -409,7 +409,7 @@ async fn closing_the_terminal_stops_the_demo_and_removes_its_temp_dir() {
     let printed = demo.read_until("Ctrl-C stops the demo", Duration::from_secs(20));
     let url = printed[0].split_whitespace().find(|w| w.starts_with("http://")).expect("the URL").to_owned();
     // A model running, so that stopping has work to do.
-    let loaded = reqwest::Client::new().post(format!("{url}/vramgate/models/stt/load")).send().await.expect("load");
+    let loaded = common::http::client().post(format!("{url}/vramgate/models/stt/load")).send().await.expect("load");
     assert!(loaded.status().is_success(), "{}", loaded.text().await.unwrap_or_default());
     // A closed terminal sends SIGHUP.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.child.id() as i32), nix::sys::signal::Signal::SIGHUP)

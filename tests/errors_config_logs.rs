@@ -193,7 +193,7 @@ impl PlainDaemon {
     }
 
     async fn status(&self) -> Value {
-        reqwest::get(format!("{}/vramgate/status", self.url)).await.unwrap().json().await.unwrap()
+        common::http::get(format!("{}/vramgate/status", self.url)).await.unwrap().json().await.unwrap()
     }
 
     async fn wait_model(&self, id: &str, state: &str) -> Value {

@@ -70,7 +70,7 @@ async fn a_stopped_model_is_unloaded_only_once_its_memory_is_back() {
     let unload = tokio::spawn({
         let url = daemon.url.clone();
         async move {
-            let response = reqwest::Client::new()
+            let response = common::http::client()
                 .post(format!("{url}/vramgate/models/a/unload"))
                 .timeout(10 * SECOND)
                 .send()
@@ -215,7 +215,7 @@ async fn a_model_in_its_failure_cooldown_is_answered_503_with_the_time_left_on_b
         format!("{}{}", sim_config(sim, 10000, "50ms", ""), fake_model(sim, "a", 100, "--exit-on-start 7", ""))
     });
     fail_three_times(&daemon).await;
-    let client = reqwest::Client::new();
+    let client = common::http::client();
     let chat = json!({"model": "a", "messages": [{"role": "user", "content": "hi"}]});
 
     let before = retry_in_s(&daemon).await;

@@ -23,7 +23,7 @@ fn start(models: impl Fn(&std::path::Path) -> String, scheduler: &str) -> Daemon
 }
 
 async fn chat(daemon: &Daemon, body: Value) -> reqwest::Response {
-    reqwest::Client::new().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.expect("POST")
+    common::http::client().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.expect("POST")
 }
 
 /// When an event happened, by the daemon's clock.
@@ -104,7 +104,7 @@ async fn loads_beyond_max_queue_are_refused_at_once() {
         .into_iter()
         .map(|model| {
             let url = format!("{}/vramgate/models/{model}/load", daemon.url);
-            tokio::spawn(async move { reqwest::Client::new().post(url).send().await.expect("POST").status().as_u16() })
+            tokio::spawn(async move { common::http::client().post(url).send().await.expect("POST").status().as_u16() })
         })
         .collect();
     daemon
@@ -132,7 +132,7 @@ async fn loads_beyond_max_queue_are_refused_at_once() {
 
     // The queued ones are served once the memory is free.
     let id = blocker["id"].as_str().expect("lease id");
-    reqwest::Client::new().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.expect("DELETE");
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.expect("DELETE");
     for load in waiting {
         assert_eq!(tokio::time::timeout(10 * SECOND, load).await.expect("served").expect("task"), 200);
     }
@@ -188,7 +188,7 @@ async fn stream_once(
 ) -> Streamed {
     let started = Instant::now();
     let body = json!({"model": model, "stream": true, "messages": []});
-    let response = reqwest::Client::new().post(&url).json(&body).send().await;
+    let response = common::http::client().post(&url).json(&body).send().await;
     let mut streamed = Streamed { status: 0, text: String::new(), error: None, started, ended: started };
     match response {
         Err(e) => streamed.error = Some(e.to_string()),

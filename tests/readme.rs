@@ -110,7 +110,7 @@ fn run_line(line: &str, url: &str, bin_dir: &Path) -> String {
 }
 
 async fn status(url: &str) -> Value {
-    reqwest::get(format!("{url}/vramgate/status")).await.expect("GET status").json().await.expect("status JSON")
+    common::http::get(format!("{url}/vramgate/status")).await.expect("GET status").json().await.expect("status JSON")
 }
 
 fn state_of<'a>(status: &'a Value, id: &str) -> &'a str {

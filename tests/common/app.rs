@@ -29,7 +29,7 @@ pub struct App {
 
 impl App {
     pub async fn attach(daemon: &Daemon, model: &str, mib: u64, answer: fn(&str) -> Answer) -> App {
-        let response = reqwest::Client::new()
+        let response = super::http::client()
             .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
             .json(&json!({"pid": std::process::id(), "holder": "test-app"}))
             .send()
@@ -66,7 +66,7 @@ impl App {
                                 Answer::Fail => json!({"session": session, "seq": message["seq"], "ok": false,
                                                        "error": format!("cannot do {action}")}),
                             };
-                            let _ = reqwest::Client::new()
+                            let _ = super::http::client()
                                 .post(format!("{url}/vramgate/models/{model}/ack"))
                                 .json(&ack)
                                 .send()

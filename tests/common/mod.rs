@@ -152,7 +152,7 @@ impl Daemon {
 
     /// GET a management endpoint as JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        let response = reqwest::get(format!("{}{path}", self.url)).await.expect("GET");
+        let response = http::get(format!("{}{path}", self.url)).await.expect("GET");
         assert!(response.status().is_success(), "GET {path}: {}", response.status());
         response.json().await.expect("JSON body")
     }
@@ -179,7 +179,7 @@ impl Daemon {
 
     /// Opens the event stream; returns once the daemon has answered (and so has subscribed).
     pub async fn events(&self) -> EventStream {
-        let response = reqwest::get(format!("{}/vramgate/events", self.url)).await.expect("GET events");
+        let response = http::get(format!("{}/vramgate/events", self.url)).await.expect("GET events");
         assert!(response.status().is_success());
         EventStream { inner: Box::pin(eventsource_stream::EventStream::new(response.bytes_stream())) }
     }
@@ -297,8 +297,7 @@ pub fn undeclared_fake_model(sim: &Path, name: &str, vram: u64, args: &str, keys
 impl Daemon {
     /// POST JSON to a management endpoint; the status code and the JSON body.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response =
-            reqwest::Client::new().post(format!("{}{path}", self.url)).json(&body).send().await.expect("POST");
+        let response = http::client().post(format!("{}{path}", self.url)).json(&body).send().await.expect("POST");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))

@@ -52,7 +52,7 @@ impl FakeOllama {
 
     /// GET one of its endpoints as JSON.
     pub async fn get(&self, path: &str) -> Value {
-        reqwest::get(format!("{}{path}", self.url)).await.expect("GET fake").json().await.expect("JSON")
+        super::http::get(format!("{}{path}", self.url)).await.expect("GET fake").json().await.expect("JSON")
     }
 }
 

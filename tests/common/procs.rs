@@ -87,7 +87,7 @@ pub async fn attach_keeping(
     claims: Claims,
     keeps_memory: bool,
 ) -> tokio::task::JoinHandle<()> {
-    let response = reqwest::Client::new()
+    let response = super::http::client()
         .post(format!("{}/vramgate/models/{model}/attach", daemon.url))
         .json(&json!({"pid": pid, "holder": format!("app-{pid}")}))
         .send()
@@ -111,7 +111,7 @@ pub async fn attach_keeping(
                             claims.set(&model, if on_gpu { mib } else { 0 });
                         }
                         let ack = json!({"session": session, "seq": message["seq"], "ok": true});
-                        let _ = reqwest::Client::new()
+                        let _ = super::http::client()
                             .post(format!("{url}/vramgate/models/{model}/ack"))
                             .json(&ack)
                             .send()
