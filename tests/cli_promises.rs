@@ -82,15 +82,34 @@ fn trapping_command(dir: &Path, exit_on_signal: u8) -> (Vec<String>, PathBuf, Pa
     (vec!["sh".into(), "-c".into(), script], started, caught)
 }
 
+/// A `vramgate run` in a process group of its own, which its command shares: when the test ends,
+/// however it ends, the whole group is killed, so a command whose SIGTERM never came (the very
+/// failure these tests look for) does not loop on forever.
+struct RunGroup(KillOnDrop);
+
+impl RunGroup {
+    fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+}
+
+impl Drop for RunGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0.pid() as i32), Signal::SIGKILL);
+    }
+}
+
 /// Starts `vramgate run --vram 100MiB -- COMMAND` against `daemon`, stdin not a terminal.
-fn spawn_run(daemon: &Daemon, command: &[String]) -> KillOnDrop {
+fn spawn_run(daemon: &Daemon, command: &[String]) -> RunGroup {
+    use std::os::unix::process::CommandExt;
     let mut run = common::vramgate();
     run.args(["run", "--vram", "100MiB", "--url", &daemon.url, "--"])
         .args(command)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    KillOnDrop::spawn(&mut run)
+    RunGroup(KillOnDrop::spawn(&mut run))
 }
 
 // ----- vramgate run -----
@@ -104,9 +123,12 @@ async fn a_sigkilled_vramgate_run_releases_its_lease_and_its_command_gets_sigter
     let (command, started, caught) = trapping_command(dir.path(), 0);
     let mut run = spawn_run(&daemon, &command);
     wait_for_file(&started, 10 * SECOND, "the command under vramgate run");
-    daemon.wait_for_status(5 * SECOND, "the lease", |s| s["leases"].as_array().is_some_and(|l| l.len() == 1)).await;
+    let status =
+        daemon.wait_for_status(5 * SECOND, "the lease", |s| s["leases"].as_array().is_some_and(|l| l.len() == 1)).await;
+    // The holder is the command's name; the size is the one asked for.
+    assert_eq!((&status["leases"][0]["holder"], &status["leases"][0]["vram_mib"]), (&json!("sh"), &json!(100)));
     signal(run.pid(), Signal::SIGKILL);
-    common::wait_child(&mut run.0, 5 * SECOND).expect("vramgate run dies of SIGKILL");
+    common::wait_child(&mut run.0.0, 5 * SECOND).expect("vramgate run dies of SIGKILL");
     let killed = Instant::now();
     assert_eq!(wait_for_file(&caught, 5 * SECOND, "the command's SIGTERM").trim(), "TERM");
     daemon
@@ -127,7 +149,7 @@ async fn vramgate_run_forwards_sigterm_and_sigint_to_its_command() {
         wait_for_file(&started, 10 * SECOND, "the command under vramgate run");
         signal(run.pid(), sent);
         assert_eq!(wait_for_file(&caught, 5 * SECOND, &format!("the forwarded {sent}")).trim(), name);
-        let status = common::wait_child(&mut run.0, 5 * SECOND).expect("vramgate run exits after its command");
+        let status = common::wait_child(&mut run.0.0, 5 * SECOND).expect("vramgate run exits after its command");
         assert_eq!(status.code(), Some(3), "{sent}: vramgate run exits with the command's status 3");
         daemon
             .wait_for_status(2 * SECOND, "the lease released", |s| s["leases"].as_array().is_some_and(|l| l.is_empty()))
@@ -149,7 +171,7 @@ async fn vramgate_run_exits_128_plus_n_when_a_signal_ended_its_command() {
         // Whether the shell has reached `exec sleep` yet does not matter: the shell does not trap
         // the signal either, so the command ends by it in both cases.
         signal(run.pid(), sent);
-        let status = common::wait_child(&mut run.0, 5 * SECOND).expect("vramgate run exits after its command");
+        let status = common::wait_child(&mut run.0.0, 5 * SECOND).expect("vramgate run exits after its command");
         assert_eq!(status.code(), Some(expected), "{sent}");
     }
 }
@@ -330,11 +352,15 @@ async fn a_measured_footprint_above_the_declared_one_raises_admission() {
     let (code, body) =
         daemon.post("/vramgate/leases", json!({"vram": "5000MiB", "holder": "job", "wait": "0", "priority": 0})).await;
     assert_eq!(code, 201, "{body}");
+    // Learned, not just seen: unloaded, it is still admitted at its measured size next time.
+    assert_eq!(daemon.unload("m").await.0, 200);
+    let m = daemon.wait_model_state("m", "unloaded", 5 * SECOND).await;
+    assert_eq!((m["measured_mib"].as_u64(), m["vram_mib"].as_u64()), (Some(3000), Some(3000)), "{m}");
 }
 
 // ----- Ollama -----
 
-/// Docs: while Ollama does not answer, "vramgate retries with backoff (1 s doubling to 30 s)". A
+/// Docs: while Ollama does not answer, vramgate "waits 2 s, doubling up to 30 s". A
 /// listener that closes every connection at once stands in for an Ollama that is down; the times
 /// of the daemon's `/api/ps` tries show the pause doubling (only its first steps, to stay fast).
 #[tokio::test]
@@ -365,10 +391,11 @@ async fn an_ollama_that_does_not_answer_is_retried_with_a_doubling_pause() {
     }
     let tries = tries.lock().unwrap().clone();
     let (first, second) = (tries[1] - tries[0], tries[2] - tries[1]);
-    assert!(first >= Duration::from_millis(900) && first <= Duration::from_millis(2500), "first pause {first:?}");
-    let doubled = first * 2;
+    // Lower bounds at the nominal pauses (a timer never fires early); generous upper bounds, as a
+    // loaded machine only makes tries late. The cap and the reset are unit tests of the pure step.
+    assert!(first >= Duration::from_millis(1950) && first <= Duration::from_millis(3500), "first pause {first:?}");
     assert!(
-        second + Duration::from_millis(300) >= doubled && second <= doubled + Duration::from_millis(500),
+        second >= Duration::from_millis(3950) && second <= Duration::from_millis(6500),
         "the pause does not double: {first:?} then {second:?}"
     );
 }

@@ -171,9 +171,9 @@ async fn auto_on_a_machine_without_gpus_falls_back_and_says_why() {
             assert!(reasons.iter().any(|r| r.starts_with("amd: ")), "{reasons:?}");
         }
         Ok(_) => {
-            // A machine with an NVIDIA driver: auto picks NVML and is not degraded.
+            // A machine with an NVIDIA driver: auto picks NVML (a container may still be degraded,
+            // e.g. without per-process figures, so that is not asserted).
             assert_eq!(status["probe"], "nvml", "NVML opens here; status: {status:#}");
-            assert_eq!(status["degraded"], false, "{status:#}");
             assert!(status["devices"].as_array().is_some_and(|d| !d.is_empty()), "{status:#}");
         }
     }

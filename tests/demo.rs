@@ -424,17 +424,13 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
     let sandbox = Sandbox::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().expect("address").to_string();
-    let mut child = sandbox
-        .command(bin())
-        .args(["serve", "--demo", "--listen", &address])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let status = common::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
-    let output = child.wait_with_output().expect("output");
+    // Bounded: a demo that started after all is killed when the deadline passes.
+    let output = common::output_within(
+        sandbox.command(bin()).args(["serve", "--demo", "--listen", &address]),
+        Duration::from_secs(20),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("vramgate: cannot listen on {address}")), "{stderr}");
     assert!(stderr.contains("--listen 127.0.0.1:0"), "{stderr}");
     assert!(output.stdout.is_empty(), "{}", String::from_utf8_lossy(&output.stdout));

@@ -280,7 +280,7 @@ async fn a_request_behind_continuous_traffic_waits_max_wait_before_swap_and_in_f
     assert!(evicted_after >= max_wait, "b was evicted {evicted_after:?} after a asked");
     let log = daemon.log();
     assert!(
-        log.lines().any(|l| l.contains("draining: a request waited too long for its memory") && l.contains('b')),
+        log.lines().any(|l| l.contains("draining: a request waited too long for its memory") && l.contains("model=b")),
         "no draining line for b:\n{log}"
     );
 

@@ -2625,7 +2625,7 @@ async fn watch_ollama(
     let mut pause = OLLAMA_POLL;
     loop {
         let result = ollama::ps(&http, &url, Duration::from_secs(2)).await;
-        pause = if result.is_ok() { OLLAMA_POLL } else { (pause * 2).min(OLLAMA_BACKOFF_MAX) };
+        pause = next_ollama_pause(pause, result.is_ok());
         if commands.send(Command::OllamaPs { url: url.clone(), result }).await.is_err() {
             return;
         }
@@ -2634,6 +2634,12 @@ async fn watch_ollama(
             _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// The pause before the next `/api/ps` try: `OLLAMA_POLL` while Ollama answers; after a failure
+/// twice the previous pause (2 s after the first), up to `OLLAMA_BACKOFF_MAX`.
+fn next_ollama_pause(previous: Duration, answered: bool) -> Duration {
+    if answered { OLLAMA_POLL } else { previous.saturating_mul(2).min(OLLAMA_BACKOFF_MAX) }
 }
 
 /// What a waiter whose victims are being released waits for; `None` when it waits for none.
@@ -2696,5 +2702,50 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ollama_pause_doubles_from_2_s_to_30_s_and_resets_once_it_answers() {
+        let mut pause = OLLAMA_POLL;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            pause = next_ollama_pause(pause, false);
+            seen.push(pause.as_secs());
+        }
+        assert_eq!(seen, [2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(next_ollama_pause(pause, true), OLLAMA_POLL);
+        assert_eq!(next_ollama_pause(Duration::MAX, false), OLLAMA_BACKOFF_MAX, "no overflow");
+    }
+
+    /// The watcher itself, on tokio's paused clock: minutes of an Ollama that never answers pass
+    /// in no time, and the tries come at 0, 2, 6, 14, 30, 60, 90 s.
+    #[tokio::test(start_paused = true)]
+    async fn the_ollama_watcher_backs_off_on_the_clock_it_is_given() {
+        // A port nothing listens on: every try fails at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+        let url = format!("http://127.0.0.1:{}", port.expect("a free port"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let watcher = tokio::spawn(watch_ollama(url, reqwest::Client::new(), tx, shutdown.clone()));
+        let mut tries = Vec::new();
+        while tries.len() < 7 {
+            match rx.recv().await {
+                Some(Command::OllamaPs { result, .. }) => {
+                    assert!(result.is_err(), "nothing answers there");
+                    tries.push(start.elapsed().as_secs());
+                }
+                Some(_) => {}
+                None => panic!("the watcher stopped"),
+            }
+        }
+        shutdown.cancel();
+        let _ = watcher.await;
+        assert_eq!(tries, [0, 2, 6, 14, 30, 60, 90]);
     }
 }

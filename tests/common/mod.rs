@@ -118,6 +118,7 @@ impl Daemon {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
                 panic!("vramgate did not report its address within 20 s; stderr:\n{log}");
             }
