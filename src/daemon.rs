@@ -47,7 +47,10 @@ fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> 
             state_dir.display()
         );
     }
-    file.set_len(0).and_then(|_| write!(file, "{}", std::process::id())).context("cannot write the lock file")?;
+    // A full disk fails here first: name the file, so the user knows which file system to free.
+    file.set_len(0)
+        .and_then(|_| write!(file, "{}", std::process::id()))
+        .with_context(|| format!("cannot write the lock file {}", path.display()))?;
     Ok(file)
 }
 

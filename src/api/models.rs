@@ -75,15 +75,20 @@ pub(super) async fn logs(
         }
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], String::new()).into_response());
     };
-    let mut text = buffer.tail(query.tail).join("\n");
+    if !query.follow {
+        let mut text = buffer.tail(query.tail).join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
+    }
+    // The tail and the subscription in one step, so no line falls between the two.
+    let (tail, feed) = buffer.tail_and_follow(query.tail);
+    let mut text = tail.join("\n");
     if !text.is_empty() {
         text.push('\n');
     }
-    if !query.follow {
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
-    }
-    // Subscribe before sending the tail so no line falls between the two.
-    let feed = BroadcastStream::new(buffer.follow());
+    let feed = BroadcastStream::new(feed);
     let head = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(Bytes::from(text)) });
     let rest = feed.filter_map(|line| async move { line.ok().map(|l| Ok::<Bytes, Infallible>(Bytes::from(l + "\n"))) });
     let body = Body::from_stream(head.chain(rest).take_until(state.shutdown.clone().cancelled_owned()));

@@ -143,8 +143,25 @@ impl LogBuffer {
                 LogSource::Vramgate => {}
             }
             push_bounded(&mut ring.all, LOG_RING_LINES, (number, line.clone()));
+            // Sent under the lock, so that `tail_and_follow` sees each line exactly once: in the
+            // tail it reads, or on the feed it subscribed to in the same critical section.
+            let _ = self.feed.send(line);
+        } else {
+            let _ = self.feed.send(line);
         }
-        let _ = self.feed.send(line);
+    }
+
+    /// The last `n` lines and a feed of every line after them, taken together: no line pushed
+    /// meanwhile is lost between the two, nor seen twice.
+    pub fn tail_and_follow(&self, n: usize) -> (Vec<String>, broadcast::Receiver<String>) {
+        match self.lines.lock() {
+            Ok(ring) => {
+                let tail =
+                    ring.all.iter().skip(ring.all.len().saturating_sub(n)).map(|(_, line)| line.clone()).collect();
+                (tail, self.feed.subscribe())
+            }
+            Err(_) => (Vec::new(), self.feed.subscribe()),
+        }
     }
 
     /// The last `n` lines.
@@ -177,11 +194,6 @@ impl LogBuffer {
             out.push(line.to_string());
         }
         out
-    }
-
-    /// New lines from now on.
-    pub fn follow(&self) -> broadcast::Receiver<String> {
-        self.feed.subscribe()
     }
 }
 
@@ -521,6 +533,36 @@ pub fn reap_leftover(pid: u32, pgid: u32, start_ticks: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `logs -f` reads the tail and subscribes in one step: with a writer pushing all along, every
+    /// line is seen exactly once, in the tail or on the feed, whenever the follower starts. Many
+    /// rounds, so that some follower starts between two pushes; fewer lines a round than the
+    /// feed holds, so a slow reader never lags.
+    #[test]
+    fn a_follower_sees_every_line_once_however_it_races_the_writer() {
+        const LINES: u32 = 200;
+        for _ in 0..300 {
+            let buffer = LogBuffer::new(None);
+            let writer = {
+                let buffer = buffer.clone();
+                std::thread::spawn(move || {
+                    for n in 0..LINES {
+                        buffer.push_from(LogSource::Stdout, n.to_string());
+                    }
+                })
+            };
+            while buffer.tail(1).is_empty() {
+                std::thread::yield_now();
+            }
+            let (tail, mut feed) = buffer.tail_and_follow(usize::MAX);
+            writer.join().expect("writer");
+            let mut seen: Vec<u32> = tail.iter().map(|l| l.parse().expect("a number")).collect();
+            while let Ok(line) = feed.try_recv() {
+                seen.push(line.parse().expect("a number"));
+            }
+            assert_eq!(seen, (0..LINES).collect::<Vec<_>>(), "lines lost or repeated between the tail and the feed");
+        }
+    }
 
     fn spec(script: &str) -> SpawnSpec {
         SpawnSpec {
