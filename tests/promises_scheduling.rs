@@ -351,3 +351,42 @@ async fn pressure_relief_releases_one_model_at_a_time_waiting_for_each_release()
     let took = (Utc::now() - claimed).to_std().unwrap_or_default();
     assert!(took < 5 * SECOND, "relief took {took:?}");
 }
+
+/// Fairness only when it helps: a waiter that could fit only if a leased model went away must not
+/// drain that model, because the lease never ends for it; requests to the ready model keep being
+/// served at once (before, each waited out the waiter's whole `wait`).
+#[tokio::test]
+async fn a_model_a_lease_holds_is_not_drained_for_a_waiter_it_cannot_help() {
+    let daemon = start(
+        |sim| fake_model(sim, "llm", 6000, "", ""),
+        "[scheduler]\nmax_wait_before_swap = \"200ms\"\nqueue_timeout = \"10s\"\n",
+    );
+    let (code, held) = daemon.post("/vramgate/leases", json!({"model": "llm", "ttl": "60s", "holder": "app"})).await;
+    assert_eq!(code, 201, "{held}");
+    // 5000 MiB fit only without llm, which its lease keeps.
+    let waiter = {
+        let url = daemon.url.clone();
+        tokio::spawn(async move {
+            let client = common::http::client();
+            let body = json!({"vram": "5000MiB", "holder": "job", "wait": "3s"});
+            let response = client.post(format!("{url}/vramgate/leases")).json(&body).send().await.expect("POST");
+            response.status().as_u16()
+        })
+    };
+    // Past max_wait_before_swap, by the daemon's own record of when the waiter queued.
+    daemon
+        .wait_for_status(5 * SECOND, "the waiter queued for 600 ms", |s| {
+            s["queue"].as_array().and_then(|q| q.first()).and_then(|w| w["since"].as_str()).is_some_and(|since| {
+                DateTime::parse_from_rfc3339(since)
+                    .is_ok_and(|t| Utc::now().signed_duration_since(t) > chrono::Duration::milliseconds(600))
+            })
+        })
+        .await;
+    let asked = Instant::now();
+    let response = chat(&daemon, json!({"model": "llm", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let took = asked.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(took < SECOND, "a request to the ready llm waited {took:?} behind a waiter draining cannot help");
+    assert!(!daemon.log().contains("draining"), "llm was drained:\n{}", daemon.log());
+    assert_eq!(waiter.await.expect("waiter"), 503, "the waiter gives up after its wait");
+}

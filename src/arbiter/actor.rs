@@ -2033,7 +2033,9 @@ impl Arbiter {
                         // it, so that they go idle and can be swapped out.
                         let (_, mut idle_residents, _) = self.policy_inputs();
                         for resident in &mut idle_residents {
-                            resident.in_use = 0;
+                            // Requests in flight end; a model lease holds until its holder lets
+                            // go, so draining cannot free a model that one holds.
+                            resident.in_use = self.model_lease_count(&resident.id);
                         }
                         let at = millis_since(self.started, now);
                         // Only while draining would help (the plan is redone on every pass), and
@@ -2107,6 +2109,12 @@ impl Arbiter {
                 self.start_load(i, Some(device), request.mib, Placement::Gpu);
             }
         }
+    }
+
+    /// How many leases keep `model` in use (model leases, one-shot external leases).
+    fn model_lease_count(&self, model: &str) -> u32 {
+        let count = self.leases.values().filter(|l| l.grant.model.as_deref() == Some(model)).count();
+        u32::try_from(count).unwrap_or(u32::MAX)
     }
 
     /// Closes the gates of the models some waiter is waiting to swap out (in-flight requests
