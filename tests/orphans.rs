@@ -18,6 +18,11 @@ const SECOND: Duration = Duration::from_secs(1);
 /// sees what the first left) with one model `a` whose command is `sh -c SCRIPT`; `FAKE` in the
 /// script stands for the fake model server's command line.
 fn start(state: &Path, sim: &Path, script: &str, fake_flags: &str) -> Daemon {
+    start_with_keys(state, sim, script, fake_flags, "")
+}
+
+/// As [`start`], with more keys for the model.
+fn start_with_keys(state: &Path, sim: &Path, script: &str, fake_flags: &str, keys: &str) -> Daemon {
     let fake = format!(
         "{} --port ${{PORT}} --sim-dir {} --vram 100 --name a --load-delay 50ms {fake_flags}",
         common::fake(),
@@ -28,7 +33,7 @@ fn start(state: &Path, sim: &Path, script: &str, fake_flags: &str) -> Daemon {
     let sim = sim.to_path_buf();
     Daemon::start(move |_| {
         format!(
-            "[server]\nstate_dir = {state:?}\n{}[models.a]\nbackend = \"process\"\ncmd = [\"sh\", \"-c\", {script:?}]\nvram = 100\n",
+            "[server]\nstate_dir = {state:?}\n{}[models.a]\nbackend = \"process\"\ncmd = [\"sh\", \"-c\", {script:?}]\nvram = 100\n{keys}\n",
             sim_config(&sim, 10000, "50ms", "reserve_mib = 0")
         )
     })
@@ -149,4 +154,22 @@ async fn a_restart_stops_a_group_whose_first_process_is_gone() {
     let pids = load_and_collect(&second).await;
     let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
     assert_eq!(live_servers(&sim).len(), 1, "a single copy runs after the restart");
+}
+
+#[tokio::test]
+async fn an_unload_that_must_kill_leaves_no_escaped_server() {
+    // The wrapper ignores SIGTERM, so the stop's grace runs out and it is killed; the server left
+    // the group with setsid, so a SIGKILL of the group alone (keeper included) would miss it.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sim) = (dir.path().join("state"), dir.path().join("sim"));
+    let script = "(setsid FAKE &); trap '' TERM; while :; do sleep 0.05; done";
+    let daemon = start_with_keys(&state, &sim, script, "--ignore-sigterm", "stop_timeout = \"100ms\"");
+    let pids = load_and_collect(&daemon).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    let (code, body) = daemon.unload("a").await;
+    assert_eq!(code, 200, "{body}");
+    for pid in &pids {
+        assert!(pid_gone_within(*pid, 5 * SECOND), "process {pid} of the model outlived its unload (all: {pids:?})");
+    }
+    assert!(live_servers(&sim).is_empty(), "no server runs after the unload");
 }

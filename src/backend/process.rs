@@ -424,9 +424,10 @@ pub struct Spawner {
 
 impl Spawner {
     /// Starts the spawner thread; it lives until every `Spawner` clone is dropped. Every command
-    /// runs under a keeper: this very binary (`vramgate keeper`).
+    /// runs under a keeper: this very binary (`vramgate keeper`), started as `/proc/self/exe` so
+    /// that it still starts after a package upgrade replaced the file the daemon was run from.
     pub fn start() -> std::io::Result<Spawner> {
-        Spawner::start_with(Some(std::env::current_exe()?))
+        Spawner::start_with(Some(PathBuf::from("/proc/self/exe")))
     }
 
     /// Starts the spawner thread with `keeper` as the keeper binary, or none: then commands are
@@ -466,6 +467,8 @@ fn spawn_now(spec: SpawnSpec, keeper: Option<&Path>) -> Result<ProcessHandle, St
     let mut command = match (keeper, report_fd) {
         (Some(keeper), Some(fd)) => {
             let mut command = Command::new(keeper);
+            // How `ps` shows it; the program itself is this binary whatever its path.
+            command.arg0("vramgate");
             command.args(["keeper", "--report-fd", &fd.to_string(), "--"]).args(&spec.argv);
             command
         }
