@@ -65,9 +65,9 @@ fn reap_leftovers(store: &Store, bus: &EventBus) {
         }
     };
     for record in records {
-        if process::reap_leftover(record.pid, record.pgid, record.start_ticks) {
-            tracing::warn!(pid = record.pid, model = %record.model, "stopped a leftover process of an earlier daemon");
-            bus.publish(EventKind::LeftoverReaped { pid: record.pid, model: record.model.clone() });
+        for pid in process::reap_leftover(&record) {
+            tracing::warn!(pid, model = %record.model, "stopped a leftover process of an earlier daemon");
+            bus.publish(EventKind::LeftoverReaped { pid, model: record.model.clone() });
         }
         if let Err(e) = store.forget_process(record.pid) {
             tracing::error!("{e}");

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod demo;
 pub mod events;
 pub mod gpu;
+pub mod keeper;
 pub mod metrics;
 pub mod monitor;
 pub mod notify;

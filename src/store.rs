@@ -15,12 +15,13 @@ use rusqlite::{Connection, OpenFlags, params};
 /// A process the daemon started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessRecord {
-    /// Process id.
+    /// Process id of the model's command.
     pub pid: u32,
-    /// Its process group (the daemon makes every child a group leader).
+    /// Its process group, led by the command's keeper (see `crate::keeper`); the restarted
+    /// daemon stops every process left in it.
     pub pgid: u32,
-    /// The kernel's start time of the process (`/proc/<pid>/stat` field 22), which tells a
-    /// leftover from an unrelated process that later got the same pid.
+    /// The kernel's start time of the group's leader (`/proc/<pgid>/stat` field 22), which
+    /// tells a leftover from an unrelated process that later got the same pid.
     pub start_ticks: u64,
     /// The model it served.
     pub model: String,

@@ -376,9 +376,11 @@ async fn a_child_outlives_daemon_idleness() {
 
 #[tokio::test]
 async fn a_restart_reaps_a_model_that_outlived_a_kill_9_of_the_daemon() {
-    // A model server that cleared its parent-death signal survives `kill -9` of the daemon,
-    // recorded in the state database as the daemon left it; the next daemon on that state
-    // directory must stop it before admitting anything.
+    // A model server's keeper takes it down with the daemon; with the keeper killed too (both
+    // by SIGKILL, the daemon frozen first so that it cannot stop the server when its keeper
+    // dies), a server that cleared its parent-death signal survives, recorded in the state
+    // database as the daemon left it; the next daemon on that state directory must stop it
+    // before admitting anything.
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state").display().to_string();
     let config = move |model_flags: &'static str| {
@@ -397,6 +399,11 @@ async fn a_restart_reaps_a_model_that_outlived_a_kill_9_of_the_daemon() {
     let pid = body["pid"].as_u64().unwrap() as u32;
     let upstream = body["upstream"].as_str().unwrap().to_string();
     let _guard = common::release::PidGuard::new(pid);
+    let keeper = vramgate::backend::process::proc_stat_field(pid, 5).expect("the server's process group") as i32;
+    assert_ne!(keeper as u32, pid, "the server runs under a keeper that leads its group");
+    first.signal(nix::sys::signal::Signal::SIGSTOP);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill the keeper");
     first.signal(nix::sys::signal::Signal::SIGKILL);
     first.wait_exit(5 * SECOND).expect("the first daemon died");
     // Still serving without its daemon: a real leftover, not a planted record.

@@ -1362,7 +1362,7 @@ impl Arbiter {
         let Some(i) = self.find_generation(id, generation) else { return };
         let record = ProcessRecord {
             pid: handle.pid,
-            pgid: handle.pid,
+            pgid: handle.group,
             start_ticks: handle.start_ticks,
             model: id.to_string(),
             started_at: Utc::now(),
@@ -1558,7 +1558,7 @@ impl Arbiter {
         let mut pids = model.gpu_pids.clone();
         if let Some(handle) = &handle {
             pids.insert(handle.pid);
-            pids.extend(process::group_members(handle.pid));
+            pids.extend(process::group_members(handle.group));
         }
         let grace = model.spec.stop_timeout;
         let limit = model.spec.release_timeout;
@@ -2376,6 +2376,8 @@ impl Arbiter {
             }
             if let Some(process) = &model.process {
                 servers.insert(process.pid, i);
+                // Its group, led by its keeper: the workers a wrapper starts are in it.
+                servers.insert(process.group, i);
             }
             if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid).or(model.oneshot.flatten())
                 && model.on_gpu()

@@ -1,15 +1,19 @@
 //! The `process` backend: supervised server processes (llama-server, whisper.cpp server, any
 //! command with an HTTP health check).
 //!
-//! No zombies, no orphans: every child is its own process-group leader (so a stop reaches its
-//! workers too) and gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the daemon. That signal fires
-//! when the *thread* that forked the child exits, so all forks happen on one [`Spawner`] thread
-//! that lives as long as the daemon, never on a pool thread that may retire. Each child's stdout and
+//! No zombies, no orphans: every command runs under a keeper (`vramgate keeper`, see
+//! [`crate::keeper`]), which leads the model's process group (so a stop reaches its workers too),
+//! is a child subreaper (so descendants that double-fork away from the group are still its
+//! own), and kills every descendant when the command exits or the daemon dies. The keeper gets
+//! `PR_SET_PDEATHSIG(SIGTERM)`; that signal fires when the *thread* that forked it exits, so all
+//! forks happen on one [`Spawner`] thread that lives as long as the daemon, never on a pool thread
+//! that may retire. Each command's stdout and
 //! stderr are drained continuously by their own threads into a [`LogBuffer`] (a pipe nobody reads
 //! fills up and stalls the child), and one more thread waits for its exit.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -38,6 +42,13 @@ const HEALTH_POLL: Duration = Duration::from_millis(25);
 /// returns; reporting at once would leave them out of the error. Bounded, because a grandchild
 /// that inherited the pipes can keep them open long after the process itself is gone.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+/// How long a stop that had to SIGKILL the command waits for its keeper to sweep the rest and
+/// exit before killing the keeper too.
+const KEEPER_SWEEP_WAIT: Duration = Duration::from_secs(3);
+/// How far the start time of a recorded group leader, read as wall-clock time, may lie from the
+/// time the record was written: farther means the record is from an earlier boot, whose ticks
+/// say nothing about today's processes.
+const SAME_BOOT_SLACK_SECS: u64 = 10;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -228,9 +239,12 @@ impl std::fmt::Display for ExitInfo {
 /// A running (or finished) child.
 #[derive(Clone)]
 pub struct ProcessHandle {
-    /// Its pid, which is also its process group id.
+    /// The command's pid (what status shows as the model's process).
     pub pid: u32,
-    /// Kernel start time, to recognise it in the store after a restart.
+    /// Its process group: the keeper's pid (the command's own pid when started without one).
+    pub group: u32,
+    /// Kernel start time of the group's leader, to recognise the group in the store after a
+    /// restart.
     pub start_ticks: u64,
     /// `None` while running; set once when it exits.
     pub exit: watch::Receiver<Option<ExitInfo>>,
@@ -339,7 +353,7 @@ impl ProcessHandle {
     /// SIGTERM to the group, up to `grace` for it to exit, then SIGKILL; then SIGKILL for any
     /// straggler left in the group. Returns how it ended and whether SIGKILL was needed.
     pub async fn stop(&self, grace: Duration) -> (ExitInfo, bool) {
-        let group = Pid::from_raw(self.pid as i32);
+        let group = Pid::from_raw(self.group as i32);
         if self.exited().is_none() {
             let _ = killpg(group, Signal::SIGTERM);
         }
@@ -348,7 +362,17 @@ impl ProcessHandle {
             Ok(info) => info,
             Err(_) => {
                 killed = true;
-                let _ = killpg(group, Signal::SIGKILL);
+                // Everything but the keeper first: it then sees the command die and sweeps the
+                // descendants that left the group, which a SIGKILL of the keeper would orphan.
+                let has_keeper = self.group != self.pid;
+                if has_keeper {
+                    for pid in group_members(self.group).into_iter().filter(|pid| *pid != self.group) {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                }
+                if !has_keeper || tokio::time::timeout(KEEPER_SWEEP_WAIT, self.wait_exit()).await.is_err() {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
                 // A process stuck in the kernel (a wedged driver) may not die even now: bound the
                 // wait so a release cannot hang forever.
                 match tokio::time::timeout(KILL_WAIT, self.wait_exit()).await {
@@ -364,7 +388,7 @@ impl ProcessHandle {
                 }
             }
         };
-        if !group_members(self.pid).is_empty() {
+        if !group_members(self.group).is_empty() {
             let _ = killpg(group, Signal::SIGKILL);
         }
         (info, killed)
@@ -399,12 +423,21 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    /// Starts the spawner thread; it lives until every `Spawner` clone is dropped.
+    /// Starts the spawner thread; it lives until every `Spawner` clone is dropped. Every command
+    /// runs under a keeper: this very binary (`vramgate keeper`), started as `/proc/self/exe` so
+    /// that it still starts after a package upgrade replaced the file the daemon was run from.
     pub fn start() -> std::io::Result<Spawner> {
+        Spawner::start_with(Some(PathBuf::from("/proc/self/exe")))
+    }
+
+    /// Starts the spawner thread with `keeper` as the keeper binary, or none: then commands are
+    /// started directly, and a wrapper's children can outlive a killed daemon (for unit tests,
+    /// whose binary is not `vramgate`).
+    pub fn start_with(keeper: Option<PathBuf>) -> std::io::Result<Spawner> {
         let (jobs, queue) = std::sync::mpsc::channel::<SpawnJob>();
         std::thread::Builder::new().name("vramgate-spawner".into()).spawn(move || {
             for (spec, reply) in queue {
-                let _ = reply.send(spawn_now(spec));
+                let _ = reply.send(spawn_now(spec, keeper.as_deref()));
             }
         })?;
         Ok(Spawner { jobs })
@@ -420,11 +453,31 @@ impl Spawner {
     }
 }
 
-fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
+fn spawn_now(spec: SpawnSpec, keeper: Option<&Path>) -> Result<ProcessHandle, StartError> {
     let program = spec.argv.first().cloned().unwrap_or_default();
     let fail = |message: String| StartError::Spawn { program: program.clone(), message };
-    let mut command = Command::new(&program);
-    command.args(&spec.argv[1.min(spec.argv.len())..]);
+    // The keeper tells on this pipe which pid the command got, or why it could not start it.
+    let report = match keeper {
+        Some(_) => Some(
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(format!("cannot open a pipe: {e}")))?,
+        ),
+        None => None,
+    };
+    let report_fd = report.as_ref().map(|(_, write)| write.as_raw_fd());
+    let mut command = match (keeper, report_fd) {
+        (Some(keeper), Some(fd)) => {
+            let mut command = Command::new(keeper);
+            // How `ps` shows it; the program itself is this binary whatever its path.
+            command.arg0("vramgate");
+            command.args(["keeper", "--report-fd", &fd.to_string(), "--"]).args(&spec.argv);
+            command
+        }
+        _ => {
+            let mut command = Command::new(&program);
+            command.args(&spec.argv[1.min(spec.argv.len())..]);
+            command
+        }
+    };
     // NOTIFY_SOCKET is the daemon's own line to systemd: a model server that speaks sd_notify
     // (some do) must not report "ready" or "stopping" on the daemon's behalf.
     command.env_remove("NOTIFY_SOCKET");
@@ -434,10 +487,20 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     }
     command.process_group(0);
     let parent = std::process::id() as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
+    // The keeper catches SIGTERM and kills everything below it; a direct command just dies.
+    let death_signal = if keeper.is_some() { Signal::SIGTERM } else { Signal::SIGKILL };
+    // SAFETY: only async-signal-safe calls (fcntl, prctl, getppid, _exit) run between fork and
+    // exec.
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if let Some(fd) = report_fd {
+                // Only the keeper inherits the report pipe (it is close-on-exec for every other
+                // child the daemon forks).
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            nix::sys::prctl::set_pdeathsig(death_signal).map_err(std::io::Error::from)?;
             // The daemon may have died between fork and prctl; then nobody would ever kill us.
             if nix::unistd::getppid().as_raw() != parent {
                 nix::libc::_exit(1);
@@ -446,7 +509,22 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
         });
     }
     let mut child = command.spawn().map_err(|e| fail(e.to_string()))?;
-    let pid = child.id();
+    let group = child.id();
+    let pid = match report {
+        Some((read, write)) => {
+            drop(write);
+            match read_report(read) {
+                Ok(pid) => pid,
+                Err(message) => {
+                    // The keeper exits at once after an error report (or died before any).
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(fail(message));
+                }
+            }
+        }
+        None => group,
+    };
     let logs = LogBuffer::new(spec.log_file.as_deref());
     logs.push(format!("--- vramgate started pid {pid}: {} ---", spec.argv.join(" ")));
     // Each reader holds a clone of `reader_open` until its pipe reaches end-of-file; the waiter
@@ -460,7 +538,7 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     }
     drop(reader_open);
     // Read before the waiter can reap it: after that the pid may be gone.
-    let start_ticks = proc_stat_field(pid, 22).unwrap_or(0);
+    let start_ticks = proc_stat_field(group, 22).unwrap_or(0);
     let (exit_tx, exit) = watch::channel(None);
     let exit_logs = logs.clone();
     let waiter = std::thread::Builder::new().name(format!("vramgate-wait-{pid}")).spawn(move || {
@@ -476,10 +554,33 @@ fn spawn_now(spec: SpawnSpec) -> Result<ProcessHandle, StartError> {
     });
     if let Err(e) = waiter {
         // Without a waiter nobody would reap it: stop it now rather than leak a zombie.
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = killpg(Pid::from_raw(group as i32), Signal::SIGKILL);
         return Err(fail(format!("cannot start its waiter thread: {e}")));
     }
-    Ok(ProcessHandle { pid, start_ticks, exit, logs })
+    Ok(ProcessHandle { pid, group, start_ticks, exit, logs })
+}
+
+/// Reads the keeper's one report line: the command's pid, or why it could not be started.
+fn read_report(pipe: std::os::fd::OwnedFd) -> Result<u32, String> {
+    let mut text = String::new();
+    // Bounded: the report is one short line; the keeper closes the pipe right after it.
+    std::fs::File::from(pipe)
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the keeper's report: {e}"))?;
+    parse_report(&text)
+}
+
+/// Parses the keeper's report: `pid N` or `error MESSAGE`.
+fn parse_report(text: &str) -> Result<u32, String> {
+    let line = text.lines().next().unwrap_or("");
+    if let Some(pid) = line.strip_prefix("pid ") {
+        return pid.trim().parse().map_err(|_| format!("the keeper reported a bad pid {pid:?}"));
+    }
+    match line.strip_prefix("error ") {
+        Some(message) => Err(message.to_string()),
+        None => Err("the keeper exited before starting it".to_string()),
+    }
 }
 
 /// Reads a pipe line by line into the log until it closes; `open` is dropped then, which tells
@@ -507,27 +608,73 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, source: LogSour
     }
 }
 
-/// Stops a process recorded by an earlier daemon, if it is still the same process (same start
-/// time). Returns whether something was stopped.
-pub fn reap_leftover(pid: u32, pgid: u32, start_ticks: u64) -> bool {
-    if proc_stat_field(pid, 22) != Some(start_ticks) {
-        // Gone, or the pid now belongs to someone else (after a reboot, every record is stale):
-        // leave it alone. While our group existed its leader's pid could not be reused, so a
-        // group with that id now is not ours either.
-        return false;
+/// Stops every leftover of a group recorded by an earlier daemon: each live process of the
+/// recorded process group that started no earlier than the group's leader, even when the leader
+/// itself (the keeper) is gone. Returns the pids stopped.
+///
+/// Safe against pid reuse: a leader pid alive with another start time is someone else's group;
+/// a record whose start ticks, read as wall-clock time, do not match when it was written is from
+/// an earlier boot; and while any member of our group lives, the kernel reuses neither its id as
+/// a new pid nor as a new group id.
+pub fn reap_leftover(record: &crate::store::ProcessRecord) -> Vec<u32> {
+    let leader_start = proc_stat_field(record.pgid, 22);
+    if leader_start.is_some_and(|ticks| ticks != record.start_ticks) {
+        return Vec::new();
     }
-    let group = Pid::from_raw(pgid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
+    if !started_this_boot(record.start_ticks, record.started_at.timestamp()) {
+        return Vec::new();
+    }
+    let members = || -> Vec<u32> {
+        group_members(record.pgid)
+            .into_iter()
+            .filter(|pid| proc_stat_field(*pid, 22).is_some_and(|ticks| ticks >= record.start_ticks))
+            .collect()
+    };
+    let found = members();
+    if found.is_empty() {
+        return found;
+    }
+    for pid in &found {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+    }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && proc_stat_field(pid, 22) == Some(start_ticks) {
-        if crate::gpu::pid_is_alive(pid) {
-            std::thread::sleep(Duration::from_millis(10));
-        } else {
-            break;
-        }
+    while Instant::now() < deadline && !members().is_empty() {
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = killpg(group, Signal::SIGKILL);
-    true
+    for pid in members() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    found
+}
+
+/// Whether a process that started `start_ticks` clock ticks after this boot could have been
+/// recorded at `recorded_at` (Unix seconds): if not, the record is from an earlier boot.
+fn started_this_boot(start_ticks: u64, recorded_at: i64) -> bool {
+    let (Some(boot), Some(ticks_per_second)) = (boot_time(), clock_ticks_per_second()) else {
+        // Without the boot time, trust the start-time match alone (the old rule).
+        return true;
+    };
+    same_boot(start_ticks, ticks_per_second, boot, recorded_at)
+}
+
+/// The pure part of [`started_this_boot`].
+fn same_boot(start_ticks: u64, ticks_per_second: u64, boot: i64, recorded_at: i64) -> bool {
+    let since_boot = i64::try_from(start_ticks / ticks_per_second.max(1)).unwrap_or(i64::MAX);
+    let started = boot.saturating_add(since_boot);
+    started.abs_diff(recorded_at) <= SAME_BOOT_SLACK_SECS
+}
+
+/// The boot time in Unix seconds (`btime` in `/proc/stat`).
+fn boot_time() -> Option<i64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|line| line.strip_prefix("btime "))?.trim().parse().ok()
+}
+
+/// The kernel's clock ticks per second (the unit of `/proc/<pid>/stat` start times).
+fn clock_ticks_per_second() -> Option<u64> {
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0)
 }
 
 #[cfg(test)]
@@ -574,6 +721,30 @@ mod tests {
     }
 
     #[test]
+    fn the_keepers_report_gives_a_pid_or_the_reason() {
+        assert_eq!(parse_report("pid 4321\n"), Ok(4321));
+        assert_eq!(
+            parse_report("error No such file or directory (os error 2)\n"),
+            Err("No such file or directory (os error 2)".into())
+        );
+        assert_eq!(parse_report(""), Err("the keeper exited before starting it".into()));
+        assert!(parse_report("pid many").unwrap_err().contains("bad pid"));
+    }
+
+    #[test]
+    fn a_record_from_an_earlier_boot_is_not_this_boots_process() {
+        // Booted at 1000 s, 100 ticks a second: ticks 5000 mean started at 1050 s.
+        assert!(same_boot(5000, 100, 1000, 1050));
+        assert!(same_boot(5000, 100, 1000, 1058));
+        // Recorded an hour before this boot's process could have started: an earlier boot.
+        assert!(!same_boot(5000, 100, 1000, 1050 - 3600));
+        assert!(!same_boot(5000, 100, 1000, 1050 + 3600));
+        // Absurd values saturate rather than overflow.
+        assert!(!same_boot(u64::MAX, 1, i64::MAX, i64::MIN));
+        assert!(!same_boot(1, 0, 0, 1_000_000));
+    }
+
+    #[test]
     fn expansion_of_placeholders() {
         assert_eq!(expand("--port=${PORT} ${MODEL_ID}@${DEVICE}", 8080, "llm", Some(1)), "--port=8080 llm@1");
         assert_eq!(expand("${DEVICE}", 1, "x", None), "");
@@ -589,7 +760,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_is_captured_and_exit_reported() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let handle = spawner.spawn(spec("echo out; echo err >&2; exit 7")).await.unwrap();
         let exit = handle.wait_exit().await;
         assert_eq!(exit.code, Some(7));
@@ -605,7 +776,7 @@ mod tests {
         // The last words are written right before the exit, behind a screenful of earlier output
         // that the readers are still working through (the pipes hold up to 64 KiB each) when the
         // exit arrives. Repeated, because it is a race.
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let http = reqwest::Client::new();
         let script = "seq 1 8000; seq 1 8000 >&2; echo 'on stdout'; echo 'out of memory' >&2; exit 3";
         for attempt in 0..10 {
@@ -621,7 +792,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_grandchild_holding_the_pipes_delays_the_exit_report_only_briefly() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         // The background sleep inherits both pipes and keeps them open after its parent exits.
         let handle = spawner.spawn(spec("sleep 30 & echo bye >&2; exit 5")).await.unwrap();
         let started = Instant::now();
@@ -634,7 +805,7 @@ mod tests {
 
     #[tokio::test]
     async fn exit_during_start_up_carries_status_and_output() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let handle = spawner.spawn(spec("echo 'model file missing' >&2; exit 4")).await.unwrap();
         let http = reqwest::Client::new();
         let err =
@@ -646,7 +817,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_term_ignoring_child_is_killed_after_the_grace() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let handle = spawner.spawn(spec("trap '' TERM; echo ready; while true; do sleep 0.01; done")).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !handle.logs.tail(5).iter().any(|l| l == "ready") {
@@ -668,7 +839,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let mut bad = spec("");
         bad.argv = vec!["/nonexistent/llama-server".into()];
         let err = spawner.spawn(bad).await.err().unwrap();
@@ -677,7 +848,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_endless_line_is_split_not_hoarded() {
-        let spawner = Spawner::start().unwrap();
+        let spawner = Spawner::start_with(None).unwrap();
         let handle = spawner.spawn(spec("head -c 40000 /dev/zero | tr '\\0' x; echo")).await.unwrap();
         handle.wait_exit().await;
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -57,6 +57,10 @@ enum Command {
     /// is hidden from the help, and kept in this binary so the demo needs no other file).
     #[command(hide = true)]
     DemoModel(crate::demo::model_server::ModelServerArgs),
+    /// Run a model command under a keeper that takes every process it starts down with the
+    /// daemon (the daemon starts it for each model; not for users, so hidden from the help).
+    #[command(hide = true)]
+    Keeper(crate::keeper::KeeperArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish or powershell) on stdout.
     Completions(completions::CompletionsArgs),
     /// Print the man page vramgate(1) on stdout, or write every page into a directory (--dir).
@@ -97,6 +101,7 @@ pub fn main() -> ExitCode {
         },
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
         Command::DemoModel(args) => crate::demo::model_server::main(args),
+        Command::Keeper(args) => crate::keeper::main(args),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => man::run(args),
     }

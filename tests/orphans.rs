@@ -1,0 +1,175 @@
+//! End-to-end: no process a model starts outlives the daemon, however it was started (through a
+//! shell wrapper, a wrapper that exits while its server lives, a server that double-forks out of
+//! its process group), even under `kill -9` of the daemon; and a restarted daemon stops what an
+//! earlier one left behind and runs a single copy of the model.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::release::{PidGuard, logged_events, pid_gone_within};
+use common::{Daemon, sim_config};
+use nix::sys::signal::Signal;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A daemon on a 10000 MiB sim device in `sim` (shared by the daemons of one test, so the second
+/// sees what the first left) with one model `a` whose command is `sh -c SCRIPT`; `FAKE` in the
+/// script stands for the fake model server's command line.
+fn start(state: &Path, sim: &Path, script: &str, fake_flags: &str) -> Daemon {
+    start_with_keys(state, sim, script, fake_flags, "")
+}
+
+/// As [`start`], with more keys for the model.
+fn start_with_keys(state: &Path, sim: &Path, script: &str, fake_flags: &str, keys: &str) -> Daemon {
+    let fake = format!(
+        "{} --port ${{PORT}} --sim-dir {} --vram 100 --name a --load-delay 50ms {fake_flags}",
+        common::fake(),
+        sim.display()
+    );
+    let script = script.replace("FAKE", &fake);
+    let state = state.display().to_string();
+    let sim = sim.to_path_buf();
+    Daemon::start(move |_| {
+        format!(
+            "[server]\nstate_dir = {state:?}\n{}[models.a]\nbackend = \"process\"\ncmd = [\"sh\", \"-c\", {script:?}]\nvram = 100\n{keys}\n",
+            sim_config(&sim, 10000, "50ms", "reserve_mib = 0")
+        )
+    })
+}
+
+/// The pids of live fake servers holding a claim on sim device 0.
+fn live_servers(sim: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(sim.join("0")) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| vramgate::gpu::pid_is_alive(*pid))
+        .collect()
+}
+
+/// Whether `done` holds within `deadline` (polled every 5 ms).
+fn holds_within(deadline: Duration, done: impl Fn() -> bool) -> bool {
+    let end = std::time::Instant::now() + deadline;
+    while !done() {
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// Loads `a`; returns every process of the model: the command, the server (which answers with
+/// its pid) and the command's process-group leader.
+async fn load_and_collect(daemon: &Daemon) -> Vec<u32> {
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}\nlog:\n{}", daemon.log());
+    let command = body["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("the model's pid");
+    let upstream = body["upstream"].as_str().expect("upstream").to_string();
+    let health = common::http::get(format!("{upstream}/health")).await.expect("the server answers");
+    let server: u32 = health.headers()["x-fake-pid"].to_str().ok().and_then(|p| p.parse().ok()).expect("x-fake-pid");
+    let mut pids = vec![command, server];
+    if let Some(group) = vramgate::backend::process::proc_stat_field(command, 5) {
+        pids.push(group as u32);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Loads through `script`, kills the daemon with SIGKILL, and checks that every process of the
+/// model dies with it; then a second daemon on the same state loads a single copy.
+async fn nothing_survives_a_kill_9(script: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sim) = (dir.path().join("state"), dir.path().join("sim"));
+    let mut first = start(&state, &sim, script, "");
+    let pids = load_and_collect(&first).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    assert_eq!(live_servers(&sim).len(), 1, "one server runs");
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(5 * SECOND).expect("the daemon died");
+    for pid in &pids {
+        assert!(pid_gone_within(*pid, 5 * SECOND), "process {pid} of the model outlived the daemon (all: {pids:?})");
+    }
+
+    let second = start(&state, &sim, script, "");
+    let pids = load_and_collect(&second).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    let servers = live_servers(&sim);
+    assert_eq!(servers.len(), 1, "a single copy runs after the restart: {servers:?}");
+}
+
+#[tokio::test]
+async fn a_server_behind_a_shell_wrapper_dies_with_the_daemon() {
+    // The shell waits for the server, then says so: it does not exec it.
+    nothing_survives_a_kill_9("FAKE; echo exited").await;
+}
+
+#[tokio::test]
+async fn a_server_whose_wrapper_exited_dies_with_the_daemon() {
+    // The inner shell starts the server in the background and exits at once: the server lives on
+    // without its parent, in the model's process group.
+    nothing_survives_a_kill_9("sh -c 'FAKE &'; exec sleep 3600").await;
+}
+
+#[tokio::test]
+async fn a_server_that_double_forks_out_of_the_group_dies_with_the_daemon() {
+    // setsid puts the server in a session and process group of its own, and the subshell that
+    // started it exits: neither the group nor the parent links lead to it any more.
+    nothing_survives_a_kill_9("(setsid FAKE &); exec sleep 3600").await;
+}
+
+#[tokio::test]
+async fn a_restart_stops_a_group_whose_first_process_is_gone() {
+    // The keeper and the daemon both killed with SIGKILL (nothing is left to sweep), and a server
+    // that cleared its own parent-death signal: it survives in the recorded group, whose first
+    // process is gone. The next daemon must stop it before admitting anything, and say so.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sim) = (dir.path().join("state"), dir.path().join("sim"));
+    let script = "FAKE; echo exited";
+    let mut first = start(&state, &sim, script, "--survive-parent-death");
+    let pids = load_and_collect(&first).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    let server = live_servers(&sim);
+    assert_eq!(server.len(), 1);
+    let server = server[0];
+    let group = vramgate::backend::process::proc_stat_field(server, 5).expect("the server's group") as i32;
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(5 * SECOND).expect("the daemon died");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(group), Signal::SIGKILL);
+    // Gone from /proc, not only dead: a zombie leader still holds its pid, and the first
+    // process's pid being free is the case to cover.
+    assert!(
+        holds_within(10 * SECOND, || vramgate::backend::process::proc_stat_field(group as u32, 22).is_none()),
+        "the group's first process {group} was not reaped"
+    );
+    assert!(vramgate::gpu::pid_is_alive(server), "the server survived: a real leftover");
+
+    let second = start(&state, &sim, "FAKE", "");
+    let reaped: Vec<u64> =
+        logged_events(&second, "leftover_reaped").iter().filter_map(|event| event["pid"].as_u64()).collect();
+    assert!(reaped.contains(&u64::from(server)), "leftover_reaped for {server}: {reaped:?}\n{}", second.log());
+    assert!(pid_gone_within(server, 2 * SECOND), "the leftover {server} still runs");
+    let pids = load_and_collect(&second).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    assert_eq!(live_servers(&sim).len(), 1, "a single copy runs after the restart");
+}
+
+#[tokio::test]
+async fn an_unload_that_must_kill_leaves_no_escaped_server() {
+    // The wrapper ignores SIGTERM, so the stop's grace runs out and it is killed; the server left
+    // the group with setsid, so a SIGKILL of the group alone (keeper included) would miss it.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sim) = (dir.path().join("state"), dir.path().join("sim"));
+    let script = "(setsid FAKE &); trap '' TERM; while :; do sleep 0.05; done";
+    let daemon = start_with_keys(&state, &sim, script, "--ignore-sigterm", "stop_timeout = \"100ms\"");
+    let pids = load_and_collect(&daemon).await;
+    let _guards: Vec<PidGuard> = pids.iter().map(|pid| PidGuard::new(*pid)).collect();
+    let (code, body) = daemon.unload("a").await;
+    assert_eq!(code, 200, "{body}");
+    for pid in &pids {
+        assert!(pid_gone_within(*pid, 5 * SECOND), "process {pid} of the model outlived its unload (all: {pids:?})");
+    }
+    assert!(live_servers(&sim).is_empty(), "no server runs after the unload");
+}
