@@ -55,10 +55,10 @@ impl Drop for PidGuard {
             && vramgate::backend::process::proc_stat_field(self.pid, 22) == self.start_ticks
             && vramgate::gpu::pid_is_alive(self.pid)
         {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(self.pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            // The process itself; and, when it leads a group (a model's keeper does), the group.
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
