@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Daemon, fake_model, output, sim_config, vramgate};
+use common::{Daemon, fake_model, output, output_within, sim_config, vramgate};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -278,9 +278,11 @@ fn serve_listen_on_a_non_loopback_address_without_a_token_exits_2() {
         &["serve", "--demo", "--listen", "0.0.0.0:0"],
     ];
     for args in runs {
-        // Were the check missing, the daemon would run: the deadline of `output` fails the test.
-        let out =
-            output(vramgate().args(args).env("XDG_STATE_HOME", dir.path().join("state")).env_remove("VRAMGATE_TOKEN"));
+        // Were the check missing, the daemon would run: the deadline fails the test.
+        let out = output_within(
+            vramgate().args(args).env("XDG_STATE_HOME", dir.path().join("state")).env_remove("VRAMGATE_TOKEN"),
+            Duration::from_secs(20),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         for named in
