@@ -314,17 +314,17 @@ fn the_cli_sends_vramgate_token_and_says_when_one_is_needed() {
     }
     for args in [&["status"][..], &["load", "a"], &["unload", "a"], &["logs", "a"], &["mode"], &["events"]] {
         let out = cli(&daemon, None, args);
-        assert!(!out.status.success(), "{args:?} without a token");
+        assert_eq!(out.status.code(), Some(1), "{args:?} without a token");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("the daemon requires a token: set VRAMGATE_TOKEN"), "{args:?}: {stderr}");
 
         let out = cli(&daemon, Some("wrong"), args);
-        assert!(!out.status.success(), "{args:?} with a wrong token");
+        assert_eq!(out.status.code(), Some(1), "{args:?} with a wrong token");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("rejected the token in VRAMGATE_TOKEN"), "{args:?}: {stderr}");
     }
     let out = cli(&daemon, None, &["run", "--vram", "100M", "--", "true"]);
-    assert!(!out.status.success(), "run without a token");
+    assert_eq!(out.status.code(), Some(75), "run without a token gets no lease");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("set VRAMGATE_TOKEN"),
         "{}",
