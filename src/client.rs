@@ -6,7 +6,7 @@ use futures_util::{Stream, StreamExt};
 
 use crate::api::PREFIX;
 use crate::arbiter::LeaseGrant;
-use crate::config::DEFAULT_LISTEN;
+use crate::config::{DEFAULT_LISTEN, TOKEN_ENV, Token, token_from_env};
 use crate::events::Event;
 use crate::status::{ModelStatus, Status};
 
@@ -20,10 +20,13 @@ pub fn default_url() -> String {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// `VRAMGATE_TOKEN`, sent as `Authorization: Bearer …` on every request when set.
+    token: Option<Token>,
 }
 
 impl Client {
-    /// A client for the daemon at `base` (e.g. `http://127.0.0.1:9777`).
+    /// A client for the daemon at `base` (e.g. `http://127.0.0.1:9777`), authenticating with
+    /// `VRAMGATE_TOKEN` when it is set.
     pub fn new(base: &str) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -33,7 +36,7 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .context("cannot create the HTTP client")?;
-        Ok(Client { base, http })
+        Ok(Client { base, http, token: token_from_env() })
     }
 
     fn url(&self, path: &str) -> String {
@@ -49,6 +52,10 @@ impl Client {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token.secret()),
+            None => request,
+        };
         let request = request.build().context("cannot build the request")?;
         let url = request.url().to_string();
         let response = self.http.execute(request).await.map_err(|e| {
@@ -62,6 +69,13 @@ impl Client {
             return Ok(response);
         }
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            let message = match self.token {
+                None => format!("the daemon requires a token: set {TOKEN_ENV} ({status} from {url})"),
+                Some(_) => format!("the daemon rejected the token in {TOKEN_ENV} ({status} from {url})"),
+            };
+            return Err(DaemonRefused { status: status.as_u16(), message }.into());
+        }
         let body = response.text().await.unwrap_or_default();
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()

@@ -49,12 +49,23 @@ pub struct Config {
     /// The text and file the config came from, kept so that checks that need the devices (which
     /// only the probe knows) can still point at the offending line.
     #[serde(skip)]
-    source: Option<(Option<PathBuf>, String)>,
+    source: Option<(Option<PathBuf>, SourceText)>,
     /// The config file's directory (absolute): what relative paths in models are resolved
     /// against. `None` for a config not read from a file (then they stay relative to the
     /// daemon's working directory).
     #[serde(skip)]
     base_dir: Option<PathBuf>,
+}
+
+/// A config file's text, kept for error positions. Its `Debug` form gives only the length: the
+/// text may hold `server.token`.
+#[derive(Clone, Default)]
+struct SourceText(String);
+
+impl fmt::Debug for SourceText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SourceText({} bytes)", self.0.len())
+    }
 }
 
 /// `[server]`.
@@ -68,12 +79,84 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// A `[modes.NAME]` applied once at start-up.
     pub initial_mode: Option<String>,
+    /// The bearer token every route but `/vramgate/health` requires; `None` = no authentication.
+    /// `VRAMGATE_TOKEN`, when set and not empty, overrides it (see [`TOKEN_ENV`]).
+    pub token: Option<Token>,
+    /// Lets a non-loopback `listen` run without a token. Off by default: the API starts and
+    /// stops processes, so exposing it without credentials must be a deliberate choice.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), state_dir: None, initial_mode: None }
+        ServerConfig {
+            listen: default_listen(),
+            state_dir: None,
+            initial_mode: None,
+            token: None,
+            allow_unauthenticated: false,
+        }
     }
+}
+
+/// The environment variable that sets the API token; it wins over `server.token`, so that a
+/// secret can stay out of a config file that is shared or checked in.
+pub const TOKEN_ENV: &str = "VRAMGATE_TOKEN";
+
+/// An API token. Its `Debug` form and its serialized form never show the secret, so neither a
+/// log line nor a config dump can leak it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// A token with this secret.
+    pub fn new(secret: impl Into<String>) -> Token {
+        Token(secret.into())
+    }
+
+    /// The secret, for the one place that compares it.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Serialize for Token {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+/// `VRAMGATE_TOKEN`, if it is set and not empty.
+pub fn token_from_env() -> Option<Token> {
+    std::env::var(TOKEN_ENV).ok().filter(|v| !v.is_empty()).map(Token)
+}
+
+/// Whether an address reaches only this machine (IPv4 127.0.0.0/8, IPv6 `::1`, and `::1`'s
+/// IPv4-mapped forms).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// Why `listen` may not run as configured: a non-loopback address without a token and without
+/// `allow_unauthenticated`. `None` when it may.
+pub fn exposure_problem(server: &ServerConfig) -> Option<String> {
+    if is_loopback(&server.listen) || server.token.is_some() || server.allow_unauthenticated {
+        return None;
+    }
+    Some(format!(
+        "{} is reachable from other machines, but no token is set: anyone who can reach it could start and \
+         stop processes. Set server.token (or the {TOKEN_ENV} environment variable) so that clients must send \
+         `Authorization: Bearer TOKEN`, listen on a loopback address (127.0.0.1) in server.listen, or set \
+         server.allow_unauthenticated = true to expose it without credentials on purpose",
+        server.listen
+    ))
 }
 
 /// `[modes.NAME]`: which models go where. Applying it releases and demotes first, then loads.
@@ -672,6 +755,12 @@ impl Config {
     /// Parses and validates config text; `file` labels errors and anchors relative paths (see
     /// the module docs).
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, Box<ConfigError>> {
+        Config::parse_with_token(text, file, token_from_env())
+    }
+
+    /// As [`Config::parse`], with the token from the environment given (so tests do not depend
+    /// on the environment they run in): `env_token`, when `Some`, replaces `server.token`.
+    fn parse_with_token(text: &str, file: Option<&Path>, env_token: Option<Token>) -> Result<Config, Box<ConfigError>> {
         let place = |span: Option<Range<usize>>, key: Option<String>, message: String| {
             ConfigError::at(text, file.map(Path::to_path_buf), span, key, message)
         };
@@ -699,14 +788,22 @@ impl Config {
             place(e.inner().span(), key, message)
         })?;
         let mut config = config;
-        config.source = Some((file.map(Path::to_path_buf), text.to_string()));
+        if let Some(token) = env_token {
+            config.server.token = Some(token);
+        }
+        config.source = Some((file.map(Path::to_path_buf), SourceText(text.to_string())));
         // `absolute` does not follow symlinks: a config linked from elsewhere is anchored where
         // its path says it is, as a shell's `cd "$(dirname "$file")"` would be.
         config.base_dir =
             file.and_then(|f| std::path::absolute(f).ok()).and_then(|f| f.parent().map(Path::to_path_buf));
         if let Err((path, message)) = config.validate() {
             let span = locate(text, &path);
-            return Err(place(span, Some(render_path(&path)), message));
+            let mut error = place(span, Some(render_path(&path)), message);
+            if path == key_path(&["server", "token"]) {
+                // The line holds the secret (or most of it); the key and line number suffice.
+                error.source_line = None;
+            }
+            return Err(error);
         }
         if let Some(sim) = &config.gpu.sim
             && config.gpu.probe == ProbeChoice::Sim
@@ -722,7 +819,7 @@ impl Config {
     /// `parse` for the sim device and by the daemon once the probe has listed the real devices.
     pub fn check_devices(&self, device_totals_mib: &[u64]) -> Result<(), Box<ConfigError>> {
         let Err((path, message)) = self.validate_devices(device_totals_mib) else { return Ok(()) };
-        let (file, text) = self.source.clone().unwrap_or((None, String::new()));
+        let (file, SourceText(text)) = self.source.clone().unwrap_or_default();
         let span = locate(&text, &path);
         Err(ConfigError::at(&text, file, span, Some(render_path(&path)), message))
     }
@@ -793,7 +890,7 @@ impl Config {
     /// that cannot be found or run on this machine (the config may be meant for another one, so
     /// this is a warning, not an error).
     pub fn warnings(&self) -> Vec<ConfigError> {
-        let (file, text) = self.source.clone().unwrap_or((None, String::new()));
+        let (file, SourceText(text)) = self.source.clone().unwrap_or_default();
         let mut warnings = Vec::new();
         for (id, model) in &self.models {
             if model.backend != Backend::Process {
@@ -868,8 +965,35 @@ impl Config {
             .collect()
     }
 
+    /// Checks `server.listen` against the token after `serve --listen` replaced it: the same
+    /// rule as validation, reported as the flag's error (the file has no line for it).
+    pub fn check_exposure(&self) -> Result<(), Box<ConfigError>> {
+        let Some(message) = exposure_problem(&self.server) else { return Ok(()) };
+        let file = self.source.as_ref().and_then(|(file, _)| file.clone());
+        Err(Box::new(ConfigError {
+            file,
+            key: Some("server.listen".into()),
+            line: None,
+            column: None,
+            message: format!("--listen {message}"),
+            source_line: None,
+        }))
+    }
+
     /// The checks serde cannot express. Returns the offending key and the message.
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        if let Some(token) = &self.server.token
+            && (token.0.is_empty() || token.0.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            // A header value cannot carry it, so no client could ever authenticate.
+            return Err((
+                key_path(&["server", "token"]),
+                format!("(or {TOKEN_ENV}) must be a non-empty string without whitespace or control characters"),
+            ));
+        }
+        if let Some(message) = exposure_problem(&self.server) {
+            return Err((key_path(&["server", "listen"]), message));
+        }
         let gpu = &self.gpu;
         for (key, value) in
             [("warning_pct", gpu.warning_pct), ("critical_pct", gpu.critical_pct), ("emergency_pct", gpu.emergency_pct)]
@@ -1500,6 +1624,73 @@ ttl = "0"
         let err = parse_err("[gpu]\nprobe = \n");
         assert_eq!(err.line, Some(2));
         assert!(err.key.is_none());
+    }
+
+    /// Parses with no token from the environment, whatever the test's environment says.
+    fn parse_without_env(text: &str) -> Result<Config, Box<ConfigError>> {
+        Config::parse_with_token(text, None, None)
+    }
+
+    #[test]
+    fn non_loopback_listen_without_token_is_refused_naming_the_keys() {
+        for listen in ["0.0.0.0:9777", "192.168.1.20:9777", "[::]:9777"] {
+            let text = format!("[gpu]\nprobe = \"none\"\n\n[server]\nlisten = \"{listen}\"\n");
+            let err = parse_without_env(&text).expect_err(listen);
+            assert_eq!(err.key.as_deref(), Some("server.listen"), "{listen}");
+            assert_eq!(err.line, Some(5), "{listen}");
+            for named in ["server.token", "VRAMGATE_TOKEN", "server.allow_unauthenticated"] {
+                assert!(err.message.contains(named), "{listen}: {named} not in {}", err.message);
+            }
+        }
+    }
+
+    #[test]
+    fn non_loopback_listen_is_accepted_with_a_token_or_explicitly_unauthenticated() {
+        let with_token = parse_without_env("[server]\nlisten = \"0.0.0.0:9777\"\ntoken = \"s3cret\"\n").expect("token");
+        assert_eq!(with_token.server.token, Some(Token::new("s3cret")));
+        let open = parse_without_env("[server]\nlisten = \"0.0.0.0:9777\"\nallow_unauthenticated = true\n")
+            .expect("allow_unauthenticated");
+        assert!(open.server.token.is_none());
+        // The environment's token counts as a token, and wins over the file's.
+        let from_env = Config::parse_with_token(
+            "[server]\nlisten = \"0.0.0.0:9777\"\ntoken = \"file\"\n",
+            None,
+            Some(Token::new("env")),
+        )
+        .expect("env token");
+        assert_eq!(from_env.server.token, Some(Token::new("env")));
+        for loopback in ["127.0.0.1:9777", "127.0.0.2:1", "[::1]:9777", "[::ffff:127.0.0.1]:9777"] {
+            parse_without_env(&format!("[server]\nlisten = \"{loopback}\"\n")).expect(loopback);
+        }
+    }
+
+    #[test]
+    fn listen_override_is_checked_against_the_token() {
+        let mut config = parse_without_env("").expect("empty config");
+        config.server.listen = "0.0.0.0:0".parse().expect("address");
+        let err = config.check_exposure().expect_err("exposed without a token");
+        assert_eq!(err.key.as_deref(), Some("server.listen"));
+        assert!(err.message.starts_with("--listen 0.0.0.0:0 "), "{}", err.message);
+        config.server.token = Some(Token::new("s3cret"));
+        config.check_exposure().expect("with a token");
+    }
+
+    #[test]
+    fn unusable_tokens_are_refused() {
+        for token in ["", "two words", "tab\\there"] {
+            let err = parse_without_env(&format!("[server]\ntoken = \"{token}\"\n")).expect_err(token);
+            assert_eq!(err.key.as_deref(), Some("server.token"), "{token:?}");
+            assert_eq!(err.line, Some(2), "{token:?}");
+            assert_eq!(err.source_line, None, "the token's line is not echoed");
+        }
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_or_serialized_output() {
+        let config = parse_without_env("[server]\ntoken = \"s3cret-value\"\n").expect("token");
+        assert!(!format!("{config:?}").contains("s3cret-value"));
+        let serialized = toml::to_string(&config).expect("serialize");
+        assert!(!serialized.contains("s3cret-value"), "{serialized}");
     }
 
     #[test]

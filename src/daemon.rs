@@ -168,6 +168,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         stall_timeout: (!config.proxy.stall_timeout.is_zero()).then(|| config.proxy.stall_timeout.get()),
         bus,
         shutdown: shutdown.clone(),
+        token: config.server.token.clone(),
     });
     let client_timeout = (!config.proxy.client_timeout.is_zero()).then(|| config.proxy.client_timeout.get());
     let listener = ClientListener { inner: listener, write_timeout: client_timeout };

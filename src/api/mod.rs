@@ -4,6 +4,7 @@
 //! (`/api/...`) surfaces can use their standard paths beside them; `/metrics` is at the path
 //! Prometheus expects.
 
+mod auth;
 mod external;
 mod leases;
 mod manage;
@@ -51,13 +52,15 @@ pub struct AppState {
     pub bus: EventBus,
     /// Cancelled at shutdown; long-lived responses (the event stream) end on it.
     pub shutdown: CancellationToken,
+    /// `server.token` (or `VRAMGATE_TOKEN`): when set, every route but health requires it.
+    pub token: Option<crate::config::Token>,
 }
 
-/// Every route.
+/// Every route; with a token, all of them but health behind [`auth`].
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let token = state.token.clone();
+    let guarded = Router::new()
         .route("/", get(manage::index))
-        .route(&format!("{PREFIX}/health"), get(manage::health))
         .route(&format!("{PREFIX}/status"), get(manage::status))
         .route(&format!("{PREFIX}/events"), get(manage::events))
         .route(&format!("{PREFIX}/models"), get(models::list))
@@ -87,8 +90,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
-        .fallback(not_found)
-        .with_state(state)
+        .fallback(not_found);
+    // A layer wraps only the routes (and the fallback) added before it, so health, added after,
+    // stays open: supervisors and load balancers probe it without credentials.
+    let guarded = match token {
+        Some(token) => guarded.layer(axum::middleware::from_fn_with_state(Arc::new(token), auth::require_token)),
+        None => guarded,
+    };
+    guarded.route(&format!("{PREFIX}/health"), get(manage::health)).with_state(state)
 }
 
 /// A JSON error a person can act on.

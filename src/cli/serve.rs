@@ -68,11 +68,18 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
                  `vramgate serve --demo` shows what vramgate does (no GPU needed), and docs/configuration.md \
                  in vramgate's repository says how to declare your models"
             );
-            Config::default()
+            let mut config = Config::default();
+            config.server.token = crate::config::token_from_env();
+            config
         }
     };
     if let Some(listen) = args.listen {
         config.server.listen = listen;
+        // The file's own listen was checked when it was read; the flag's is checked here.
+        if let Err(e) = config.check_exposure() {
+            eprintln!("vramgate: invalid config: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
     }
     let result = run_daemon(config, |addr| {
         print_listening(addr);
@@ -139,21 +146,27 @@ fn run_demo(listen: Option<SocketAddr>) -> ExitCode {
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            let listen = config.server.listen;
-            let vramgate = crate::demo::command_name(&exe);
-            let result = run_daemon(config, |addr| {
-                print_listening(addr);
-                super::print_line(&demo.intro(addr, &vramgate));
-            });
-            let busy = result.as_ref().is_err_and(is_address_in_use);
-            let code = exit_code(result);
-            if busy {
-                eprintln!(
-                    "vramgate: something already listens on {listen} (another vramgate?); \
+            // The demo runs processes too: exposing it needs a token like any daemon.
+            if let Err(e) = config.check_exposure() {
+                eprintln!("vramgate: invalid config: {e}");
+                ExitCode::from(super::EXIT_CONFIG)
+            } else {
+                let listen = config.server.listen;
+                let vramgate = crate::demo::command_name(&exe);
+                let result = run_daemon(config, |addr| {
+                    print_listening(addr);
+                    super::print_line(&demo.intro(addr, &vramgate));
+                });
+                let busy = result.as_ref().is_err_and(is_address_in_use);
+                let code = exit_code(result);
+                if busy {
+                    eprintln!(
+                        "vramgate: something already listens on {listen} (another vramgate?); \
                      `vramgate serve --demo --listen 127.0.0.1:0` picks a free port"
-                );
+                    );
+                }
+                code
             }
-            code
         }
         Err(e) => {
             // The config is generated; this is a bug, but the user still gets the exact error.

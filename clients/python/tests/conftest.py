@@ -67,8 +67,9 @@ def raw_request(url: str, method: str = "GET", body: Optional[bytes] = None) -> 
 class Daemon:
     """A running ``vramgate serve`` on a sim device."""
 
-    def __init__(self, tmp: Path, config: str) -> None:
+    def __init__(self, tmp: Path, config: str, token: Optional[str] = None) -> None:
         self.dir = tmp
+        self.token = token
         self.sim_dir = tmp / "sim"
         (self.sim_dir / "0").mkdir(parents=True, exist_ok=True)
         self.config_path = tmp / "vramgate.toml"
@@ -84,6 +85,8 @@ class Daemon:
             env["XDG_STATE_HOME"] = str(tmp / "xdg-state")
             env.setdefault("VRAMGATE_LOG", "debug")
             env.pop("VRAMGATE_CONFIG", None)
+            # The daemon's token is the test's (in the config), never the user's environment's.
+            env.pop("VRAMGATE_TOKEN", None)
             with open(self.stderr_path, "wb") as stderr:
                 self.proc = subprocess.Popen(
                     [str(_binary("VRAMGATE_BIN", "vramgate")), "serve", "--config", str(self.config_path)],
@@ -93,7 +96,7 @@ class Daemon:
                     env=env,
                 )
             if self._wait_healthy():
-                self.client = Client(self.url, timeout=10)
+                self.client = Client(self.url, timeout=10, token=token)
                 return
             last_log = self.log()
             self.stop()
@@ -106,7 +109,8 @@ class Daemon:
             "[server]\n"
             f'listen = "127.0.0.1:{self.port}"\n'
             f'state_dir = "{self.dir / "state"}"\n'
-            "[gpu]\n"
+            + (f"token = {json.dumps(self.token)}\n" if self.token is not None else "")
+            + "[gpu]\n"
             'probe = "sim"\n'
             'sample_interval = "50ms"\n'
             "[gpu.sim]\n"
@@ -213,14 +217,15 @@ def fake_model(sim_dir: Path, mib: int, name: str = "fake", extra: str = "") -> 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """A factory: ``start_daemon(lambda sim_dir: "[models.x] ...")`` starts a daemon with that
-    config appended to the sim base (or with a plain string); stopped at teardown."""
+    config appended to the sim base (or with a plain string), and with ``token=...`` as its
+    ``server.token`` (the fixture's client sends it); stopped at teardown."""
     started: List[Daemon] = []
 
-    def start(config: "str | Callable[[Path], str]" = "") -> Daemon:
+    def start(config: "str | Callable[[Path], str]" = "", token: Optional[str] = None) -> Daemon:
         home = tmp_path / f"daemon{len(started)}"
         home.mkdir()
         text = config(home / "sim") if callable(config) else config
-        daemon = Daemon(home, text)
+        daemon = Daemon(home, text, token)
         started.append(daemon)
         return daemon
 

@@ -19,9 +19,10 @@ USER_AGENT = "vramgate-python"
 
 
 class Endpoint:
-    """A parsed daemon URL (``http://HOST:PORT`` with an optional path prefix)."""
+    """A parsed daemon URL (``http://HOST:PORT`` with an optional path prefix) and the token sent
+    to it as ``Authorization: Bearer TOKEN``, if any."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: Optional[str] = None) -> None:
         url = url.strip().rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -34,6 +35,8 @@ class Endpoint:
         except ValueError as e:
             raise ValueError(f"invalid vramgate URL {url!r}: {e}") from None
         self.prefix = parts.path.rstrip("/")
+        # An empty token is no token, as an empty VRAMGATE_TOKEN is for the daemon and the CLI.
+        self.token = token or None
 
     def connection(self, timeout: Timeout) -> http.client.HTTPConnection:
         """A new, unconnected connection."""
@@ -153,6 +156,8 @@ def open_request(
     try:
         sock.settimeout(read_timeout)
         headers: Dict[str, str] = {"Accept": accept, "User-Agent": USER_AGENT}
+        if endpoint.token is not None:
+            headers["Authorization"] = f"Bearer {endpoint.token}"
         data: Optional[bytes] = None
         if body is not None:
             data = json.dumps(body).encode("utf-8")

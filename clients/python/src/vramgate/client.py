@@ -59,6 +59,9 @@ class Client:
     Args:
         url: the daemon's base URL; default ``$VRAMGATE_URL``, else ``http://127.0.0.1:9777``
             (the same as the ``vramgate`` command line).
+        token: the daemon's API token (``server.token``), sent as ``Authorization: Bearer
+            TOKEN`` on every request, streams included; default ``$VRAMGATE_TOKEN``; ``None``
+            with no such variable sends none.
         timeout: seconds to wait for the daemon to accept a connection and to answer quick
             requests (status, mode, acknowledgements). Calls that wait for work to be done
             (:meth:`load`, :meth:`unload`, :meth:`set_mode`, a lease waiting for memory) wait
@@ -69,10 +72,14 @@ class Client:
     answers at ``url``.
     """
 
-    def __init__(self, url: Optional[str] = None, timeout: Timeout = 30.0) -> None:
+    def __init__(
+        self, url: Optional[str] = None, timeout: Timeout = 30.0, *, token: Optional[str] = None
+    ) -> None:
         if url is None:
             url = os.environ.get("VRAMGATE_URL") or DEFAULT_URL
-        self._endpoint = Endpoint(url)
+        if token is None:
+            token = os.environ.get("VRAMGATE_TOKEN")
+        self._endpoint = Endpoint(url, token)
         self.url: str = self._endpoint.url
         self.timeout: Timeout = timeout
 
