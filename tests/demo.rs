@@ -47,8 +47,10 @@ impl Sandbox {
             .env("HOME", self.home.path())
             .env("XDG_STATE_HOME", self.state.path())
             .env("TMPDIR", self.tmp.path())
-            // The demo must ignore a config named by the environment.
+            // The demo must ignore a config named by the environment, and, on loopback, a token
+            // the user exported for their own daemon (its printed curl lines send none).
             .env("VRAMGATE_CONFIG", self.home.path().join("no-such-config.toml"))
+            .env("VRAMGATE_TOKEN", "the-users-own-token")
             .env_remove("VRAMGATE_LOG");
         command
     }

@@ -104,6 +104,7 @@ fn the_harness_points_commands_away_from_the_user() {
     assert_eq!(envs["XDG_STATE_HOME"].as_deref(), Some(home.join(".local/state").as_os_str()));
     assert_eq!(envs["VRAMGATE_URL"].as_deref(), Some(std::ffi::OsStr::new(common::NO_DAEMON_URL)));
     assert_eq!(envs["VRAMGATE_CONFIG"], None, "the user's VRAMGATE_CONFIG is removed");
+    assert_eq!(envs["VRAMGATE_TOKEN"], None, "the user's VRAMGATE_TOKEN is removed");
 
     // A CLI command that names no daemon fails at once, naming the harmless address.
     let output = common::output(common::vramgate().arg("status"));

@@ -146,6 +146,11 @@ fn run_demo(listen: Option<SocketAddr>) -> ExitCode {
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
+            // On loopback the demo ignores VRAMGATE_TOKEN, as it ignores VRAMGATE_CONFIG: the curl
+            // lines it prints send no token, and they must work as printed.
+            if crate::config::is_loopback(&config.server.listen) {
+                config.server.token = None;
+            }
             // The demo runs processes too: exposing it needs a token like any daemon.
             if let Err(e) = config.check_exposure() {
                 eprintln!("vramgate: invalid config: {e}");

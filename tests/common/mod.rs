@@ -33,8 +33,8 @@ pub const NO_DAEMON_URL: &str = "http://127.0.0.1:1";
 
 /// The rule of the test harness: every `vramgate` a test runs is isolated from the user's machine.
 /// Its home, state and config directories are a scratch directory under cargo's target tmp dir,
-/// `VRAMGATE_URL` points at no daemon, and the user's `VRAMGATE_CONFIG` and `VRAMGATE_LOG` are
-/// dropped. So no test reads or writes `~/.local/state/vramgate`, and none talks to a daemon on
+/// `VRAMGATE_URL` points at no daemon, and the user's `VRAMGATE_CONFIG`, `VRAMGATE_LOG` and
+/// `VRAMGATE_TOKEN` are dropped. So no test reads or writes `~/.local/state/vramgate`, and none talks to a daemon on
 /// the default port, even while the user's own daemon runs there. A test that needs a daemon
 /// passes its URL (`--url`, or `.env("VRAMGATE_URL", …)`) and, for `serve`, a `--listen` port of 0
 /// and a temp state directory (as [`Daemon::start`] does).
@@ -56,6 +56,7 @@ pub fn isolate(command: &mut Command) -> &mut Command {
         .env("VRAMGATE_URL", NO_DAEMON_URL)
         .env_remove("VRAMGATE_CONFIG")
         .env_remove("VRAMGATE_LOG")
+        .env_remove("VRAMGATE_TOKEN")
 }
 
 /// The scratch home of this test binary's commands, inside cargo's target directory (never the
