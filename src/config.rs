@@ -133,6 +133,12 @@ impl Serialize for Token {
     }
 }
 
+/// Whether a token can travel in an `Authorization` header as is: visible ASCII, no spaces (a
+/// header value may not carry anything else, so no client could ever present it).
+pub fn token_is_usable(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// `VRAMGATE_TOKEN`, if it is set and not empty.
 pub fn token_from_env() -> Option<Token> {
     std::env::var(TOKEN_ENV).ok().filter(|v| !v.is_empty()).map(Token)
@@ -704,6 +710,15 @@ impl ConfigError {
             }
             None => (None, None, None),
         };
+        // Whatever went wrong near the token, the error must not carry it to a log: not its line,
+        // and not serde's quote of its value.
+        let near_token = |text: &str| text.to_ascii_lowercase().contains("token");
+        let source_line = source_line.filter(|line| !near_token(line));
+        let message = if key.as_deref().is_some_and(near_token) {
+            "must be a string of visible ASCII characters (the value is not shown)".to_string()
+        } else {
+            message
+        };
         Box::new(ConfigError { file, key, line, column, message, source_line })
     }
 }
@@ -983,12 +998,12 @@ impl Config {
     /// The checks serde cannot express. Returns the offending key and the message.
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
         if let Some(token) = &self.server.token
-            && (token.0.is_empty() || token.0.chars().any(|c| c.is_control() || c.is_whitespace()))
+            && !token_is_usable(&token.0)
         {
             // A header value cannot carry it, so no client could ever authenticate.
             return Err((
                 key_path(&["server", "token"]),
-                format!("(or {TOKEN_ENV}) must be a non-empty string without whitespace or control characters"),
+                format!("(or {TOKEN_ENV}) must be a non-empty string of visible ASCII characters (no spaces)"),
             ));
         }
         if let Some(message) = exposure_problem(&self.server) {
@@ -1676,8 +1691,23 @@ ttl = "0"
     }
 
     #[test]
+    fn a_malformed_token_is_not_echoed_by_the_error() {
+        for text in [
+            "[server]\ntoken = 12345678\n",
+            "[server]\ntoken = \"abc\n",
+            "server = { token = \"s3cr3t\", bogus = 1 }\n",
+        ] {
+            let err = parse_without_env(text).expect_err(text);
+            let shown = err.to_string();
+            for secret in ["12345678", "abc", "s3cr3t"] {
+                assert!(!shown.contains(secret), "{text:?}: the error shows the token: {shown}");
+            }
+        }
+    }
+
+    #[test]
     fn unusable_tokens_are_refused() {
-        for token in ["", "two words", "tab\\there"] {
+        for token in ["", "two words", "tab\\there", "caf\u{e9}"] {
             let err = parse_without_env(&format!("[server]\ntoken = \"{token}\"\n")).expect_err(token);
             assert_eq!(err.key.as_deref(), Some("server.token"), "{token:?}");
             assert_eq!(err.line, Some(2), "{token:?}");

@@ -52,6 +52,8 @@ extern "C" fn on_stop_signal(_: nix::libc::c_int) {
 pub fn main(args: KeeperArgs) -> ExitCode {
     // The daemon pid as seen at start: when it changes, the daemon is gone.
     let daemon = nix::unistd::getppid();
+    // Started as /proc/self/exe, the process would be named "exe" in ps, top and crash reports.
+    let _ = nix::sys::prctl::set_name(c"vramgate-keeper");
     let mut report = args.report_fd.map(|fd| {
         // SAFETY: the daemon passes a pipe's write end it opened for us alone and closed on its
         // side; nothing else in this process owns that descriptor.
@@ -128,6 +130,37 @@ pub fn main(args: KeeperArgs) -> ExitCode {
 enum Ending {
     Code(i32),
     Signal(Signal),
+    /// A signal nix has no name for (the real-time ones, 32 to 64): its number.
+    OtherSignal(i32),
+}
+
+/// What one non-blocking wait for any child found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaped {
+    /// No child has changed state (or there is no child).
+    Nothing,
+    Exited(u32, i32),
+    Signaled(u32, i32),
+    /// A child stopped or continued; nothing was reaped.
+    Other,
+}
+
+/// Waits for any child without blocking, decoding the status itself: nix's `waitpid` reaps a
+/// child killed by a real-time signal and then fails to name the signal, losing the exit.
+fn reap_one() -> Reaped {
+    let mut status: nix::libc::c_int = 0;
+    // SAFETY: waitpid writes only into `status`, a valid c_int.
+    let pid = unsafe { nix::libc::waitpid(-1, &mut status, nix::libc::WNOHANG) };
+    let Ok(pid) = u32::try_from(pid) else { return Reaped::Nothing };
+    if pid == 0 {
+        Reaped::Nothing
+    } else if nix::libc::WIFEXITED(status) {
+        Reaped::Exited(pid, nix::libc::WEXITSTATUS(status))
+    } else if nix::libc::WIFSIGNALED(status) {
+        Reaped::Signaled(pid, nix::libc::WTERMSIG(status))
+    } else {
+        Reaped::Other
+    }
 }
 
 /// Reaps every child (the command and orphans reparented to the keeper) until the command exits
@@ -136,16 +169,14 @@ fn supervise(daemon: Pid, command_pid: u32) -> Ending {
     let mut forwarded = false;
     loop {
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() as u32 == command_pid => {
-                    return Ending::Code(code);
+            match reap_one() {
+                Reaped::Exited(pid, code) if pid == command_pid => return Ending::Code(code),
+                Reaped::Signaled(pid, number) if pid == command_pid => {
+                    return Signal::try_from(number).map_or(Ending::OtherSignal(number), Ending::Signal);
                 }
-                Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() as u32 == command_pid => {
-                    return Ending::Signal(signal);
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Reaped::Nothing => break,
                 // An orphan reaped, or a stop/continue report: look again.
-                Ok(_) => {}
+                Reaped::Exited(..) | Reaped::Signaled(..) | Reaped::Other => {}
             }
         }
         if nix::unistd::getppid() != daemon {
@@ -154,8 +185,12 @@ fn supervise(daemon: Pid, command_pid: u32) -> Ending {
         }
         if STOP_ASKED.load(Ordering::SeqCst) && !forwarded {
             forwarded = true;
-            for pid in descendants() {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            // The group got the stop signal already (the daemon signals the whole group); a second
+            // SIGTERM makes servers such as llama-server abort ("second interrupt"). Only those
+            // that left the group hear it from the keeper.
+            let group: BTreeSet<u32> = crate::backend::process::group_members(std::process::id()).into_iter().collect();
+            for pid in descendants().difference(&group) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
             }
         }
         std::thread::sleep(POLL);
@@ -228,6 +263,8 @@ pub fn parse_children(text: &str) -> Vec<u32> {
 fn mirror(ending: Ending) -> ExitCode {
     match ending {
         Ending::Code(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        // No name, so no portable way to repeat it: say it the shell's way.
+        Ending::OtherSignal(number) => ExitCode::from(u8::try_from(128 + number.clamp(0, 127)).unwrap_or(255)),
         Ending::Signal(signal) => {
             let no_core = nix::libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             // SAFETY: setrlimit with a valid struct has no memory effects.

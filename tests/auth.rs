@@ -397,3 +397,61 @@ async fn no_api_input_makes_the_daemon_run_a_command() {
     let status = daemon.status().await;
     assert_eq!(common::model_in(&status, "a")["pid"], pid, "the same configured process serves `a`: {status}");
 }
+
+/// The daemon's token is vramgate's own: it never travels on to a model server (an Ollama may be
+/// another host, over plain http). A raw upstream records every request head it gets.
+#[tokio::test]
+async fn the_token_never_reaches_a_model_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, port_file) = common::stand_in::port_reporting_cmd(dir.path());
+    let daemon = start(None, |sim| {
+        format!(
+            "[server]\ntoken = \"{TOKEN}\"\n{}[models.up]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"none\"\n",
+            sim_config(sim, 8192, "50ms", "")
+        )
+    });
+    let (code, body) = {
+        let response = common::http::client()
+            .post(format!("{}/vramgate/models/up/load", daemon.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("load");
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
+    };
+    assert_eq!(code, 200, "{body}");
+    let port: u16 = std::fs::read_to_string(&port_file).expect("the reported port").trim().parse().expect("a port");
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("serve on the model's port");
+    {
+        let heads = heads.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut stream, &mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                heads.lock().unwrap().push(String::from_utf8_lossy(&head).to_lowercase());
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+                let _ = std::io::Write::write_all(&mut stream, answer);
+            }
+        });
+    }
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let response = common::http::client()
+            .post(format!("{}{path}", daemon.url))
+            .bearer_auth(TOKEN)
+            .json(&json!({"model": "up", "messages": [], "input": "x"}))
+            .send()
+            .await
+            .expect("a proxied request");
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "both requests reached the model server: {heads:?}");
+    for head in &heads {
+        assert!(!head.contains(TOKEN) && !head.contains("authorization"), "the token went upstream: {head}");
+    }
+}

@@ -135,9 +135,12 @@ async fn a_restart_stops_a_group_whose_first_process_is_gone() {
     assert_eq!(server.len(), 1);
     let server = server[0];
     let group = vramgate::backend::process::proc_stat_field(server, 5).expect("the server's group") as i32;
+    // Freeze the daemon first, so its keeper cannot notice a dead parent and sweep before it is
+    // killed itself; then the keeper; then the daemon.
+    first.signal(Signal::SIGSTOP);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(group), Signal::SIGKILL);
     first.signal(Signal::SIGKILL);
     first.wait_exit(5 * SECOND).expect("the daemon died");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(group), Signal::SIGKILL);
     // Gone from /proc, not only dead: a zombie leader still holds its pid, and the first
     // process's pid being free is the case to cover.
     assert!(
@@ -172,4 +175,52 @@ async fn an_unload_that_must_kill_leaves_no_escaped_server() {
         assert!(pid_gone_within(*pid, 5 * SECOND), "process {pid} of the model outlived its unload (all: {pids:?})");
     }
     assert!(live_servers(&sim).is_empty(), "no server runs after the unload");
+}
+
+/// A graceful stop signals the model's group once: the keeper passes SIGTERM on only to the
+/// processes that left the group. A second SIGTERM makes servers such as llama-server abort at
+/// once ("second interrupt", exit 1) instead of shutting down cleanly.
+#[tokio::test]
+async fn an_unload_sends_the_model_one_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("terms");
+    // Counts the SIGTERMs it gets, and exits 300 ms after the first.
+    let script = format!(
+        "n=0; trap 'n=$((n+1)); echo $n > {count}; [ $n -eq 1 ] && (sleep 0.3; kill -USR1 $$) &' TERM; \
+         trap 'exit 0' USR1; while :; do sleep 0.05; done",
+        count = count.display()
+    );
+    let daemon = Daemon::start(|sim| {
+        format!(
+            "{}[models.m]\nbackend = \"process\"\ncmd = {:?}\nhealth = \"none\"\nstop_timeout = \"5s\"\n",
+            sim_config(sim, 8192, "50ms", ""),
+            ["sh", "-c", &script]
+        )
+    });
+    let (code, body) = daemon.load("m").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = daemon.unload("m").await;
+    assert_eq!(code, 200, "{body}");
+    let terms = std::fs::read_to_string(&count).expect("the model got a SIGTERM");
+    assert_eq!(terms.trim(), "1", "SIGTERMs the model got");
+}
+
+/// A command killed by a real-time signal (which has no name in nix) is still seen to end: the
+/// keeper reports it, and the model is released as crashed instead of staying "ready".
+#[tokio::test]
+async fn a_model_killed_by_a_real_time_signal_is_seen_to_crash() {
+    let daemon = Daemon::start(|sim| {
+        format!(
+            "{}[models.m]\nbackend = \"process\"\ncmd = [\"sh\", \"-c\", \"while :; do sleep 0.05; done\"]\nhealth = \"none\"\n",
+            sim_config(sim, 8192, "50ms", "")
+        )
+    });
+    let (code, body) = daemon.load("m").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("the command's pid") as i32;
+    let realtime = nix::libc::SIGRTMIN() + 1;
+    // SAFETY: kill with a plain pid and signal number has no memory effects.
+    assert_eq!(unsafe { nix::libc::kill(pid, realtime) }, 0, "signal the command");
+    let model = daemon.wait_model_state("m", "unloaded", 5 * SECOND).await;
+    assert_eq!(model["state_reason"], "crashed", "{model}");
 }

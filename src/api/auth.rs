@@ -13,9 +13,14 @@ use axum::response::{IntoResponse, Response};
 use crate::config::Token;
 
 /// The middleware: passes the request on when it carries the token, else answers 401.
-pub(super) async fn require_token(State(token): State<Arc<Token>>, request: Request, next: Next) -> Response {
+pub(super) async fn require_token(State(token): State<Arc<Token>>, mut request: Request, next: Next) -> Response {
     match presented_token(request.headers()) {
-        Some(presented) if tokens_match(presented.as_bytes(), token.secret().as_bytes()) => next.run(request).await,
+        Some(presented) if tokens_match(presented.as_bytes(), token.secret().as_bytes()) => {
+            // The credential is vramgate's own: it must never travel on to a model server (an
+            // Ollama may be another host, over plain http).
+            request.headers_mut().remove(header::AUTHORIZATION);
+            next.run(request).await
+        }
         presented => {
             let message = if presented.is_some() {
                 "the token is wrong: send the daemon's token as `Authorization: Bearer TOKEN` (VRAMGATE_TOKEN for the CLI)"

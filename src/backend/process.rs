@@ -481,6 +481,9 @@ fn spawn_now(spec: SpawnSpec, keeper: Option<&Path>) -> Result<ProcessHandle, St
     // NOTIFY_SOCKET is the daemon's own line to systemd: a model server that speaks sd_notify
     // (some do) must not report "ready" or "stopping" on the daemon's behalf.
     command.env_remove("NOTIFY_SOCKET");
+    // The daemon's API token is not the model's business (a server that logs its environment
+    // would write it to disk).
+    command.env_remove(crate::config::TOKEN_ENV);
     command.envs(&spec.env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
@@ -617,16 +620,26 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, source: LogSour
 /// an earlier boot; and while any member of our group lives, the kernel reuses neither its id as
 /// a new pid nor as a new group id.
 pub fn reap_leftover(record: &crate::store::ProcessRecord) -> Vec<u32> {
-    let leader_start = proc_stat_field(record.pgid, 22);
-    if leader_start.is_some_and(|ticks| ticks != record.start_ticks) {
+    // Never this daemon's own process or group, nor init's.
+    let me = std::process::id();
+    let my_group = proc_stat_field(me, 5);
+    if record.pgid <= 1 || record.pgid == me || my_group == Some(u64::from(record.pgid)) {
         return Vec::new();
     }
-    if !started_this_boot(record.start_ticks, record.started_at.timestamp()) {
-        return Vec::new();
+    let leader_start = proc_stat_field(record.pgid, 22);
+    match leader_start {
+        // Another process has the recorded leader's pid: the group is not ours.
+        Some(ticks) if ticks != record.start_ticks => return Vec::new(),
+        // The leader itself, by pid and start time: ours.
+        Some(_) => {}
+        // The leader is gone: trust the record only if it is from this boot.
+        None if !started_this_boot(record.start_ticks, record.started_at.timestamp()) => return Vec::new(),
+        None => {}
     }
     let members = || -> Vec<u32> {
         group_members(record.pgid)
             .into_iter()
+            .filter(|pid| *pid != me)
             .filter(|pid| proc_stat_field(*pid, 22).is_some_and(|ticks| ticks >= record.start_ticks))
             .collect()
     };

@@ -70,6 +70,14 @@ pub(super) fn run(args: ServeArgs) -> ExitCode {
             );
             let mut config = Config::default();
             config.server.token = crate::config::token_from_env();
+            // Without a file the variable is the only source: check it as the file's would be.
+            if config.server.token.as_ref().is_some_and(|t| !crate::config::token_is_usable(t.secret())) {
+                eprintln!(
+                    "vramgate: invalid config: {} must be a non-empty string of visible ASCII characters (no spaces)",
+                    crate::config::TOKEN_ENV
+                );
+                return ExitCode::from(super::EXIT_CONFIG);
+            }
             config
         }
     };
