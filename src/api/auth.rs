@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use crate::config::Token;
 
@@ -55,13 +55,7 @@ fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
 
 /// The 401 in the shape of the surface `path` belongs to.
 fn unauthorized(path: &str, message: &str) -> Response {
-    let mut response = if path == "/v1" || path.starts_with("/v1/") {
-        super::openai::error(StatusCode::UNAUTHORIZED, message, "invalid_api_key")
-    } else if path == "/api" || path.starts_with("/api/") {
-        (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({ "error": message }))).into_response()
-    } else {
-        super::ApiError::new(StatusCode::UNAUTHORIZED, message).into_response()
-    };
+    let mut response = super::surface_error(path, StatusCode::UNAUTHORIZED, message, "invalid_api_key");
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
 }

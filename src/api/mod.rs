@@ -90,7 +90,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
-        .fallback(not_found);
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     // A layer wraps only the routes (and the fallback) added before it, so health, added after,
     // stays open: supervisors and load balancers probe it without credentials.
     let guarded = match token {
@@ -145,6 +146,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint at {}; see GET / for the list", uri.path()))
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    surface_error(path, StatusCode::NOT_FOUND, &format!("no endpoint at {path}; see GET / for the list"), "not_found")
+}
+
+/// A known path asked with a method it does not serve (`GET /api/chat`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let message = format!("{method} is not served at {path}; see GET / for the methods each endpoint takes");
+    surface_error(path, StatusCode::METHOD_NOT_ALLOWED, &message, "method_not_allowed")
+}
+
+/// An error in the shape of the surface `path` belongs to, so that each surface's clients can
+/// read it: OpenAI's `{"error": {"message", "type", "code"}}` under `/v1/`, Ollama's
+/// `{"error": "…"}` under `/api/` (its clients call string methods on it), and the management
+/// shape elsewhere. `openai_code` is the OpenAI-style code.
+pub(super) fn surface_error(path: &str, status: StatusCode, message: &str, openai_code: &str) -> Response {
+    if path == "/v1" || path.starts_with("/v1/") {
+        openai::error(status, message, openai_code)
+    } else if path == "/api" || path.starts_with("/api/") {
+        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    } else {
+        ApiError::new(status, message).into_response()
+    }
 }
