@@ -18,10 +18,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-fn bin() -> &'static str {
-    common::bin()
-}
-
 /// The places a demo could write to outside its temp dir, each an empty temp dir to check.
 struct Sandbox {
     home: tempfile::TempDir,
@@ -79,7 +75,7 @@ impl DemoDaemon {
         let stderr_path = log_dir.join("demo-stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut child = sandbox
-            .command(bin())
+            .command(common::bin())
             .args(["serve", "--demo", "--listen", listen])
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -300,10 +296,10 @@ async fn the_printed_lines_work_as_printed_and_the_demo_leaves_nothing_behind() 
 
     // The three lines to try: curl, the CLI (by its full path: it is not on PATH here), curl.
     let commands: Vec<&String> =
-        printed.iter().filter(|l| l.starts_with("curl ") || l.starts_with(&format!("{} ", bin()))).collect();
+        printed.iter().filter(|l| l.starts_with("curl ") || l.starts_with(&format!("{} ", common::bin()))).collect();
     let [chat, load, vision] = commands[..] else { panic!("expected three command lines, got {commands:#?}") };
     assert!(chat.contains(&url) && vision.contains(&url), "{chat}\n{vision}");
-    assert_eq!(*load, format!("{} load stt --url {url}", bin()));
+    assert_eq!(*load, format!("{} load stt --url {url}", common::bin()));
 
     // 1. A chat with llm loads it and gets the canned answer.
     let answer = run_curl_line(&sandbox, &url, chat).await;
@@ -428,7 +424,7 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
     let address = taken.local_addr().expect("address").to_string();
     // Bounded: a demo that started after all is killed when the deadline passes.
     let output = common::output_within(
-        sandbox.command(bin()).args(["serve", "--demo", "--listen", &address]),
+        sandbox.command(common::bin()).args(["serve", "--demo", "--listen", &address]),
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -443,15 +439,15 @@ fn a_busy_port_is_the_usual_clear_error_with_a_hint_and_the_temp_dir_goes() {
 fn demo_conflicts_with_an_explicit_config_and_the_demo_model_command_is_hidden() {
     let sandbox = Sandbox::new();
     // hermetic: refused by argument parsing (exit 2) before anything starts
-    let output = common::output(sandbox.command(bin()).args(["serve", "--demo", "--config", "x.toml"]));
+    let output = common::output(sandbox.command(common::bin()).args(["serve", "--demo", "--config", "x.toml"]));
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("'--demo' cannot be used with '--config"));
 
-    let help = common::output(sandbox.command(bin()).arg("--help"));
+    let help = common::output(sandbox.command(common::bin()).arg("--help"));
     let help = String::from_utf8_lossy(&help.stdout);
     // hermetic: a subcommand name looked for in the help text
     assert!(help.contains("serve") && !help.contains("demo-model"), "{help}");
-    let serve_help = common::output(sandbox.command(bin()).args(["serve", "--help"]));
+    let serve_help = common::output(sandbox.command(common::bin()).args(["serve", "--help"]));
     assert!(String::from_utf8_lossy(&serve_help.stdout).contains("--demo"));
     sandbox.assert_untouched();
 }

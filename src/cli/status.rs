@@ -218,6 +218,34 @@ mod tests {
     use crate::gpu::{Level, NamedUsage, ProbeKind};
     use crate::status::{DeviceStatus, ProcessStatus};
 
+    /// A process model's status entry of 2048 MiB at priority 50, every optional field empty.
+    fn model_entry(id: &str, state: &str) -> crate::status::ModelStatus {
+        crate::status::ModelStatus {
+            id: id.into(),
+            backend: "process".into(),
+            state: state.into(),
+            device: None,
+            vram_mib: 2048,
+            in_use: 0,
+            pinned: false,
+            priority: 50,
+            last_used: None,
+            upstream: None,
+            pid: None,
+            measured_mib: None,
+            declared_mib: None,
+            failures: 0,
+            retry_in_s: None,
+            last_error: None,
+            aliases: vec![],
+            placement: None,
+            expires_at: None,
+            note: None,
+            attached: None,
+            state_reason: None,
+        }
+    }
+
     #[test]
     fn table_shows_devices_users_and_degradation() {
         let status = Status {
@@ -276,28 +304,13 @@ mod tests {
     #[test]
     fn table_shows_placement_notes_mode_and_ollama_servers() {
         let model = |id: &str, placement: Option<&str>, note: Option<&str>| crate::status::ModelStatus {
-            id: id.into(),
             backend: "ollama".into(),
-            state: if placement.is_some() { "ready" } else { "failed" }.into(),
             device: Some(0),
-            vram_mib: 2048,
-            in_use: 0,
-            pinned: false,
-            priority: 50,
-            last_used: None,
-            upstream: None,
-            pid: None,
-            measured_mib: None,
-            declared_mib: None,
-            failures: 0,
-            retry_in_s: None,
-            last_error: None,
-            aliases: vec![],
             placement: placement.map(str::to_string),
-            expires_at: None,
             note: note.map(str::to_string),
             attached: placement.is_some().then(|| "clip-app".to_string()),
             state_reason: placement.is_none().then(|| "evicted_for:vlm".to_string()),
+            ..model_entry(id, if placement.is_some() { "ready" } else { "failed" })
         };
         let status = Status {
             version: "0.1.0".into(),
@@ -345,28 +358,12 @@ mod tests {
             degraded: false,
             degraded_reasons: vec![],
             models: vec![crate::status::ModelStatus {
-                id: "llm".into(),
-                backend: "process".into(),
-                state: "failed".into(),
-                device: None,
-                vram_mib: 2048,
-                in_use: 0,
-                pinned: false,
-                priority: 50,
-                last_used: None,
-                upstream: None,
-                pid: None,
-                measured_mib: None,
                 declared_mib: Some(2048),
                 failures: 3,
                 retry_in_s: Some(25),
                 last_error: Some(error),
-                aliases: vec![],
-                placement: None,
-                expires_at: None,
-                note: None,
-                attached: None,
                 state_reason: Some("failed".into()),
+                ..model_entry("llm", "failed")
             }],
             leases: vec![],
             queue: vec![],
