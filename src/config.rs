@@ -351,6 +351,11 @@ pub struct SchedulerConfig {
     /// A request waiting for a model that needs a busy model evicted waits at most this long;
     /// then the busy model takes no new requests, finishes those in flight, and is swapped out.
     pub max_wait_before_swap: Span,
+    /// Most callers waiting for one model to load (a burst against a cold model): beyond it,
+    /// 503 with `Retry-After`. Each holds its request body, so this bounds memory.
+    pub max_waiters_per_model: u32,
+    /// Most callers waiting for models to load, in total.
+    pub max_waiters: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -361,6 +366,8 @@ impl Default for SchedulerConfig {
             queue_timeout: Span(std::time::Duration::from_secs(60)),
             max_queue: 512,
             max_wait_before_swap: Span(std::time::Duration::from_secs(5)),
+            max_waiters_per_model: 256,
+            max_waiters: 1024,
         }
     }
 }

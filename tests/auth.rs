@@ -420,6 +420,12 @@ async fn the_token_never_reaches_a_model_server() {
         (response.status().as_u16(), response.text().await.unwrap_or_default())
     };
     assert_eq!(code, 200, "{body}");
+    // `health = "none"`: ready once spawned, which can be before the shell wrote the file.
+    let written = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&port_file).is_ok_and(|text| text.ends_with('\n')) {
+        assert!(std::time::Instant::now() < written, "the model never reported its port");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let port: u16 = std::fs::read_to_string(&port_file).expect("the reported port").trim().parse().expect("a port");
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("serve on the model's port");

@@ -123,6 +123,7 @@ fn arbiter_status(error: &ArbiterError) -> StatusCode {
         ArbiterError::NeverFits(_) => StatusCode::UNPROCESSABLE_ENTITY,
         ArbiterError::Timeout { .. }
         | ArbiterError::QueueFull(_)
+        | ArbiterError::TooManyWaiters(_)
         | ArbiterError::Cooldown { .. }
         | ArbiterError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ArbiterError::StartFailed { .. } => StatusCode::BAD_GATEWAY,

@@ -365,20 +365,15 @@ async fn unload(state: &AppState, name: &str) -> Result<(), Response> {
         return Err(unknown_model(state, name));
     };
     for id in ids {
-        let busy = state.arbiter.gate(&id).filter(|gate| gate.in_use() > 0);
-        if let Some(gate) = busy {
-            // As Ollama does: the answers other clients are receiving finish first; the unload
-            // follows once the model is idle (bounded by proxy.stall_timeout), and this call is
-            // answered at once.
+        let busy = state.arbiter.gate(&id).is_some_and(|gate| gate.in_use() > 0);
+        if busy {
+            // As Ollama does: this call is answered at once, and the answers other clients are
+            // receiving finish first. The arbiter closes the model to new requests and stops it
+            // once those end (bounded by the model's stop_timeout).
             let arbiter = state.arbiter.clone();
-            let limit = state.stall_timeout.unwrap_or(Duration::from_secs(600));
             tokio::spawn(async move {
-                let until = Instant::now() + limit;
-                while gate.in_use() > 0 && Instant::now() < until {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                if let Err(e) = arbiter.unload(&gate.id).await {
-                    tracing::warn!(model = %gate.id, "unload asked on the Ollama API: {e}");
+                if let Err(e) = arbiter.unload(&id).await {
+                    tracing::warn!(model = %id, "unload asked on the Ollama API: {e}");
                 }
             });
             continue;

@@ -60,6 +60,7 @@ pub(super) fn arbiter_error(failure: ArbiterError) -> Response {
         ArbiterError::Timeout { .. } | ArbiterError::QueueFull(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, "insufficient_vram")
         }
+        ArbiterError::TooManyWaiters(_) => (StatusCode::SERVICE_UNAVAILABLE, "too_many_waiters"),
         ArbiterError::Cooldown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_failed"),
         ArbiterError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         ArbiterError::StartFailed { .. } => (StatusCode::BAD_GATEWAY, "model_start_failed"),

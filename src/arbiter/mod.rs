@@ -5,8 +5,10 @@
 //! come back) runs in tasks that report back to the arbiter with messages, so its loop never
 //! blocks. After every message it publishes an [`ArbiterView`] for status readers.
 
-mod actor;
+mod drivers;
+mod engine;
 pub mod gate;
+mod shell;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use crate::config::ModeConfig;
 use crate::status::{LeaseStatus, ModelStatus, OllamaStatus, QueueEntry};
 use crate::units::Rounded;
 
-pub use actor::{Arbiter, ArbiterSettings};
+pub use shell::{Arbiter, ArbiterSettings};
 
 /// What the arbiter publishes after every change.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +70,10 @@ pub enum ArbiterError {
     /// The queue is full.
     #[error("the queue is full ({0} waiting); try again later")]
     QueueFull(u32),
+    /// Too many callers already wait for models to load (`scheduler.max_waiters_per_model`,
+    /// `scheduler.max_waiters`); answered 503 with `Retry-After`.
+    #[error("{0}; try again later")]
+    TooManyWaiters(String),
     /// The model's process did not start.
     #[error("model {model} failed to start: {message}")]
     StartFailed {
@@ -189,14 +195,13 @@ pub struct Loaded {
 /// Messages to the arbiter.
 pub(crate) enum Command {
     Load { name: String, explicit: bool, reply: oneshot::Sender<Result<Loaded, ArbiterError>> },
-    GrantModelLease { request: LeaseRequest, pin: gate::Pin, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Unload { name: String, reply: oneshot::Sender<Result<Unloaded, ArbiterError>> },
     Acquire { request: LeaseRequest, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Renew { id: String, reply: oneshot::Sender<Result<LeaseGrant, ArbiterError>> },
     Release { id: String, reason: &'static str, reply: Option<oneshot::Sender<Result<(), ArbiterError>>> },
     Logs { name: String, reply: oneshot::Sender<Result<Option<Arc<LogBuffer>>, ArbiterError>> },
     Choose { candidates: Vec<String>, reply: oneshot::Sender<Result<String, ArbiterError>> },
-    Spawned { model: String, generation: u64, handle: ProcessHandle },
+    Spawned { model: String, generation: u64, handle: ProcessHandle, port: u16 },
     LoadFinished { model: String, generation: u64, result: Result<(), String> },
     Exited { model: String, generation: u64, exit: ExitInfo },
     Released { model: String, generation: u64, timed_out: bool, waited: Duration },

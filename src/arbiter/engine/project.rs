@@ -1,0 +1,183 @@
+//! The status projection: the engine's state as the JSON contract's types (`crate::status`),
+//! published after every input.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use super::model::{Pending, Phase};
+use super::{Effects, Engine};
+use crate::arbiter::ArbiterView;
+use crate::backend::ollama;
+use crate::config::Backend;
+use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
+
+impl<E: Effects> Engine<E> {
+    /// The wall-clock time of monotonic instant `t`.
+    pub(super) fn wall(&self, t: Instant) -> DateTime<Utc> {
+        i64::try_from(self.millis(t))
+            .ok()
+            .and_then(chrono::TimeDelta::try_milliseconds)
+            .and_then(|after_start| self.started_wall.checked_add_signed(after_start))
+            .unwrap_or(self.started_wall)
+    }
+
+    /// The wall-clock time of a gate's last-use stamp (milliseconds since the start).
+    fn wall_ms(&self, ms: u64) -> DateTime<Utc> {
+        i64::try_from(ms)
+            .ok()
+            .and_then(chrono::TimeDelta::try_milliseconds)
+            .and_then(|after_start| self.started_wall.checked_add_signed(after_start))
+            .unwrap_or(self.started_wall)
+    }
+
+    pub(super) fn model_status(&self, i: usize) -> ModelStatus {
+        let m = &self.models[i];
+        ModelStatus {
+            id: m.spec.id.clone(),
+            backend: m.spec.backend.as_str().into(),
+            state: m.state().as_str().into(),
+            device: m.device,
+            vram_mib: m.footprint(),
+            in_use: m.gate.in_use(),
+            pinned: m.spec.pinned,
+            priority: m.spec.priority,
+            last_used: m.used_once.then(|| self.wall_ms(m.gate.last_used_ms())),
+            upstream: m.upstream(),
+            pid: m.process.as_ref().map(|p| p.pid).or(m.attachment.as_ref().and_then(|a| a.pid)),
+            measured_mib: m.learned_mib,
+            declared_mib: m.spec.declared_mib,
+            failures: m.failures,
+            retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(self.now).as_secs()),
+            last_error: m.last_error.clone(),
+            aliases: m.spec.aliases.clone(),
+            placement: matches!(m.phase, Phase::Ready { .. }).then(|| m.placement.as_str().to_string()),
+            expires_at: m.idle_expiry(self.started).map(|t| self.wall(t)),
+            note: m.note.clone(),
+            attached: m.attachment.as_ref().map(|a| a.holder.clone()),
+            state_reason: m.state_reason.as_ref().map(|r| r.as_string()),
+        }
+    }
+
+    /// The queue as status shows it, in serving order; stale waiters (whose model vanished or
+    /// is loading already) are left out, as `schedule` will drop them.
+    fn queue_status(&self) -> Vec<QueueEntry> {
+        (0..self.queue.len())
+            .filter_map(|index| {
+                let (request, is_load) = self.policy_request(index)?;
+                let waiter = &self.queue[index];
+                let (model, holder, pid) = match &waiter.pending {
+                    Pending::Load { model } => (Some(model.clone()), None, None),
+                    Pending::Lease { request, .. } => (None, Some(request.holder.clone()), request.pid),
+                };
+                Some(QueueEntry {
+                    requester: request.requester,
+                    kind: if is_load { "load" } else { "lease" }.into(),
+                    model,
+                    holder,
+                    pid,
+                    device: request.device,
+                    vram_mib: request.mib,
+                    priority: waiter.priority,
+                    reason: waiter.waiting_for.clone(),
+                    since: self.wall(waiter.since),
+                })
+            })
+            .collect()
+    }
+
+    /// The whole view status readers see.
+    pub(crate) fn view(&self) -> ArbiterView {
+        let models = (0..self.models.len()).map(|i| self.model_status(i)).collect();
+        let mut leases: Vec<LeaseStatus> = self
+            .leases
+            .values()
+            .map(|l| LeaseStatus {
+                id: l.grant.id.clone(),
+                holder: l.grant.holder.clone(),
+                device: l.grant.device.unwrap_or(0),
+                vram_mib: l.grant.vram_mib,
+                exclusive: l.grant.exclusive,
+                model: l.grant.model.clone(),
+                priority: l.priority,
+            })
+            .collect();
+        leases.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut degraded_reasons = Vec::new();
+        let mut ollama = Vec::new();
+        for (url, server) in &self.ollama {
+            if server.reachable == Some(false) {
+                degraded_reasons.push(format!(
+                    "Ollama at {url} does not answer ({}); its models are failed until it returns (retrying)",
+                    server.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+            let models = server
+                .loaded
+                .iter()
+                .map(|entry| OllamaModelStatus {
+                    name: entry.name.clone(),
+                    vram_mib: entry.vram_mib,
+                    managed_as: self
+                        .models
+                        .iter()
+                        .find(|m| {
+                            m.spec.backend == Backend::Ollama
+                                && m.spec.url == *url
+                                && m.holds_memory()
+                                && m.spec.ollama_model.as_deref().is_some_and(|n| ollama::same_model(n, &entry.name))
+                        })
+                        .map(|m| m.spec.id.clone()),
+                })
+                .collect();
+            ollama.push(OllamaStatus {
+                url: url.clone(),
+                reachable: server.reachable,
+                error: server.error.clone(),
+                models,
+            });
+        }
+        ArbiterView {
+            models,
+            leases,
+            queue: self.queue_status(),
+            process_models: self.process_models.clone(),
+            degraded_reasons,
+            mode: self.mode.clone(),
+            ollama,
+        }
+    }
+
+    /// Publishes the view without a scheduling pass (only in-use counts and last uses changed).
+    pub(crate) fn refresh_view(&mut self) {
+        self.publish();
+    }
+
+    /// Publishes the view.
+    pub(super) fn publish(&mut self) {
+        let view = self.view();
+        self.fx.publish(view);
+    }
+
+    /// What the shell stops at shutdown: every model's process.
+    pub(crate) fn running_processes(&self) -> Vec<(String, crate::backend::process::ProcessHandle)> {
+        self.models.iter().filter_map(|m| Some((m.spec.id.clone(), m.process.clone()?))).collect()
+    }
+
+    /// Refuses everyone waiting and marks every loaded model unloaded (the shell has stopped
+    /// their processes).
+    pub(crate) fn shut_down(&mut self, now: Instant) {
+        self.now = now;
+        for waiter in std::mem::take(&mut self.queue) {
+            self.refuse(waiter, crate::arbiter::ArbiterError::ShuttingDown);
+        }
+        for (_, handle) in self.running_processes() {
+            self.fx.persist(super::StoreWrite::ForgetProcess(handle.pid));
+        }
+        for i in 0..self.models.len() {
+            if self.models[i].holds_memory() {
+                self.set_phase(i, Phase::Unloaded, super::Reason::Shutdown, None);
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A new GPU reading: which process is whose (models, lease holders' jobs, apps), footprints
+//! learned, and pressure relief.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use super::model::{Placement, Reason};
+use super::{Effects, Engine, ProcTable, StoreWrite};
+use crate::config::Backend;
+use crate::gpu::Level;
+use crate::monitor::GpuView;
+use crate::policy;
+
+impl<E: Effects> Engine<E> {
+    /// Attributes the reading's processes to models, learns footprints, relieves pressure.
+    pub(super) fn on_sample(&mut self, view: Arc<GpuView>, procs: ProcTable) {
+        self.seen = view.clone();
+        // Servers vramgate spawned (each under a keeper that leads its process group) and the
+        // processes of apps holding external models; one app may hold several models.
+        let mut servers: HashMap<u32, usize> = HashMap::new();
+        let mut apps: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, model) in self.models.iter().enumerate() {
+            // A CPU form's processes are not the model's GPU footprint: what they use anyway
+            // counts as foreign.
+            if model.placement == Placement::Cpu {
+                continue;
+            }
+            if let Some(process) = &model.process {
+                servers.insert(process.pid, i);
+                // Its group, led by its keeper: the workers a wrapper starts are in it.
+                servers.insert(process.group, i);
+            }
+            if let Some(pid) = model.attachment.as_ref().and_then(|a| a.pid).or(model.oneshot.flatten())
+                && model.on_gpu()
+            {
+                apps.entry(pid).or_default().push(i);
+            }
+        }
+        let mut process_models = HashMap::new();
+        let mut usage: HashMap<usize, u64> = HashMap::new();
+        let mut holder_usage: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut app_pids: HashMap<u32, Vec<String>> = HashMap::new();
+        for device in &view.devices {
+            let holders: BTreeSet<u32> = self
+                .leases
+                .values()
+                .filter(|l| l.grant.model.is_none() && l.grant.device == Some(device.index))
+                .filter_map(|l| l.pid)
+                .collect();
+            for p in &device.processes {
+                if let Some(models) = apps.get(&p.pid) {
+                    // Shared by its models in proportion to what they declare, so the process
+                    // is counted once.
+                    let declared: Vec<u64> =
+                        models.iter().map(|&i| self.models[i].spec.declared_mib.unwrap_or(1).max(1)).collect();
+                    let total: u64 = declared.iter().fold(0u64, |sum, d| sum.saturating_add(*d)).max(1);
+                    for (&i, share) in models.iter().zip(declared) {
+                        let part = u64::try_from(u128::from(p.used_mib) * u128::from(share) / u128::from(total))
+                            .unwrap_or(u64::MAX);
+                        let used = usage.entry(i).or_default();
+                        *used = used.saturating_add(part);
+                    }
+                    process_models.insert(p.pid, self.models[models[0]].spec.id.clone());
+                    app_pids.insert(p.pid, models.iter().map(|&i| self.models[i].spec.id.clone()).collect());
+                    continue;
+                }
+                // A worker of a model's server: in the group its keeper leads, or below the
+                // keeper or the server (a worker that left the group with setsid). Only for
+                // servers vramgate spawned; an app's own jobs are not its model.
+                let server = servers
+                    .get(&p.pid)
+                    .copied()
+                    .or_else(|| servers.get(&procs.group(p.pid)?).copied())
+                    .or_else(|| procs.lineage(p.pid).find_map(|pid| servers.get(&pid).copied()));
+                if let Some(i) = server {
+                    process_models.insert(p.pid, self.models[i].spec.id.clone());
+                    let used = usage.entry(i).or_default();
+                    *used = used.saturating_add(p.used_mib);
+                    self.models[i].gpu_pids.insert(p.pid);
+                } else if let Some(holder) = procs.lineage(p.pid).find(|pid| holders.contains(pid)) {
+                    let used = holder_usage.entry((holder, device.index)).or_default();
+                    *used = used.saturating_add(p.used_mib);
+                }
+            }
+        }
+        self.process_models = process_models;
+        self.holder_usage = holder_usage;
+        self.app_pids = app_pids;
+        for i in 0..self.models.len() {
+            let used = usage.get(&i).copied().unwrap_or(0);
+            let model = &mut self.models[i];
+            // Ollama models are measured from `/api/ps`.
+            if !model.on_gpu() || model.spec.backend == Backend::Ollama {
+                continue;
+            }
+            model.current_mib = used;
+            // An app's process may hold more than the model: its use is not learned as the
+            // model's footprint.
+            if matches!(model.phase, super::Phase::Ready { .. })
+                && model.spec.backend == Backend::Process
+                && used > model.learned_mib.unwrap_or(0)
+            {
+                model.learned_mib = Some(used);
+                let write = StoreWrite::Footprint { model: model.spec.id.clone(), mib: used };
+                self.fx.persist(write);
+            }
+        }
+        self.relieve_pressure(&view);
+    }
+
+    /// At emergency, releases idle models one at a time, lowest priority first, until the level
+    /// is below critical.
+    fn relieve_pressure(&mut self, view: &GpuView) {
+        for device in &view.devices {
+            if device.level == Level::Emergency {
+                self.pressure.insert(device.index);
+            } else if device.level < Level::Critical {
+                self.pressure.remove(&device.index);
+            }
+        }
+        for device in self.pressure.clone() {
+            let releasing = self
+                .models
+                .iter()
+                .any(|m| matches!(m.phase, super::Phase::Unloading { .. }) && m.device == Some(device));
+            if releasing {
+                continue;
+            }
+            let (_, residents, _) = self.policy_inputs();
+            if let Some(victim) = policy::pressure_victim(device, &residents, self.millis(self.now))
+                && let Ok(i) = self.index(&victim)
+            {
+                let _ = self.begin_unload(i, Reason::Pressure);
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The queue, evictions, leases, fairness, pressure and the deadline index.
+
+use super::*;
+
+/// Evictions: who is evicted for whom, as a table of (what holds llm, requester, evicted?).
+#[test]
+fn eviction_follows_priority_and_use() {
+    // llm (6000, priority 50) fills a 8000 MiB device; a request for stt (3000) needs it gone.
+    let cases: [(&str, bool, &str, bool); 3] = [
+        ("idle llm, stt (priority 80) evicts it", false, "stt", true),
+        ("llm in use: not evicted while a request holds it", true, "stt", false),
+        ("a lower priority requester evicts nothing", false, "low", false),
+    ];
+    let config = format!(
+        "{TWO_MODELS}\n[models.low]\nbackend = \"process\"\ncmd = \"low\"\nvram = \"3000MiB\"\npriority = 10\n"
+    );
+    for (name, in_use, requester, evicted) in cases {
+        let mut rig = Rig::new(&config, 8000);
+        rig.load("llm");
+        let pid = rig.ready("llm");
+        rig.sample(&[(pid, 6000)]);
+        let _pin = in_use.then(|| rig.pin("llm"));
+        let _caller = rig.load(requester);
+        let expected = if evicted { ModelState::Unloading } else { ModelState::Ready };
+        assert_eq!(rig.state("llm"), expected, "{name}");
+        assert_eq!(rig.state(requester), ModelState::Unloaded, "{name}: waits in the queue");
+        if evicted {
+            let reason = rig.transitions().last().cloned().expect("a transition").2;
+            assert_eq!(reason, format!("evicted_for:{requester}"), "{name}");
+            rig.released("llm");
+            rig.sample(&[]);
+            assert_eq!(rig.state(requester), ModelState::Loading, "{name}: loads once the memory is back");
+        }
+    }
+}
+
+/// Callers waiting for a cold model are capped per model and in total: 503-style refusals, not
+/// unbounded memory.
+#[test]
+fn callers_waiting_for_a_load_are_capped_per_model_and_in_total() {
+    let config = format!("[scheduler]\nmax_waiters_per_model = 2\nmax_waiters = 3\n{TWO_MODELS}");
+    let mut rig = Rig::new(&config, 10_000);
+    let mut llm: Vec<_> = (0..3).map(|_| rig.load("llm")).collect();
+    assert!(
+        matches!(answered(&mut llm[2]), Some(Err(ArbiterError::TooManyWaiters(m))) if m.contains("max_waiters_per_model = 2"))
+    );
+    assert!(answered(&mut llm[0]).is_none() && answered(&mut llm[1]).is_none(), "the first two wait");
+    let mut stt: Vec<_> = (0..2).map(|_| rig.load("stt")).collect();
+    assert!(answered(&mut stt[0]).is_none(), "the third in total waits");
+    assert!(
+        matches!(answered(&mut stt[1]), Some(Err(ArbiterError::TooManyWaiters(m))) if m.contains("max_waiters = 3"))
+    );
+}
+
+/// Fairness only when it helps: a waiter that a model lease blocks gets no drain of that model,
+/// and requests to it keep being served; a waiter blocked by requests in flight does.
+#[test]
+fn a_model_is_drained_only_when_draining_can_free_it() {
+    let config = format!("[scheduler]\nmax_wait_before_swap = \"1s\"\n{TWO_MODELS}");
+    for held_by_lease in [true, false] {
+        let mut rig = Rig::new(&config, 8000);
+        rig.load("llm");
+        let pid = rig.ready("llm");
+        rig.sample(&[(pid, 6000)]);
+        let request = LeaseRequest {
+            holder: "job".into(),
+            vram_mib: 0,
+            device: None,
+            exclusive: false,
+            priority: 0,
+            wait: Duration::from_secs(30),
+            ttl: None,
+            model: Some("llm".into()),
+            pid: None,
+        };
+        let _holder = if held_by_lease {
+            let mut grant = rig.lease(request);
+            Some(answered(&mut grant).expect("granted at once").expect("a grant"))
+        } else {
+            None
+        };
+        let _request_in_flight = rig.pin("llm");
+        let _waiting = rig.load("stt");
+        rig.advance(Duration::from_secs(2));
+        let draining = rig.phase("llm") == Phase::Ready { draining: true };
+        assert_eq!(draining, !held_by_lease, "held by a lease: {held_by_lease}");
+        assert_eq!(rig.gates["llm"].try_pin().is_some(), held_by_lease, "requests still served: {held_by_lease}");
+    }
+}
+
+/// Memory leases: granted when they fit, refused when they never can, timed out with the
+/// numbers of their last shortfall.
+#[test]
+fn memory_leases_are_granted_refused_or_timed_out() {
+    let lease = |mib: u64, wait: u64| LeaseRequest {
+        holder: "ffmpeg".into(),
+        vram_mib: mib,
+        device: None,
+        exclusive: false,
+        priority: 0,
+        wait: Duration::from_secs(wait),
+        ttl: None,
+        model: None,
+        pid: None,
+    };
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    let mut fits = rig.lease(lease(2000, 0));
+    assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 2000);
+    let mut never = rig.lease(lease(20_000, 5));
+    assert!(matches!(answered(&mut never), Some(Err(ArbiterError::NeverFits(_)))));
+    let mut waits = rig.lease(lease(7000, 5));
+    assert!(answered(&mut waits).is_none(), "waits for the first lease");
+    rig.advance(Duration::from_secs(5));
+    match answered(&mut waits) {
+        Some(Err(ArbiterError::Timeout { message, .. })) => assert!(message.contains("MiB"), "{message}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+/// The deadline index: every pending deadline, earliest first.
+#[test]
+fn the_deadline_index_orders_every_pending_deadline() {
+    let config = "[models.llm]\nbackend = \"process\"\ncmd = \"llm\"\nvram = \"1000MiB\"\nttl = \"30s\"\n";
+    let mut rig = Rig::new(config, 8000);
+    assert_eq!(rig.engine.next_deadline(), None, "nothing pending");
+    rig.load("llm");
+    rig.ready("llm");
+    let ttl_at = rig.engine.next_deadline().expect("the idle TTL");
+    let lease = LeaseRequest {
+        holder: "job".into(),
+        vram_mib: 100,
+        device: None,
+        exclusive: false,
+        priority: 0,
+        wait: Duration::ZERO,
+        ttl: Some(Duration::from_secs(5)),
+        model: None,
+        pid: None,
+    };
+    let _grant = rig.lease(lease);
+    assert_eq!(rig.engine.deadlines().len(), 2);
+    assert!(rig.engine.next_deadline().expect("the heartbeat") < ttl_at, "the earlier one first");
+    rig.advance(Duration::from_secs(30));
+    assert_eq!(rig.state("llm"), ModelState::Unloading, "idle TTL");
+    assert!(rig.engine.view().leases.is_empty(), "the heartbeat lease expired");
+}
+
+/// Queue rules: higher priority first; a waiter that cannot be served blocks later waiters on
+/// its device; a load waits for a load slot without blocking memory requests.
+#[test]
+fn the_queue_serves_by_priority_and_load_slots() {
+    let config = format!(
+        "{TWO_MODELS}\n[models.low]\nbackend = \"process\"\ncmd = \"low\"\nvram = \"1000MiB\"\npriority = 10\n"
+    );
+    let mut rig = Rig::new(&config, 20_000);
+    let _llm = rig.load("llm");
+    // max_parallel_loads = 1: the next loads wait for the slot, in priority order.
+    let _low = rig.load("low");
+    let _stt = rig.load("stt");
+    let queue: Vec<String> = rig.engine.view().queue.iter().map(|q| q.requester.clone()).collect();
+    assert_eq!(queue, ["stt", "low"], "priority first");
+    assert!(rig.engine.view().queue[0].reason.as_deref().is_some_and(|r| r.contains("no load slot free")));
+    rig.ready("llm");
+    assert_eq!(rig.state("stt"), ModelState::Loading, "the higher priority goes first");
+    assert_eq!(rig.state("low"), ModelState::Unloaded);
+}
+
+/// `resident_cap`: at the cap, the least valuable idle resident makes room.
+#[test]
+fn resident_cap_evicts_an_idle_model() {
+    let config = format!("[scheduler]\nresident_cap = 1\n{TWO_MODELS}");
+    let mut rig = Rig::new(&config, 20_000);
+    drop(rig.load("llm"));
+    rig.ready("llm");
+    let _stt = rig.load("stt");
+    assert_eq!(rig.state("llm"), ModelState::Unloading);
+    assert_eq!(rig.transitions().last().map(|t| t.2.clone()), Some("resident_cap".into()));
+}
+
+/// Pressure: at `emergency` an idle model is released, lowest priority first.
+#[test]
+fn an_emergency_releases_the_lowest_priority_idle_model() {
+    let mut rig = Rig::new(TWO_MODELS, 20_000);
+    drop(rig.load("llm"));
+    let llm = rig.ready("llm");
+    drop(rig.load("stt"));
+    let stt = rig.ready("stt");
+    let mut view = device_view(20_000, &[(llm, 6000), (stt, 3000), (1, 10_500)]);
+    view.devices[0].level = Level::Emergency;
+    rig.input(Input::Sample(Arc::new(view), ProcTable::default()));
+    assert_eq!(rig.state("llm"), ModelState::Unloading, "priority 50 goes before 80");
+    assert_eq!(rig.state("stt"), ModelState::Ready, "one at a time");
+}
+
+/// A model lease keeps its model in use: never evicted, not unloadable, and its pin goes with it.
+#[test]
+fn a_model_lease_keeps_its_model() {
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    let request = LeaseRequest {
+        holder: "app".into(),
+        vram_mib: 0,
+        device: None,
+        exclusive: false,
+        priority: 0,
+        wait: Duration::from_secs(30),
+        ttl: None,
+        model: Some("llm".into()),
+        pid: None,
+    };
+    let mut grant = rig.lease(request);
+    assert_eq!(rig.state("llm"), ModelState::Loading, "loaded on demand");
+    let pid = rig.ready("llm");
+    let grant = answered(&mut grant).expect("answered").expect("granted");
+    assert_eq!(grant.upstream.as_deref(), Some("http://127.0.0.1:40000"));
+    assert_eq!(rig.gates["llm"].in_use(), 1, "the lease holds a pin");
+    rig.sample(&[(pid, 6000)]);
+    let _stt = rig.load("stt");
+    assert_eq!(rig.state("llm"), ModelState::Ready, "not evicted");
+    let mut unload = rig.unload("llm");
+    assert!(matches!(answered(&mut unload), Some(Err(ArbiterError::Conflict(_)))));
+    let (reply, _done) = oneshot::channel();
+    rig.command(Command::Release { id: grant.id, reason: "released", reply: Some(reply) });
+    assert_eq!(rig.gates["llm"].in_use(), 0);
+    assert_eq!(rig.state("llm"), ModelState::Unloading, "now stt may evict it");
+}
