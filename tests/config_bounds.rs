@@ -43,7 +43,7 @@ fn serve(dir: &Path, path: &Path) -> Output {
 fn refused_by_check_and_serve(contents: &[u8], words: &[&str]) {
     let (dir, path) = config_file(contents);
     let shown = text(contents);
-    for (command, output) in [("config check", check(&path)), ("serve", serve(dir.path(), &path))] {
+    for (command, output) in [("vramgate config check", check(&path)), ("vramgate serve", serve(dir.path(), &path))] {
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{command} on\n{shown}\nstderr: {stderr}");
         assert!(!stderr.contains("panicked"), "{command} on\n{shown}\nstderr: {stderr}");
