@@ -39,11 +39,13 @@ fn serve(dir: &Path, path: &Path) -> Output {
     )
 }
 
-/// Both commands refuse the config with exit 2 and an error that contains every one of `words`.
+/// Both commands refuse the config with exit 2 and an error that contains every one of `words`;
+/// `config check` first, so that a config it wrongly accepts is reported as that (and `serve` is
+/// not left to run until its deadline).
 fn refused_by_check_and_serve(contents: &[u8], words: &[&str]) {
     let (dir, path) = config_file(contents);
     let shown = text(contents);
-    for (command, output) in [("vramgate config check", check(&path)), ("vramgate serve", serve(dir.path(), &path))] {
+    let assert_refused = |command: &str, output: Output| {
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{command} on\n{shown}\nstderr: {stderr}");
         assert!(!stderr.contains("panicked"), "{command} on\n{shown}\nstderr: {stderr}");
@@ -51,7 +53,9 @@ fn refused_by_check_and_serve(contents: &[u8], words: &[&str]) {
         for word in words {
             assert!(stderr.contains(word), "{command} on\n{shown}\nmissing {word:?} in: {stderr}");
         }
-    }
+    };
+    assert_refused("vramgate config check", check(&path));
+    assert_refused("vramgate serve", serve(dir.path(), &path));
 }
 
 #[test]
