@@ -144,7 +144,7 @@ impl ChangeTracker {
 
     /// Events for a failed reading: `probe_failed` only on the first failure of a run.
     pub fn failed(&mut self, probe: ProbeKind, error: &ProbeError) -> Vec<EventKind> {
-        self.failures += 1;
+        self.failures = self.failures.saturating_add(1);
         if self.failures == 1 {
             vec![EventKind::ProbeFailed { probe: probe.as_str().into(), error: error.0.clone() }]
         } else {

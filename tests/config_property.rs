@@ -7,7 +7,7 @@
 //! (never exit 101). A config without a value past its bound must be accepted: the bounds are
 //! what docs/configuration.md documents, no tighter.
 //!
-//! Cases: 16, or `PROPTEST_CASES`. Each accepted one starts a daemon with millisecond timings.
+//! Cases: 24, or `PROPTEST_CASES`. Each accepted one starts a daemon with millisecond timings.
 
 mod common;
 
@@ -351,7 +351,7 @@ async fn serves_without_panicking(config: &Generated) -> Result<(), TestCaseErro
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(16)
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24)
 }
 
 proptest! {
