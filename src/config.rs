@@ -300,6 +300,13 @@ pub struct SimConfig {
     pub release_lag: Span,
 }
 
+/// The shortest `[gpu] sample_interval`: sampling more often only burns CPU (and driver calls).
+pub const SAMPLE_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The longest `[gpu] sample_interval`: a monitor that looks less than once a minute cannot
+/// notice memory pressure in time to act on it, and a longer one is a unit mistake.
+pub const SAMPLE_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The longest `[gpu.sim] release_lag`: a driver returns memory within a second or so; a lag of
 /// minutes is a unit mistake (a bare number is seconds) that would make every release time out.
 pub const SIM_RELEASE_LAG_MAX: std::time::Duration = std::time::Duration::from_secs(60);
@@ -761,15 +768,36 @@ fn key_path(parts: &[&str]) -> Vec<Seg> {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Box<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let unreadable = |message: String, line: Option<usize>, column: Option<usize>| {
             Box::new(ConfigError {
                 file: Some(path.to_path_buf()),
                 key: None,
-                line: None,
-                column: None,
-                message: format!("cannot read the config file: {e}"),
+                line,
+                column,
+                message,
                 source_line: None,
             })
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| unreadable(format!("cannot read the config file: {e}"), None, None))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            // Place the first bad byte, as for any other error in the file. TOML is UTF-8 only.
+            let bytes = e.as_bytes();
+            let bad = e.utf8_error().valid_up_to();
+            let before = &bytes[..bad];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |nl| nl + 1);
+            // Characters, not bytes: what an editor's column shows (the line is valid up to here).
+            let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+            let byte = bytes.get(bad).map(|b| format!(" 0x{b:02X}")).unwrap_or_default();
+            unreadable(
+                format!(
+                    "the config file is not valid UTF-8: byte{byte} cannot start or continue a character (TOML \
+                     files are UTF-8; was it saved in another encoding?)"
+                ),
+                Some(line),
+                Some(column),
+            )
         })?;
         Config::parse(&text, Some(path))
     }
@@ -1039,10 +1067,15 @@ impl Config {
                 format!("must be below gpu.emergency_pct ({}), found {}", gpu.emergency_pct, gpu.critical_pct),
             ));
         }
-        if gpu.sample_interval.get() < std::time::Duration::from_millis(10) {
+        if !(SAMPLE_INTERVAL_MIN..=SAMPLE_INTERVAL_MAX).contains(&gpu.sample_interval.get()) {
             return Err((
                 key_path(&["gpu", "sample_interval"]),
-                format!("must be at least 10ms, found {}", gpu.sample_interval),
+                format!(
+                    "must be at least {} and at most {}, found {}",
+                    Span(SAMPLE_INTERVAL_MIN),
+                    Span(SAMPLE_INTERVAL_MAX),
+                    gpu.sample_interval
+                ),
             ));
         }
         if gpu.probe == ProbeChoice::Sim && gpu.sim.is_none() {
@@ -2005,9 +2038,55 @@ ttl = "0"
     }
 
     #[test]
+    fn sample_interval_has_a_ceiling_too() {
+        let err = parse_err("[gpu]\nprobe = \"none\"\nsample_interval = \"61s\"\n");
+        assert_eq!((err.key.as_deref(), err.line), (Some("gpu.sample_interval"), Some(3)));
+        assert!(err.message.contains("at most 1m") && err.message.contains("found 1m 1s"), "{err}");
+        assert!(Config::parse("[gpu]\nsample_interval = \"1m\"\n", None).is_ok());
+    }
+
+    /// The values of issue 11 that `config check` used to accept and `serve` could not handle:
+    /// each is refused with its key and line.
+    #[test]
+    fn absurd_durations_and_sizes_are_refused_with_key_and_line() {
+        let cases = [
+            ("[defaults]\nready_timeout = 18446744073709551615\n", "defaults.ready_timeout", 2),
+            ("[proxy]\nstall_timeout = \"300000000000y\"\n", "proxy.stall_timeout", 2),
+            ("[gpu]\nprobe = \"none\"\nsample_interval = \"300000000000y\"\n", "gpu.sample_interval", 3),
+            ("[scheduler]\nqueue_timeout = 1e300\n", "scheduler.queue_timeout", 2),
+            ("[proxy]\nclient_timeout = \"2y\"\n", "proxy.client_timeout", 2),
+            ("[proxy]\nmax_body = \"99999999999999999999G\"\n", "proxy.max_body", 2),
+            ("[gpu]\nreserve_mib = 9223372036854775807\n", "gpu.reserve_mib", 2),
+            ("[models.a]\nbackend = \"process\"\ncmd = \"x\"\nttl = \"1y 1s\"\n", "models.a.ttl", 4),
+            ("[models.a]\nbackend = \"external\"\nvram = \"17TiB\"\n", "models.a.vram", 3),
+        ];
+        for (text, key, line) in cases {
+            let err = parse_err(text);
+            assert_eq!((err.key.as_deref(), err.line), (Some(key), Some(line)), "{text}: {err}");
+            assert!(err.message.contains("too large"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_file_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vramgate.toml");
+        std::fs::write(&path, b"[gpu]\nprobe = \"none\"\n# caf\xE9 au lait\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(3), Some(6)), "{err}");
+        let shown = err.to_string();
+        assert!(shown.starts_with(&format!("{}, line 3, column 6: ", path.display())), "{shown}");
+        assert!(shown.contains("not valid UTF-8") && shown.contains("0xE9"), "{shown}");
+        // On the first line, and as the very first byte.
+        std::fs::write(&path, b"\xFF").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(1), Some(1)), "{err}");
+    }
+
+    #[test]
     fn unreadable_file_is_a_clear_error() {
         let err = Config::load(Path::new("/nonexistent/vramgate.toml")).unwrap_err();
-        assert!(err.to_string().contains("cannot read the config file"), "{err}");
+        assert!(err.to_string().starts_with("/nonexistent/vramgate.toml: cannot read the config file"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::GpuConfig;
+use crate::config::{GpuConfig, SAMPLE_INTERVAL_MAX, SAMPLE_INTERVAL_MIN};
 use crate::events::{EventBus, EventKind};
 use crate::gpu::{DeviceSnapshot, Level, Probe, ProbeError, ProbeKind, Thresholds};
 use crate::status::{DeviceStatus, ProcessStatus};
@@ -59,7 +59,14 @@ impl MonitorSettings {
     /// How long one sample may take before it counts as failed: generous, since a slow sample is
     /// not a broken one, but bounded so a wedged driver shows up in status.
     fn sample_deadline(&self) -> Duration {
-        (self.interval * 4).max(Duration::from_secs(2))
+        self.interval.saturating_mul(4).max(Duration::from_secs(2))
+    }
+
+    /// The interval the timer runs at: `interval` within the bounds validation enforces (a zero
+    /// period would spin, and tokio's timer adds the period to the clock unchecked), whoever
+    /// built these settings.
+    fn timer_period(&self) -> Duration {
+        self.interval.clamp(SAMPLE_INTERVAL_MIN, SAMPLE_INTERVAL_MAX)
     }
 }
 
@@ -137,7 +144,7 @@ impl ChangeTracker {
 
     /// Events for a failed reading: `probe_failed` only on the first failure of a run.
     pub fn failed(&mut self, probe: ProbeKind, error: &ProbeError) -> Vec<EventKind> {
-        self.failures += 1;
+        self.failures = self.failures.saturating_add(1);
         if self.failures == 1 {
             vec![EventKind::ProbeFailed { probe: probe.as_str().into(), error: error.0.clone() }]
         } else {
@@ -223,7 +230,7 @@ impl Monitor {
         let give_up = CancellationToken::new();
         let timer = {
             let give_up = give_up.clone();
-            let limit = settings.sample_deadline() * 2;
+            let limit = settings.sample_deadline().saturating_mul(2);
             tokio::spawn(async move {
                 tokio::time::sleep(limit).await;
                 give_up.cancel();
@@ -242,7 +249,7 @@ impl Monitor {
     /// Samples every interval until `shutdown` is cancelled.
     pub fn run(mut self, shutdown: CancellationToken) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(self.settings.interval);
+            let mut ticker = tokio::time::interval(self.settings.timer_period());
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // The first tick fires at once; `start` already sampled.
             ticker.tick().await;
@@ -503,5 +510,27 @@ mod tests {
         shutdown.cancel();
         // The probe is now blocked waiting on the script; shutdown must not wait for it.
         tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops promptly").unwrap();
+    }
+
+    /// Settings nobody validated (zero, or a period the clock cannot add) run at the bounded
+    /// period instead of panicking: at start, on the timer, and on an immediate refresh.
+    #[tokio::test]
+    async fn unvalidated_intervals_neither_spin_nor_overflow() {
+        for interval in [Duration::ZERO, Duration::MAX] {
+            let (script, answers) = std::sync::mpsc::channel();
+            script.send(Ok(snapshot(100))).unwrap();
+            let settings = MonitorSettings { interval, ..settings() };
+            let (monitor, mut view) =
+                Monitor::start(Box::new(Scripted(answers)), vec![], settings, EventBus::new()).await;
+            let sampler = monitor.sampler();
+            let shutdown = CancellationToken::new();
+            let task = monitor.run(shutdown.clone());
+            script.send(Ok(snapshot(300))).unwrap();
+            sampler.refresh();
+            let sampled = tokio::time::timeout(Duration::from_secs(5), view.wait_for(|v| v.devices[0].used_mib == 300));
+            sampled.await.expect("a refresh samples at once").unwrap();
+            shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops").expect("no panic");
+        }
     }
 }

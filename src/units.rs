@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -27,6 +27,23 @@ impl fmt::Display for Mib {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}MiB", self.0)
     }
+}
+
+/// The largest size anything takes (config, flags, API): 16 TiB. More memory than any machine's
+/// GPUs hold, and small enough that sums over thousands of models and byte counts (`* 2^20`)
+/// cannot overflow a `u64`.
+pub const MAX_SIZE: Mib = Mib(16 * 1024 * 1024);
+
+/// The longest duration anything takes (config, flags, API): one year (365.25 days, humantime's
+/// `1y`). Longer than any timeout or idle time is meant to be, and far enough from the monotonic
+/// clock's limits that a deadline `now + duration` can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// `now + after`, saturating: a deadline past what the clock can represent becomes `now +`
+/// [`MAX_DURATION`] (and, should even that not fit, `now`), never a panic. For deadlines built from
+/// values a user or a peer chose.
+pub fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).or_else(|| now.checked_add(MAX_DURATION)).unwrap_or(now)
 }
 
 /// Why a size or duration did not parse; the message quotes the offending text.
@@ -70,10 +87,22 @@ pub fn parse_size(text: &str) -> Result<Mib, UnitError> {
         }
     };
     let mib = (value * mib_per_unit).ceil();
-    if mib > u64::MAX as f64 / 2.0 {
-        return Err(UnitError(format!("invalid size {text:?}: too large")));
+    // Compared as a float first, so that `1e30G` is refused before any cast; within the bound the
+    // cast is exact (MAX_SIZE is far below 2^53).
+    if mib > MAX_SIZE.0 as f64 {
+        return Err(too_large_size(text));
     }
     Ok(Mib(mib as u64))
+}
+
+/// The error for a size above [`MAX_SIZE`]; `shown` is the size as written.
+fn too_large_size(shown: impl fmt::Debug) -> UnitError {
+    UnitError(format!("invalid size {shown:?}: too large, at most 16TiB ({MAX_SIZE})"))
+}
+
+/// `mib` if it is at most [`MAX_SIZE`].
+fn bounded_size(mib: u64) -> Result<Mib, UnitError> {
+    if mib > MAX_SIZE.0 { Err(too_large_size(mib)) } else { Ok(Mib(mib)) }
 }
 
 impl FromStr for Mib {
@@ -103,10 +132,12 @@ impl<'de> Deserialize<'de> for Mib {
                 parse_size(v).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Mib, E> {
-                u64::try_from(v).map(Mib).map_err(|_| E::custom(format!("invalid size {v}: a size cannot be negative")))
+                let mib =
+                    u64::try_from(v).map_err(|_| E::custom(format!("invalid size {v}: a size cannot be negative")))?;
+                bounded_size(mib).map_err(E::custom)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Mib, E> {
-                Ok(Mib(v))
+                bounded_size(v).map_err(E::custom)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Mib, E> {
                 parse_size(&v.to_string()).map_err(E::custom)
@@ -146,13 +177,24 @@ pub fn parse_duration(text: &str) -> Result<Span, UnitError> {
         return Err(UnitError(format!("invalid duration {text:?}: a duration cannot be negative")));
     }
     if let Some(seconds) = bare_seconds(trimmed) {
-        return seconds.map(Span).ok_or_else(|| UnitError(format!("invalid duration {text:?}: too large")));
+        return seconds.ok_or_else(|| too_long(text)).and_then(|d| bounded_duration(d, text));
     }
-    humantime::parse_duration(trimmed).map(Span).map_err(|e| {
+    let parsed = humantime::parse_duration(trimmed).map_err(|e| {
         UnitError(format!(
             "invalid duration {text:?}: {e} (write e.g. \"500ms\", \"10s\", \"5m\", or a number of seconds)"
         ))
-    })
+    })?;
+    bounded_duration(parsed, text)
+}
+
+/// The error for a duration above [`MAX_DURATION`]; `shown` is the duration as written.
+fn too_long(shown: impl fmt::Debug) -> UnitError {
+    UnitError(format!("invalid duration {shown:?}: too large, at most {} (365.25 days)", Span(MAX_DURATION)))
+}
+
+/// `duration` if it is at most [`MAX_DURATION`]; `shown` is how it was written.
+fn bounded_duration(duration: Duration, shown: impl fmt::Debug) -> Result<Span, UnitError> {
+    if duration > MAX_DURATION { Err(too_long(shown)) } else { Ok(Span(duration)) }
 }
 
 /// A bare decimal number (`5`, `1.5`, `.5`, `0`) read as seconds: `None` if `text` is not one,
@@ -223,20 +265,23 @@ impl<'de> Deserialize<'de> for Span {
                 parse_duration(v).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Span, E> {
-                u64::try_from(v)
-                    .map(|s| Span(Duration::from_secs(s)))
-                    .map_err(|_| E::custom(format!("invalid duration {v}: a duration cannot be negative")))
+                let seconds = u64::try_from(v)
+                    .map_err(|_| E::custom(format!("invalid duration {v}: a duration cannot be negative")))?;
+                self.visit_u64(seconds)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Span, E> {
-                Ok(Span(Duration::from_secs(v)))
+                bounded_duration(Duration::from_secs(v), v).map_err(E::custom)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Span, E> {
                 if v < 0.0 {
                     return Err(E::custom(format!("invalid duration {v}: a duration cannot be negative")));
                 }
-                Duration::try_from_secs_f64(v)
-                    .map(Span)
-                    .map_err(|_| E::custom(format!("invalid duration {v}: not a number of seconds that fits")))
+                if v.is_nan() {
+                    return Err(E::custom("invalid duration nan: not a number"));
+                }
+                // Beyond what a `Duration` holds (or not a number at all) is too large as well.
+                let duration = Duration::try_from_secs_f64(v).map_err(|_| E::custom(too_long(v)))?;
+                bounded_duration(duration, v).map_err(E::custom)
             }
         }
         deserializer.deserialize_any(SpanVisitor)
@@ -351,6 +396,115 @@ mod tests {
         assert_eq!(shown(Duration::ZERO), "0ms");
         // The largest duration still rounds without overflowing.
         assert!(shown(Duration::MAX).starts_with("18446744073709551616"));
+    }
+
+    #[test]
+    fn sizes_above_the_ceiling_are_refused_not_wrapped() {
+        assert_eq!(parse_size("16TiB"), Ok(MAX_SIZE));
+        assert_eq!(parse_size("16777216"), Ok(MAX_SIZE));
+        for text in [
+            "16777217",
+            "17T",
+            "16.0001TiB",
+            "99999999999999999999G",
+            "1000000000000000000000000000000",
+            "18446744073709551615",
+        ] {
+            let error = parse_size(text).expect_err(text).to_string();
+            assert!(error.contains("too large") && error.contains("16TiB"), "{text}: {error}");
+        }
+        #[derive(Deserialize, Debug)]
+        struct Doc {
+            #[allow(dead_code)] // read only through Debug
+            size: Mib,
+        }
+        for toml in ["size = 16777217", "size = 9223372036854775807", "size = 1e300"] {
+            let error = toml::from_str::<Doc>(toml).expect_err(toml).to_string();
+            assert!(error.contains("too large") || error.contains("not a finite"), "{toml}: {error}");
+        }
+        let error = serde_json::from_str::<Doc>(r#"{"size": 18446744073709551615}"#).unwrap_err().to_string();
+        assert!(error.contains("too large"), "{error}");
+    }
+
+    #[test]
+    fn durations_above_a_year_are_refused_not_overflowed() {
+        assert_eq!(parse_duration("1y"), Ok(Span(MAX_DURATION)));
+        assert_eq!(parse_duration("365d"), Ok(Span(Duration::from_secs(365 * 86_400))));
+        assert_eq!(parse_duration("31557600"), Ok(Span(MAX_DURATION)));
+        for text in ["366d", "300000000000y", "18446744073709551615", "18446744073709551615s", "31557600.000000001"] {
+            let error = parse_duration(text).expect_err(text).to_string();
+            assert!(error.contains("too large") && error.contains("1year"), "{text}: {error}");
+        }
+        // Larger than humantime itself can count: refused by humantime, still no panic.
+        assert!(parse_duration("99999999999999999999999y").is_err());
+        #[derive(Deserialize, Debug)]
+        struct Doc {
+            #[allow(dead_code)] // read only through Debug
+            wait: Span,
+        }
+        for toml in ["wait = 31557601", "wait = 9223372036854775807", "wait = 1e300", "wait = 31557600.5", "wait = inf"]
+        {
+            let error = toml::from_str::<Doc>(toml).expect_err(toml).to_string();
+            assert!(error.contains("too large"), "{toml}: {error}");
+        }
+        let error = toml::from_str::<Doc>("wait = nan").expect_err("nan").to_string();
+        assert!(error.contains("not a number"), "{error}");
+        let error = serde_json::from_str::<Doc>(r#"{"wait": 18446744073709551615}"#).unwrap_err().to_string();
+        assert!(error.contains("too large"), "{error}");
+    }
+
+    #[test]
+    fn later_saturates_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(later(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert_eq!(later(now, Duration::MAX), now + MAX_DURATION);
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, parsing answers (never panics), and what it accepts is within bounds.
+        #[test]
+        fn any_text_parses_within_bounds_or_is_refused(text in "\\PC{0,40}") {
+            if let Ok(size) = parse_size(&text) {
+                proptest::prop_assert!(size <= MAX_SIZE);
+            }
+            if let Ok(span) = parse_duration(&text) {
+                proptest::prop_assert!(span.get() <= MAX_DURATION);
+            }
+        }
+
+        /// Numbers of every magnitude with every unit: accepted exactly when within the bound.
+        #[test]
+        fn numbers_with_units_are_accepted_exactly_within_bounds(
+            number in proptest::prop_oneof![0u64..100_000, proptest::num::u64::ANY],
+            size_unit in proptest::sample::select(vec!["", "B", "KiB", "M", "MiB", "G", "GB", "T", "TiB"]),
+            duration_unit in proptest::sample::select(vec!["", "ns", "ms", "s", "m", "h", "d", "w", "y"]),
+        ) {
+            let mib_per_unit: f64 = match size_unit {
+                "B" => 1.0 / 1048576.0,
+                "KiB" => 1.0 / 1024.0,
+                "G" | "GB" => 1024.0,
+                "T" | "TiB" => 1048576.0,
+                _ => 1.0,
+            };
+            let size = parse_size(&format!("{number}{size_unit}"));
+            proptest::prop_assert_eq!(size.is_ok(), (number as f64 * mib_per_unit).ceil() <= MAX_SIZE.0 as f64);
+            let seconds_per_unit: f64 = match duration_unit {
+                "ns" => 1e-9,
+                "ms" => 1e-3,
+                "m" => 60.0,
+                "h" => 3600.0,
+                "d" => 86400.0,
+                "w" => 604800.0,
+                "y" => 31557600.0,
+                _ => 1.0,
+            };
+            let duration = parse_duration(&format!("{number}{duration_unit}"));
+            let seconds = number as f64 * seconds_per_unit;
+            // Away from the boundary itself, where float rounding could go either way.
+            if (seconds - MAX_DURATION.as_secs_f64()).abs() > 1.0 {
+                proptest::prop_assert_eq!(duration.is_ok(), seconds < MAX_DURATION.as_secs_f64(), "{:?}", duration);
+            }
+        }
     }
 
     #[test]

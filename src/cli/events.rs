@@ -41,7 +41,8 @@ pub(crate) fn describe(event: &Event) -> String {
             format!("GPU {device} level {from} -> {to} ({used_mib} of {total_mib} MiB used)")
         }
         EventKind::VramChanged { device, used_mib, previous_mib, free_mib } => {
-            let delta = *used_mib as i64 - *previous_mib as i64;
+            // Both come from the daemon as u64: their difference always fits an i128.
+            let delta = i128::from(*used_mib) - i128::from(*previous_mib);
             format!("GPU {device} used {previous_mib} -> {used_mib} MiB ({delta:+} MiB, {free_mib} MiB free)")
         }
         EventKind::ProbeFailed { probe, error } => format!("probe {probe} failed: {error}"),

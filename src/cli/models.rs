@@ -102,7 +102,7 @@ pub(super) async fn report_queue<T>(
 
 async fn watch_queue(prefix: &str, client: &Client, mine: impl Fn(&Status, &QueueEntry) -> bool) -> Infallible {
     let asked = Instant::now();
-    let mut looks = tokio::time::interval_at((asked + FIRST_LOOK).into(), LOOK_EVERY);
+    let mut looks = tokio::time::interval_at(crate::units::later(asked, FIRST_LOOK).into(), LOOK_EVERY);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(Instant, String)> = None;
     loop {

@@ -234,7 +234,7 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::ExitStatusExt;
     let code = match (status.code(), status.signal()) {
         (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
+        (None, Some(signal)) => 128i32.saturating_add(signal),
         (None, None) => 1,
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

@@ -206,7 +206,7 @@ fn truncate(text: &str, width: usize) -> String {
     if text.chars().count() <= width {
         text.to_string()
     } else {
-        let mut short: String = text.chars().take(width - 1).collect();
+        let mut short: String = text.chars().take(width.saturating_sub(1)).collect();
         short.push('…');
         short
     }

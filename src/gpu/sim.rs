@@ -17,6 +17,7 @@ use super::{
     DeviceSnapshot, NamedUsage, Probe, ProbeError, ProbeKind, ProcessUsage, pid_is_alive, process_name_or_unknown,
 };
 use crate::config::SimConfig;
+use crate::units::MAX_SIZE;
 
 /// One simulated device: a name and a size.
 #[derive(Debug, Clone)]
@@ -89,8 +90,9 @@ pub(crate) struct DirReading {
 
 impl DirReading {
     fn used_mib(&self) -> u64 {
-        let by_pid: u64 = self.processes.iter().map(|p| p.used_mib).sum();
-        let named: u64 = self.named.iter().map(|n| n.used_mib).sum();
+        // Claims are bounded one by one (see `read_device_dir`); the sum saturates all the same.
+        let by_pid = self.processes.iter().map(|p| p.used_mib).fold(0, u64::saturating_add);
+        let named = self.named.iter().map(|n| n.used_mib).fold(0, u64::saturating_add);
         by_pid.saturating_add(named)
     }
 }
@@ -174,12 +176,14 @@ pub(crate) fn read_device_dir(
         let used_mib = if trimmed.is_empty() {
             0
         } else {
+            // No device holds more than MAX_SIZE: a larger claim is a mistake, and would make
+            // every sum over the device's memory overflow.
             match trimmed.parse::<u64>() {
-                Ok(v) => v,
-                Err(_) => {
+                Ok(v) if v <= MAX_SIZE.0 => v,
+                _ => {
                     let shown: String = trimmed.chars().take(40).collect();
                     reading.warnings.push(format!(
-                        "sim file {}: expected an integer number of MiB, found {shown:?}; ignored",
+                        "sim file {}: expected an integer number of MiB up to {MAX_SIZE}, found {shown:?}; ignored",
                         path.display()
                     ));
                     continue;
@@ -332,6 +336,27 @@ mod tests {
         assert_eq!(reading.warnings.len(), 2, "{:?}", reading.warnings);
         assert!(reading.warnings.iter().any(|w| w.contains("lots of memory") && w.contains("100")));
         assert!(reading.warnings.iter().any(|w| w.contains("\"-5\"") && w.contains("desktop")));
+    }
+
+    #[test]
+    fn claims_larger_than_any_device_are_ignored_and_sums_do_not_overflow() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "100", &u64::MAX.to_string());
+        write(tmp.path(), "desktop", &(MAX_SIZE.0 + 1).to_string());
+        write(tmp.path(), "game", &MAX_SIZE.0.to_string());
+        write(tmp.path(), "other", &MAX_SIZE.0.to_string());
+        let reading = read(tmp.path(), |_| true).unwrap();
+        assert_eq!(reading.used_mib(), 2 * MAX_SIZE.0);
+        assert_eq!(reading.warnings.len(), 2, "{:?}", reading.warnings);
+        assert!(reading.warnings.iter().all(|w| w.contains("up to 16777216MiB")), "{:?}", reading.warnings);
+        let saturating = DirReading {
+            named: vec![
+                NamedUsage { name: "a".into(), used_mib: u64::MAX },
+                NamedUsage { name: "b".into(), used_mib: u64::MAX },
+            ],
+            ..DirReading::default()
+        };
+        assert_eq!(saturating.used_mib(), u64::MAX);
     }
 
     #[test]
