@@ -1133,6 +1133,17 @@ impl Config {
                     .into(),
             ));
         }
+        for (key, value) in [
+            ("max_waiters_per_model", self.scheduler.max_waiters_per_model),
+            ("max_waiters", self.scheduler.max_waiters),
+        ] {
+            if value == 0 {
+                return Err((
+                    key_path(&["scheduler", key]),
+                    "must be at least 1, found 0 (a request for a model that is not loaded waits for it)".into(),
+                ));
+            }
+        }
         if self.scheduler.max_parallel_loads == 0 {
             return Err((key_path(&["scheduler", "max_parallel_loads"]), "must be at least 1, found 0".into()));
         }

@@ -150,6 +150,8 @@ fn keys() -> Vec<Key> {
         key("scheduler", "max_parallel_loads", any_count("1"), bad_count()),
         key("scheduler", "resident_cap", any_count("0"), bad_count()),
         key("scheduler", "max_queue", any_count("1"), bad_count()),
+        key("scheduler", "max_waiters_per_model", any_count("1"), bad_count()),
+        key("scheduler", "max_waiters", any_count("1"), bad_count()),
         key("scheduler", "queue_timeout", any_duration(), bad_duration()),
         key("scheduler", "max_wait_before_swap", any_duration(), bad_duration()),
         key("proxy", "max_body", pick(vec![Text("1MiB"), Number("256"), Text("16TiB")]), bad_size()),
