@@ -20,7 +20,8 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("proc_stat_field", "reads /proc: the shell passes a `ProcTable`"),
     ("group_members", "reads /proc"),
     ("free_port", "binds a socket"),
-    ("Store", "writes the database: `Effects::persist`"),
+    ("store::Store", "writes the database: `Effects::persist`"),
+    ("StoreWriter", "writes the database: `Effects::persist`"),
     ("EventBus", "publishes directly: `Effects::emit`"),
 ];
 

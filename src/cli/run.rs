@@ -198,6 +198,11 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
         });
     }
+    // The handlers are in place before the command exists: a signal that arrives right after the
+    // spawn is forwarded, not the default action that would kill `run` and leave the command.
+    // (A command's exec resets handled signals to their defaults.)
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let mut child = match command.spawn() {
         Ok(child) => child,
         // Replaced or made unexecutable since it was looked up.
@@ -217,8 +222,6 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
 
     let interactive = std::io::stdin().is_terminal();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
