@@ -313,12 +313,13 @@ mod tests {
         assert!(bystander.alive(), "a process of this boot was stopped for a record of another");
     }
 
-    /// A live process with the recorded pid but another start time is someone else's.
+    /// A live process with the recorded pid that started after the recorded one is someone
+    /// else's, and so is its group (whose members all started after the record's start time).
     #[tokio::test]
     async fn a_reused_pid_is_left_alone() {
         let bystander = Stubborn::spawn();
         let mut recorded = bystander.recorded(crate::store::this_boot_id());
-        recorded.record.start_ticks += 1;
+        recorded.record.start_ticks -= 1;
         assert_eq!(reap_leftovers(&[recorded], GRACE).await, vec![Vec::<u32>::new()]);
         assert!(bystander.alive());
     }
