@@ -142,7 +142,7 @@ impl Store {
         // quick_check reads every page: a corrupt file is found now, not halfway through a write.
         let check: String = connection
             .query_row("PRAGMA quick_check", [], |row| row.get(0))
-            .map_err(|e| fail(explain("cannot read it", &e, &path)))?;
+            .map_err(|e| fail(explain("cannot check it", &e, &path)))?;
         if check != "ok" {
             return Err(fail(format!("the database is damaged ({check}); move it aside to start afresh")));
         }
