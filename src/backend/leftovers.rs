@@ -52,7 +52,7 @@ pub async fn reap_leftovers(records: &[crate::store::RecordedProcess], grace: Du
         return found;
     }
     for pid in found.iter().flatten() {
-        let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        send(*pid, Signal::SIGTERM);
     }
     let deadline = tokio::time::Instant::now() + grace;
     let mut left = members(&scan().await);
@@ -61,9 +61,19 @@ pub async fn reap_leftovers(records: &[crate::store::RecordedProcess], grace: Du
         left = members(&scan().await);
     }
     for pid in left.iter().flatten() {
-        let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        send(*pid, Signal::SIGKILL);
     }
     found
+}
+
+/// Sends `signal` to the single process `pid` (read from `/proc`). A value that is not a
+/// positive `pid_t` is skipped: cast, it would name a process group (negative) or this one (0).
+fn send(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+    }
 }
 
 /// A recorded group, as the reaper needs it.
