@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::arbiter::{Arbiter, ArbiterHandle, ArbiterSettings};
-use crate::backend::process;
+use crate::backend::leftovers;
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::events::EventKind;
@@ -55,24 +55,36 @@ fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> 
 }
 
 /// Stops processes that an earlier daemon started and did not stop (it crashed or was killed),
-/// before anything is admitted: their memory would otherwise count as foreign forever.
-fn reap_leftovers(store: &Store, bus: &EventBus) {
+/// before anything is admitted: their memory would otherwise count as foreign forever. All
+/// leftovers stop together within one grace period, and neither the `/proc` scans nor the
+/// database writes run on the runtime's threads. Returns the store.
+async fn reap_leftovers(mut store: Store, bus: &EventBus) -> anyhow::Result<Store> {
     let records = match store.processes() {
         Ok(records) => records,
         Err(e) => {
             tracing::error!("{e}");
-            return;
+            return Ok(store);
         }
     };
-    for record in records {
-        for pid in process::reap_leftover(&record) {
-            tracing::warn!(pid, model = %record.model, "stopped a leftover process of an earlier daemon");
-            bus.publish(EventKind::LeftoverReaped { pid, model: record.model.clone() });
-        }
-        if let Err(e) = store.forget_process(record.pid) {
-            tracing::error!("{e}");
+    if records.is_empty() {
+        return Ok(store);
+    }
+    let stopped = leftovers::reap_leftovers(&records, leftovers::LEFTOVER_GRACE).await;
+    for (recorded, pids) in records.iter().zip(stopped) {
+        for pid in pids {
+            tracing::warn!(pid, model = %recorded.record.model, "stopped a leftover process of an earlier daemon");
+            bus.publish(EventKind::LeftoverReaped { pid, model: recorded.record.model.clone() });
         }
     }
+    let pids: Vec<u32> = records.iter().map(|recorded| recorded.record.pid).collect();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.forget_processes(&pids) {
+            tracing::error!("{e}");
+        }
+        store
+    })
+    .await
+    .context("the state database task failed")
 }
 
 /// Whether this process ignores SIGHUP (started under `nohup`), read from the kernel's view of
@@ -133,7 +145,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     // leftovers and stop them.
     let _lock = lock_state_dir(&state_dir)?;
     let store = Store::open(&state_dir).context("cannot open the state database (server.state_dir)")?;
-    reap_leftovers(&store, &bus);
+    let store = reap_leftovers(store, &bus).await?;
     let settings = ArbiterSettings {
         scheduler: config.scheduler.clone(),
         models: config.model_specs(),

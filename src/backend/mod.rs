@@ -6,5 +6,6 @@
 //!   over an attached stream and acknowledges them.
 
 pub mod external;
+pub mod leftovers;
 pub mod ollama;
 pub mod process;

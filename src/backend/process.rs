@@ -45,11 +45,6 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 /// How long a stop that had to SIGKILL the command waits for its keeper to sweep the rest and
 /// exit before killing the keeper too.
 const KEEPER_SWEEP_WAIT: Duration = Duration::from_secs(3);
-/// How far the start time of a recorded group leader, read as wall-clock time, may lie from the
-/// time the record was written: farther means the record is from an earlier boot, whose ticks
-/// say nothing about today's processes.
-const SAME_BOOT_SLACK_SECS: u64 = 10;
-
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
@@ -611,85 +606,6 @@ fn drain(pipe: impl Read + Send + 'static, logs: Arc<LogBuffer>, source: LogSour
     }
 }
 
-/// Stops every leftover of a group recorded by an earlier daemon: each live process of the
-/// recorded process group that started no earlier than the group's leader, even when the leader
-/// itself (the keeper) is gone. Returns the pids stopped.
-///
-/// Safe against pid reuse: a leader pid alive with another start time is someone else's group;
-/// a record whose start ticks, read as wall-clock time, do not match when it was written is from
-/// an earlier boot; and while any member of our group lives, the kernel reuses neither its id as
-/// a new pid nor as a new group id.
-pub fn reap_leftover(record: &crate::store::ProcessRecord) -> Vec<u32> {
-    // Never this daemon's own process or group, nor init's.
-    let me = std::process::id();
-    let my_group = proc_stat_field(me, 5);
-    if record.pgid <= 1 || record.pgid == me || my_group == Some(u64::from(record.pgid)) {
-        return Vec::new();
-    }
-    let leader_start = proc_stat_field(record.pgid, 22);
-    match leader_start {
-        // Another process has the recorded leader's pid: the group is not ours.
-        Some(ticks) if ticks != record.start_ticks => return Vec::new(),
-        // The leader itself, by pid and start time: ours.
-        Some(_) => {}
-        // The leader is gone: trust the record only if it is from this boot.
-        None if !started_this_boot(record.start_ticks, record.started_at.timestamp()) => return Vec::new(),
-        None => {}
-    }
-    let members = || -> Vec<u32> {
-        group_members(record.pgid)
-            .into_iter()
-            .filter(|pid| *pid != me)
-            .filter(|pid| proc_stat_field(*pid, 22).is_some_and(|ticks| ticks >= record.start_ticks))
-            .collect()
-    };
-    let found = members();
-    if found.is_empty() {
-        return found;
-    }
-    for pid in &found {
-        let _ = nix::sys::signal::kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && !members().is_empty() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for pid in members() {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
-    found
-}
-
-/// Whether a process that started `start_ticks` clock ticks after this boot could have been
-/// recorded at `recorded_at` (Unix seconds): if not, the record is from an earlier boot.
-fn started_this_boot(start_ticks: u64, recorded_at: i64) -> bool {
-    let (Some(boot), Some(ticks_per_second)) = (boot_time(), clock_ticks_per_second()) else {
-        // Without the boot time, trust the start-time match alone (the old rule).
-        return true;
-    };
-    same_boot(start_ticks, ticks_per_second, boot, recorded_at)
-}
-
-/// The pure part of [`started_this_boot`].
-fn same_boot(start_ticks: u64, ticks_per_second: u64, boot: i64, recorded_at: i64) -> bool {
-    let since_boot = i64::try_from(start_ticks / ticks_per_second.max(1)).unwrap_or(i64::MAX);
-    let started = boot.saturating_add(since_boot);
-    started.abs_diff(recorded_at) <= SAME_BOOT_SLACK_SECS
-}
-
-/// The boot time in Unix seconds (`btime` in `/proc/stat`).
-fn boot_time() -> Option<i64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    stat.lines().find_map(|line| line.strip_prefix("btime "))?.trim().parse().ok()
-}
-
-/// The kernel's clock ticks per second (the unit of `/proc/<pid>/stat` start times).
-fn clock_ticks_per_second() -> Option<u64> {
-    // SAFETY: sysconf has no memory effects.
-    let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
-    u64::try_from(ticks).ok().filter(|t| *t > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,19 +658,6 @@ mod tests {
         );
         assert_eq!(parse_report(""), Err("the keeper exited before starting it".into()));
         assert!(parse_report("pid many").unwrap_err().contains("bad pid"));
-    }
-
-    #[test]
-    fn a_record_from_an_earlier_boot_is_not_this_boots_process() {
-        // Booted at 1000 s, 100 ticks a second: ticks 5000 mean started at 1050 s.
-        assert!(same_boot(5000, 100, 1000, 1050));
-        assert!(same_boot(5000, 100, 1000, 1058));
-        // Recorded an hour before this boot's process could have started: an earlier boot.
-        assert!(!same_boot(5000, 100, 1000, 1050 - 3600));
-        assert!(!same_boot(5000, 100, 1000, 1050 + 3600));
-        // Absurd values saturate rather than overflow.
-        assert!(!same_boot(u64::MAX, 1, i64::MAX, i64::MIN));
-        assert!(!same_boot(1, 0, 0, 1_000_000));
     }
 
     #[test]
