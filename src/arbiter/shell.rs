@@ -21,7 +21,7 @@ use crate::backend::process::Spawner;
 use crate::config::{ModeConfig, ModelSpec, SchedulerConfig};
 use crate::events::EventBus;
 use crate::monitor::{GpuView, Sampler};
-use crate::store::Store;
+use crate::store::{Store, StoreWriter};
 
 /// At shutdown, how long children get after SIGTERM before SIGKILL.
 const SHUTDOWN_STOP: Duration = Duration::from_millis(1500);
@@ -47,8 +47,8 @@ pub struct ArbiterSettings {
 struct ShellEffects {
     bus: EventBus,
     view: watch::Sender<Arc<ArbiterView>>,
-    store: Store,
-    store_error: Option<String>,
+    /// Writes on its own thread, in order; a failed write is retried until it succeeds.
+    store: StoreWriter,
     sampler: Sampler,
     spawner: Spawner,
     http: reqwest::Client,
@@ -61,26 +61,18 @@ impl Effects for ShellEffects {
     }
 
     fn publish(&mut self, mut view: ArbiterView) {
-        if let Some(error) = &self.store_error {
-            view.degraded_reasons.insert(0, format!("state database: {error}"));
+        // Degraded while a write fails, and no longer once one succeeds again.
+        if let Some(error) = self.store.write_failure() {
+            view.degraded_reasons.insert(0, error);
         }
         self.view.send_replace(Arc::new(view));
     }
 
     fn persist(&mut self, write: StoreWrite) {
-        let result = match &write {
+        match write {
             StoreWrite::RecordProcess(record) => self.store.record_process(record),
-            StoreWrite::ForgetProcess(pid) => self.store.forget_process(*pid),
-            StoreWrite::Footprint { model, mib } => self.store.record_footprint(model, *mib),
-        };
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!("{e}");
-                if !matches!(write, StoreWrite::ForgetProcess(_)) {
-                    self.store_error = Some(e.to_string());
-                }
-            }
+            StoreWrite::ForgetProcess(pid) => self.store.forget_process(pid),
+            StoreWrite::Footprint { model, mib } => self.store.record_footprint(&model, mib),
         }
     }
 
@@ -114,6 +106,9 @@ pub struct Arbiter {
     idle: Arc<Notify>,
     http: reqwest::Client,
     commands: mpsc::Sender<Command>,
+    store: StoreWriter,
+    /// Changes when a state-database write fails or succeeds again: status is republished.
+    store_failures: watch::Receiver<Option<String>>,
 }
 
 impl Arbiter {
@@ -145,11 +140,12 @@ impl Arbiter {
             }
         }
         let http = reqwest::Client::builder().pool_max_idle_per_host(2).build().map_err(std::io::Error::other)?;
+        let store = StoreWriter::start(store)?;
+        let store_failures = store.failures();
         let fx = ShellEffects {
             bus,
             view,
-            store,
-            store_error: None,
+            store: store.clone(),
             sampler,
             spawner: Spawner::start()?,
             http: http.clone(),
@@ -169,7 +165,7 @@ impl Arbiter {
             modes: Arc::new(settings.modes),
             mode_switch: Arc::new(tokio::sync::Mutex::new(())),
         };
-        Ok((Arbiter { engine, inbox, gpu, idle, http, commands }, handle))
+        Ok((Arbiter { engine, inbox, gpu, idle, http, commands, store, store_failures }, handle))
     }
 
     /// Runs until `shutdown`, then stops every model process.
@@ -198,6 +194,12 @@ impl Arbiter {
                     }
                     _ = sleep_until_opt(wake) => Input::Tick,
                     _ = self.idle.notified() => Input::Idle,
+                    changed = self.store_failures.changed(), if self.store_failures.has_changed().is_ok() => {
+                        if changed.is_ok() {
+                            self.engine.refresh_view();
+                        }
+                        continue;
+                    }
                 };
                 if matches!(input, Input::Idle) && !self.engine.wants_idle() {
                     // Nobody waits for a model to go idle: only the status (in use, last use)
@@ -220,6 +222,9 @@ impl Arbiter {
         });
         futures_util::future::join_all(stops).await;
         self.engine.shut_down(Instant::now());
+        if let Err(e) = self.store.flush(Duration::from_millis(300)).await {
+            tracing::error!("the state database may miss the last changes: {e}");
+        }
     }
 }
 

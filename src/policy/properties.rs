@@ -38,21 +38,26 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let request =
-        (
-            // Mostly sizes that fit a device, so that evictions are common; some that never fit.
-            prop_oneof![6 => 1u64..6000, 1 => 1u64..20_000],
-            -5i32..=5,
-            // Now and then a device that does not exist.
-            prop::option::weighted(0.5, prop::option::weighted(0.95, any::<Index>())),
-            prop::bool::weighted(0.1),
-            prop::bool::weighted(0.15),
-            prop_oneof![Just(0u64), 0u64..3000],
-            prop::option::weighted(0.1, any::<Index>()),
-        )
-            .prop_map(|(mib, priority, device, exclusive, lease, min_residency, as_resident)| {
-                Op::Request { mib, priority, device, exclusive, lease, min_residency, as_resident }
-            });
+    let request = (
+        // Mostly sizes that fit a device, so that evictions are common; some that never fit.
+        prop_oneof![6 => 1u64..6000, 1 => 1u64..20_000],
+        -5i32..=5,
+        // Now and then a device that does not exist.
+        prop::option::weighted(0.5, prop::option::weighted(0.95, any::<Index>())),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.15),
+        prop_oneof![Just(0u64), 0u64..3000],
+        prop::option::weighted(0.1, any::<Index>()),
+    )
+        .prop_map(|(mib, priority, device, exclusive, lease, min_residency, as_resident)| Op::Request {
+            mib,
+            priority,
+            device,
+            exclusive,
+            lease,
+            min_residency,
+            as_resident,
+        });
     prop_oneof![
         6 => request,
         5 => any::<Index>().prop_map(Op::FinishLoad),
@@ -350,19 +355,17 @@ fn snapshot() -> impl Strategy<Value = (Model, Request)> {
             let residents: Vec<Resident> = residents
                 .into_iter()
                 .enumerate()
-                .map(|(i, (device, footprint_mib, priority, in_use, pinned, ready, last_used, since, min))| {
-                    Resident {
-                        id: format!("r{i}"),
-                        device,
-                        footprint_mib,
-                        priority,
-                        in_use,
-                        pinned,
-                        ready,
-                        last_used,
-                        resident_since: since,
-                        min_residency: min,
-                    }
+                .map(|(i, (device, footprint_mib, priority, in_use, pinned, ready, last_used, since, min))| Resident {
+                    id: format!("r{i}"),
+                    device,
+                    footprint_mib,
+                    priority,
+                    in_use,
+                    pinned,
+                    ready,
+                    last_used,
+                    resident_since: since,
+                    min_residency: min,
                 })
                 .collect();
             let holds: Vec<Hold> = holds

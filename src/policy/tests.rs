@@ -76,8 +76,7 @@ pub(super) fn a_request_that_fits_is_admitted_without_victims() {
 #[test]
 pub(super) fn least_recently_used_goes_first_among_equal_priority() {
     let devices = [dev(0, 8000, 0)];
-    let residents =
-        [used(res("recent", 0, 3000), 50), used(res("old", 0, 3000), 10), used(res("mid", 0, 2000), 30)];
+    let residents = [used(res("recent", 0, 3000), 50), used(res("old", 0, 3000), 10), used(res("mid", 0, 2000), 30)];
     // 0 available; a 3000 MiB deficit: the oldest alone covers it.
     assert_eq!(decide(&devices, &residents, &[], &req("new", 3000, Some(0), 0), 100), evict(0, &["old"]));
     // 4000: old, then mid would be the prefix (5000), and both are needed.
@@ -135,8 +134,7 @@ pub(super) fn the_requester_is_never_its_own_victim() {
 #[test]
 pub(super) fn minimisation_prefers_one_big_victim_over_two_small() {
     let devices = [dev(0, 4000, 0)];
-    let residents =
-        [used(res("small-a", 0, 500), 1), used(res("small-b", 0, 500), 2), used(res("big", 0, 3000), 3)];
+    let residents = [used(res("small-a", 0, 500), 1), used(res("small-b", 0, 500), 2), used(res("big", 0, 3000), 3)];
     // Deficit 1500: the prefix is all three, then both small ones are dropped.
     assert_eq!(decide(&devices, &residents, &[], &req("x", 1500, Some(0), 0), 10), evict(0, &["big"]));
     // Deficit 3300: the prefix is all three; small-a is dropped first (small-b + big = 3500 still
@@ -271,15 +269,8 @@ pub(super) fn message_shapes_are_stable() {
         shortfall.to_string(),
         "needs 6144 MiB on GPU 0; 2100 MiB available (usable 7680, foreign 1200); held by: llm 4380 MiB (in use), whisper 1500 MiB (pinned)"
     );
-    assert_eq!(
-        Decision::Wait(shortfall.clone()).message(),
-        Some(shortfall.to_string()),
-        "Display is the wait form"
-    );
-    assert_eq!(
-        shortfall.describe(true),
-        "only 7680 MiB usable on GPU 0 (total minus reserve), need at least 6144 MiB"
-    );
+    assert_eq!(Decision::Wait(shortfall.clone()).message(), Some(shortfall.to_string()), "Display is the wait form");
+    assert_eq!(shortfall.describe(true), "only 7680 MiB usable on GPU 0 (total minus reserve), need at least 6144 MiB");
 
     shortfall.holders.push(HolderInfo { id: "ffmpeg".into(), mib: 2048, kept_because: Some("lease".into()) });
     shortfall.exclusive_conflict = Some("ffmpeg".into());
