@@ -1,13 +1,19 @@
-//! End-to-end: the CLI subcommands against a real daemon.
+//! End-to-end: the CLI subcommands against a real daemon: `status` (JSON and the table), `events`
+//! (following, and exiting 1 when the daemon stops), `logs`, `config check`, and `--help`.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use common::lines::lines_of;
+use common::sim_daemon::on_10000_mib as start;
+use common::{Daemon, KillOnDrop, fake_model};
+use nix::sys::signal::Signal;
 use serde_json::Value;
+
+const SECOND: Duration = Duration::from_secs(1);
 
 fn run_cli(args: &[&str]) -> std::process::Output {
     common::output(common::vramgate().args(args))
@@ -154,4 +160,45 @@ fn help_explains_every_subcommand() {
     assert!(!help.contains("demo-model"), "the hidden demo-model subcommand is listed:\n{help}");
     let output = run_cli(&["status", "--help"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("VRAMGATE_URL"));
+}
+
+#[tokio::test]
+async fn logs_show_the_model_output() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    daemon.load("a").await;
+    let output = common::output(common::vramgate().args(["logs", "a", "--url", &daemon.url]));
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("loading weights") && text.contains("ready"), "{text}");
+    let output = common::output(common::vramgate().args(["logs", "nope", "--url", &daemon.url]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model \"nope\""));
+}
+
+/// `vramgate events` exits 1 when the daemon closes the stream (it stopped).
+#[tokio::test]
+async fn events_exits_1_when_the_daemon_stops() {
+    let mut daemon = Daemon::start_sim(1000, "50ms");
+    let mut events = KillOnDrop::spawn(
+        common::vramgate().args(["events", "--url", &daemon.url]).stdout(Stdio::piped()).stderr(Stdio::piped()),
+    );
+    let lines = lines_of(events.0.stdout.take().unwrap());
+    // Its subscription cannot be seen: change the device until a line shows it is following.
+    let end = Instant::now() + 10 * SECOND;
+    let mut high = false;
+    loop {
+        high = !high;
+        daemon.claim("desktop", if high { 800 } else { 0 });
+        if lines.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < end, "vramgate events printed nothing within 10 s");
+    }
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_exit(5 * SECOND).expect("the daemon stops on SIGTERM");
+    let status = common::wait_child(&mut events.0, 5 * SECOND).expect("vramgate events exits once the stream closes");
+    let mut stderr = String::new();
+    events.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("closed the event stream"), "{stderr}");
 }

@@ -1,11 +1,15 @@
 //! End-to-end: the Ollama-compatible surface (`/api/...`) in front of fake OpenAI-speaking model
-//! servers on the sim device: requests are translated, streamed answers become NDJSON.
+//! servers on the sim device: requests are translated, streamed answers become NDJSON; an error
+//! status from an Ollama model's server is passed on if it is a 4xx and becomes 502 otherwise.
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::ollama::FakeOllama;
+use common::stand_in::{Reply, StandIn};
 use common::{Daemon, fake_model, sim_config};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -388,4 +392,57 @@ async fn a_model_inside_ollama_is_passed_through_with_its_ollama_name_and_withou
     let embed = requests.as_array().unwrap().iter().rev().find(|r| r["path"] == "/api/embed").unwrap();
     assert_eq!(embed["body"], json!({"model": "llama3.2:3b", "input": ["a", "b"]}));
     assert_eq!(daemon.model("llama").await["state"], "ready");
+}
+
+/// README (The Ollama-compatible API): "an error status from the model server is passed on if it
+/// is a 4xx and becomes 502 otherwise". That holds for translated requests
+/// (`upstream_failure`), but `pass_through` returns an Ollama model's answer whatever its status:
+/// Ollama's 500 (a runner that crashed, CUDA out of memory) reaches the client as 500.
+#[tokio::test]
+async fn a_5xx_from_an_ollama_model_becomes_502_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    // An Ollama whose load and unload calls work (listed by /api/ps) and whose every other
+    // answer is its 500 for a crashed runner.
+    let loaded = Arc::new(Mutex::new(BTreeSet::<String>::new()));
+    let (_ollama, url) = StandIn::start(Arc::new(move |method, path, body| {
+        let body: Value = serde_json::from_slice(body).unwrap_or_default();
+        let mut loaded = loaded.lock().unwrap();
+        if method == "GET" {
+            let models: Vec<Value> = loaded
+                .iter()
+                .map(|m| json!({"name": m, "model": m, "size": 1u64 << 30, "size_vram": 1u64 << 30}))
+                .collect();
+            return Reply::json(200, &json!({ "models": models }));
+        }
+        let name = body["model"].as_str().unwrap_or_default().to_string();
+        if path == "/api/generate" && body["prompt"].as_str().is_none_or(str::is_empty) {
+            if body["keep_alive"] == 0 {
+                loaded.remove(&name);
+            } else {
+                loaded.insert(name.clone());
+            }
+            return Reply::json(200, &json!({"model": name, "response": "", "done": true}));
+        }
+        Reply::json(500, &json!({"error": "llama runner process has terminated: CUDA error: out of memory"}))
+    }))
+    .await;
+    let sim_dir = dir.path().join("sim");
+    let daemon = Daemon::start(move |_| {
+        format!(
+            "{}[models.llama]\nbackend = \"ollama\"\nollama_model = \"llama3.2:3b\"\nurl = \"{url}\"\n",
+            sim_config(&sim_dir, 8000, "50ms", "reserve_mib = 0")
+        )
+    });
+    let (code, body) = daemon.load("llama").await;
+    assert_eq!(code, 200, "{body}");
+    let response = common::http::client()
+        .post(format!("{}/api/chat", daemon.url))
+        .json(&json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, 502, "Ollama's 500 was passed on as {status}: {body}");
+    assert!(body["error"].as_str().is_some_and(|m| m.contains("out of memory")), "{body}");
 }

@@ -1,15 +1,18 @@
 //! End-to-end: no process a model starts outlives the daemon, however it was started (through a
 //! shell wrapper, a wrapper that exits while its server lives, a server that double-forks out of
 //! its process group), even under `kill -9` of the daemon; and a restarted daemon stops what an
-//! earlier one left behind and runs a single copy of the model.
+//! earlier one left behind (also a server that survived a `kill -9` of daemon and keeper, found in
+//! the state database) and runs a single copy of the model, leaving alone a process that merely
+//! reuses a recorded pid.
 
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::release::{PidGuard, logged_events, pid_gone_within};
-use common::{Daemon, sim_config};
+use common::{Daemon, fake_model, sim_config};
 use nix::sys::signal::Signal;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -223,4 +226,85 @@ async fn a_model_killed_by_a_real_time_signal_is_seen_to_crash() {
     assert_eq!(unsafe { nix::libc::kill(pid, realtime) }, 0, "signal the command");
     let model = daemon.wait_model_state("m", "unloaded", 5 * SECOND).await;
     assert_eq!(model["state_reason"], "crashed", "{model}");
+}
+
+#[tokio::test]
+async fn a_restart_reaps_a_model_that_outlived_a_kill_9_of_the_daemon() {
+    // A model server's keeper takes it down with the daemon; with the keeper killed too (both
+    // by SIGKILL, the daemon frozen first so that it cannot stop the server when its keeper
+    // dies), a server that cleared its parent-death signal survives, recorded in the state
+    // database as the daemon left it; the next daemon on that state directory must stop it
+    // before admitting anything.
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state").display().to_string();
+    let config = move |model_flags: &'static str| {
+        let state_dir = state_dir.clone();
+        move |sim: &std::path::Path| {
+            format!(
+                "[server]\nstate_dir = \"{state_dir}\"\n{}{}",
+                sim_config(sim, 10000, "50ms", "reserve_mib = 0"),
+                fake_model(sim, "a", 100, model_flags, "")
+            )
+        }
+    };
+    let mut first = Daemon::start(config("--survive-parent-death"));
+    let (code, body) = first.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let upstream = body["upstream"].as_str().unwrap().to_string();
+    let _guard = common::release::PidGuard::new(pid);
+    let keeper = vramgate::backend::process::proc_stat_field(pid, 5).expect("the server's process group") as i32;
+    assert_ne!(keeper as u32, pid, "the server runs under a keeper that leads its group");
+    first.signal(nix::sys::signal::Signal::SIGSTOP);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill the keeper");
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(5 * SECOND).expect("the first daemon died");
+    // Still serving without its daemon: a real leftover, not a planted record.
+    let health = common::http::get(format!("{upstream}/health")).await.expect("the survivor answers");
+    assert_eq!(health.status(), 200);
+
+    let second = Daemon::start(config(""));
+    // Reaping happens at start-up, before the API listens, so no event-stream client can be
+    // subscribed yet: the event is read from the daemon's log, where every published event's
+    // JSON is written.
+    let reaped = common::release::logged_events(&second, "leftover_reaped");
+    assert_eq!(reaped.len(), 1, "one leftover_reaped event; log:\n{}", second.log());
+    assert_eq!(reaped[0]["pid"], pid);
+    assert_eq!(reaped[0]["model"], "a");
+    assert!(common::release::pid_gone_within(pid, 2 * SECOND), "the leftover {pid} still runs");
+    // The model starts afresh under the new daemon.
+    assert_eq!(second.model("a").await["state"], "unloaded");
+    let (code, body) = second.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    assert_ne!(body["pid"].as_u64(), Some(u64::from(pid)));
+}
+
+#[tokio::test]
+async fn the_reaper_leaves_a_process_that_merely_reuses_a_recorded_pid_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state").join("vramgate");
+    let bystander = {
+        use std::os::unix::process::CommandExt;
+        common::KillOnDrop::spawn(Command::new("sleep").arg("30").process_group(0))
+    };
+    let pid = bystander.pid();
+    let ticks = vramgate::backend::process::proc_stat_field(pid, 22).unwrap();
+    vramgate::store::Store::open(&state)
+        .unwrap()
+        .record_process(&vramgate::store::ProcessRecord {
+            pid,
+            pgid: pid,
+            start_ticks: ticks + 12345,
+            model: "llm".into(),
+            started_at: chrono::Utc::now(),
+        })
+        .unwrap();
+    let state_dir = state.display().to_string();
+    let daemon = Daemon::start(move |sim| {
+        format!("[server]\nstate_dir = \"{state_dir}\"\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"))
+    });
+    daemon.status().await;
+    assert!(vramgate::gpu::pid_is_alive(pid), "a process with another start time is not ours");
+    drop(bystander);
 }

@@ -1,4 +1,6 @@
-//! End-to-end: the OpenAI-compatible proxy in front of fake model servers on the sim device.
+//! End-to-end: the OpenAI-compatible proxy in front of fake model servers on the sim device; and a
+//! model in its failure cooldown, answered 503 with the time left in `Retry-After` on both proxy
+//! surfaces (OpenAI and Ollama).
 
 mod common;
 
@@ -357,4 +359,59 @@ async fn a_stream_that_stalls_is_broken_off_and_the_model_released() {
     assert!(failed, "the stalled stream must end in an error, not a clean end");
     assert!(started.elapsed() < Duration::from_secs(3), "broken off after {:?}", started.elapsed());
     daemon.wait_for_status(3 * SECOND, "in_use back to 0", |s| s["models"][0]["in_use"] == 0).await;
+}
+
+/// Fails the model's start three times, which puts it in its failure cooldown (10 s at first).
+async fn fail_three_times(daemon: &Daemon) {
+    for _ in 0..3 {
+        let (code, body) = daemon.load("a").await;
+        assert_eq!(code, 502, "{body}");
+    }
+    daemon.wait_model_state("a", "failed", 5 * SECOND).await;
+}
+
+/// The remaining cooldown in status, in whole seconds.
+async fn retry_in_s(daemon: &Daemon) -> u64 {
+    let model = daemon.model("a").await;
+    model["retry_in_s"].as_u64().unwrap_or_else(|| panic!("no retry_in_s: {model}"))
+}
+
+/// `Retry-After` of a response, in seconds.
+fn retry_after(response: &reqwest::Response) -> u64 {
+    let header = response.headers().get("retry-after").expect("a Retry-After header");
+    header.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("Retry-After {header:?}"))
+}
+
+#[tokio::test]
+async fn a_model_in_its_failure_cooldown_is_answered_503_with_the_time_left_on_both_proxy_surfaces() {
+    let daemon = Daemon::start(|sim| {
+        format!("{}{}", sim_config(sim, 10000, "50ms", ""), fake_model(sim, "a", 100, "--exit-on-start 7", ""))
+    });
+    fail_three_times(&daemon).await;
+    let client = common::http::client();
+    let chat = json!({"model": "a", "messages": [{"role": "user", "content": "hi"}]});
+
+    let before = retry_in_s(&daemon).await;
+    let response = client.post(format!("{}/v1/chat/completions", daemon.url)).json(&chat).send().await.unwrap();
+    let after = retry_in_s(&daemon).await;
+    assert_eq!(response.status(), 503);
+    let seconds = retry_after(&response);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_failed", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("exit status 7"), "the last error: {body}");
+    // The time left, not a generic hint: within what status said just before and after.
+    assert!((after..=before).contains(&seconds), "Retry-After {seconds}, status said {before} then {after}");
+    // A first cooldown is 10 s, and the generic `Retry-After: 5` of other 503s must not pass.
+    assert!(seconds <= 10 && after >= 6, "a first cooldown of 10 s: Retry-After {seconds}, status said {after}");
+
+    let before = retry_in_s(&daemon).await;
+    let response = client.post(format!("{}/api/chat", daemon.url)).json(&chat).send().await.unwrap();
+    let after = retry_in_s(&daemon).await;
+    assert_eq!(response.status(), 503);
+    let seconds = retry_after(&response);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("next automatic try"), "{body}");
+    assert!((after..=before).contains(&seconds), "Retry-After {seconds}, status said {before} then {after}");
+    // Refused without another start: the cooldown is not spent on demands.
+    assert_eq!(daemon.model("a").await["failures"], 3);
 }

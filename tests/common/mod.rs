@@ -6,9 +6,13 @@
 
 pub mod app;
 pub mod http;
+pub mod lines;
 pub mod ollama;
+pub mod plain;
 pub mod procs;
 pub mod release;
+pub mod scheduling;
+pub mod sim_daemon;
 pub mod stand_in;
 
 use std::io::{BufRead, BufReader};

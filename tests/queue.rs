@@ -1,6 +1,9 @@
-//! End-to-end: the scheduling promises the docs make about time and order, each with a lower and
-//! an upper bound: the failure cooldown (10 s, doubling), `max_queue` for loads, the fairness swap
-//! after `max_wait_before_swap` (in-flight streams finish), and pressure relief one model at a time.
+//! End-to-end: the wait queue and fairness. Waiters are served by priority, then arrival; the
+//! queue is bounded (`max_queue`, for leases and loads, refused at once beyond it); a client that
+//! gives up while queued leaves nothing behind; `queue_timeout` bounds the wait for memory, not
+//! the start; an absurd `wait` never crashes the arbiter. Fairness: a request behind continuous
+//! traffic waits `max_wait_before_swap`, then the busy model is drained (its in-flight streams
+//! finish) and evicted, but only when that helps: a model a lease holds is never drained.
 
 mod common;
 
@@ -9,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{Daemon, EventStream, fake_model, sim_config};
+use common::fake_model;
+use common::scheduling::{chat, event_time, next_state};
+use common::sim_daemon::on_10000_mib as start;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -17,78 +22,45 @@ use tokio::task::JoinHandle;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// A 10000 MiB sim device (no reserve) sampled every 50 ms, with `scheduler` and the given models.
-fn start(models: impl Fn(&std::path::Path) -> String, scheduler: &str) -> Daemon {
-    Daemon::start(|sim| format!("{}{scheduler}\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"), models(sim)))
-}
-
-async fn chat(daemon: &Daemon, body: Value) -> reqwest::Response {
-    common::http::client().post(format!("{}/v1/chat/completions", daemon.url)).json(&body).send().await.expect("POST")
-}
-
-/// When an event happened, by the daemon's clock.
-fn event_time(event: &Value) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(event["time"].as_str().expect("event time")).expect("RFC 3339 time").to_utc()
-}
-
-/// The next `model_state` event of `model` changing to `to`, skipping others.
-async fn next_state(events: &mut EventStream, model: &str, to: &str, deadline: Duration) -> Value {
-    let end = Instant::now() + deadline;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let event = events.next_of("model_state", left).await;
-        if event["model"] == model && event["to"] == to {
-            return event;
-        }
-    }
-}
-
-/// A model's `retry_in_s` in status.
-async fn retry_in_s(daemon: &Daemon, model: &str) -> u64 {
-    let entry = daemon.model(model).await;
-    entry["retry_in_s"].as_u64().unwrap_or_else(|| panic!("no retry_in_s: {entry}"))
-}
-
-/// A demand through the proxy during the cooldown: refused at once with 503 `model_failed` and a
-/// `Retry-After` of the seconds left; returns that header's value.
-async fn refused_in_cooldown(daemon: &Daemon, model: &str) -> u64 {
-    let asked = Instant::now();
-    let response = chat(daemon, json!({"model": model, "messages": []})).await;
-    let took = asked.elapsed();
-    let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let body: Value = response.json().await.expect("JSON error body");
-    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("model_failed")), "{body}");
-    assert!(took < 2 * SECOND, "refused after {took:?}, not at once");
-    retry_after.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric Retry-After: {body}"))
-}
-
 #[tokio::test]
-async fn a_failing_model_cools_down_10_s_then_20_s_and_refuses_demands_meanwhile() {
-    let daemon = start(|sim| fake_model(sim, "a", 100, "--exit-on-start 7", ""), "");
-    for attempt in 1..=3 {
-        let (code, body) = daemon.load("a").await;
-        assert_eq!(code, 502, "attempt {attempt}: {body}");
-        let expected = if attempt < 3 { "unloaded" } else { "failed" };
-        daemon.wait_model_state("a", expected, 5 * SECOND).await;
-    }
-    // The first cooldown is 10 s: read within a few seconds of the failure, between 8 and 10
-    // whole seconds are left.
-    let left = retry_in_s(&daemon, "a").await;
-    assert!((8..=10).contains(&left), "retry_in_s {left} after the third failure, expected about 10");
-    let retry_after = refused_in_cooldown(&daemon, "a").await;
-    assert!((8..=10).contains(&retry_after), "Retry-After {retry_after}, expected about 10");
-    assert_eq!(daemon.model("a").await["failures"], 3, "a refused demand is not a try");
+async fn the_queue_serves_priority_then_arrival_and_is_bounded() {
+    let daemon = start(|_| String::new(), "[scheduler]\nmax_queue = 2\nqueue_timeout = \"10s\"\n");
+    let (code, blocker) = daemon.post("/vramgate/leases", json!({"vram": 9000, "holder": "blocker"})).await;
+    assert_eq!(code, 201, "{blocker}");
+    let mut events = daemon.events().await;
+    let first = {
+        let url = daemon.url.clone();
+        tokio::spawn(async move {
+            let body = json!({"vram": 5000, "holder": "early-low", "priority": 1});
+            common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+        })
+    };
+    // Wait until it is queued before the next arrives, so arrival order is certain.
+    let queued = events.next_of("queued", 5 * SECOND).await;
+    assert_eq!(queued["requester"], "early-low");
+    assert!(queued["reason"].as_str().unwrap().contains("blocker 9000 MiB (lease)"), "{queued}");
+    let second = {
+        let url = daemon.url.clone();
+        tokio::spawn(async move {
+            let body = json!({"vram": 5000, "holder": "late-high", "priority": 9});
+            common::http::client().post(format!("{url}/vramgate/leases")).json(&body).send().await.unwrap().status()
+        })
+    };
+    assert_eq!(events.next_of("queued", 5 * SECOND).await["requester"], "late-high");
+    // The queue holds two: a third is refused at once.
+    let (code, body) = daemon.post("/vramgate/leases", json!({"vram": 100, "holder": "third"})).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("queue is full"), "{body}");
 
-    // `vramgate load` (explicit) tries at once; its failure doubles the cooldown to 20 s.
-    let (code, body) = daemon.load("a").await;
-    assert_eq!(code, 502, "{body}");
-    let model = daemon.wait_model_state("a", "failed", 5 * SECOND).await;
-    assert_eq!(model["failures"], 4);
-    let left = retry_in_s(&daemon, "a").await;
-    assert!((18..=20).contains(&left), "retry_in_s {left} after the fourth failure, expected about 20 (doubled)");
-    let retry_after = refused_in_cooldown(&daemon, "a").await;
-    assert!((18..=20).contains(&retry_after), "Retry-After {retry_after}, expected about 20");
+    let id = blocker["id"].as_str().unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    let granted = events.next_of("lease_granted", 5 * SECOND).await;
+    assert_eq!(granted["holder"], "late-high", "higher priority first");
+    assert_eq!(second.await.unwrap(), 201);
+    // Both fit once the blocker is gone (5000 + 5000 of 10000): the earlier, lower-priority one
+    // comes right after.
+    assert_eq!(events.next_of("lease_granted", 5 * SECOND).await["holder"], "early-low");
+    assert_eq!(first.await.unwrap(), 201);
 }
 
 #[tokio::test]
@@ -136,6 +108,56 @@ async fn loads_beyond_max_queue_are_refused_at_once() {
     for load in waiting {
         assert_eq!(tokio::time::timeout(10 * SECOND, load).await.expect("served").expect("task"), 200);
     }
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_while_queued_leaves_no_lease_behind() {
+    let daemon = start(|_| String::new(), "[scheduler]\nqueue_timeout = \"10s\"\n");
+    let (_, blocker) = daemon.post("/vramgate/leases", json!({"vram": 10000, "holder": "blocker"})).await;
+    let mut events = daemon.events().await;
+    // Raw connections, so the test knows each request was written before it hangs up.
+    let address = daemon.url.trim_start_matches("http://").to_string();
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        use tokio::io::AsyncWriteExt;
+        let body = json!({"vram": 1000, "holder": format!("w{i}"), "hold": "connection"}).to_string();
+        let request = format!(
+            "POST /vramgate/leases HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        sockets.push(socket);
+    }
+    let queued = events.next_of("queued", 5 * SECOND).await;
+    assert!(queued["requester"].as_str().unwrap().starts_with('w'), "{queued}");
+    drop(sockets);
+    let id = blocker["id"].as_str().unwrap();
+    common::http::client().delete(format!("{}/vramgate/leases/{id}", daemon.url)).send().await.unwrap();
+    // Whatever was granted to a vanished client is released at once.
+    daemon.wait_for_status(3 * SECOND, "no leases", |s| s["leases"].as_array().is_some_and(|l| l.is_empty())).await;
+}
+
+#[tokio::test]
+async fn a_slow_start_is_waited_for_beyond_queue_timeout() {
+    // queue_timeout bounds the wait for memory; once admitted, the start may take ready_timeout.
+    let daemon =
+        start(|sim| fake_model(sim, "slow", 100, "--load-delay 800ms", ""), "[scheduler]\nqueue_timeout = \"300ms\"\n");
+    let (code, body) = daemon.load("slow").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_absurd_wait_is_refused_or_honoured_but_never_crashes_the_arbiter() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "", ""), "");
+    let (code, body) = daemon
+        .post(
+            "/vramgate/leases",
+            json!({"vram": "1G", "holder": "x", "wait": 18446744073709551615u64, "ttl": 18446744073709551615u64}),
+        )
+        .await;
+    assert!(code == 201 || code == 400, "{code} {body}");
+    assert_eq!(daemon.load("a").await.0, 200, "the arbiter still works");
 }
 
 /// The busy model's streamed answer: ten chunks, one every 50 ms (half a second per stream).
@@ -296,60 +318,6 @@ async fn a_request_behind_continuous_traffic_waits_max_wait_before_swap_and_in_f
         }
     }
     assert!(across_the_drain > 0, "no stream was in flight when b was drained: the swap path was not exercised");
-}
-
-#[tokio::test]
-async fn pressure_relief_releases_one_model_at_a_time_waiting_for_each_release() {
-    // Each release takes 400 ms: the server holds its memory for that long after SIGTERM.
-    let slow = "--stop-delay 400ms";
-    let daemon = start(
-        |sim| {
-            [
-                fake_model(sim, "low1", 500, slow, "priority = 1"),
-                fake_model(sim, "low2", 1000, slow, "priority = 2"),
-                fake_model(sim, "high", 4100, "", "priority = 9"),
-            ]
-            .concat()
-        },
-        "",
-    );
-    for model in ["low1", "low2", "high"] {
-        assert_eq!(daemon.load(model).await.0, 200, "{model}");
-    }
-    let mut events = daemon.events().await;
-    // 5600 used by models; a foreign 4000 takes the device to 96 % (emergency). Releasing low1
-    // leaves 91 % (still critical: relief goes on), releasing low2 81 % (relief stops).
-    let claimed = Utc::now();
-    daemon.claim("desktop", 4000);
-    let first = next_state(&mut events, "low1", "unloading", 5 * SECOND).await;
-    assert_eq!(first["reason"], "pressure", "{first}");
-    // The next relief starts only once the first release is complete (its memory is back).
-    let mut order = Vec::new();
-    let end = Instant::now() + 10 * SECOND;
-    while order.len() < 2 {
-        let event = events.next_of("model_state", end.saturating_duration_since(Instant::now())).await;
-        match (event["model"].as_str(), event["to"].as_str()) {
-            (Some("low1"), Some("unloaded")) | (Some("low2"), Some("unloading")) => order.push(event),
-            _ => {}
-        }
-    }
-    assert_eq!(
-        (order[0]["model"].as_str(), order[1]["model"].as_str()),
-        (Some("low1"), Some("low2")),
-        "low2's relief began before low1's memory was back: {order:?}"
-    );
-    assert_eq!(order[1]["reason"], "pressure", "{}", order[1]);
-    let first_release = (event_time(&order[0]) - event_time(&first)).to_std().unwrap_or_default();
-    assert!(first_release >= Duration::from_millis(350), "low1's release took only {first_release:?}");
-    next_state(&mut events, "low2", "unloaded", 5 * SECOND).await;
-    // 4100 + 4000 of 10000 is below critical (87.5 %): relief stops there.
-    daemon.wait_for_status(5 * SECOND, "the memory back", |s| s["devices"][0]["used_mib"] == 8100).await;
-    common::never_within(&daemon, Duration::from_millis(300), "high must stay", |s| {
-        common::model_in(s, "high")["state"] != "ready"
-    })
-    .await;
-    let took = (Utc::now() - claimed).to_std().unwrap_or_default();
-    assert!(took < 5 * SECOND, "relief took {took:?}");
 }
 
 /// Fairness only when it helps: a waiter that could fit only if a leased model went away must not

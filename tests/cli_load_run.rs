@@ -1,16 +1,17 @@
-//! End-to-end: the CLI's paper cuts (issue 9). `run` checks its command before asking for a
-//! lease; `load` and `run` say what they wait for while queued, with current numbers; durations
-//! in messages are rounded; a bare number is seconds; `run --help` lists exit codes and the
-//! environment; a second `unload` says the model was not loaded.
+//! End-to-end: `vramgate load`, `unload` and `run` as a user sees them. `run` checks its command
+//! before asking for a lease, sets the device and the lease for it and exits with its status;
+//! `load` and `run` say what they wait for while queued, with current numbers, and give up after
+//! their wait (a bare number is seconds; durations in messages are rounded); a second `unload`
+//! says the model was not loaded; `run --help` lists exit codes and the environment.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::lines::lines_of;
 use common::{Daemon, fake_model, sim_config, wait_child};
 use serde_json::{Value, json};
 
@@ -47,17 +48,6 @@ fn finish(mut command: Command, deadline: Duration) -> (Option<i32>, String, Str
     let status = status.unwrap_or_else(|| panic!("vramgate did not finish within {deadline:?}"));
     let collect = |lines: mpsc::Receiver<String>| lines.iter().collect::<Vec<_>>().join("\n");
     (status.code(), collect(stdout), collect(stderr))
-}
-
-/// Forwards each line of a pipe as it comes.
-fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
 }
 
 /// The next line of `lines` that satisfies `wanted`, or a panic naming what was seen, after
@@ -109,6 +99,31 @@ fn rounded_durations_are_recognized() {
     for bad in ["60.001663614s", "2.50s", "s", "1m", "3.s", "60"] {
         assert!(!is_rounded(bad), "{bad}");
     }
+}
+
+#[test]
+fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
+    let daemon = Daemon::start_sim(8192, "50ms");
+    let output = common::output(common::vramgate().args([
+        "run",
+        "--vram",
+        "1G",
+        "--url",
+        &daemon.url,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$CUDA_VISIBLE_DEVICES $VRAMGATE_LEASE_MIB\"; exit 5",
+    ]));
+    assert_eq!(output.status.code(), Some(5));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 1024");
+    let output = common::output(common::vramgate().args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"]));
+    assert_eq!(output.status.code(), Some(75));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("need at least"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test]
