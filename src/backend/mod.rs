@@ -7,5 +7,6 @@
 
 pub mod external;
 pub mod leftovers;
+pub mod logs;
 pub mod ollama;
 pub mod process;
