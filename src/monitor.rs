@@ -190,6 +190,17 @@ impl Sampler {
     pub async fn sample(&self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
         self.spawn().await.unwrap_or_else(|e| Err(ProbeError(format!("sample panicked: {e}"))))
     }
+
+    /// The pids using GPU memory now (the probe's cheapest call for it), on the blocking pool.
+    pub async fn gpu_pids(&self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+        let probe = self.probe.clone();
+        tokio::task::spawn_blocking(move || match probe.lock() {
+            Ok(mut probe) => probe.gpu_pids(),
+            Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
+        })
+        .await
+        .unwrap_or_else(|e| Err(ProbeError(format!("process list panicked: {e}"))))
+    }
 }
 
 /// The running monitor.
@@ -445,6 +456,45 @@ mod tests {
         let recovered = tracker.succeeded(ProbeKind::Nvml);
         assert_eq!(recovered, vec![EventKind::ProbeRecovered { probe: "nvml".into(), failed_samples: 2 }]);
         assert!(tracker.succeeded(ProbeKind::Nvml).is_empty());
+    }
+
+    /// A probe with a cheap process list: what a release polls.
+    struct CountingProbe {
+        samples: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Probe for CountingProbe {
+        fn kind(&self) -> ProbeKind {
+            ProbeKind::Sim
+        }
+        fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
+            self.samples.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+        fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+            Ok([7, 9].into())
+        }
+    }
+
+    /// A release polls the process list every few milliseconds: the probe's own cheap call, never
+    /// a whole sample (on NVML: memory, utilization, temperature and names of every device).
+    #[tokio::test]
+    async fn the_process_list_is_the_probes_cheap_call_not_a_sample() {
+        let samples = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let probe: Box<dyn Probe> = Box::new(CountingProbe { samples: samples.clone() });
+        let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
+        for _ in 0..3 {
+            assert_eq!(sampler.gpu_pids().await.expect("a list"), [7, 9].into());
+        }
+        assert_eq!(samples.load(std::sync::atomic::Ordering::SeqCst), 0, "no sample taken");
+        // A probe without a cheaper call answers from a sample.
+        let (script, answers) = std::sync::mpsc::channel();
+        let mut with_process = snapshot(100);
+        with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: 100, name: "p".into() });
+        script.send(Ok(with_process)).expect("scripted");
+        let probe: Box<dyn Probe> = Box::new(Scripted(answers));
+        let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
+        assert_eq!(sampler.gpu_pids().await.expect("a list"), [42].into());
     }
 
     /// A probe whose answers a test scripts.

@@ -119,7 +119,8 @@ pub(crate) fn start_ollama(start: OllamaStart, http: reqwest::Client, commands: 
 }
 
 /// Stops the process (if running) and waits until its memory is back: none of its pids (those
-/// seen on the GPU, the command, every member of its group) in the probe's process list.
+/// seen on the GPU, the command, every member of its group) in the probe's process list (its
+/// cheapest call: on NVML the per-process lists, not a whole sample).
 pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, commands: mpsc::Sender<Command>) {
     tokio::spawn(async move {
         let ProcessRelease { model, generation, handle, mut pids, grace, limit } = release;
@@ -135,16 +136,16 @@ pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, command
         }
         let started = Instant::now();
         let timed_out = loop {
-            match tokio::time::timeout(Duration::from_secs(2), sampler.sample())
+            match tokio::time::timeout(Duration::from_secs(2), sampler.gpu_pids())
                 .await
                 .unwrap_or_else(|_| Err(crate::gpu::ProbeError("the probe did not answer within 2 s".into())))
             {
-                Ok(devices) => {
-                    if !devices.iter().any(|d| d.processes.iter().any(|p| pids.contains(&p.pid))) {
+                Ok(using) => {
+                    if using.is_disjoint(&pids) {
                         break false;
                     }
                 }
-                Err(e) => tracing::warn!(model = %model, "sample during release failed: {e}"),
+                Err(e) => tracing::warn!(model = %model, "process list during release failed: {e}"),
             }
             if started.elapsed() >= limit {
                 break true;

@@ -102,6 +102,14 @@ pub trait Probe: Send {
     fn kind(&self) -> ProbeKind;
     /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less.
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError>;
+
+    /// The pids using GPU memory on any device: all a release watches (every few milliseconds,
+    /// until the model's pids are gone). The default takes a whole sample; a probe with a
+    /// cheaper call overrides it (NVML: the per-process lists only, no memory, utilization,
+    /// temperature or process names).
+    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+        Ok(self.sample()?.into_iter().flat_map(|d| d.processes.into_iter().map(|p| p.pid)).collect())
+    }
 }
 
 /// A started probe, with what happened on the way to it.

@@ -174,6 +174,20 @@ impl Probe for NvmlProbe {
             .map(|index| self.read(index).map(|raw| assemble(index, raw, process_name)))
             .collect()
     }
+
+    /// Two calls per device (the compute and graphics process lists), nothing else.
+    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+        let mut pids = std::collections::BTreeSet::new();
+        for index in 0..self.names.len() as u32 {
+            let fail = |what: &str, e: String| ProbeError(format!("NVML device {index} {what}: {e}"));
+            let device = self.nvml.device_by_index(index).map_err(|e| fail("handle", e.to_string()))?;
+            for list in [device.running_compute_processes(), device.running_graphics_processes()] {
+                let listed = process_list(list).map_err(|e| fail("processes", e))?;
+                pids.extend(listed.into_iter().map(|p| p.pid));
+            }
+        }
+        Ok(pids)
+    }
 }
 
 #[cfg(test)]
