@@ -32,6 +32,11 @@ pub(crate) fn start_process(
     tokio::spawn(async move {
         let ProcessStart { spec, generation, device, placement, previous, gate, log_dir } = start;
         let model_id = spec.id.clone();
+        let Some(process) = spec.process() else {
+            let result = Err(format!("model {model_id} is not a process model"));
+            let _ = commands.send(Command::LoadFinished { model: model_id, generation, result }).await;
+            return;
+        };
         if let Some(previous) = previous {
             // Requests already streaming from the CPU form finish first (the gate is closed, so
             // no new ones start), up to `ready_timeout`. Polled: this runs once per promotion.
@@ -51,24 +56,24 @@ pub(crate) fn start_process(
         };
         let expand = |text: &str| process::expand(text, port, &spec.id, device);
         let mut env: std::collections::BTreeMap<String, String> =
-            spec.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect();
+            process.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect();
         if let Some(device) = device {
             env.entry("CUDA_VISIBLE_DEVICES".into()).or_insert_with(|| device.to_string());
         }
         env.insert("VRAMGATE_MODEL_ID".into(), spec.id.clone());
         env.insert("VRAMGATE_PORT".into(), port.to_string());
         env.insert("VRAMGATE_PLACEMENT".into(), placement.as_str().into());
-        let argv = match (placement, &spec.cpu_argv) {
+        let argv = match (placement, &process.cpu_argv) {
             (Placement::Cpu, Some(cpu_argv)) => cpu_argv,
-            _ => &spec.argv,
+            _ => &process.argv,
         };
         let spawn_spec = SpawnSpec {
             argv: argv.iter().map(|a| expand(a)).collect(),
             env,
-            cwd: spec.cwd.clone(),
+            cwd: process.cwd.clone(),
             log_file: log_dir.as_ref().map(|d| d.join(format!("{}.log", spec.id))),
         };
-        let health = spec
+        let health = process
             .health
             .as_ref()
             .map(|h| if h.starts_with('/') { format!("http://127.0.0.1:{port}{h}") } else { expand(h) });
@@ -104,14 +109,19 @@ pub(crate) fn start_process(
 pub(crate) fn start_ollama(start: OllamaStart, http: reqwest::Client, commands: mpsc::Sender<Command>) {
     tokio::spawn(async move {
         let OllamaStart { spec, generation, placement } = start;
-        let name = spec.ollama_model.clone().unwrap_or_default();
+        let Some(target) = spec.ollama() else {
+            let result = Err(format!("model {} is not an Ollama model", spec.id));
+            let _ = commands.send(Command::LoadFinished { model: spec.id.clone(), generation, result }).await;
+            return;
+        };
         let cpu = placement == Placement::Cpu;
-        let mut result = ollama::load(&http, &spec.url, &name, &spec.options, cpu, spec.ready_timeout).await;
+        let mut result =
+            ollama::load(&http, &target.url, &target.model, &target.options, cpu, spec.ready_timeout).await;
         if result.is_ok() {
-            let listed = ollama::ps(&http, &spec.url, Duration::from_secs(5)).await;
-            let _ = commands.send(Command::OllamaPs { url: spec.url.clone(), result: listed }).await;
+            let listed = ollama::ps(&http, &target.url, Duration::from_secs(5)).await;
+            let _ = commands.send(Command::OllamaPs { url: target.url.clone(), result: listed }).await;
             if let Some(warmup) = &spec.warmup {
-                result = warm_up(&http, &spec.url, warmup, spec.ready_timeout).await;
+                result = warm_up(&http, &target.url, warmup, spec.ready_timeout).await;
             }
         }
         let _ = commands.send(Command::LoadFinished { model: spec.id.clone(), generation, result }).await;

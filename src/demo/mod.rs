@@ -481,10 +481,11 @@ mod tests {
         for model in &MODELS {
             let spec = specs.iter().find(|s| s.id == model.id).unwrap();
             assert_eq!((spec.declared_mib, spec.priority), (Some(model.mib), model.priority));
-            assert_eq!(spec.argv[..2], [exe.to_str().unwrap(), "demo-model"]);
-            let reply_at = spec.argv.iter().position(|a| a == "--reply").unwrap();
-            assert_eq!(spec.argv[reply_at + 1], model.reply);
-            assert!(spec.argv.windows(2).any(|w| w[0] == "--sim-dir" && w[1] == "/tmp/vramgate-demo-x y/sim"));
+            let process = spec.process().unwrap();
+            assert_eq!(process.argv[..2], [exe.to_str().unwrap(), "demo-model"]);
+            let reply_at = process.argv.iter().position(|a| a == "--reply").unwrap();
+            assert_eq!(process.argv[reply_at + 1], model.reply);
+            assert!(process.argv.windows(2).any(|w| w[0] == "--sim-dir" && w[1] == "/tmp/vramgate-demo-x y/sim"));
             assert_eq!(spec.aliases, model.aliases);
         }
     }

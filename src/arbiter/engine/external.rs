@@ -9,7 +9,7 @@ use super::model::{AfterRelease, Failure, Phase, Placement, ReadyCaller, Reason}
 use super::{Effects, Engine};
 use crate::arbiter::{Ack, ArbiterError, Attached, Command};
 use crate::backend::external::{Action, Attachment, PendingAck};
-use crate::config::Backend;
+use crate::config::{Backend, DEFAULT_ACK_TIMEOUT};
 use crate::events::EventKind;
 use crate::status::ModelStatus;
 use crate::units::Rounded;
@@ -88,10 +88,10 @@ impl<E: Effects> Engine<E> {
         let i = self.index(name)?;
         let model = &self.models[i];
         let id = model.spec.id.clone();
-        if model.spec.backend != Backend::External {
+        if model.spec.kind() != Backend::External {
             return Err(ArbiterError::Invalid(format!(
                 "model {id} has backend = \"{}\"; only external models take an attached app",
-                model.spec.backend.as_str()
+                model.spec.kind().as_str()
             )));
         }
         if let Some(current) = &model.attachment
@@ -159,7 +159,7 @@ impl<E: Effects> Engine<E> {
     /// Sends an instruction to the attached app and starts its acknowledgement clock. False if
     /// no app is attached (or its stream is gone).
     pub(super) fn instruct(&mut self, i: usize, action: Action) -> bool {
-        let deadline = self.after(self.models[i].spec.ack_timeout);
+        let deadline = self.after(self.models[i].spec.external().map_or(DEFAULT_ACK_TIMEOUT, |e| e.ack_timeout));
         let model = &mut self.models[i];
         let Some(seq) = model.attachment.as_mut().and_then(|a| a.send(action)) else {
             return false;
@@ -243,7 +243,7 @@ impl<E: Effects> Engine<E> {
     pub(super) fn unresponsive(&mut self, i: usize, pending: PendingAck) {
         let model = &mut self.models[i];
         let id = model.spec.id.clone();
-        let waited = model.spec.ack_timeout;
+        let waited = model.spec.external().map_or(DEFAULT_ACK_TIMEOUT, |e| e.ack_timeout);
         let message = format!(
             "unresponsive: the attached app did not acknowledge `{}` within {}",
             pending.action.as_str(),

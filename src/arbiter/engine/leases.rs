@@ -51,7 +51,7 @@ impl<E: Effects> Engine<E> {
             }
             return;
         }
-        if self.models[i].spec.backend == Backend::External && self.models[i].attachment.is_none() {
+        if self.models[i].spec.kind() == Backend::External && self.models[i].attachment.is_none() {
             // The one-shot form: the lease holder is the app.
             self.models[i].oneshot = Some(request.pid);
         }

@@ -8,7 +8,7 @@ use super::{Effects, Engine, OllamaRelease, OllamaStart, ProcessRelease, Process
 use crate::arbiter::{ArbiterError, Command, LeaseRequest, Loaded, Unloaded};
 use crate::backend::external::Action;
 use crate::backend::process::{ExitInfo, ProcessHandle};
-use crate::config::{Backend, OnEvict};
+use crate::config::{Backend, BackendSpec, OnEvict};
 use crate::events::EventKind;
 use crate::policy::{self, FAILURES_BEFORE_COOLDOWN};
 use crate::store::ProcessRecord;
@@ -219,7 +219,7 @@ impl<E: Effects> Engine<E> {
         };
         self.set_phase(i, Phase::Loading, reason, None);
         let model = &mut self.models[i];
-        match model.spec.backend {
+        match model.spec.kind() {
             Backend::Process => {
                 // A promotion: the CPU form stops before the GPU form starts (the driver waits
                 // for the requests streaming from it). The driver picks the port.
@@ -476,8 +476,8 @@ impl<E: Effects> Engine<E> {
         let model = &self.models[i];
         let id = model.spec.id.clone();
         let generation = model.generation;
-        match model.spec.backend {
-            Backend::Process => {
+        match &model.spec.backend {
+            BackendSpec::Process(_) => {
                 let release = ProcessRelease {
                     model: id,
                     generation,
@@ -488,17 +488,17 @@ impl<E: Effects> Engine<E> {
                 };
                 self.fx.release_process(release);
             }
-            Backend::Ollama => {
+            BackendSpec::Ollama(ollama) => {
                 let release = OllamaRelease {
                     model: id,
                     generation,
-                    url: model.spec.url.clone(),
-                    name: model.spec.ollama_model.clone().unwrap_or_default(),
+                    url: ollama.url.clone(),
+                    name: ollama.model.clone(),
                     limit: model.spec.stop_timeout.saturating_add(model.spec.release_timeout),
                 };
                 self.fx.release_ollama(release);
             }
-            Backend::External => {
+            BackendSpec::External(_) => {
                 let action = if model.phase.demoting() { Action::Cpu } else { Action::Release };
                 if !self.instruct(i, action) {
                     // No app (any more): nothing holds the memory.

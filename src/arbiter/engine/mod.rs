@@ -37,7 +37,7 @@ pub(crate) use self::ollama::OLLAMA_POLL;
 use super::gate::ModelGate;
 use super::{ArbiterError, ArbiterView, Command, Unloaded};
 use crate::backend::process::ProcessHandle;
-use crate::config::{Backend, ModelSpec, SchedulerConfig};
+use crate::config::{ModelSpec, SchedulerConfig};
 use crate::events::EventKind;
 use crate::monitor::GpuView;
 use crate::status::ModelStatus;
@@ -234,8 +234,8 @@ impl<E: Effects> Engine<E> {
     ) -> Engine<E> {
         let ollama = specs
             .iter()
-            .filter(|m| m.backend == Backend::Ollama)
-            .map(|m| (m.url.clone(), OllamaServer::default()))
+            .filter_map(ModelSpec::ollama)
+            .map(|ollama| (ollama.url.clone(), OllamaServer::default()))
             .collect();
         let models = specs
             .into_iter()

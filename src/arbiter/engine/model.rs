@@ -12,7 +12,7 @@ use super::super::{ArbiterError, LeaseGrant, LeaseRequest, Loaded, Unloaded};
 use crate::backend::external::{Attachment, PendingAck};
 use crate::backend::ollama::OllamaLoaded;
 use crate::backend::process::{LogBuffer, ProcessHandle};
-use crate::config::{Backend, ModelSpec};
+use crate::config::{Backend, BackendSpec, ModelSpec};
 use crate::events::ModelState;
 use crate::status::ModelStatus;
 
@@ -353,10 +353,10 @@ impl Model {
 
     /// Where requests go while it is loaded.
     pub(crate) fn upstream(&self) -> Option<String> {
-        match self.spec.backend {
-            Backend::Process => self.port.map(|p| format!("http://127.0.0.1:{p}")),
-            Backend::Ollama => self.holds_memory().then(|| self.spec.url.clone()),
-            Backend::External => None,
+        match &self.spec.backend {
+            BackendSpec::Process(_) => self.port.map(|p| format!("http://127.0.0.1:{p}")),
+            BackendSpec::Ollama(ollama) => self.holds_memory().then(|| ollama.url.clone()),
+            BackendSpec::External(_) => None,
         }
     }
 
@@ -366,7 +366,7 @@ impl Model {
         let on_cpu = self.placement == Placement::Cpu;
         match self.upstream() {
             Some(upstream) => self.gate.open_on(&upstream, on_cpu),
-            None if self.spec.backend == Backend::External => self.gate.open_on("", on_cpu),
+            None if self.spec.kind() == Backend::External => self.gate.open_on("", on_cpu),
             None => {}
         }
     }

@@ -7,7 +7,6 @@ use super::model::{Failure, Phase, Placement, Reason};
 use super::{Effects, Engine, StoreWrite};
 use crate::arbiter::ArbiterError;
 use crate::backend::ollama::{self, OllamaLoaded};
-use crate::config::Backend;
 use crate::events::EventKind;
 
 /// How often a reachable Ollama's `/api/ps` is read.
@@ -19,10 +18,8 @@ impl<E: Effects> Engine<E> {
     fn ollama_entry_held(&self, url: &str, name: &str, except: usize) -> bool {
         self.models.iter().enumerate().any(|(j, m)| {
             j != except
-                && m.spec.backend == Backend::Ollama
-                && m.spec.url == url
+                && m.spec.ollama().is_some_and(|o| o.url == url && ollama::same_model(&o.model, name))
                 && m.holds_memory()
-                && m.spec.ollama_model.as_deref().is_some_and(|n| ollama::same_model(n, name))
         })
     }
 
@@ -65,7 +62,7 @@ impl<E: Effects> Engine<E> {
                     self.fx.emit(EventKind::OllamaReachability { url: url.into(), reachable: true, error: None });
                 }
                 for i in 0..self.models.len() {
-                    if self.models[i].spec.backend == Backend::Ollama && self.models[i].spec.url == url {
+                    if self.models[i].spec.ollama().is_some_and(|o| o.url == url) {
                         self.judge_listing(i, url, &loaded);
                     }
                 }
@@ -84,7 +81,7 @@ impl<E: Effects> Engine<E> {
                 }
                 for i in 0..self.models.len() {
                     let model = &self.models[i];
-                    if model.spec.backend == Backend::Ollama && model.spec.url == url {
+                    if model.spec.ollama().is_some_and(|o| o.url == url) {
                         self.mark_unreachable(i, &error);
                     }
                 }
@@ -95,7 +92,7 @@ impl<E: Effects> Engine<E> {
     /// What one answer of its Ollama means for model `i`.
     fn judge_listing(&mut self, i: usize, url: &str, loaded: &[OllamaLoaded]) {
         let model = &self.models[i];
-        let name = model.spec.ollama_model.clone().unwrap_or_default();
+        let name = model.spec.ollama().map(|o| o.model.clone()).unwrap_or_default();
         let listed = loaded.iter().find(|m| ollama::same_model(&m.name, &name));
         // An answer may have been on its way while the model changed state (a load finished, a
         // release completed): only a settled model is judged by it.

@@ -9,7 +9,6 @@ use super::model::{Pending, Phase};
 use super::{Effects, Engine};
 use crate::arbiter::ArbiterView;
 use crate::backend::ollama;
-use crate::config::Backend;
 use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
 
 impl<E: Effects> Engine<E> {
@@ -35,7 +34,7 @@ impl<E: Effects> Engine<E> {
         let m = &self.models[i];
         ModelStatus {
             id: m.spec.id.clone(),
-            backend: m.spec.backend.as_str().into(),
+            backend: m.spec.kind().as_str().into(),
             state: m.state().as_str().into(),
             device: m.device,
             vram_mib: m.footprint(),
@@ -122,10 +121,8 @@ impl<E: Effects> Engine<E> {
                         .models
                         .iter()
                         .find(|m| {
-                            m.spec.backend == Backend::Ollama
-                                && m.spec.url == *url
+                            m.spec.ollama().is_some_and(|o| o.url == *url && ollama::same_model(&o.model, &entry.name))
                                 && m.holds_memory()
-                                && m.spec.ollama_model.as_deref().is_some_and(|n| ollama::same_model(n, &entry.name))
                         })
                         .map(|m| m.spec.id.clone()),
                 })

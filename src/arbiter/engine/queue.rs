@@ -62,7 +62,7 @@ impl<E: Effects> Engine<E> {
                 let in_ollama: u64 = self
                     .models
                     .iter()
-                    .filter(|m| m.spec.backend == Backend::Ollama && m.on_gpu() && m.device == Some(d.index))
+                    .filter(|m| m.spec.kind() == Backend::Ollama && m.on_gpu() && m.device == Some(d.index))
                     .map(|m| m.current_mib)
                     .sum();
                 let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held).saturating_sub(in_ollama);

@@ -90,14 +90,14 @@ impl<E: Effects> Engine<E> {
             let used = usage.get(&i).copied().unwrap_or(0);
             let model = &mut self.models[i];
             // Ollama models are measured from `/api/ps`.
-            if !model.on_gpu() || model.spec.backend == Backend::Ollama {
+            if !model.on_gpu() || model.spec.kind() == Backend::Ollama {
                 continue;
             }
             model.current_mib = used;
             // An app's process may hold more than the model: its use is not learned as the
             // model's footprint.
             if matches!(model.phase, super::Phase::Ready { .. })
-                && model.spec.backend == Backend::Process
+                && model.spec.kind() == Backend::Process
                 && used > model.learned_mib.unwrap_or(0)
             {
                 model.learned_mib = Some(used);
