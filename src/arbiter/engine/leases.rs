@@ -70,18 +70,21 @@ impl<E: Effects> Engine<E> {
         let upstream = pin.as_ref().map(|p| p.upstream.to_string());
         self.next_lease += 1;
         let id = format!("lease-{}", self.next_lease);
-        let grant = LeaseGrant {
+        let lease = Lease {
             id: id.clone(),
-            holder: request.holder.clone(),
+            holder: request.holder,
             device,
             vram_mib: if request.model.is_some() { 0 } else { request.vram_mib },
             exclusive: request.exclusive,
-            ttl_ms: request.ttl.map(super::millis),
-            model: request.model.clone(),
+            ttl: request.ttl,
+            model: request.model,
             upstream,
+            priority: request.priority,
+            expires: request.ttl.map(|ttl| self.after(ttl)),
+            pid: request.pid,
+            pin,
         };
-        let expires = request.ttl.map(|ttl| self.after(ttl));
-        let lease = Lease { grant: grant.clone(), priority: request.priority, expires, pid: request.pid, pin };
+        let grant = lease.grant();
         self.leases.insert(id, lease);
         self.fx.emit(EventKind::LeaseGranted {
             id: grant.id.clone(),
@@ -98,7 +101,7 @@ impl<E: Effects> Engine<E> {
         let lease = self.leases.remove(id).ok_or_else(|| ArbiterError::UnknownLease(id.to_string()))?;
         // The end of a one-shot hold of an external model is its release (unless another such
         // lease still holds it).
-        if let Some(i) = lease.grant.model.as_ref().and_then(|m| self.index(m).ok())
+        if let Some(i) = lease.model.as_ref().and_then(|m| self.index(m).ok())
             && self.models[i].oneshot.is_some()
             && !self.leased(&self.models[i].spec.id)
         {
@@ -106,26 +109,18 @@ impl<E: Effects> Engine<E> {
             drop(lease.pin);
             let _ = self.begin_unload(i, super::Reason::Requested);
         }
-        self.fx.emit(EventKind::LeaseReleased {
-            id: id.to_string(),
-            holder: lease.grant.holder,
-            reason: reason.into(),
-        });
+        self.fx.emit(EventKind::LeaseReleased { id: id.to_string(), holder: lease.holder, reason: reason.into() });
         Ok(())
     }
 
     /// Whether a model lease holds the model (its holder was given the model's address).
     pub(super) fn leased(&self, id: &str) -> bool {
-        self.leases.values().any(|l| l.grant.model.as_deref() == Some(id))
+        self.leases.values().any(|l| l.model.as_deref() == Some(id))
     }
 
     pub(super) fn leased_error(&self, id: &str, what: &str) -> ArbiterError {
-        let holders: Vec<&str> = self
-            .leases
-            .values()
-            .filter(|l| l.grant.model.as_deref() == Some(id))
-            .map(|l| l.grant.holder.as_str())
-            .collect();
+        let holders: Vec<&str> =
+            self.leases.values().filter(|l| l.model.as_deref() == Some(id)).map(|l| l.holder.as_str()).collect();
         ArbiterError::Conflict(format!(
             "model {id} cannot be {what} while model leases hold it (holders: {}): their holders talk to its \
              server directly; release the leases first",
@@ -135,7 +130,7 @@ impl<E: Effects> Engine<E> {
 
     /// How many leases keep `model` in use (model leases, one-shot external leases).
     pub(super) fn model_lease_count(&self, model: &str) -> u32 {
-        let count = self.leases.values().filter(|l| l.grant.model.as_deref() == Some(model)).count();
+        let count = self.leases.values().filter(|l| l.model.as_deref() == Some(model)).count();
         u32::try_from(count).unwrap_or(u32::MAX)
     }
 }

@@ -361,10 +361,10 @@ impl<E: Effects> Engine<E> {
                 let result = match self.leases.get_mut(&id) {
                     None => Err(ArbiterError::UnknownLease(id)),
                     Some(lease) => {
-                        if let Some(ttl) = lease.grant.ttl_ms {
-                            lease.expires = Some(later(now, Duration::from_millis(ttl)));
+                        if let Some(ttl) = lease.ttl {
+                            lease.expires = Some(later(now, ttl));
                         }
-                        Ok(lease.grant.clone())
+                        Ok(lease.grant())
                     }
                 };
                 let _ = reply.send(result);

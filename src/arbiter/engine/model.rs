@@ -372,9 +372,21 @@ impl Model {
     }
 }
 
-/// A lease held.
+/// A lease held: the engine's record of it. The answer a holder gets (`LeaseGrant`, the JSON
+/// contract) is made from it, not kept.
 pub(crate) struct Lease {
-    pub grant: LeaseGrant,
+    pub id: String,
+    pub holder: String,
+    /// Its device (`None` on a machine without GPUs, for a model lease).
+    pub device: Option<u32>,
+    /// Memory held (0 for a model lease).
+    pub vram_mib: u64,
+    pub exclusive: bool,
+    /// The heartbeat: renewed within this, or it expires.
+    pub ttl: Option<Duration>,
+    /// A model lease's model, and where its server listens.
+    pub model: Option<String>,
+    pub upstream: Option<String>,
     pub priority: i32,
     pub expires: Option<Instant>,
     /// The holder's process: its GPU use, and its descendants' (the job `vramgate run` starts),
@@ -382,6 +394,22 @@ pub(crate) struct Lease {
     pub pid: Option<u32>,
     /// For a model lease: the model kept in use until the lease is dropped.
     pub pin: Option<Pin>,
+}
+
+impl Lease {
+    /// The answer its holder gets.
+    pub(crate) fn grant(&self) -> LeaseGrant {
+        LeaseGrant {
+            id: self.id.clone(),
+            holder: self.holder.clone(),
+            device: self.device,
+            vram_mib: self.vram_mib,
+            exclusive: self.exclusive,
+            ttl_ms: self.ttl.map(super::millis),
+            model: self.model.clone(),
+            upstream: self.upstream.clone(),
+        }
+    }
 }
 
 /// What a queue entry waits to do.

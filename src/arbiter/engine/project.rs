@@ -92,12 +92,12 @@ impl<E: Effects> Engine<E> {
             .leases
             .values()
             .map(|l| LeaseStatus {
-                id: l.grant.id.clone(),
-                holder: l.grant.holder.clone(),
-                device: l.grant.device.unwrap_or(0),
-                vram_mib: l.grant.vram_mib,
-                exclusive: l.grant.exclusive,
-                model: l.grant.model.clone(),
+                id: l.id.clone(),
+                holder: l.holder.clone(),
+                device: l.device.unwrap_or(0),
+                vram_mib: l.vram_mib,
+                exclusive: l.exclusive,
+                model: l.model.clone(),
                 priority: l.priority,
             })
             .collect();

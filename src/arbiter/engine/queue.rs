@@ -46,11 +46,11 @@ impl<E: Effects> Engine<E> {
                 // One holder may hold several leases: its use counts up to their sum.
                 let mut holds: HashMap<u32, u64> = HashMap::new();
                 for lease in self.leases.values() {
-                    if let (None, Some(device), Some(pid)) = (&lease.grant.model, lease.grant.device, lease.pid)
+                    if let (None, Some(device), Some(pid)) = (&lease.model, lease.device, lease.pid)
                         && device == d.index
                     {
                         let hold = holds.entry(pid).or_default();
-                        *hold = hold.saturating_add(lease.grant.vram_mib);
+                        *hold = hold.saturating_add(lease.vram_mib);
                     }
                 }
                 let held: u64 = holds
@@ -91,14 +91,9 @@ impl<E: Effects> Engine<E> {
         let holds = self
             .leases
             .values()
-            .filter(|l| l.grant.model.is_none())
+            .filter(|l| l.model.is_none())
             .filter_map(|l| {
-                Some(Hold {
-                    holder: l.grant.holder.clone(),
-                    device: l.grant.device?,
-                    mib: l.grant.vram_mib,
-                    exclusive: l.grant.exclusive,
-                })
+                Some(Hold { holder: l.holder.clone(), device: l.device?, mib: l.vram_mib, exclusive: l.exclusive })
             })
             .collect();
         (devices, residents, holds)

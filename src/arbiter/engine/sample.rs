@@ -44,7 +44,7 @@ impl<E: Effects> Engine<E> {
             let holders: BTreeSet<u32> = self
                 .leases
                 .values()
-                .filter(|l| l.grant.model.is_none() && l.grant.device == Some(device.index))
+                .filter(|l| l.model.is_none() && l.device == Some(device.index))
                 .filter_map(|l| l.pid)
                 .collect();
             for p in &device.processes {
