@@ -85,6 +85,12 @@ pub struct ServerConfig {
     /// Lets a non-loopback `listen` run without a token. Off by default: the API starts and
     /// stops processes, so exposing it without credentials must be a deliberate choice.
     pub allow_unauthenticated: bool,
+    /// Client connections served at once; beyond it new connections wait in the listen backlog
+    /// until one closes.
+    pub max_connections: u32,
+    /// How long a request's head may take to arrive (also the wait for the next request on an
+    /// idle keep-alive connection) before the connection is closed; `0` = never.
+    pub header_read_timeout: Span,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +101,8 @@ impl Default for ServerConfig {
             initial_mode: None,
             token: None,
             allow_unauthenticated: false,
+            max_connections: 1024,
+            header_read_timeout: Span(std::time::Duration::from_secs(30)),
         }
     }
 }
@@ -381,6 +389,10 @@ pub struct ProxyConfig {
     /// gone without a FIN) before its connection is closed, releasing the model it held. `0` =
     /// never.
     pub client_timeout: Span,
+    /// The most bytes of request bodies the proxy holds in memory at once, across all requests
+    /// (each is read whole before it is forwarded, and held while its model loads); a request
+    /// that would go over it gets a 503 with `Retry-After`.
+    pub max_buffered: Mib,
 }
 
 impl Default for ProxyConfig {
@@ -390,7 +402,40 @@ impl Default for ProxyConfig {
             first_byte_timeout: Span(std::time::Duration::from_secs(600)),
             stall_timeout: Span(std::time::Duration::from_secs(300)),
             client_timeout: Span(std::time::Duration::from_secs(300)),
+            max_buffered: Mib(1024),
         }
+    }
+}
+
+/// The longest `server.header_read_timeout` accepted (the server cannot arm a longer one).
+const MAX_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+impl Config {
+    /// The HTTP server's and the proxy's own bounds (`[server]`, `[proxy]`).
+    fn validate_http_bounds(&self) -> Result<(), (Vec<Seg>, String)> {
+        if self.server.max_connections == 0 {
+            return Err((key_path(&["server", "max_connections"]), "must be at least 1, found 0".into()));
+        }
+        if self.server.header_read_timeout.get() > MAX_HEADER_READ_TIMEOUT {
+            return Err((
+                key_path(&["server", "header_read_timeout"]),
+                format!(
+                    "must be at most {} (or 0 for never), found {}",
+                    Span(MAX_HEADER_READ_TIMEOUT),
+                    self.server.header_read_timeout
+                ),
+            ));
+        }
+        if self.proxy.max_buffered.0 < self.proxy.max_body.0 {
+            return Err((
+                key_path(&["proxy", "max_buffered"]),
+                format!(
+                    "must be at least proxy.max_body ({}), found {}: a body that size could never be read",
+                    self.proxy.max_body, self.proxy.max_buffered
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1102,6 +1147,7 @@ impl Config {
         if self.defaults.ready_timeout.is_zero() {
             return Err((key_path(&["defaults", "ready_timeout"]), "must be longer than 0".into()));
         }
+        self.validate_http_bounds()?;
         self.validate_models()
     }
 

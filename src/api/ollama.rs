@@ -3,7 +3,7 @@
 //! vramgate as if it were Ollama.
 //!
 //! A request names a model (an id, a model's alias or an `[aliases]` name) in its JSON body's
-//! `model` field; it is found and pinned exactly as on the OpenAI side (`openai::pin_model`: loaded
+//! `model` field; it is found and pinned exactly as on the OpenAI side (`proxy::pin_model`: loaded
 //! on demand, kept in use until the answer ends or the client goes away). Then:
 //!
 //! - a model inside a real Ollama (`UpstreamKind::Ollama`) gets the request passed through to the
@@ -31,7 +31,9 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use super::openai::{MODEL_HEADER, PinnedBody, arbiter_error, pin_model, strip_hop_by_hop};
+use super::error::{ApiError, Surface};
+use super::openai::arbiter_error;
+use super::proxy::{self, BufferedBody, MODEL_HEADER, PinnedBody, pin_model, strip_hop_by_hop};
 use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
 use crate::client::root_cause;
 use crate::status::ModelStatus;
@@ -58,11 +60,7 @@ const DRAIN_LIMIT: Duration = Duration::from_millis(100);
 /// An Ollama-style error: `{"error": "message"}`; a 503 says when to come back, as on the OpenAI
 /// side.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let mut response = (status, Json(json!({ "error": message.into() }))).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    }
-    response
+    ApiError::new(status, message).render(Surface::Ollama)
 }
 
 /// Turns an OpenAI-style error response (from `pin_model` or `arbiter_error`) into Ollama's shape,
@@ -262,35 +260,33 @@ fn json_value_count(bytes: &[u8]) -> usize {
     count
 }
 
-/// Reads the request body (bounded by `proxy.max_body`) as a JSON object.
-async fn read_object(state: &AppState, body: Body) -> Result<Map<String, Value>, Response> {
-    let body = match super::openai::read_body(state, body).await {
-        Ok(body) => body,
-        Err(super::openai::BodyError::TooLarge(message)) => return Err(error(StatusCode::PAYLOAD_TOO_LARGE, message)),
-        Err(super::openai::BodyError::Unreadable(message)) => return Err(error(StatusCode::BAD_REQUEST, message)),
-    };
+/// Reads the request body (bounded by `proxy.max_body` and `proxy.max_buffered`) as a JSON
+/// object; the [`BufferedBody`] holds its bytes' share of the budget until dropped.
+async fn read_object(state: &AppState, body: Body) -> Result<(Map<String, Value>, BufferedBody), Response> {
+    let buffered = proxy::read_body(state, body).await.map_err(|e| e.render(Surface::Ollama))?;
+    let body = &buffered.bytes;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(StatusCode::BAD_REQUEST, "the request has no body: send JSON with a `model` field"));
     }
     // A parsed JSON value costs far more than its text for small elements (`[0,0,...]`): an
     // unknown model is answered from a skim that builds nothing, and a body with more values
     // than any real request has is refused before it is built.
-    if let Ok(ModelOnly { model: Some(name) }) = serde_json::from_slice::<ModelOnly>(&body) {
+    if let Ok(ModelOnly { model: Some(name) }) = serde_json::from_slice::<ModelOnly>(body) {
         let known = |n: &str| state.arbiter.gate(n).is_some() || state.arbiter.candidates(n).is_some();
         let name = name.trim();
         if !name.is_empty() && !known(name) && !name.strip_suffix(":latest").is_some_and(known) {
             return Err(unknown_model(state, name));
         }
     }
-    let values = json_value_count(&body);
+    let values = json_value_count(body);
     if values > MAX_JSON_VALUES {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body holds {values} JSON values; at most {MAX_JSON_VALUES} are accepted on the Ollama API"),
         ));
     }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(object)) => Ok(object),
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(object)) => Ok((object, buffered)),
         Ok(_) => Err(error(StatusCode::BAD_REQUEST, "the body must be a JSON object with a `model` field")),
         Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}"))),
     }
@@ -318,9 +314,7 @@ fn model_name(state: &AppState, object: &Map<String, Value>) -> Result<(String, 
 }
 
 fn unknown_model(state: &AppState, name: &str) -> Response {
-    let names = state.arbiter.names();
-    let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
-    error(StatusCode::NOT_FOUND, format!("unknown model {name:?}; available: {list}"))
+    proxy::unknown_model(state, name).render(Surface::Ollama)
 }
 
 /// Whether Ollama's `keep_alive` says "unload now": 0, "0", "0s", "0m", ...
@@ -412,8 +406,10 @@ fn with_model_header(mut response: Response, model_id: Option<&str>) -> Response
 async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let object = match read_object(&state, body).await {
-        Ok(object) => object,
+    // The body counts against proxy.max_buffered until this function returns: through a load
+    // and until the model's answer has started.
+    let (object, _buffered) = match read_object(&state, body).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
     let (asked, name) = match model_name(&state, &object) {
@@ -429,7 +425,7 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
     // An external model is only loaded by a load call (it serves its requests inside its app).
     let (gate, pin) = match pin_model(&state, &name, !is_load_call(endpoint, &object)).await {
         Ok(pinned) => pinned,
-        Err(response) => return reshape(response).await,
+        Err(e) => return e.render(Surface::Ollama),
     };
     if is_load_call(endpoint, &object) {
         return load_answer(endpoint, &asked, "load", Some(&gate.id));
@@ -472,26 +468,9 @@ async fn send(
     *upstream.method_mut() = Method::POST;
     *upstream.uri_mut() = uri;
     *upstream.headers_mut() = headers;
-    let sent = state.upstream.request(upstream);
-    let answered = match state.first_byte_timeout {
-        Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "model {} did not start answering within {} (proxy.first_byte_timeout)",
-                    gate.id,
-                    crate::units::Rounded(limit)
-                ),
-            )
-        })?,
-        None => sent.await,
-    };
-    match answered {
+    match proxy::send(state, gate, pin, upstream).await {
         Ok(response) => Ok(response.map(Body::new)),
-        Err(e) => Err(error(
-            StatusCode::BAD_GATEWAY,
-            format!("model {} at {} failed: {}", gate.id, pin.upstream, root_cause(&e)),
-        )),
+        Err(e) => Err(e.render(Surface::Ollama)),
     }
 }
 
@@ -567,8 +546,7 @@ async fn pass_through(
     if let Ok(model) = HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
     }
-    let stall = state.stall_timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
-    Response::from_parts(head, Body::new(PinnedBody { inner: incoming, stall, _pin: pin }))
+    Response::from_parts(head, Body::new(PinnedBody::new(incoming, state.stall_timeout, pin)))
 }
 
 /// What a translated request answers with.
@@ -1546,7 +1524,8 @@ mod tests {
 
     #[tokio::test]
     async fn openai_errors_are_reshaped_keeping_status_and_retry_after() {
-        let openai = super::super::openai::error(StatusCode::SERVICE_UNAVAILABLE, "no room", "insufficient_vram");
+        let openai =
+            ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, "insufficient_vram", "no room").render(Surface::OpenAi);
         let response = reshape(openai).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(response.headers().contains_key(header::RETRY_AFTER));
