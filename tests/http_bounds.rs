@@ -178,3 +178,29 @@ async fn bodies_beyond_max_buffered_are_a_503_with_retry_after_in_the_surfaces_s
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `config check` on `text`.
+fn config_check(text: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vramgate.toml");
+    std::fs::write(&path, text).expect("write config");
+    common::output(common::vramgate().args(["config", "check"]).arg(&path))
+}
+
+#[test]
+fn config_check_bounds_the_servers_own_limits_naming_key_and_line() {
+    let cases = [
+        ("[server]\nmax_connections = 0\n", "server.max_connections", "line 2"),
+        ("[server]\nheader_read_timeout = \"2d\"\n", "server.header_read_timeout", "line 2"),
+        ("[proxy]\nmax_body = \"64MiB\"\nmax_buffered = \"32MiB\"\n", "proxy.max_buffered", "line 3"),
+    ];
+    for (text, key, line) in cases {
+        let out = config_check(&format!("[gpu]\nprobe = \"none\"\n{text}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        let line = format!("line {}", line.trim_start_matches("line ").parse::<u32>().expect("a line") + 2);
+        assert!(stderr.contains(key) && stderr.contains(&line), "{text}: names {key} and {line}: {stderr}");
+    }
+    let out = config_check("[gpu]\nprobe = \"none\"\n[server]\nmax_connections = 1\nheader_read_timeout = \"0\"\n");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
