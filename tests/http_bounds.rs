@@ -81,6 +81,29 @@ async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_long_answer_outlives_the_header_read_timeout() {
+    // The timeout bounds reading a request's head, not the answer: a connection-held lease
+    // streams a line every 250 ms for as long as it is held.
+    let daemon = daemon_with("[server]\nheader_read_timeout = \"200ms\"\n");
+    let mut response = common::http::client()
+        .post(format!("{}/vramgate/leases", daemon.url))
+        .json(&serde_json::json!({"vram": "100MiB", "hold": "connection", "holder": "long"}))
+        .send()
+        .await
+        .expect("the lease stream");
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    let mut text = String::new();
+    // Six heartbeats: 1.5 s, over seven times the timeout.
+    while text.matches("\"held\"").count() < 6 {
+        let chunk = tokio::time::timeout(DEADLINE, response.chunk()).await.expect("a line within the deadline");
+        let chunk = chunk.expect("the stream is not broken").expect("the stream has not ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1000), "{text}");
+}
+
+#[tokio::test]
 async fn connections_beyond_max_connections_wait_until_one_closes() {
     let daemon = daemon_with("[server]\nmax_connections = 2\nheader_read_timeout = \"60s\"\n");
     let first = served_connection(&daemon).await;
