@@ -11,6 +11,7 @@ mod leases;
 mod manage;
 mod models;
 mod ollama;
+mod ollama_translate;
 pub mod openai;
 pub mod proxy;
 pub mod server;

@@ -127,6 +127,31 @@ pub async fn read_body(state: &AppState, mut body: Body) -> Result<BufferedBody,
     Ok(BufferedBody { bytes, _held: held })
 }
 
+/// Reads a whole upstream body, giving up when it goes silent for `proxy.stall_timeout`.
+pub async fn read_upstream(body: Body, stall: Option<Duration>, limit: usize) -> Result<Bytes, String> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    loop {
+        let next = match stall {
+            Some(limit) => tokio::time::timeout(limit, stream.next()).await.map_err(|_| {
+                format!("the model server sent nothing for {} (proxy.stall_timeout)", crate::units::Rounded(limit))
+            })?,
+            None => stream.next().await,
+        };
+        match next {
+            None => return Ok(Bytes::from(out)),
+            Some(Ok(bytes)) => {
+                if out.len().checked_add(bytes.len()).is_none_or(|n| n > limit) {
+                    return Err(format!("the answer is larger than {} MiB", limit >> 20));
+                }
+                out.extend_from_slice(&bytes);
+            }
+            Some(Err(e)) => return Err(root_cause(&e)),
+        }
+    }
+}
+
 /// Removes the hop-by-hop headers: the fixed list, and any header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
