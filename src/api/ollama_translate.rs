@@ -672,8 +672,9 @@ impl Relay {
                 Phase::Ended => return None,
                 Phase::Broken(message) => return Some(Err(message.into())),
                 Phase::Draining => {
-                    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-                    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, self.upstream.next()).await {}
+                    // One bound for the whole drain (no deadline arithmetic to overflow).
+                    let drain = async { while let Some(Ok(_)) = self.upstream.next().await {} };
+                    let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
                     return None;
                 }
                 Phase::Streaming => {}
