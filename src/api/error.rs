@@ -475,6 +475,34 @@ mod tests {
         assert!(body["error"].as_str().is_some_and(|m| m.contains("proxy.max_buffered")), "{body}");
     }
 
+    #[tokio::test]
+    async fn arbiter_errors_keep_each_routes_status_and_a_cooldown_says_when() {
+        let never = || ArbiterError::NeverFits("needs 9000 MiB".into());
+        let management = ApiError::arbiter(never(), Route::Management);
+        assert_eq!(management.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let proxy = ApiError::arbiter(never(), Route::Proxy).render(Surface::OpenAi);
+        assert_eq!(proxy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body_json(proxy).await["error"]["code"], "insufficient_vram");
+
+        let cooldown = ArbiterError::Cooldown {
+            model: "llm".into(),
+            failures: 3,
+            retry_in: std::time::Duration::from_secs(42),
+            last_error: "exited".into(),
+        };
+        let response = ApiError::arbiter(cooldown, Route::Proxy).render(Surface::Ollama);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "42");
+        let body = body_json(response).await;
+        assert!(body["error"].as_str().is_some_and(|m| m.contains("llm")), "{body}");
+
+        let lease = ApiError::from(ArbiterError::UnknownLease("l-1".into()));
+        assert_eq!(lease.status(), StatusCode::NOT_FOUND);
+        assert_eq!(ApiError::arbiter(ArbiterError::UnknownLease("l-1".into()), Route::Proxy).status(), {
+            StatusCode::SERVICE_UNAVAILABLE
+        });
+    }
+
     #[derive(Debug, Default, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Example {
