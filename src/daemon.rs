@@ -1,7 +1,6 @@
 //! `vramgate serve`: wires the probe, the monitor and the HTTP API together, and stops them
 //! cleanly on SIGINT/SIGTERM.
 
-use std::future::IntoFuture;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -174,7 +173,10 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         arbiter: arbiter_handle,
         queue_timeout: config.scheduler.queue_timeout.get(),
         default_priority: config.defaults.priority,
-        upstream: api::openai::upstream_client(),
+        upstream: api::proxy::upstream_client(),
+        body_budget: api::proxy::BodyBudget::new(
+            usize::try_from(config.proxy.max_buffered.bytes()).unwrap_or(usize::MAX),
+        ),
         max_body_bytes: usize::try_from(config.proxy.max_body.bytes()).unwrap_or(usize::MAX),
         first_byte_timeout: (!config.proxy.first_byte_timeout.is_zero()).then(|| config.proxy.first_byte_timeout.get()),
         stall_timeout: (!config.proxy.stall_timeout.is_zero()).then(|| config.proxy.stall_timeout.get()),
@@ -182,9 +184,13 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         shutdown: shutdown.clone(),
         token: config.server.token.clone(),
     });
-    let client_timeout = (!config.proxy.client_timeout.is_zero()).then(|| config.proxy.client_timeout.get());
-    let listener = ClientListener { inner: listener, write_timeout: client_timeout };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
+    let bounds = api::server::ServerSettings {
+        max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: (!config.server.header_read_timeout.is_zero())
+            .then(|| config.server.header_read_timeout.get()),
+        write_timeout: (!config.proxy.client_timeout.is_zero()).then(|| config.proxy.client_timeout.get()),
+    };
+    let server = api::server::serve(listener, app, bounds, shutdown.clone());
     ready(local);
     tracing::info!("listening on http://{local}");
 
@@ -207,7 +213,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
 
     tokio::pin!(server);
     let served = tokio::select! {
-        result = &mut server => result.context("HTTP server failed"),
+        () = &mut server => Ok(()),
         _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             tracing::warn!("connections still open after {}: closing them", crate::units::Rounded(SHUTDOWN_GRACE));
             Ok(())
@@ -224,34 +230,6 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let _ = tokio::time::timeout(Duration::from_millis(100), monitor_task).await;
     tracing::info!("stopped");
     served
-}
-
-/// Accepts client connections with `TCP_NODELAY` and a write timeout. Streamed tokens are small
-/// writes: without `TCP_NODELAY`, Nagle's algorithm holds each one back until the previous is
-/// acknowledged. The write timeout (`proxy.client_timeout`) closes a connection whose client
-/// stopped reading: otherwise the server stops polling that answer's body, and the model the
-/// answer pins could never be evicted.
-struct ClientListener {
-    inner: TcpListener,
-    write_timeout: Option<Duration>,
-}
-
-impl axum::serve::Listener for ClientListener {
-    type Io = std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // axum's own accept logs and retries transient errors (out of file descriptors).
-        let (tcp, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        let _ = tcp.set_nodelay(true);
-        let mut stream = tokio_io_timeout::TimeoutStream::new(tcp);
-        stream.set_write_timeout(self.write_timeout);
-        (Box::pin(stream), addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
 }
 
 /// Applies `[server] initial_mode`. A mode with external models usually cannot be applied at

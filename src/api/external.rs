@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::error::{JsonBody, JsonRequest, PathParam};
 use super::{ApiError, AppState};
 use crate::arbiter::{Ack, ArbiterHandle};
 
@@ -37,6 +38,24 @@ pub(super) struct AttachRequest {
 }
 
 /// Detaches the app when the stream is dropped (the app went away or the daemon stops).
+impl JsonRequest for AttachRequest {
+    const WHAT: &'static str = "attach request";
+    const EXAMPLE: Option<&'static str> = Some(r#"{"pid": 1234, "holder": "my-app"} or no body"#);
+    fn when_empty() -> Option<Self> {
+        Some(AttachRequest::default())
+    }
+}
+
+/// An acknowledgement's body (the arbiter's [`Ack`]).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub(super) struct AckBody(Ack);
+
+impl JsonRequest for AckBody {
+    const WHAT: &'static str = "acknowledgement";
+    const EXAMPLE: Option<&'static str> = Some(r#"{"session": "att-1", "seq": 1, "ok": true}"#);
+}
+
 struct DetachOnDrop {
     arbiter: ArbiterHandle,
     model: String,
@@ -51,15 +70,9 @@ impl Drop for DetachOnDrop {
 
 pub(super) async fn attach(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    body: Bytes,
+    PathParam(name): PathParam,
+    JsonBody(request): JsonBody<AttachRequest>,
 ) -> Result<Response, ApiError> {
-    let request: AttachRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        AttachRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid attach request: {e}")))?
-    };
     let holder = request.holder.unwrap_or_else(|| match request.pid {
         Some(pid) => format!("pid {pid}"),
         None => "app".into(),
@@ -96,15 +109,9 @@ pub(super) async fn attach(
 /// `POST /vramgate/models/{id}/ack`: `{"session", "seq", "ok", "error"}`.
 pub(super) async fn ack(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    body: Bytes,
+    PathParam(name): PathParam,
+    JsonBody(AckBody(ack)): JsonBody<AckBody>,
 ) -> Result<StatusCode, ApiError> {
-    let ack: Ack = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid acknowledgement: {e}; expected {{\"session\": \"att-1\", \"seq\": 1, \"ok\": true}}"),
-        )
-    })?;
     state.arbiter.ack(&name, ack).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -117,10 +124,15 @@ pub(super) struct SetMode {
 }
 
 /// Applies a mode and answers when it is done (or with the first step that failed).
-pub(super) async fn set_mode(State(state): State<AppState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
-    let request: SetMode = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid mode request: {e}; expected {{\"mode\": \"NAME\"}}"))
-    })?;
+impl JsonRequest for SetMode {
+    const WHAT: &'static str = "mode request";
+    const EXAMPLE: Option<&'static str> = Some(r#"{"mode": "NAME"}"#);
+}
+
+pub(super) async fn set_mode(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<SetMode>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let models = state.arbiter.set_mode(&request.mode).await?;
     Ok(Json(json!({ "mode": request.mode, "models": models })))
 }

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::error::{JsonBody, JsonRequest, PathParam};
 use super::{ApiError, AppState};
 use crate::arbiter::{ArbiterHandle, LeaseGrant, LeaseRequest};
 use crate::status::LeaseStatus;
@@ -71,13 +72,19 @@ pub(super) struct CreateLease {
     pid: Option<u32>,
 }
 
+impl JsonRequest for CreateLease {
+    const WHAT: &'static str = "lease request";
+    const EXAMPLE: Option<&'static str> = Some(r#"{"vram": "6G"} or {"model": "NAME"}"#);
+}
+
 pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<LeaseStatus>> {
     Json(state.arbiter.view().leases.clone())
 }
 
-pub(super) async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let body: CreateLease = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid lease request: {e}")))?;
+pub(super) async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateLease>,
+) -> Result<Response, ApiError> {
     if body.vram.is_none() && body.model.is_none() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "a lease needs `vram` (e.g. \"6G\") or `model`"));
     }
@@ -157,11 +164,14 @@ fn held_by_connection(
     ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
 }
 
-pub(super) async fn renew(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<LeaseGrant>, ApiError> {
+pub(super) async fn renew(
+    State(state): State<AppState>,
+    PathParam(id): PathParam,
+) -> Result<Json<LeaseGrant>, ApiError> {
     Ok(Json(state.arbiter.renew(&id).await?))
 }
 
-pub(super) async fn release(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn release(State(state): State<AppState>, PathParam(id): PathParam) -> Result<StatusCode, ApiError> {
     state.arbiter.release(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

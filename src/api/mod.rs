@@ -5,26 +5,31 @@
 //! Prometheus expects.
 
 mod auth;
+pub mod error;
 mod external;
 mod leases;
 mod manage;
 mod models;
 mod ollama;
+mod ollama_translate;
 pub mod openai;
+pub mod proxy;
+pub mod server;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{any, delete, get, post};
-use axum::{Json, Router};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::arbiter::{ArbiterError, ArbiterHandle};
+use crate::arbiter::ArbiterHandle;
 use crate::events::EventBus;
 use crate::monitor::GpuView;
+pub use error::ApiError;
+use error::Rejection;
 
 /// The prefix of every management endpoint.
 pub const PREFIX: &str = "/vramgate";
@@ -41,7 +46,9 @@ pub struct AppState {
     /// `defaults.priority`: a lease's default priority.
     pub default_priority: i32,
     /// The proxy's pooled HTTP/1 client to model servers.
-    pub upstream: openai::UpstreamClient,
+    pub upstream: proxy::UpstreamClient,
+    /// `proxy.max_buffered`: the bytes of request bodies the proxy may hold at once.
+    pub body_budget: proxy::BodyBudget,
     /// `proxy.max_body` in bytes.
     pub max_body_bytes: usize,
     /// `proxy.first_byte_timeout`; `None` = never.
@@ -101,74 +108,19 @@ pub fn router(state: AppState) -> Router {
     guarded.route(&format!("{PREFIX}/health"), get(manage::health)).with_state(state)
 }
 
-/// A JSON error a person can act on.
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    /// An error with a status code and a message.
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
-    }
-}
-
-/// The HTTP status for an arbiter error on the management API.
-fn arbiter_status(error: &ArbiterError) -> StatusCode {
-    match error {
-        ArbiterError::UnknownModel { .. } | ArbiterError::UnknownLease(_) | ArbiterError::NotFound(_) => {
-            StatusCode::NOT_FOUND
-        }
-        ArbiterError::NeverFits(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        ArbiterError::Timeout { .. }
-        | ArbiterError::QueueFull(_)
-        | ArbiterError::TooManyWaiters(_)
-        | ArbiterError::Cooldown { .. }
-        | ArbiterError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        ArbiterError::StartFailed { .. } => StatusCode::BAD_GATEWAY,
-        ArbiterError::Cancelled(_) | ArbiterError::Conflict(_) => StatusCode::CONFLICT,
-        ArbiterError::Invalid(_) => StatusCode::BAD_REQUEST,
-        // The step's own error says what went wrong.
-        ArbiterError::InMode { inner, .. } => arbiter_status(inner),
-    }
-}
-
-impl From<ArbiterError> for ApiError {
-    fn from(error: ArbiterError) -> ApiError {
-        ApiError::new(arbiter_status(&error), error.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": { "message": self.message, "code": self.status.as_u16() } })))
-            .into_response()
-    }
-}
-
 async fn not_found(uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    surface_error(path, StatusCode::NOT_FOUND, &format!("no endpoint at {path}; see GET / for the list"), "not_found")
+    ApiError::from(Rejection::NoRoute { path: path.to_string() }).render_for(path)
 }
 
 /// A known path asked with a method it does not serve (`GET /api/chat`).
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    let message = format!("{method} is not served at {path}; see GET / for the methods each endpoint takes");
-    surface_error(path, StatusCode::METHOD_NOT_ALLOWED, &message, "method_not_allowed")
+    ApiError::from(Rejection::WrongMethod { method: method.to_string(), path: path.to_string() }).render_for(path)
 }
 
-/// An error in the shape of the surface `path` belongs to, so that each surface's clients can
-/// read it: OpenAI's `{"error": {"message", "type", "code"}}` under `/v1/`, Ollama's
-/// `{"error": "…"}` under `/api/` (its clients call string methods on it), and the management
-/// shape elsewhere. `openai_code` is the OpenAI-style code.
-pub(super) fn surface_error(path: &str, status: StatusCode, message: &str, openai_code: &str) -> Response {
-    if path == "/v1" || path.starts_with("/v1/") {
-        openai::error(status, message, openai_code)
-    } else if path == "/api" || path.starts_with("/api/") {
-        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-    } else {
-        ApiError::new(status, message).into_response()
-    }
+/// An error in the shape of the surface `path` belongs to (see [`error`]); `openai_code` is the
+/// OpenAI-style code.
+pub(super) fn surface_error(path: &str, status: StatusCode, message: &str, openai_code: &'static str) -> Response {
+    ApiError::coded(status, openai_code, message).render_for(path)
 }

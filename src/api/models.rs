@@ -4,13 +4,14 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::error::{PathParam, QueryParams};
 use super::{ApiError, AppState};
 use crate::status::ModelStatus;
 
@@ -21,7 +22,7 @@ pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<ModelStatus>
 /// Blocks until the model is ready (or the request fails), like `vramgate load`.
 pub(super) async fn load(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Json<ModelStatus>, ApiError> {
     Ok(Json(state.arbiter.load(&name, true).await?))
 }
@@ -38,7 +39,7 @@ pub(super) struct UnloadAnswer {
 /// Blocks until the model is unloaded and its memory is back.
 pub(super) async fn unload(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Result<Json<UnloadAnswer>, ApiError> {
     let unloaded = state.arbiter.unload(&name).await?;
     Ok(Json(UnloadAnswer { status: unloaded.status, was_loaded: unloaded.was_loaded }))
@@ -62,8 +63,8 @@ fn default_tail() -> usize {
 /// client goes away or the daemon stops.
 pub(super) async fn logs(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    Query(query): Query<LogQuery>,
+    PathParam(name): PathParam,
+    QueryParams(query): QueryParams<LogQuery>,
 ) -> Result<Response, ApiError> {
     let buffer = state.arbiter.logs(&name).await?;
     let Some(buffer) = buffer else {

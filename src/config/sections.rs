@@ -27,6 +27,12 @@ pub struct ServerConfig {
     /// Lets a non-loopback `listen` run without a token. Off by default: the API starts and
     /// stops processes, so exposing it without credentials must be a deliberate choice.
     pub allow_unauthenticated: bool,
+    /// Client connections served at once; beyond it new connections wait in the listen backlog
+    /// until one closes.
+    pub max_connections: u32,
+    /// How long a request's head may take to arrive (also the wait for the next request on an
+    /// idle keep-alive connection) before the connection is closed; `0` = never.
+    pub header_read_timeout: Span,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +43,8 @@ impl Default for ServerConfig {
             initial_mode: None,
             token: None,
             allow_unauthenticated: false,
+            max_connections: 1024,
+            header_read_timeout: Span(std::time::Duration::from_secs(30)),
         }
     }
 }
@@ -337,6 +345,10 @@ pub struct ProxyConfig {
     /// gone without a FIN) before its connection is closed, releasing the model it held. `0` =
     /// never.
     pub client_timeout: Span,
+    /// The most bytes of request bodies the proxy holds in memory at once, across all requests
+    /// (each is read whole before it is forwarded, and held while its model loads); a request
+    /// that would go over it gets a 503 with `Retry-After`.
+    pub max_buffered: Mib,
 }
 
 impl Default for ProxyConfig {
@@ -346,6 +358,7 @@ impl Default for ProxyConfig {
             first_byte_timeout: Span(std::time::Duration::from_secs(600)),
             stall_timeout: Span(std::time::Duration::from_secs(300)),
             client_timeout: Span(std::time::Duration::from_secs(300)),
+            max_buffered: Mib(1024),
         }
     }
 }

@@ -161,6 +161,7 @@ impl Config {
         if self.defaults.ready_timeout.is_zero() {
             return Err((key_path(&["defaults", "ready_timeout"]), "must be longer than 0".into()));
         }
+        self.validate_http_bounds()?;
         self.validate_models()
     }
 
@@ -374,6 +375,38 @@ impl Config {
             return Err((
                 key_path(&["server", "initial_mode"]),
                 format!("{initial:?} is not a [modes] entry ({list})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The longest `server.header_read_timeout` accepted (the server cannot arm a longer one).
+const MAX_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+impl Config {
+    /// The HTTP server's and the proxy's own bounds (`[server]`, `[proxy]`).
+    fn validate_http_bounds(&self) -> Result<(), (Vec<Seg>, String)> {
+        if self.server.max_connections == 0 {
+            return Err((key_path(&["server", "max_connections"]), "must be at least 1, found 0".into()));
+        }
+        if self.server.header_read_timeout.get() > MAX_HEADER_READ_TIMEOUT {
+            return Err((
+                key_path(&["server", "header_read_timeout"]),
+                format!(
+                    "must be at most {} (or 0 for never), found {}",
+                    Span(MAX_HEADER_READ_TIMEOUT),
+                    self.server.header_read_timeout
+                ),
+            ));
+        }
+        if self.proxy.max_buffered.0 < self.proxy.max_body.0 {
+            return Err((
+                key_path(&["proxy", "max_buffered"]),
+                format!(
+                    "must be at least proxy.max_body ({}), found {}: a body that size could never be read",
+                    self.proxy.max_body, self.proxy.max_buffered
+                ),
             ));
         }
         Ok(())

@@ -1,0 +1,937 @@
+//! Ollama requests for a model behind an OpenAI-compatible server (llama-server and the like),
+//! translated: `/api/chat` and a templated `/api/generate` to `/v1/chat/completions`, a `raw` or
+//! `suffix` generate to `/v1/completions`, the embedding calls to `/v1/embeddings`; the answer
+//! translated back, a streamed one event by event (SSE in, NDJSON out) as it arrives.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::ollama::{
+    DRAIN_LIMIT, Endpoint, NDJSON, UPSTREAM_ANSWER_LIMIT, UPSTREAM_ERROR_LIMIT, error, error_message, nanos, now, send,
+    upstream_failure, with_model_header,
+};
+use super::proxy::read_upstream;
+use crate::arbiter::gate::{ModelGate, Pin};
+use crate::client::root_cause;
+
+/// What a translated request answers with.
+pub(super) struct Translation {
+    pub(super) endpoint: Endpoint,
+    /// The name the client asked for, echoed in every answer (as Ollama does).
+    pub(super) asked: String,
+    /// The name vramgate knows it by, sent upstream.
+    pub(super) name: String,
+    /// When the request arrived: `total_duration` counts from here.
+    pub(super) started: Instant,
+    /// The time spent finding and loading the model.
+    pub(super) load_duration: Duration,
+}
+
+/// Ollama's `options` and `format` in OpenAI's terms, added to `out`. Options without an OpenAI
+/// equivalent (num_ctx, repeat_penalty, mirostat, ...) are left out; `top_k` and `min_p` go as
+/// the extensions llama-server and vLLM accept under those names.
+fn map_options(object: &Map<String, Value>, out: &mut Map<String, Value>) {
+    if let Some(Value::Object(options)) = object.get("options") {
+        for (from, to) in [
+            ("temperature", "temperature"),
+            ("top_p", "top_p"),
+            ("top_k", "top_k"),
+            ("min_p", "min_p"),
+            ("seed", "seed"),
+            ("stop", "stop"),
+            ("presence_penalty", "presence_penalty"),
+            ("frequency_penalty", "frequency_penalty"),
+        ] {
+            if let Some(value) = options.get(from).filter(|v| !v.is_null()) {
+                out.insert(to.into(), value.clone());
+            }
+        }
+        // Ollama's -1 (no limit) and -2 (fill the context) have no OpenAI form: left out.
+        if let Some(n) = options.get("num_predict").and_then(Value::as_i64).filter(|n| *n > 0) {
+            out.insert("max_tokens".into(), n.into());
+        }
+    }
+    match object.get("format") {
+        Some(Value::String(format)) if format == "json" => {
+            out.insert("response_format".into(), json!({ "type": "json_object" }));
+        }
+        Some(schema @ Value::Object(_)) => {
+            out.insert(
+                "response_format".into(),
+                json!({ "type": "json_schema", "json_schema": { "name": "response", "schema": schema } }),
+            );
+        }
+        _ => {}
+    }
+}
+
+/// One Ollama chat message as an OpenAI message (`images` are dropped: OpenAI wants them as
+/// content parts, which llama-server only reads with a vision projector loaded).
+fn openai_message(message: &Value) -> Value {
+    let mut out = Map::new();
+    out.insert("role".into(), message.get("role").cloned().unwrap_or_else(|| json!("user")));
+    let content = match message.get("content") {
+        None | Some(Value::Null) => json!(""),
+        Some(content) => content.clone(),
+    };
+    out.insert("content".into(), content);
+    if let Some(Value::Array(calls)) = message.get("tool_calls") {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                let function = &call["function"];
+                let arguments = match &function["arguments"] {
+                    Value::String(text) => text.clone(),
+                    Value::Null => "{}".to_string(),
+                    other => other.to_string(),
+                };
+                let id = call.get("id").and_then(Value::as_str).map_or_else(|| format!("call_{i}"), str::to_string);
+                json!({ "id": id, "type": "function", "function": { "name": function["name"], "arguments": arguments } })
+            })
+            .collect();
+        out.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if let Some(id) = message.get("tool_call_id").filter(|v| v.is_string()) {
+        out.insert("tool_call_id".into(), id.clone());
+    }
+    if let Some(name) = message.get("tool_name").filter(|v| v.is_string()) {
+        out.insert("name".into(), name.clone());
+    }
+    Value::Object(out)
+}
+
+/// The upstream path and body for a translated chat or generate request.
+fn completion_request(
+    endpoint: Endpoint,
+    name: &str,
+    object: &Map<String, Value>,
+) -> Result<(&'static str, Value), String> {
+    let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(true);
+    let mut out = Map::new();
+    out.insert("model".into(), json!(name));
+    let path = match endpoint {
+        Endpoint::Chat => {
+            let messages = match object.get("messages") {
+                Some(Value::Array(messages)) => messages.iter().map(openai_message).collect::<Vec<_>>(),
+                _ => return Err("`messages` must be a list of messages".into()),
+            };
+            out.insert("messages".into(), Value::Array(messages));
+            if let Some(tools) = object.get("tools").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
+                out.insert("tools".into(), tools.clone());
+            }
+            "/v1/chat/completions"
+        }
+        Endpoint::Generate => {
+            let text = |key: &str| -> Result<Option<String>, String> {
+                match object.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(_) => Err(format!("`{key}` must be a string")),
+                }
+            };
+            let prompt = text("prompt")?.unwrap_or_default();
+            let system = text("system")?.filter(|s| !s.is_empty());
+            let suffix = text("suffix")?.filter(|s| !s.is_empty());
+            let raw = object.get("raw").and_then(Value::as_bool).unwrap_or(false);
+            if raw || suffix.is_some() {
+                // Ollama's raw mode: the prompt exactly as given, no chat template.
+                let prompt = match system {
+                    Some(system) => format!("{system}\n\n{prompt}"),
+                    None => prompt,
+                };
+                out.insert("prompt".into(), json!(prompt));
+                if let Some(suffix) = suffix {
+                    out.insert("suffix".into(), json!(suffix));
+                }
+                "/v1/completions"
+            } else {
+                // Ollama applies the model's template to a prompt; the chat endpoint is where an
+                // OpenAI server does that.
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(json!({ "role": "system", "content": system }));
+                }
+                messages.push(json!({ "role": "user", "content": prompt }));
+                out.insert("messages".into(), Value::Array(messages));
+                "/v1/chat/completions"
+            }
+        }
+        Endpoint::Embed | Endpoint::Embeddings => unreachable!("embeddings are not completions"),
+    };
+    out.insert("stream".into(), json!(stream));
+    if stream {
+        out.insert("stream_options".into(), json!({ "include_usage": true }));
+    }
+    map_options(object, &mut out);
+    Ok((path, Value::Object(out)))
+}
+
+/// Translates a request for an OpenAI-speaking model, sends it and translates the answer.
+pub(super) async fn translate(
+    state: &AppState,
+    gate: &ModelGate,
+    pin: Pin,
+    client_headers: &HeaderMap,
+    object: Map<String, Value>,
+    request: Translation,
+) -> Response {
+    let embedding = matches!(request.endpoint, Endpoint::Embed | Endpoint::Embeddings);
+    let (path, body) = if embedding {
+        let input = match request.endpoint {
+            Endpoint::Embed => object.get("input"),
+            _ => object.get("prompt"),
+        };
+        let empty = match input {
+            None | Some(Value::Null) => true,
+            Some(Value::String(s)) => s.is_empty(),
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(_) => return error(StatusCode::BAD_REQUEST, "`input` must be a string or a list of strings"),
+        };
+        if empty {
+            // Ollama loads the model and answers with no embeddings.
+            let body = match request.endpoint {
+                Endpoint::Embed => json!({ "model": request.asked, "embeddings": [] }),
+                _ => json!({ "embedding": [] }),
+            };
+            return with_model_header(Json(body).into_response(), Some(&gate.id));
+        }
+        let mut out = json!({ "model": request.name, "input": input });
+        if let Some(dimensions) = object.get("dimensions").filter(|d| d.is_u64()) {
+            out["dimensions"] = dimensions.clone();
+        }
+        ("/v1/embeddings", out)
+    } else {
+        match completion_request(request.endpoint, &request.name, &object) {
+            Ok(translated) => translated,
+            Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        }
+    };
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let accept = if stream { "text/event-stream" } else { "application/json" };
+    headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    if let Some(authorization) = client_headers.get(header::AUTHORIZATION) {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+    }
+    tracing::debug!(model = %gate.id, path, stream, "ollama request translated for an OpenAI server");
+    let sent = Instant::now();
+    let response = match send(state, gate, &pin, path, headers, body.to_string().into_bytes()).await {
+        Ok(response) => response,
+        Err(response) => return response,
+    };
+    let (head, incoming) = response.into_parts();
+    if !head.status.is_success() {
+        let bytes = read_upstream(incoming, state.stall_timeout, UPSTREAM_ERROR_LIMIT).await.unwrap_or_default();
+        return upstream_failure(&gate.id, head.status, &bytes);
+    }
+    let event_stream = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut progress = Progress::new(request, sent);
+    if stream && event_stream {
+        let relay = Relay {
+            upstream: incoming.into_data_stream(),
+            parser: SseParser::default(),
+            progress,
+            stall: state.stall_timeout,
+            model: gate.id.clone(),
+            phase: Phase::Streaming,
+            _pin: pin,
+        };
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, NDJSON)
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(relay.into_stream()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        return with_model_header(response, Some(&gate.id));
+    }
+    let bytes = match read_upstream(incoming, state.stall_timeout, UPSTREAM_ANSWER_LIMIT).await {
+        Ok(bytes) => bytes,
+        Err(message) => {
+            return error(StatusCode::BAD_GATEWAY, format!("model {} at {} failed: {message}", gate.id, pin.upstream));
+        }
+    };
+    drop(pin);
+    let answer: Value = match serde_json::from_slice(&bytes) {
+        Ok(answer) => answer,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("model {} answered with something other than JSON: {e}", gate.id),
+            );
+        }
+    };
+    if let Some(message) = answer.get("error").and_then(|_| error_message(&bytes)) {
+        return error(StatusCode::BAD_GATEWAY, message);
+    }
+    let response = if embedding {
+        Json(progress.embeddings(&answer)).into_response()
+    } else if stream {
+        // The server answered a streamed request in one piece: still NDJSON, as a stream of one
+        // content line and the final line.
+        let mut out = Vec::new();
+        progress.whole_as_lines(&answer, &mut out);
+        Response::builder()
+            .header(header::CONTENT_TYPE, NDJSON)
+            .body(Body::from(out))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    } else {
+        Json(progress.whole(&answer)).into_response()
+    };
+    with_model_header(response, Some(&gate.id))
+}
+
+/// The most one streamed event (or one tool call being assembled) may hold: a model server that
+/// never ends an event must not grow the daemon without bound.
+const MAX_EVENT_BYTES: usize = 16 << 20;
+
+/// A server-sent-events parser fed with reads of any size: an event split across reads waits for
+/// its end, several events in one read all come out.
+#[derive(Default)]
+struct SseParser {
+    /// The start of a line not yet ended.
+    partial: Vec<u8>,
+    /// How much of `partial` is known to hold no newline (so a read scans only what is new).
+    scanned: usize,
+    /// The `data` of the event being read (its lines joined with `\n`).
+    data: Option<String>,
+}
+
+impl SseParser {
+    /// Feeds bytes; the data of each event they complete is appended to `events`. `Err` if an
+    /// event grows past [`MAX_EVENT_BYTES`].
+    fn feed(&mut self, bytes: &[u8], events: &mut Vec<String>) -> Result<(), String> {
+        self.partial.extend_from_slice(bytes);
+        let mut start = 0;
+        let mut from = self.scanned;
+        while let Some(end) = self.partial[from..].iter().position(|b| *b == b'\n') {
+            let line = self.partial[start..from + end].to_vec();
+            start = from + end + 1;
+            from = start;
+            self.line(&line, events);
+        }
+        self.partial.drain(..start);
+        self.scanned = self.partial.len();
+        let pending = self.partial.len() + self.data.as_ref().map_or(0, String::len);
+        if pending > MAX_EVENT_BYTES {
+            return Err(format!(
+                "the model server sent an event larger than {} MiB; the answer was cut off",
+                MAX_EVENT_BYTES >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stream ended: an unterminated last line and event still count.
+    fn finish(&mut self, events: &mut Vec<String>) {
+        self.scanned = 0;
+        let line = std::mem::take(&mut self.partial);
+        if !line.is_empty() {
+            self.line(&line, events);
+        }
+        if let Some(data) = self.data.take() {
+            events.push(data);
+        }
+    }
+
+    fn line(&mut self, line: &[u8], events: &mut Vec<String>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if let Some(data) = self.data.take() {
+                events.push(data);
+            }
+            return;
+        }
+        let line = String::from_utf8_lossy(line);
+        if line.starts_with(':') {
+            return; // a comment (keep-alive)
+        }
+        let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+        if field == "data" {
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match &mut self.data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => self.data = Some(value.to_string()),
+            }
+        }
+    }
+}
+
+/// One tool call being assembled from streamed deltas.
+#[derive(Default)]
+struct ToolCall {
+    name: String,
+    arguments: String,
+}
+
+/// What a translated answer has said so far, and the timings for its final line.
+struct Progress {
+    request: Translation,
+    /// When the request went upstream.
+    sent: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    deltas: u64,
+    finish_reason: Option<String>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    tool_calls: Vec<ToolCall>,
+    done: bool,
+}
+
+/// OpenAI's `finish_reason` as Ollama's `done_reason`.
+fn done_reason(finish_reason: Option<&str>) -> &'static str {
+    match finish_reason {
+        Some("length") => "length",
+        _ => "stop",
+    }
+}
+
+/// The text a choice carries: a chat delta's or message's `content`, or a completion's `text`.
+fn choice_text<'a>(choice: &'a Value, part: &str) -> Option<&'a str> {
+    choice[part]["content"].as_str().or_else(|| choice["text"].as_str())
+}
+
+/// OpenAI tool calls (arguments as a JSON string) as Ollama's (arguments as an object).
+fn ollama_tool_calls(calls: impl Iterator<Item = (String, String)>) -> Vec<Value> {
+    calls
+        .map(|(name, arguments)| {
+            let arguments = serde_json::from_str::<Value>(&arguments).unwrap_or(Value::String(arguments));
+            json!({ "function": { "name": name, "arguments": arguments } })
+        })
+        .collect()
+}
+
+impl Progress {
+    fn new(request: Translation, sent: Instant) -> Progress {
+        Progress {
+            request,
+            sent,
+            first_token: None,
+            last_token: None,
+            deltas: 0,
+            finish_reason: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            tool_calls: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// A line (or whole answer) carrying text: `message` for chat, `response` for generate.
+    fn line(&self, content: &str, thinking: Option<&str>, done: bool) -> Value {
+        let mut line = json!({ "model": self.request.asked, "created_at": now() });
+        match self.request.endpoint {
+            Endpoint::Chat => {
+                let mut message = json!({ "role": "assistant", "content": content });
+                if let Some(thinking) = thinking {
+                    message["thinking"] = json!(thinking);
+                }
+                line["message"] = message;
+            }
+            _ => {
+                line["response"] = json!(content);
+                if let Some(thinking) = thinking {
+                    line["thinking"] = json!(thinking);
+                }
+            }
+        }
+        line["done"] = json!(done);
+        line
+    }
+
+    /// Adds `done_reason`, the counts and the durations to a final line.
+    fn complete(&self, line: &mut Value) {
+        let end = Instant::now();
+        line["done_reason"] = json!(done_reason(self.finish_reason.as_deref()));
+        line["total_duration"] = json!(nanos(end - self.request.started));
+        line["load_duration"] = json!(nanos(self.request.load_duration));
+        if let Some(count) = self.prompt_tokens {
+            line["prompt_eval_count"] = json!(count);
+        }
+        let first = self.first_token.unwrap_or(end);
+        line["prompt_eval_duration"] = json!(nanos(first.saturating_duration_since(self.sent)));
+        line["eval_count"] = json!(self.completion_tokens.unwrap_or(self.deltas));
+        let last = self.last_token.unwrap_or(end);
+        line["eval_duration"] = json!(nanos(last.saturating_duration_since(first)));
+    }
+
+    fn push_line(out: &mut Vec<u8>, line: &Value) {
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
+    }
+
+    fn usage(&mut self, answer: &Value) {
+        if let Some(n) = answer["usage"]["prompt_tokens"].as_u64() {
+            self.prompt_tokens = Some(n);
+        }
+        if let Some(n) = answer["usage"]["completion_tokens"].as_u64() {
+            self.completion_tokens = Some(n);
+        }
+    }
+
+    /// One SSE event's data: its NDJSON lines go to `out`. `Err` is an error the server sent in
+    /// the stream.
+    fn event(&mut self, data: &str, out: &mut Vec<u8>) -> Result<(), String> {
+        let data = data.trim();
+        if data.is_empty() || self.done {
+            return Ok(());
+        }
+        if data == "[DONE]" {
+            self.final_lines(out);
+            return Ok(());
+        }
+        let chunk: Value =
+            serde_json::from_str(data).map_err(|e| format!("unreadable event from the model server: {e}"))?;
+        if !chunk["error"].is_null() {
+            return Err(error_message(data.as_bytes()).unwrap_or_else(|| "the model server reported an error".into()));
+        }
+        self.usage(&chunk);
+        let Some(choice) = chunk["choices"].get(0) else { return Ok(()) };
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish_reason = Some(reason.to_string());
+        }
+        if let Some(calls) = choice["delta"]["tool_calls"].as_array() {
+            for (position, call) in calls.iter().enumerate() {
+                // A model server's index is not trusted to size memory: at most one past the
+                // calls seen so far.
+                let index = call["index"]
+                    .as_u64()
+                    .map_or(position, |i| usize::try_from(i).unwrap_or(usize::MAX))
+                    .min(self.tool_calls.len());
+                if self.tool_calls.len() <= index {
+                    self.tool_calls.resize_with(index + 1, ToolCall::default);
+                }
+                let assembled = &mut self.tool_calls[index];
+                if let Some(name) = call["function"]["name"].as_str() {
+                    assembled.name.push_str(name);
+                }
+                if let Some(arguments) = call["function"]["arguments"].as_str() {
+                    assembled.arguments.push_str(arguments);
+                }
+                if assembled.name.len() + assembled.arguments.len() > MAX_EVENT_BYTES {
+                    return Err(format!(
+                        "the model server sent a tool call larger than {} MiB; the answer was cut off",
+                        MAX_EVENT_BYTES >> 20
+                    ));
+                }
+            }
+        }
+        let content = choice_text(choice, "delta").unwrap_or("");
+        let thinking = choice["delta"]["reasoning_content"].as_str().filter(|t| !t.is_empty());
+        if !content.is_empty() || thinking.is_some() {
+            let now = Instant::now();
+            self.first_token.get_or_insert(now);
+            self.last_token = Some(now);
+            self.deltas += 1;
+            Self::push_line(out, &self.line(content, thinking, false));
+        }
+        Ok(())
+    }
+
+    /// The line with the assembled tool calls (if any), then the final line.
+    fn final_lines(&mut self, out: &mut Vec<u8>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if !self.tool_calls.is_empty() && self.request.endpoint == Endpoint::Chat {
+            let calls = std::mem::take(&mut self.tool_calls);
+            let mut line = self.line("", None, false);
+            line["message"]["tool_calls"] = json!(ollama_tool_calls(calls.into_iter().map(|c| (c.name, c.arguments))));
+            Self::push_line(out, &line);
+        }
+        let mut line = self.line("", None, true);
+        self.complete(&mut line);
+        Self::push_line(out, &line);
+    }
+
+    /// Reads a whole (non-streamed) completion.
+    fn absorb(&mut self, answer: &Value) -> (String, Option<String>, Vec<Value>) {
+        let now = Instant::now();
+        self.first_token = Some(self.sent);
+        self.last_token = Some(now);
+        self.usage(answer);
+        let choice = &answer["choices"][0];
+        self.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
+        let content = choice_text(choice, "message").unwrap_or("").to_string();
+        let thinking = choice["message"]["reasoning_content"].as_str().filter(|t| !t.is_empty()).map(str::to_string);
+        let calls = choice["message"]["tool_calls"].as_array().map_or_else(Vec::new, |calls| {
+            ollama_tool_calls(calls.iter().map(|c| {
+                let name = c["function"]["name"].as_str().unwrap_or("").to_string();
+                let arguments = match &c["function"]["arguments"] {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                (name, arguments)
+            }))
+        });
+        if !content.is_empty() {
+            self.deltas = 1;
+        }
+        (content, thinking, calls)
+    }
+
+    /// A whole completion as one Ollama object.
+    fn whole(&mut self, answer: &Value) -> Value {
+        let (content, thinking, calls) = self.absorb(answer);
+        let mut line = self.line(&content, thinking.as_deref(), true);
+        if !calls.is_empty() && self.request.endpoint == Endpoint::Chat {
+            line["message"]["tool_calls"] = json!(calls);
+        }
+        self.complete(&mut line);
+        line
+    }
+
+    /// A whole completion as NDJSON: the content line, then the final line.
+    fn whole_as_lines(&mut self, answer: &Value, out: &mut Vec<u8>) {
+        let (content, thinking, calls) = self.absorb(answer);
+        let mut line = self.line(&content, thinking.as_deref(), false);
+        if !calls.is_empty() && self.request.endpoint == Endpoint::Chat {
+            line["message"]["tool_calls"] = json!(calls);
+        }
+        Self::push_line(out, &line);
+        self.done = true;
+        let mut last = self.line("", None, true);
+        self.complete(&mut last);
+        Self::push_line(out, &last);
+    }
+
+    /// An OpenAI embeddings answer as Ollama's.
+    fn embeddings(&mut self, answer: &Value) -> Value {
+        self.usage(answer);
+        let mut data: Vec<&Value> = answer["data"].as_array().map(|d| d.iter().collect()).unwrap_or_default();
+        data.sort_by_key(|d| d["index"].as_u64().unwrap_or(0));
+        let vectors: Vec<Value> = data.iter().map(|d| d["embedding"].clone()).collect();
+        if self.request.endpoint == Endpoint::Embeddings {
+            return json!({ "embedding": vectors.into_iter().next().unwrap_or_else(|| json!([])) });
+        }
+        let mut body = json!({
+            "model": self.request.asked,
+            "embeddings": vectors,
+            "total_duration": nanos(self.request.started.elapsed()),
+            "load_duration": nanos(self.request.load_duration),
+        });
+        if let Some(count) = self.prompt_tokens {
+            body["prompt_eval_count"] = json!(count);
+        }
+        body
+    }
+}
+
+/// Where a relayed stream is.
+enum Phase {
+    Streaming,
+    /// The final line went out; what is left of the upstream body is read (briefly) so its
+    /// connection can be reused, then the stream ends.
+    Draining,
+    /// The upstream failed after the error line went out: the client's stream breaks with this.
+    Broken(String),
+    Ended,
+}
+
+/// A streamed completion being turned into NDJSON, holding the model in use until it ends or the
+/// client goes away (the stream is dropped with the response body).
+struct Relay {
+    upstream: axum::body::BodyDataStream,
+    parser: SseParser,
+    progress: Progress,
+    stall: Option<Duration>,
+    model: String,
+    phase: Phase,
+    _pin: Pin,
+}
+
+impl Relay {
+    fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, axum::BoxError>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut relay| async move {
+            let item = relay.next().await?;
+            Some((item, relay))
+        })
+    }
+
+    /// The next piece of the client's stream: the lines of the next upstream read that produced
+    /// any, as soon as it arrives.
+    async fn next(&mut self) -> Option<Result<Bytes, axum::BoxError>> {
+        loop {
+            match std::mem::replace(&mut self.phase, Phase::Ended) {
+                Phase::Ended => return None,
+                Phase::Broken(message) => return Some(Err(message.into())),
+                Phase::Draining => {
+                    // One bound for the whole drain (no deadline arithmetic to overflow).
+                    let drain = async { while let Some(Ok(_)) = self.upstream.next().await {} };
+                    let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
+                    return None;
+                }
+                Phase::Streaming => {}
+            }
+            let next = match self.stall {
+                Some(limit) => match tokio::time::timeout(limit, self.upstream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let message = format!(
+                            "the model server sent nothing for {} (proxy.stall_timeout)",
+                            crate::units::Rounded(limit)
+                        );
+                        return Some(Ok(self.fail(message)));
+                    }
+                },
+                None => self.upstream.next().await,
+            };
+            let mut events = Vec::new();
+            let ended = match next {
+                Some(Ok(bytes)) => {
+                    if let Err(message) = self.parser.feed(&bytes, &mut events) {
+                        return Some(Ok(self.fail(message)));
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    let message = format!("model {} failed mid-answer: {}", self.model, root_cause(&e));
+                    return Some(Ok(self.fail(message)));
+                }
+                None => {
+                    self.parser.finish(&mut events);
+                    true
+                }
+            };
+            let mut out = Vec::new();
+            self.phase = Phase::Streaming;
+            for data in events {
+                if let Err(message) = self.progress.event(&data, &mut out) {
+                    Progress::push_line(&mut out, &json!({ "error": message }));
+                    self.phase = Phase::Ended;
+                    break;
+                }
+            }
+            if matches!(self.phase, Phase::Streaming) {
+                if ended {
+                    // A server that ends without `[DONE]` still gets its answer a final line.
+                    self.progress.final_lines(&mut out);
+                    self.phase = Phase::Ended;
+                } else if self.progress.done {
+                    self.phase = Phase::Draining;
+                }
+            }
+            if !out.is_empty() {
+                return Some(Ok(Bytes::from(out)));
+            }
+        }
+    }
+
+    /// An error line for the client, after which its stream breaks.
+    fn fail(&mut self, message: String) -> Bytes {
+        tracing::warn!(model = %self.model, "{message}");
+        self.phase = Phase::Broken(message.clone());
+        Bytes::from(format!("{}\n", json!({ "error": message })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events_of(reads: &[&str]) -> Vec<String> {
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        for read in reads {
+            parser.feed(read.as_bytes(), &mut events).unwrap();
+        }
+        parser.finish(&mut events);
+        events
+    }
+
+    #[test]
+    fn sse_events_split_across_reads_or_packed_into_one_come_out_whole() {
+        let whole = "data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n";
+        let expected = vec!["{\"a\":1}".to_string(), "{\"b\":2}".into(), "[DONE]".into()];
+        assert_eq!(events_of(&[whole]), expected);
+        // Every split point, including inside "data:" and between the two newlines.
+        for cut in 0..whole.len() {
+            assert_eq!(events_of(&[&whole[..cut], &whole[cut..]]), expected, "cut at {cut}");
+        }
+        let bytes: Vec<String> = whole.chars().map(String::from).collect();
+        let reads: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(events_of(&reads), expected);
+    }
+
+    #[test]
+    fn sse_crlf_comments_multiline_data_and_an_unterminated_last_event() {
+        assert_eq!(
+            events_of(&[": keep-alive\r\n\r\nevent: x\r\ndata: one\r\ndata:two\r\n\r\ndata: {\"last\":true}"]),
+            vec!["one\ntwo".to_string(), "{\"last\":true}".into()]
+        );
+    }
+
+    #[test]
+    fn sse_multibyte_characters_split_across_reads_survive() {
+        let text = "data: {\"c\":\"héllo ✓\"}\n\n";
+        let bytes = text.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut parser = SseParser::default();
+            let mut events = Vec::new();
+            parser.feed(&bytes[..cut], &mut events).unwrap();
+            parser.feed(&bytes[cut..], &mut events).unwrap();
+            assert_eq!(events, vec!["{\"c\":\"héllo ✓\"}".to_string()]);
+        }
+    }
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(object) => object,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn a_chat_maps_messages_options_and_format() {
+        let request = object(json!({
+            "model": "llm",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "look", "images": ["aGk="]},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
+                {"role": "tool", "content": "42", "tool_name": "f"},
+            ],
+            "options": {"temperature": 0.2, "top_p": 0.9, "num_predict": 64, "stop": ["\n\n"], "seed": 7, "num_ctx": 4096},
+            "format": "json",
+            "keep_alive": "5m",
+        }));
+        let (path, body) = completion_request(Endpoint::Chat, "llm", &request).unwrap();
+        assert_eq!(path, "/v1/chat/completions");
+        assert_eq!(body["stream"], true, "Ollama streams unless told not to");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["messages"][1], json!({"role": "user", "content": "look"}));
+        assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["arguments"], "{\"x\":1}");
+        assert_eq!(body["messages"][3]["name"], "f");
+        assert_eq!(body["temperature"], 0.2);
+        assert_eq!(body["top_p"], 0.9);
+        assert_eq!(body["max_tokens"], 64);
+        assert_eq!(body["stop"], json!(["\n\n"]));
+        assert_eq!(body["seed"], 7);
+        assert_eq!(body["response_format"], json!({"type": "json_object"}));
+        assert!(body.get("num_ctx").is_none() && body.get("keep_alive").is_none() && body.get("options").is_none());
+
+        let request = object(json!({"model": "llm", "messages": [], "stream": false, "options": {"num_predict": -1}}));
+        let (_, body) = completion_request(Endpoint::Chat, "llm", &request).unwrap();
+        assert_eq!(body["stream"], false);
+        assert!(body.get("stream_options").is_none() && body.get("max_tokens").is_none());
+        assert!(completion_request(Endpoint::Chat, "llm", &object(json!({"messages": "hi"}))).is_err());
+    }
+
+    #[test]
+    fn a_generate_is_a_chat_unless_raw() {
+        let request = object(json!({"prompt": "why?", "system": "be brief", "format": {"type": "object"}}));
+        let (path, body) = completion_request(Endpoint::Generate, "llm", &request).unwrap();
+        assert_eq!(path, "/v1/chat/completions");
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}])
+        );
+        assert_eq!(body["response_format"]["type"], "json_schema");
+        assert_eq!(body["response_format"]["json_schema"]["schema"], json!({"type": "object"}));
+
+        let request = object(json!({"prompt": "why?", "system": "be brief", "raw": true, "stream": false}));
+        let (path, body) = completion_request(Endpoint::Generate, "llm", &request).unwrap();
+        assert_eq!(path, "/v1/completions");
+        assert_eq!(body["prompt"], "be brief\n\nwhy?");
+        assert!(completion_request(Endpoint::Generate, "llm", &object(json!({"prompt": 3}))).is_err());
+    }
+
+    fn progress(endpoint: Endpoint) -> Progress {
+        let request = Translation {
+            endpoint,
+            asked: "llm".into(),
+            name: "llm".into(),
+            started: Instant::now(),
+            load_duration: Duration::ZERO,
+        };
+        Progress::new(request, Instant::now())
+    }
+
+    fn lines(out: &[u8]) -> Vec<Value> {
+        std::str::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn streamed_chunks_become_lines_and_done_ends_them() {
+        let mut progress = progress(Endpoint::Chat);
+        let mut out = Vec::new();
+        progress
+            .event(
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}"#,
+                &mut out,
+            )
+            .unwrap();
+        progress
+            .event(r#"{"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}"#, &mut out)
+            .unwrap();
+        progress.event(r#"{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#, &mut out).unwrap();
+        progress.event("[DONE]", &mut out).unwrap();
+        progress.event("[DONE]", &mut out).unwrap();
+        let lines = lines(&out);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0]["message"], json!({"role": "assistant", "content": "Hel"}));
+        assert_eq!(lines[0]["done"], false);
+        assert_eq!(lines[1]["message"]["content"], "lo");
+        let last = &lines[2];
+        assert_eq!((last["done"].clone(), last["done_reason"].clone()), (json!(true), json!("length")));
+        assert_eq!((last["prompt_eval_count"].clone(), last["eval_count"].clone()), (json!(4), json!(2)));
+        assert_eq!(last["model"], "llm");
+        assert!(last["total_duration"].is_u64() && last["eval_duration"].is_u64());
+        assert!(chrono::DateTime::parse_from_rfc3339(last["created_at"].as_str().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_assembled_and_completions_text_is_read() {
+        let mut progress = progress(Endpoint::Chat);
+        let mut out = Vec::new();
+        let first = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"get","arguments":"{\"ci"}}]}}]}"#;
+        let second = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\":\"Oslo\"}"}}]},"finish_reason":"tool_calls"}]}"#;
+        progress.event(first, &mut out).unwrap();
+        progress.event(second, &mut out).unwrap();
+        progress.event("[DONE]", &mut out).unwrap();
+        let lines = lines(&out);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0]["message"]["tool_calls"],
+            json!([{"function": {"name": "get", "arguments": {"city": "Oslo"}}}])
+        );
+        assert_eq!(lines[1]["done_reason"], "stop");
+
+        let mut progress = self::progress(Endpoint::Generate);
+        let mut out = Vec::new();
+        progress.event(r#"{"choices":[{"text":"abc","finish_reason":null}]}"#, &mut out).unwrap();
+        assert_eq!(self::lines(&out)[0]["response"], "abc");
+        assert!(
+            progress.event(r#"{"error":{"message":"context full"}}"#, &mut out).unwrap_err().contains("context full")
+        );
+    }
+
+    #[test]
+    fn a_whole_answer_becomes_one_object() {
+        let mut progress = progress(Endpoint::Chat);
+        let answer = json!({
+            "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        });
+        let whole = progress.whole(&answer);
+        assert_eq!(whole["message"], json!({"role": "assistant", "content": "hi"}));
+        assert_eq!((whole["done"].clone(), whole["done_reason"].clone()), (json!(true), json!("stop")));
+        assert_eq!((whole["prompt_eval_count"].clone(), whole["eval_count"].clone()), (json!(3), json!(1)));
+    }
+}

@@ -1,0 +1,409 @@
+//! The proxy core both model surfaces (`openai.rs`, `ollama.rs`) share: reading a request body
+//! (bounded per request by `proxy.max_body`, and across all requests by the `proxy.max_buffered`
+//! budget), finding and pinning a model (loading it if needed), forwarding over the pooled client
+//! with `proxy.first_byte_timeout`, and the pinned streaming body that holds the model in use
+//! until the answer ends (with `proxy.stall_timeout`).
+//!
+//! Errors are [`ApiError`]s: each surface renders them in its own shape.
+
+use std::future::Future;
+use std::pin::Pin as StdPin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode, header};
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::AppState;
+use super::error::{ApiError, Rejection, Route, discard_rest};
+use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
+use crate::client::root_cause;
+
+/// The proxy's client: hyper's pooled HTTP/1 client, without the layers (URL parsing, redirect
+/// and timeout policies) a general-purpose client adds to every request.
+pub type UpstreamClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A client for model servers: keep-alive pool, `TCP_NODELAY` (streamed tokens are small).
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// Response header naming the model that served the request.
+pub const MODEL_HEADER: &str = "x-vramgate-model";
+
+/// `proxy.max_buffered`: the bytes of request bodies the proxy holds in memory at once, across
+/// all requests (each one is read whole before it is forwarded, and a caller waiting for a model
+/// to load holds its body meanwhile). A request that would go over it is refused with a 503 and
+/// `Retry-After` at once, rather than waiting: its sender can retry, and memory stays bounded.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes (at most what a semaphore counts, about 2^61).
+    pub fn new(total: usize) -> BodyBudget {
+        let total = total.min(Semaphore::MAX_PERMITS);
+        BodyBudget { bytes: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// Bytes not held by any request now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Takes `len` more bytes for a body already holding `held`; `None` when the budget is spent.
+    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, len: usize) -> Option<()> {
+        if len == 0 {
+            return Some(());
+        }
+        let len = u32::try_from(len).ok()?;
+        let permit = Arc::clone(&self.bytes).try_acquire_many_owned(len).ok()?;
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Some(())
+    }
+}
+
+/// A request body read whole, holding its share of the [`BodyBudget`] until dropped.
+pub struct BufferedBody {
+    /// The bytes.
+    pub bytes: Bytes,
+    /// Returned to the budget when the body is dropped.
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads a whole request body, bounded by `proxy.max_body` (413) and the `proxy.max_buffered`
+/// budget (503). The body's bytes count against the budget until the result is dropped.
+pub async fn read_body(state: &AppState, mut body: Body) -> Result<BufferedBody, ApiError> {
+    let limit = state.max_body_bytes;
+    let too_large = || Rejection::BodyTooLarge { limit_bytes: limit, setting: Some("proxy.max_body") };
+    // A declared length over the limit is refused before anything is read.
+    if http_body::Body::size_hint(&body).lower() > u64::try_from(limit).unwrap_or(u64::MAX) {
+        discard_rest(&mut body).await;
+        return Err(too_large().into());
+    }
+    let mut held = None;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read: usize = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Rejection::BodyUnreadable { detail: root_cause(&e) })?;
+        let Ok(data) = frame.into_data() else { continue };
+        let Some(total) = read.checked_add(data.len()).filter(|&n| n <= limit) else {
+            drop(held);
+            discard_rest(&mut body).await;
+            return Err(too_large().into());
+        };
+        read = total;
+        if state.body_budget.take(&mut held, data.len()).is_none() {
+            drop((held, chunks));
+            discard_rest(&mut body).await;
+            return Err(Rejection::BufferBudgetSpent { budget_bytes: state.body_budget.total }.into());
+        }
+        chunks.push(data);
+    }
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut whole = Vec::with_capacity(read);
+            for chunk in &chunks {
+                whole.extend_from_slice(chunk);
+            }
+            Bytes::from(whole)
+        }
+    };
+    Ok(BufferedBody { bytes, _held: held })
+}
+
+/// Reads a whole upstream body, giving up when it goes silent for `proxy.stall_timeout`.
+pub async fn read_upstream(body: Body, stall: Option<Duration>, limit: usize) -> Result<Bytes, String> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    loop {
+        let next = match stall {
+            Some(limit) => tokio::time::timeout(limit, stream.next()).await.map_err(|_| {
+                format!("the model server sent nothing for {} (proxy.stall_timeout)", crate::units::Rounded(limit))
+            })?,
+            None => stream.next().await,
+        };
+        match next {
+            None => return Ok(Bytes::from(out)),
+            Some(Ok(bytes)) => {
+                if out.len().checked_add(bytes.len()).is_none_or(|n| n > limit) {
+                    return Err(format!("the answer is larger than {} MiB", limit >> 20));
+                }
+                out.extend_from_slice(&bytes);
+            }
+            Some(Err(e)) => return Err(root_cause(&e)),
+        }
+    }
+}
+
+/// Removes the hop-by-hop headers: the fixed list, and any header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for hop in HOP_BY_HOP {
+        headers.remove(hop);
+    }
+}
+
+/// Hop-by-hop headers, which describe one connection and must not be forwarded.
+const HOP_BY_HOP: [&str; 11] = [
+    "proxy-connection",
+    // Answered by vramgate itself (it reads the whole body before forwarding).
+    "expect",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// The refusal for a request to an external model, which serves inside its app.
+pub fn external_refusal(id: &str) -> ApiError {
+    ApiError::coded(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        format!(
+            "model {id} is an external model: it runs inside the app attached to it, which serves its own requests; \
+             vramgate only places it"
+        ),
+    )
+}
+
+/// The error for a name that is no model, alias or `[aliases]` name.
+pub fn unknown_model(state: &AppState, name: &str) -> ApiError {
+    let names = state.arbiter.names();
+    let list = if names.is_empty() { "none configured".to_string() } else { names.join(", ") };
+    ApiError::coded(StatusCode::NOT_FOUND, "model_not_found", format!("unknown model {name:?}; available: {list}"))
+}
+
+/// Finds the model a name means and pins it, loading it first if it is not ready. For an
+/// `[aliases]` name: the first candidate that is ready, else the one the arbiter chooses by fit.
+///
+/// `to_serve`: the model is wanted to answer a request. An external model cannot (it serves inside
+/// its app), so it is refused before anything loads, rather than placed for nothing.
+pub async fn pin_model(state: &AppState, name: &str, to_serve: bool) -> Result<(Arc<ModelGate>, Pin), ApiError> {
+    let arbiter_error = |e| ApiError::arbiter(e, Route::Proxy);
+    let model = if let Some(gate) = state.arbiter.gate(name) {
+        if to_serve && gate.kind == UpstreamKind::External {
+            return Err(external_refusal(name));
+        }
+        gate
+    } else if let Some(candidates) = state.arbiter.candidates(name) {
+        // External models serve their requests inside their app: never a request's choice.
+        let candidates: Vec<String> = candidates
+            .iter()
+            .filter(|c| state.arbiter.gate(c).is_some_and(|g| g.kind != UpstreamKind::External))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Err(external_refusal(name));
+        }
+        for candidate in &candidates {
+            if let Some(gate) = state.arbiter.gate(candidate)
+                && let Some(pin) = gate.try_pin()
+            {
+                return Ok((gate, pin));
+            }
+        }
+        let chosen = state.arbiter.choose(&candidates).await.map_err(arbiter_error)?;
+        state.arbiter.gate(&chosen).ok_or_else(|| {
+            ApiError::coded(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("alias {name} chose unknown model {chosen}"),
+            )
+        })?
+    } else {
+        return Err(unknown_model(state, name));
+    };
+    if let Some(pin) = model.try_pin() {
+        return Ok((model, pin));
+    }
+    // Not ready: the arbiter loads it (queueing, evicting) and answers with a pin taken the
+    // moment it became ready, so it cannot be evicted before this request uses it. A missing pin
+    // (it closed again in that instant) is retried a few times, not forever.
+    for _ in 0..3 {
+        if let Some(pin) = state.arbiter.pin(&model.id).await.map_err(arbiter_error)? {
+            return Ok((model, pin));
+        }
+    }
+    Err(ApiError::coded(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "model_busy",
+        format!("model {} was swapped out again each time it became ready; try again", model.id),
+    ))
+}
+
+/// Sends a request to the pinned model's server over the pooled client, waiting at most
+/// `proxy.first_byte_timeout` for the answer to start.
+pub async fn send(
+    state: &AppState,
+    gate: &ModelGate,
+    pin: &Pin,
+    request: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
+    let sent = state.upstream.request(request);
+    let answered = match state.first_byte_timeout {
+        // Dropping the request here drops the caller's pin too: the model is free to go.
+        Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
+            ApiError::coded(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!(
+                    "model {} did not start answering within {} (proxy.first_byte_timeout)",
+                    gate.id,
+                    crate::units::Rounded(limit)
+                ),
+            )
+        })?,
+        None => sent.await,
+    };
+    answered.map_err(|e| {
+        ApiError::coded(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("model {} at {} failed: {}", gate.id, pin.upstream, root_cause(&e)),
+        )
+    })
+}
+
+/// The upstream's answer streamed back holding `pin`, with the hop-by-hop headers removed and
+/// the serving model named in [`MODEL_HEADER`].
+pub fn pinned_response(
+    state: &AppState,
+    gate: &ModelGate,
+    pin: Pin,
+    response: axum::http::Response<hyper::body::Incoming>,
+) -> axum::response::Response {
+    let (mut head, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    if let Ok(model) = axum::http::HeaderValue::from_str(&gate.id) {
+        head.headers.insert(MODEL_HEADER, model);
+    }
+    axum::response::Response::from_parts(head, Body::new(PinnedBody::new(incoming, state.stall_timeout, pin)))
+}
+
+/// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or
+/// is dropped (the client went away).
+pub struct PinnedBody<B> {
+    inner: B,
+    /// `proxy.stall_timeout` and the timer it runs, reset by every frame: a server that stops
+    /// sending mid-answer breaks the stream instead of holding the model in use forever.
+    stall: Option<(Duration, StdPin<Box<tokio::time::Sleep>>)>,
+    _pin: Pin,
+}
+
+impl<B> PinnedBody<B> {
+    /// `inner`, holding `pin`, broken off after `stall` without a frame.
+    pub fn new(inner: B, stall: Option<Duration>, pin: Pin) -> PinnedBody<B> {
+        let stall = stall.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+        PinnedBody { inner, stall, _pin: pin }
+    }
+}
+
+impl<B> http_body::Body for PinnedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = StdPin::new(&mut this.inner).poll_frame(cx);
+        if let Some((limit, timer)) = &mut this.stall {
+            if frame.is_ready() {
+                // `tokio::time::sleep` saturates a far deadline; the reset must not overflow.
+                let deadline = tokio::time::Instant::now().checked_add(*limit);
+                if let Some(deadline) = deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            } else if timer.as_mut().poll(cx).is_ready() {
+                let message = format!(
+                    "the model server sent nothing for {} (proxy.stall_timeout)",
+                    crate::units::Rounded(*limit)
+                );
+                return Poll::Ready(Some(Err(message.into())));
+            }
+        }
+        frame.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Trace-Hop"));
+        headers.insert("x-trace-hop", HeaderValue::from_static("1"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        headers.insert(header::HOST, HeaderValue::from_static("vramgate"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE) && headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn the_budget_is_taken_and_given_back() {
+        let budget = BodyBudget::new(10);
+        let mut first = None;
+        assert!(budget.take(&mut first, 6).is_some());
+        assert!(budget.take(&mut first, 2).is_some());
+        assert_eq!(budget.available(), 2);
+        let mut second = None;
+        assert!(budget.take(&mut second, 3).is_none(), "over the budget");
+        assert!(budget.take(&mut second, 2).is_some());
+        drop(first);
+        assert_eq!(budget.available(), 8, "a dropped body gives its bytes back");
+        drop(second);
+        assert_eq!(budget.available(), 10);
+    }
+}
