@@ -175,7 +175,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         default_priority: config.defaults.priority,
         upstream: api::proxy::upstream_client(),
         body_budget: api::proxy::BodyBudget::new(
-            usize::try_from(config.proxy.max_buffered.bytes()).unwrap_or(usize::MAX),
+            usize::try_from(config.proxy.buffered_budget().bytes()).unwrap_or(usize::MAX),
         ),
         max_body_bytes: usize::try_from(config.proxy.max_body.bytes()).unwrap_or(usize::MAX),
         first_byte_timeout: (!config.proxy.first_byte_timeout.is_zero()).then(|| config.proxy.first_byte_timeout.get()),

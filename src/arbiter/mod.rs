@@ -214,6 +214,32 @@ pub(crate) enum Command {
     ModeApplied { name: String, reply: oneshot::Sender<Result<(), ArbiterError>> },
 }
 
+impl Command {
+    /// Answers a request with `error` instead of carrying it out (reports, which have no caller,
+    /// are dropped).
+    pub(crate) fn refuse(self, error: ArbiterError) {
+        match self {
+            Command::Load { reply, .. } => drop(reply.send(Err(error))),
+            Command::PlaceCpu { reply, .. } => drop(reply.send(Err(error))),
+            Command::Unload { reply, .. } => drop(reply.send(Err(error))),
+            Command::Acquire { reply, .. } | Command::Renew { reply, .. } => drop(reply.send(Err(error))),
+            Command::Release { reply: Some(reply), .. } => drop(reply.send(Err(error))),
+            Command::Logs { reply, .. } => drop(reply.send(Err(error))),
+            Command::Choose { reply, .. } => drop(reply.send(Err(error))),
+            Command::Attach { reply, .. } => drop(reply.send(Err(error))),
+            Command::Ack { reply, .. } | Command::ModeApplied { reply, .. } => drop(reply.send(Err(error))),
+            Command::Release { reply: None, .. }
+            | Command::Spawned { .. }
+            | Command::LoadFinished { .. }
+            | Command::Exited { .. }
+            | Command::Released { .. }
+            | Command::Detach { .. }
+            | Command::OllamaPs { .. }
+            | Command::OneshotEnded { .. } => {}
+        }
+    }
+}
+
 /// An app's attachment to an external model, as the HTTP layer streams it.
 pub struct Attached {
     /// Names the attachment in acknowledgements.

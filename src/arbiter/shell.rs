@@ -175,8 +175,8 @@ impl Arbiter {
                 tokio::spawn(drivers::watch_ollama(url, self.http.clone(), self.commands.clone(), shutdown.clone()));
             }
             let first = self.gpu.borrow_and_update().clone();
-            let procs = proc_table(first).await;
-            self.engine.start(procs, Instant::now());
+            let procs = proc_table(first.clone()).await;
+            self.engine.start(first, procs, Instant::now());
             loop {
                 let wake = self.engine.next_deadline();
                 let input = tokio::select! {
@@ -215,6 +215,8 @@ impl Arbiter {
 
     /// Stops every model process: SIGTERM to all at once, a bounded grace, then SIGKILL.
     async fn shutdown(&mut self) {
+        // Whoever waits is told at once, not after the processes stopped.
+        self.engine.refuse_waiting(Instant::now());
         let handles = self.engine.running_processes();
         let stops = handles.iter().map(|(id, handle)| async move {
             let (exit, killed) = handle.stop(SHUTDOWN_STOP).await;

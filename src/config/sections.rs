@@ -347,8 +347,17 @@ pub struct ProxyConfig {
     pub client_timeout: Span,
     /// The most bytes of request bodies the proxy holds in memory at once, across all requests
     /// (each is read whole before it is forwarded, and held while its model loads); a request
-    /// that would go over it gets a 503 with `Retry-After`.
-    pub max_buffered: Mib,
+    /// that would go over it gets a 503 with `Retry-After`. Unset: 1 GiB, or `max_body` when that
+    /// is larger (see [`ProxyConfig::buffered_budget`]).
+    pub max_buffered: Option<Mib>,
+}
+
+impl ProxyConfig {
+    /// The bytes of request bodies the proxy may hold at once: `max_buffered`, or when it is not
+    /// set, 1 GiB or `max_body` if larger (a body `max_body` allows must always fit).
+    pub fn buffered_budget(&self) -> Mib {
+        self.max_buffered.unwrap_or(Mib(self.max_body.0.max(1024)))
+    }
 }
 
 impl Default for ProxyConfig {
@@ -358,7 +367,7 @@ impl Default for ProxyConfig {
             first_byte_timeout: Span(std::time::Duration::from_secs(600)),
             stall_timeout: Span(std::time::Duration::from_secs(300)),
             client_timeout: Span(std::time::Duration::from_secs(300)),
-            max_buffered: Mib(1024),
+            max_buffered: None,
         }
     }
 }

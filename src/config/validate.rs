@@ -400,12 +400,14 @@ impl Config {
                 ),
             ));
         }
-        if self.proxy.max_buffered.0 < self.proxy.max_body.0 {
+        if let Some(max_buffered) = self.proxy.max_buffered
+            && max_buffered.0 < self.proxy.max_body.0
+        {
             return Err((
                 key_path(&["proxy", "max_buffered"]),
                 format!(
                     "must be at least proxy.max_body ({}), found {}: a body that size could never be read",
-                    self.proxy.max_body, self.proxy.max_buffered
+                    self.proxy.max_body, max_buffered
                 ),
             ));
         }

@@ -44,6 +44,7 @@ impl<E: Effects> Engine<E> {
         }
         if self.models[i].phase.serving() {
             let device = self.models[i].device;
+            let request = LeaseRequest { model: Some(self.models[i].spec.id.clone()), ..request };
             let grant = self.grant_lease(request, device, None);
             if let Err(Ok(grant)) = reply.send(Ok(grant)) {
                 // The caller went away meanwhile: do not keep the model in use for nobody.
@@ -57,6 +58,9 @@ impl<E: Effects> Engine<E> {
         }
         let deadline = self.after(request.wait);
         let id = self.models[i].spec.id.clone();
+        // Recorded under the model's id, not the alias it was asked by: whether a lease holds a
+        // model (unload refused, no drain) is asked by id.
+        let request = LeaseRequest { model: Some(id.clone()), ..request };
         let caller = ReadyCaller::ModelLease { request, reply, deadline };
         self.request_load(&id, Some((deadline, caller)), false);
     }

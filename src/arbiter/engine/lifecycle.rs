@@ -128,7 +128,7 @@ impl<E: Effects> Engine<E> {
 
     /// Re-runs `command` once model `i` is neither loading nor unloading, or at `deadline`.
     pub(super) fn settle_then(&mut self, i: usize, deadline: std::time::Instant, command: Command) {
-        self.settling.push(super::Settle { model: i, deadline, command });
+        self.settling.push(super::Settle { model: i, since: self.now, deadline, command });
     }
 
     pub(super) fn request_unload(
@@ -530,7 +530,11 @@ impl<E: Effects> Engine<E> {
         if let Some(process) = self.models[i].process.take() {
             self.fx.persist(StoreWrite::ForgetProcess(process.pid));
         }
-        let failed = then == AfterRelease::Failed;
+        // A start that failed often enough ends `failed`; so does any release of a model still
+        // counting such failures (a user's unload during a retry).
+        let model = &self.models[i];
+        let failed = then == AfterRelease::Failed
+            || (model.cooldown_until.is_some() && model.failures >= FAILURES_BEFORE_COOLDOWN);
         let model = &mut self.models[i];
         model.port = None;
         model.current_mib = 0;

@@ -178,6 +178,9 @@ pub struct EngineSettings {
 /// request that meets a model mid-transition waits for it rather than fail.
 struct Settle {
     model: usize,
+    /// When it was asked, and when it gives up (answered with a timeout, never run again: a
+    /// deadline already passed must not re-queue the command it came with).
+    since: Instant,
     deadline: Instant,
     command: Command,
 }
@@ -282,16 +285,16 @@ impl<E: Effects> Engine<E> {
     }
 
     /// Starts the preloaded and pinned models and takes the first reading.
-    pub(crate) fn start(&mut self, procs: ProcTable, now: Instant) {
+    pub(crate) fn start(&mut self, view: Arc<GpuView>, procs: ProcTable, now: Instant) {
         self.now = now;
         let preload: Vec<String> =
             self.models.iter().filter(|m| m.spec.preload || m.spec.pinned).map(|m| m.spec.id.clone()).collect();
         for id in preload {
             self.request_load(&id, None, true);
         }
-        let view = self.seen.clone();
         self.on_sample(view, procs);
         self.settle_pass();
+        self.run_deferred();
     }
 
     /// Handles one input at `now`, then serves the queue and publishes the view; then the
@@ -306,16 +309,26 @@ impl<E: Effects> Engine<E> {
             Input::Idle => self.on_idle(),
         }
         self.settle_pass();
+        self.run_deferred();
+    }
+
+    /// The commands the engine sent itself, each handled as an input of its own.
+    fn run_deferred(&mut self) {
         while let Some(command) = self.deferred.pop_front() {
             self.on_command(command);
             self.settle_pass();
         }
     }
 
-    /// Whether an idle notification can change anything: someone waits in the queue, or an
-    /// unload waits for requests in flight to end. Otherwise the shell skips the pass.
+    /// Whether an idle notification can change anything: someone waits in the queue, an unload
+    /// waits for requests in flight to end, or a model demoted to its CPU form may go back to the
+    /// GPU once idle. Otherwise the shell skips the pass.
     pub(crate) fn wants_idle(&self) -> bool {
-        !self.queue.is_empty() || self.models.iter().any(|m| m.phase.waits_for_idle())
+        !self.queue.is_empty()
+            || self.models.iter().any(|m| {
+                m.phase.waits_for_idle()
+                    || (m.prefers_gpu && matches!(m.phase, Phase::Ready { .. }) && m.placement == Placement::Cpu)
+            })
     }
 
     /// The pass after every input: commands whose model settled run again, the queue is served,
@@ -325,10 +338,18 @@ impl<E: Effects> Engine<E> {
         let mut index = 0;
         while index < self.settling.len() {
             let settle = &self.settling[index];
-            let settled = !matches!(self.models[settle.model].phase, Phase::Loading | Phase::Unloading { .. });
-            if settled || settle.deadline <= now {
+            let model = &self.models[settle.model];
+            let settled = !matches!(model.phase, Phase::Loading | Phase::Unloading { .. });
+            if settled {
                 let settle = self.settling.remove(index);
                 self.deferred.push_back(settle.command);
+            } else if settle.deadline <= now {
+                let settle = self.settling.remove(index);
+                let error = ArbiterError::Timeout {
+                    waited: now.saturating_duration_since(settle.since),
+                    message: format!("model {} is still {}", model.spec.id, model.state()),
+                };
+                settle.command.refuse(error);
             } else {
                 index += 1;
             }

@@ -161,13 +161,21 @@ impl<E: Effects> Engine<E> {
         self.models.iter().filter_map(|m| Some((m.spec.id.clone(), m.process.clone()?))).collect()
     }
 
-    /// Refuses everyone waiting and marks every loaded model unloaded (the shell has stopped
-    /// their processes).
-    pub(crate) fn shut_down(&mut self, now: Instant) {
+    /// At shutdown: refuses everyone waiting in the queue or for a model.
+    pub(crate) fn refuse_waiting(&mut self, now: Instant) {
         self.now = now;
         for waiter in std::mem::take(&mut self.queue) {
             self.refuse(waiter, crate::arbiter::ArbiterError::ShuttingDown);
         }
+        for i in 0..self.models.len() {
+            self.fail_ready_waiters(i, &crate::arbiter::ArbiterError::ShuttingDown);
+        }
+    }
+
+    /// Refuses everyone still waiting and marks every loaded model unloaded (the shell has
+    /// stopped their processes).
+    pub(crate) fn shut_down(&mut self, now: Instant) {
+        self.refuse_waiting(now);
         for (_, handle) in self.running_processes() {
             self.fx.persist(super::StoreWrite::ForgetProcess(handle.pid));
         }

@@ -74,7 +74,12 @@ impl<E: Effects> Engine<E> {
             }
         }
         for waiter in &self.queue {
-            if let Pending::Lease { deadline, .. } = &waiter.pending {
+            // A lease whose victims are being released waits for them, past its deadline: its
+            // deadline counts again once they are gone (else the shell would wake at once, for
+            // ever, until they are).
+            if let Pending::Lease { deadline, .. } = &waiter.pending
+                && waiter.awaiting_release.is_empty()
+            {
                 index.add(*deadline, Deadline::LeaseWait(waiter.seq));
             }
         }

@@ -240,3 +240,29 @@ fn an_unreachable_ollama_fails_its_models_until_it_answers() {
         assert_eq!(rig.transitions().last().map(|t| t.2.clone()), Some(reason.into()));
     }
 }
+
+/// A user's load of a model on its way to the CPU waits for it to settle; with
+/// `queue_timeout = "0s"` that wait is over at once: a timeout, not a command re-run for ever.
+#[test]
+fn a_load_waiting_for_a_model_to_settle_times_out_instead_of_spinning() {
+    let config = format!(
+        "[scheduler]\nqueue_timeout = \"0s\"\n[models.vision]\nbackend = \"process\"\ncmd = \"vision\"\n\
+         cpu_cmd = \"vision --cpu\"\nvram = \"3000MiB\"\n"
+    );
+    let mut rig = Rig::new(&config, 8000);
+    let (reply, _placed) = oneshot::channel();
+    rig.command(Command::PlaceCpu { name: "vision".into(), reply });
+    assert_eq!(rig.state("vision"), ModelState::Loading, "its CPU form starts");
+    let (reply, mut answer) = oneshot::channel();
+    rig.command(Command::Load { name: "vision".into(), explicit: true, reply });
+    assert!(matches!(answered(&mut answer), Some(Err(ArbiterError::Timeout { .. }))));
+}
+
+/// Commands the engine sends itself during start-up run during start-up: a preloaded external
+/// model without an app fails its start and is released at once, not at the next input.
+#[test]
+fn start_up_runs_the_commands_the_engine_sent_itself() {
+    let config = "[models.clip]\nbackend = \"external\"\nvram = \"1000MiB\"\npreload = true\n";
+    let rig = Rig::new(config, 8000);
+    assert_eq!(rig.state("clip"), ModelState::Unloaded, "{:?}", rig.phase("clip"));
+}

@@ -83,10 +83,18 @@ impl Rig {
             .collect();
         let settings = EngineSettings { scheduler: config.scheduler.clone(), log_dir: None, critical_pct: 90.0 };
         let view = Arc::new(device_view(total_mib, &[]));
-        let engine =
-            Engine::new(Recorder::default(), settings, specs, &gates, &HashMap::new(), view, now, chrono::Utc::now());
+        let engine = Engine::new(
+            Recorder::default(),
+            settings,
+            specs,
+            &gates,
+            &HashMap::new(),
+            view.clone(),
+            now,
+            chrono::Utc::now(),
+        );
         let mut rig = Rig { engine, gates, now, total_mib, next_pid: 1000 };
-        rig.engine.start(ProcTable::default(), now);
+        rig.engine.start(view, ProcTable::default(), now);
         rig
     }
 
@@ -216,6 +224,26 @@ fn device_view(total_mib: u64, processes: &[(u32, u64)]) -> GpuView {
         degraded_reasons: Vec::new(),
         sampled_at: None,
     }
+}
+
+/// A memory lease of `mib`, held while the connection lasts, that does not wait.
+fn memory_lease(holder: &str, mib: u64) -> LeaseRequest {
+    LeaseRequest {
+        holder: holder.into(),
+        vram_mib: mib,
+        device: None,
+        exclusive: false,
+        priority: 0,
+        wait: Duration::ZERO,
+        ttl: None,
+        model: None,
+        pid: None,
+    }
+}
+
+/// A model lease on `model` that waits up to 30 s for it to load.
+fn model_lease(holder: &str, model: &str) -> LeaseRequest {
+    LeaseRequest { wait: Duration::from_secs(30), model: Some(model.into()), ..memory_lease(holder, 0) }
 }
 
 fn answered<T>(answer: &mut oneshot::Receiver<T>) -> Option<T> {

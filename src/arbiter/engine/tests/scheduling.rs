@@ -62,17 +62,7 @@ fn a_model_is_drained_only_when_draining_can_free_it() {
         rig.load("llm");
         let pid = rig.ready("llm");
         rig.sample(&[(pid, 6000)]);
-        let request = LeaseRequest {
-            holder: "job".into(),
-            vram_mib: 0,
-            device: None,
-            exclusive: false,
-            priority: 0,
-            wait: Duration::from_secs(30),
-            ttl: None,
-            model: Some("llm".into()),
-            pid: None,
-        };
+        let request = model_lease("job", "llm");
         let _holder = if held_by_lease {
             let mut grant = rig.lease(request);
             Some(answered(&mut grant).expect("granted at once").expect("a grant"))
@@ -92,17 +82,7 @@ fn a_model_is_drained_only_when_draining_can_free_it() {
 /// numbers of their last shortfall.
 #[test]
 fn memory_leases_are_granted_refused_or_timed_out() {
-    let lease = |mib: u64, wait: u64| LeaseRequest {
-        holder: "ffmpeg".into(),
-        vram_mib: mib,
-        device: None,
-        exclusive: false,
-        priority: 0,
-        wait: Duration::from_secs(wait),
-        ttl: None,
-        model: None,
-        pid: None,
-    };
+    let lease = |mib: u64, wait: u64| LeaseRequest { wait: Duration::from_secs(wait), ..memory_lease("ffmpeg", mib) };
     let mut rig = Rig::new(TWO_MODELS, 8000);
     let mut fits = rig.lease(lease(2000, 0));
     assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 2000);
@@ -126,17 +106,7 @@ fn the_deadline_index_orders_every_pending_deadline() {
     rig.load("llm");
     rig.ready("llm");
     let ttl_at = rig.engine.next_deadline().expect("the idle TTL");
-    let lease = LeaseRequest {
-        holder: "job".into(),
-        vram_mib: 100,
-        device: None,
-        exclusive: false,
-        priority: 0,
-        wait: Duration::ZERO,
-        ttl: Some(Duration::from_secs(5)),
-        model: None,
-        pid: None,
-    };
+    let lease = LeaseRequest { ttl: Some(Duration::from_secs(5)), ..memory_lease("job", 100) };
     let _grant = rig.lease(lease);
     assert_eq!(rig.engine.deadlines().len(), 2);
     assert!(rig.engine.next_deadline().expect("the heartbeat") < ttl_at, "the earlier one first");
@@ -196,17 +166,7 @@ fn an_emergency_releases_the_lowest_priority_idle_model() {
 #[test]
 fn a_model_lease_keeps_its_model() {
     let mut rig = Rig::new(TWO_MODELS, 8000);
-    let request = LeaseRequest {
-        holder: "app".into(),
-        vram_mib: 0,
-        device: None,
-        exclusive: false,
-        priority: 0,
-        wait: Duration::from_secs(30),
-        ttl: None,
-        model: Some("llm".into()),
-        pid: None,
-    };
+    let request = model_lease("app", "llm");
     let mut grant = rig.lease(request);
     assert_eq!(rig.state("llm"), ModelState::Loading, "loaded on demand");
     let pid = rig.ready("llm");
@@ -222,4 +182,23 @@ fn a_model_lease_keeps_its_model() {
     rig.command(Command::Release { id: grant.id, reason: "released", reply: Some(reply) });
     assert_eq!(rig.gates["llm"].in_use(), 0);
     assert_eq!(rig.state("llm"), ModelState::Unloading, "now stt may evict it");
+}
+
+/// A lease whose wait ran out while its victim is still being released waits for the release,
+/// and its passed deadline does not wake the shell over and over meanwhile.
+#[test]
+fn a_lease_past_its_wait_while_its_victims_go_does_not_keep_the_clock_ringing() {
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    rig.sample(&[(pid, 6000)]);
+    let mut lease =
+        rig.lease(LeaseRequest { wait: Duration::from_secs(1), priority: 100, ..memory_lease("job", 4000) });
+    assert_eq!(rig.state("llm"), ModelState::Unloading, "evicted for the lease");
+    rig.advance(Duration::from_secs(2));
+    assert!(answered(&mut lease).is_none(), "it waits for the victim it evicted");
+    assert!(rig.engine.next_deadline().is_none_or(|at| at > rig.now), "no deadline in the past");
+    rig.released("llm");
+    rig.sample(&[]);
+    assert!(answered(&mut lease).expect("answered").is_ok(), "granted once the memory is back");
 }
