@@ -245,11 +245,9 @@ fn an_unreachable_ollama_fails_its_models_until_it_answers() {
 /// `queue_timeout = "0s"` that wait is over at once: a timeout, not a command re-run for ever.
 #[test]
 fn a_load_waiting_for_a_model_to_settle_times_out_instead_of_spinning() {
-    let config = format!(
-        "[scheduler]\nqueue_timeout = \"0s\"\n[models.vision]\nbackend = \"process\"\ncmd = \"vision\"\n\
-         cpu_cmd = \"vision --cpu\"\nvram = \"3000MiB\"\n"
-    );
-    let mut rig = Rig::new(&config, 8000);
+    let config = "[scheduler]\nqueue_timeout = \"0s\"\n[models.vision]\nbackend = \"process\"\ncmd = \"vision\"\n\
+         cpu_cmd = \"vision --cpu\"\nvram = \"3000MiB\"\n";
+    let mut rig = Rig::new(config, 8000);
     let (reply, _placed) = oneshot::channel();
     rig.command(Command::PlaceCpu { name: "vision".into(), reply });
     assert_eq!(rig.state("vision"), ModelState::Loading, "its CPU form starts");
