@@ -14,7 +14,8 @@
 //! becoming ready (`--hang-on-start`), dying during start-up (`--exit-on-start`), refusing to stop
 //! (`--ignore-sigterm`), releasing memory slowly (`--stop-delay`), a memory peak while serving
 //! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), and at run time
-//! `POST /crash` and `POST /hang`.
+//! `POST /crash` and `POST /hang`. Two flags mimic what llama-server reports: `--timings` (its
+//! `timings` block) and `--max-input` (its 400 for a prompt longer than the context).
 //!
 //! Nothing here may panic on an I/O error from the environment (a closed stdout, a missing or
 //! read-only sim directory): a server that dies for its own reasons would make tests fail in ways
