@@ -169,7 +169,7 @@ fn ollama_daemon(sim: &std::path::Path, ollama: &FakeOllama, proxy: &str) -> Dae
 }
 
 #[tokio::test]
-async fn a_passed_through_ollama_answer_that_breaks_ends_with_an_error_line() {
+async fn a_passed_through_ollama_answer_that_breaks_ends_with_an_error_in_its_surfaces_shape() {
     let sim = tempfile::tempdir().unwrap();
     // Silent for 30 s between lines, cut off at 300 ms.
     let ollama = FakeOllama::start_with(sim.path(), 0, &["--token-delay", "30s"]);
@@ -177,6 +177,10 @@ async fn a_passed_through_ollama_answer_that_breaks_ends_with_an_error_line() {
     let response = stream_chat(&daemon, "/api/chat", "llama").await;
     let body = read_to_clean_end(response, || {}).await;
     assert_ollama_error(&body, "proxy.stall_timeout");
+    // Ollama's OpenAI-compatible route, relayed on the OpenAI surface: an SSE error event.
+    let response = stream_chat(&daemon, "/v1/chat/completions", "llama").await;
+    let body = read_to_clean_end(response, || {}).await;
+    assert_sse_error(&body, "upstream_timeout", "proxy.stall_timeout");
     drop(daemon);
     drop(ollama);
 
