@@ -14,6 +14,7 @@ mod ollama;
 mod ollama_translate;
 pub mod openai;
 pub mod proxy;
+mod relay;
 pub mod server;
 
 use std::sync::Arc;

@@ -32,7 +32,7 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::error::{ApiError, Route, Surface};
 use super::ollama_translate::{Translation, translate};
-use super::proxy::{self, BufferedBody, MODEL_HEADER, PinnedBody, pin_model, strip_hop_by_hop};
+use super::proxy::{self, BufferedBody, Framing, MODEL_HEADER, PinnedBody, pin_model, strip_hop_by_hop};
 use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
 use crate::status::ModelStatus;
 
@@ -527,7 +527,12 @@ async fn pass_through(
     if let Ok(model) = HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
     }
-    Response::from_parts(head, Body::new(PinnedBody::new(incoming, state.stall_timeout, pin)))
+    // Ollama streams NDJSON: an answer that breaks ends with an `{"error": …}` line and a clean end.
+    let framing = Framing::of(&head.headers);
+    if framing != Framing::Opaque {
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    Response::from_parts(head, Body::new(PinnedBody::new(incoming, state.stall_timeout, pin, framing)))
 }
 
 #[cfg(test)]

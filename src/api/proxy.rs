@@ -2,14 +2,11 @@
 //! (bounded per request by `proxy.max_body`, and across all requests by the `proxy.max_buffered`
 //! budget), finding and pinning a model (loading it if needed), forwarding over the pooled client
 //! with `proxy.first_byte_timeout`, and the pinned streaming body that holds the model in use
-//! until the answer ends (with `proxy.stall_timeout`).
+//! until the answer ends (with `proxy.stall_timeout`), in `relay.rs`.
 //!
 //! Errors are [`ApiError`]s: each surface renders them in its own shape.
 
-use std::future::Future;
-use std::pin::Pin as StdPin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -21,6 +18,8 @@ use super::AppState;
 use super::error::{ApiError, Rejection, Route, discard_rest};
 use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
 use crate::client::root_cause;
+
+pub use super::relay::{Framing, PinnedBody};
 
 /// The proxy's client: hyper's pooled HTTP/1 client, without the layers (URL parsing, redirect
 /// and timeout policies) a general-purpose client adds to every request.
@@ -297,7 +296,8 @@ pub async fn send(
 }
 
 /// The upstream's answer streamed back holding `pin`, with the hop-by-hop headers removed and
-/// the serving model named in [`MODEL_HEADER`].
+/// the serving model named in [`MODEL_HEADER`]; a streamed answer (SSE, NDJSON) that breaks ends
+/// with an error message in its own framing and a clean end ([`PinnedBody`]).
 pub fn pinned_response(
     state: &AppState,
     gate: &ModelGate,
@@ -309,66 +309,13 @@ pub fn pinned_response(
     if let Ok(model) = axum::http::HeaderValue::from_str(&gate.id) {
         head.headers.insert(MODEL_HEADER, model);
     }
-    axum::response::Response::from_parts(head, Body::new(PinnedBody::new(incoming, state.stall_timeout, pin)))
-}
-
-/// The upstream's body, frame by frame as it arrives, holding the model in use until it ends or
-/// is dropped (the client went away).
-pub struct PinnedBody<B> {
-    inner: B,
-    /// `proxy.stall_timeout` and the timer it runs, reset by every frame: a server that stops
-    /// sending mid-answer breaks the stream instead of holding the model in use forever.
-    stall: Option<(Duration, StdPin<Box<tokio::time::Sleep>>)>,
-    _pin: Pin,
-}
-
-impl<B> PinnedBody<B> {
-    /// `inner`, holding `pin`, broken off after `stall` without a frame.
-    pub fn new(inner: B, stall: Option<Duration>, pin: Pin) -> PinnedBody<B> {
-        let stall = stall.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
-        PinnedBody { inner, stall, _pin: pin }
+    let framing = Framing::of(&head.headers);
+    if framing != Framing::Opaque {
+        // A broken stream ends with one more message than the server sent.
+        head.headers.remove(header::CONTENT_LENGTH);
     }
-}
-
-impl<B> http_body::Body for PinnedBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<axum::BoxError>,
-{
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: StdPin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = StdPin::new(&mut this.inner).poll_frame(cx);
-        if let Some((limit, timer)) = &mut this.stall {
-            if frame.is_ready() {
-                // `tokio::time::sleep` saturates a far deadline; the reset must not overflow.
-                let deadline = tokio::time::Instant::now().checked_add(*limit);
-                if let Some(deadline) = deadline {
-                    timer.as_mut().reset(deadline);
-                }
-            } else if timer.as_mut().poll(cx).is_ready() {
-                let message = format!(
-                    "the model server sent nothing for {} (proxy.stall_timeout)",
-                    crate::units::Rounded(*limit)
-                );
-                return Poll::Ready(Some(Err(message.into())));
-            }
-        }
-        frame.map(|frame| frame.map(|f| f.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+    let body = PinnedBody::new(incoming, state.stall_timeout, pin, framing);
+    axum::response::Response::from_parts(head, Body::new(body))
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@
 //! becoming ready (`--hang-on-start`), dying during start-up (`--exit-on-start`), refusing to stop
 //! (`--ignore-sigterm`), releasing memory slowly (`--stop-delay`), a memory peak while serving
 //! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), and at run time
-//! `POST /crash` and `POST /hang`.
+//! `POST /crash` and `POST /hang`. Two flags mimic what llama-server reports: `--timings` (its
+//! `timings` block) and `--max-input` (its 400 for a prompt longer than the context).
 //!
 //! Nothing here may panic on an I/O error from the environment (a closed stdout, a missing or
 //! read-only sim directory): a server that dies for its own reasons would make tests fail in ways
@@ -116,7 +117,22 @@ pub struct ModelServerArgs {
     /// Do not log each request (for benchmarks, where the log line would be measured too).
     #[arg(long)]
     quiet: bool,
+
+    /// Report llama-server's `timings` (`prompt_n`, `prompt_ms`, `predicted_n`, `predicted_ms`)
+    /// in whole answers and in a stream's last chunk, with fixed values: the prompt's word count
+    /// and 12.5 ms, the chunk count and 80.25 ms.
+    #[arg(long)]
+    timings: bool,
+
+    /// Answer a chat, completion or embedding request whose prompt or input has more than N words
+    /// with llama-server's 400 `exceed_context_size_error`.
+    #[arg(long, value_name = "N")]
+    max_input: Option<u64>,
 }
+
+/// The `--timings` values: milliseconds the prompt and the generation "took".
+const PROMPT_MS: f64 = 12.5;
+const PREDICTED_MS: f64 = 80.25;
 
 /// Prints a line to stdout and flushes it at once: the daemon reads our output through a pipe,
 /// where Rust would otherwise buffer it, and tests wait for lines like `ready`. Errors (a closed
@@ -221,6 +237,10 @@ struct AppState {
     replies: Replies,
     token_delay: Duration,
     quiet: bool,
+    /// `--timings`.
+    timings: bool,
+    /// `--max-input`.
+    max_input: Option<u64>,
     ready: AtomicBool,
     /// Set by POST /hang: from then on no request gets an answer.
     hung: AtomicBool,
@@ -359,16 +379,48 @@ async fn complete(state: Arc<AppState>, body: Bytes, kind: &str) -> Response {
         Ok(body) => body,
         Err(response) => return *response,
     };
+    if let Some(refusal) = too_long(&state, prompt_tokens(&body)) {
+        return refusal;
+    }
     let stream = body["stream"].as_bool().unwrap_or(false);
     if !state.quiet {
         let shown: String = body.to_string().chars().take(160).collect();
         err(&format!("fake-model: {kind} request (stream: {stream}) {shown}"));
     }
     let growth = Growth::start(&state);
-    if stream { stream_completion(state, growth) } else { whole_completion(state, growth, &body).await }
+    if stream {
+        stream_completion(state, growth, prompt_tokens(&body))
+    } else {
+        whole_completion(state, growth, &body).await
+    }
 }
 
-fn stream_completion(state: Arc<AppState>, growth: Growth) -> Response {
+/// llama-server's answer to a prompt longer than its context (`--max-input`).
+fn too_long(state: &AppState, tokens: u64) -> Option<Response> {
+    let limit = state.max_input.filter(|limit| tokens > *limit)?;
+    Some(json_response(
+        StatusCode::BAD_REQUEST,
+        json!({"error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": tokens,
+            "n_ctx": limit,
+        }}),
+    ))
+}
+
+/// llama-server's `timings` block, with the `--timings` values.
+fn timings(prompt_n: u64, predicted_n: u64) -> Value {
+    json!({
+        "prompt_n": prompt_n,
+        "prompt_ms": PROMPT_MS,
+        "predicted_n": predicted_n,
+        "predicted_ms": PREDICTED_MS,
+    })
+}
+
+fn stream_completion(state: Arc<AppState>, growth: Growth, prompt_n: u64) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
     let id = format!("chatcmpl-fake-{}", state.next_id());
     tokio::spawn(async move {
@@ -378,7 +430,7 @@ fn stream_completion(state: Arc<AppState>, growth: Growth) -> Response {
         for (i, piece) in state.replies.chunks.iter().enumerate() {
             tokio::time::sleep(state.token_delay).await;
             let last = i + 1 == count;
-            let chunk = json!({
+            let mut chunk = json!({
                 "id": id,
                 "object": "chat.completion.chunk",
                 "created": unix_now(),
@@ -394,6 +446,10 @@ fn stream_completion(state: Arc<AppState>, growth: Growth) -> Response {
                 }],
                 "sent_us": unix_micros() as u64,
             });
+            if last && state.timings {
+                // llama-server reports its timings with the last chunk.
+                chunk["timings"] = timings(prompt_n, count as u64);
+            }
             if tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await.is_err() {
                 return; // The client went away; dropping the guard releases the growth.
             }
@@ -416,25 +472,26 @@ async fn whole_completion(state: Arc<AppState>, growth: Growth, body: &Value) ->
     drop(growth);
     let prompt_tokens = prompt_tokens(body);
     let completion_tokens = state.replies.whole.split_whitespace().count() as u64;
-    json_response(
-        StatusCode::OK,
-        json!({
-            "id": format!("chatcmpl-fake-{}", state.next_id()),
-            "object": "chat.completion",
-            "created": unix_now(),
-            "model": state.name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": state.replies.whole},
-                "finish_reason": "stop",
-            }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }),
-    )
+    let mut answer = json!({
+        "id": format!("chatcmpl-fake-{}", state.next_id()),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": state.name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": state.replies.whole},
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    });
+    if state.timings {
+        answer["timings"] = timings(prompt_tokens, completion_tokens);
+    }
+    json_response(StatusCode::OK, answer)
 }
 
 async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -442,10 +499,13 @@ async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Response
         Ok(body) => body,
         Err(response) => return *response,
     };
+    let prompt_tokens = prompt_tokens(&json!({"prompt": body["input"]}));
+    if let Some(refusal) = too_long(&state, prompt_tokens) {
+        return refusal;
+    }
     let growth = Growth::start(&state);
     tokio::time::sleep(state.token_delay).await;
     drop(growth);
-    let prompt_tokens = prompt_tokens(&json!({"prompt": body["input"]}));
     json_response(
         StatusCode::OK,
         json!({
@@ -589,6 +649,8 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
         replies: Replies::new(args.reply.as_deref(), &args.name),
         token_delay: args.token_delay,
         quiet: args.quiet,
+        timings: args.timings,
+        max_input: args.max_input,
         ready: AtomicBool::new(false),
         hung: AtomicBool::new(false),
         claim: Mutex::new(Claim {

@@ -18,8 +18,12 @@ use super::ollama::{
     upstream_failure, with_model_header,
 };
 use super::proxy::read_upstream;
+use super::relay::StreamFailure;
 use crate::arbiter::gate::{ModelGate, Pin};
 use crate::client::root_cause;
+
+mod sse;
+use sse::{MAX_EVENT_BYTES, SseParser};
 
 /// What a translated request answers with.
 pub(super) struct Translation {
@@ -273,7 +277,15 @@ pub(super) async fn translate(
         }
     };
     if let Some(message) = answer.get("error").and_then(|_| error_message(&bytes)) {
-        return error(StatusCode::BAD_GATEWAY, message);
+        // An error in a 200 answer: its own 4xx code stands (the request was at fault), anything
+        // else is the server's failure.
+        let status = answer["error"]["code"]
+            .as_u64()
+            .and_then(|code| u16::try_from(code).ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(StatusCode::is_client_error)
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        return error(status, message);
     }
     let response = if embedding {
         Json(progress.embeddings(&answer)).into_response()
@@ -290,85 +302,6 @@ pub(super) async fn translate(
         Json(progress.whole(&answer)).into_response()
     };
     with_model_header(response, Some(&gate.id))
-}
-
-/// The most one streamed event (or one tool call being assembled) may hold: a model server that
-/// never ends an event must not grow the daemon without bound.
-const MAX_EVENT_BYTES: usize = 16 << 20;
-
-/// A server-sent-events parser fed with reads of any size: an event split across reads waits for
-/// its end, several events in one read all come out.
-#[derive(Default)]
-struct SseParser {
-    /// The start of a line not yet ended.
-    partial: Vec<u8>,
-    /// How much of `partial` is known to hold no newline (so a read scans only what is new).
-    scanned: usize,
-    /// The `data` of the event being read (its lines joined with `\n`).
-    data: Option<String>,
-}
-
-impl SseParser {
-    /// Feeds bytes; the data of each event they complete is appended to `events`. `Err` if an
-    /// event grows past [`MAX_EVENT_BYTES`].
-    fn feed(&mut self, bytes: &[u8], events: &mut Vec<String>) -> Result<(), String> {
-        self.partial.extend_from_slice(bytes);
-        let mut start = 0;
-        let mut from = self.scanned;
-        while let Some(end) = self.partial[from..].iter().position(|b| *b == b'\n') {
-            let line = self.partial[start..from + end].to_vec();
-            start = from + end + 1;
-            from = start;
-            self.line(&line, events);
-        }
-        self.partial.drain(..start);
-        self.scanned = self.partial.len();
-        let pending = self.partial.len() + self.data.as_ref().map_or(0, String::len);
-        if pending > MAX_EVENT_BYTES {
-            return Err(format!(
-                "the model server sent an event larger than {} MiB; the answer was cut off",
-                MAX_EVENT_BYTES >> 20
-            ));
-        }
-        Ok(())
-    }
-
-    /// The stream ended: an unterminated last line and event still count.
-    fn finish(&mut self, events: &mut Vec<String>) {
-        self.scanned = 0;
-        let line = std::mem::take(&mut self.partial);
-        if !line.is_empty() {
-            self.line(&line, events);
-        }
-        if let Some(data) = self.data.take() {
-            events.push(data);
-        }
-    }
-
-    fn line(&mut self, line: &[u8], events: &mut Vec<String>) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            if let Some(data) = self.data.take() {
-                events.push(data);
-            }
-            return;
-        }
-        let line = String::from_utf8_lossy(line);
-        if line.starts_with(':') {
-            return; // a comment (keep-alive)
-        }
-        let (field, value) = line.split_once(':').unwrap_or((&line, ""));
-        if field == "data" {
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match &mut self.data {
-                Some(data) => {
-                    data.push('\n');
-                    data.push_str(value);
-                }
-                None => self.data = Some(value.to_string()),
-            }
-        }
-    }
 }
 
 /// One tool call being assembled from streamed deltas.
@@ -391,6 +324,44 @@ struct Progress {
     completion_tokens: Option<u64>,
     tool_calls: Vec<ToolCall>,
     done: bool,
+    /// The server's own timings (llama-server's `timings`), when it reports them.
+    timings: ServerTimings,
+}
+
+/// llama-server's `timings` (in a whole answer, and in the last chunks of a streamed one): the
+/// tokens it evaluated and how long that took, per phase. Ollama's durations are these, where
+/// present; measuring them from outside cannot tell the prompt's time from the first token's.
+#[derive(Default)]
+struct ServerTimings {
+    prompt_n: Option<u64>,
+    prompt: Option<Duration>,
+    predicted_n: Option<u64>,
+    predicted: Option<Duration>,
+}
+
+impl ServerTimings {
+    /// Reads the `timings` of an answer or chunk; fields it lacks keep what an earlier one said.
+    fn read(&mut self, timings: &Value) {
+        if let Some(n) = timings["prompt_n"].as_u64() {
+            self.prompt_n = Some(n);
+        }
+        if let Some(n) = timings["predicted_n"].as_u64() {
+            self.predicted_n = Some(n);
+        }
+        if let Some(ms) = milliseconds(&timings["prompt_ms"]) {
+            self.prompt = Some(ms);
+        }
+        if let Some(ms) = milliseconds(&timings["predicted_ms"]) {
+            self.predicted = Some(ms);
+        }
+    }
+}
+
+/// A duration in (fractional) milliseconds as a model server reports it; `None` unless it is a
+/// finite, non-negative number of a sane size (under a year).
+fn milliseconds(value: &Value) -> Option<Duration> {
+    let ms = value.as_f64().filter(|ms| ms.is_finite() && *ms >= 0.0 && *ms < 3.2e10)?;
+    Duration::try_from_secs_f64(ms / 1000.0).ok()
 }
 
 /// OpenAI's `finish_reason` as Ollama's `done_reason`.
@@ -429,6 +400,7 @@ impl Progress {
             completion_tokens: None,
             tool_calls: Vec::new(),
             done: false,
+            timings: ServerTimings::default(),
         }
     }
 
@@ -460,14 +432,19 @@ impl Progress {
         line["done_reason"] = json!(done_reason(self.finish_reason.as_deref()));
         line["total_duration"] = json!(nanos(end - self.request.started));
         line["load_duration"] = json!(nanos(self.request.load_duration));
-        if let Some(count) = self.prompt_tokens {
+        // The server's timings and the counts they go with, where it reports them; else usage's
+        // counts and the times seen from here.
+        let timings = &self.timings;
+        if let Some(count) = timings.prompt_n.or(self.prompt_tokens) {
             line["prompt_eval_count"] = json!(count);
         }
         let first = self.first_token.unwrap_or(end);
-        line["prompt_eval_duration"] = json!(nanos(first.saturating_duration_since(self.sent)));
-        line["eval_count"] = json!(self.completion_tokens.unwrap_or(self.deltas));
+        let prompt = timings.prompt.unwrap_or_else(|| first.saturating_duration_since(self.sent));
+        line["prompt_eval_duration"] = json!(nanos(prompt));
+        line["eval_count"] = json!(timings.predicted_n.or(self.completion_tokens).unwrap_or(self.deltas));
         let last = self.last_token.unwrap_or(end);
-        line["eval_duration"] = json!(nanos(last.saturating_duration_since(first)));
+        let eval = timings.predicted.unwrap_or_else(|| last.saturating_duration_since(first));
+        line["eval_duration"] = json!(nanos(eval));
     }
 
     fn push_line(out: &mut Vec<u8>, line: &Value) {
@@ -475,12 +452,16 @@ impl Progress {
         out.push(b'\n');
     }
 
+    /// Reads the counts (`usage`) and the server's `timings` of an answer or a chunk.
     fn usage(&mut self, answer: &Value) {
         if let Some(n) = answer["usage"]["prompt_tokens"].as_u64() {
             self.prompt_tokens = Some(n);
         }
         if let Some(n) = answer["usage"]["completion_tokens"].as_u64() {
             self.completion_tokens = Some(n);
+        }
+        if answer["timings"].is_object() {
+            self.timings.read(&answer["timings"]);
         }
     }
 
@@ -639,8 +620,6 @@ enum Phase {
     /// The final line went out; what is left of the upstream body is read (briefly) so its
     /// connection can be reused, then the stream ends.
     Draining,
-    /// The upstream failed after the error line went out: the client's stream breaks with this.
-    Broken(String),
     Ended,
 }
 
@@ -670,7 +649,6 @@ impl Relay {
         loop {
             match std::mem::replace(&mut self.phase, Phase::Ended) {
                 Phase::Ended => return None,
-                Phase::Broken(message) => return Some(Err(message.into())),
                 Phase::Draining => {
                     // One bound for the whole drain (no deadline arithmetic to overflow).
                     let drain = async { while let Some(Ok(_)) = self.upstream.next().await {} };
@@ -683,10 +661,7 @@ impl Relay {
                 Some(limit) => match tokio::time::timeout(limit, self.upstream.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let message = format!(
-                            "the model server sent nothing for {} (proxy.stall_timeout)",
-                            crate::units::Rounded(limit)
-                        );
+                        let message = StreamFailure::stalled(&self.model, limit).message;
                         return Some(Ok(self.fail(message)));
                     }
                 },
@@ -701,7 +676,7 @@ impl Relay {
                     false
                 }
                 Some(Err(e)) => {
-                    let message = format!("model {} failed mid-answer: {}", self.model, root_cause(&e));
+                    let message = StreamFailure::died(&self.model, &root_cause(&e)).message;
                     return Some(Ok(self.fail(message)));
                 }
                 None => {
@@ -733,10 +708,12 @@ impl Relay {
         }
     }
 
-    /// An error line for the client, after which its stream breaks.
+    /// An error line for the client, after which its stream ends cleanly: Ollama's clients read
+    /// the line as the error (the ollama library raises `ResponseError` with it), where a broken
+    /// connection would be a transport error that says nothing of the cause.
     fn fail(&mut self, message: String) -> Bytes {
         tracing::warn!(model = %self.model, "{message}");
-        self.phase = Phase::Broken(message.clone());
+        self.phase = Phase::Ended;
         Bytes::from(format!("{}\n", json!({ "error": message })))
     }
 }

@@ -1,0 +1,105 @@
+//! End-to-end: what a model server's own answers become. An upstream 4xx (a prompt or embedding
+//! input longer than the server takes) reaches the client with its status, in the shape of the
+//! surface it asked, never as a 502; and Ollama answers translated from llama-server take their
+//! durations and counts from llama-server's `timings`, so an app computing tokens per second gets
+//! the server's numbers rather than a zero prompt time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_model;
+use common::sim_daemon::on_8000_mib as start;
+use serde_json::{Value, json};
+
+/// A prompt of 40 words: past the fake's `--max-input 8`.
+fn long_text() -> String {
+    vec!["word"; 40].join(" ")
+}
+
+async fn post(url: String, body: Value) -> (u16, Value) {
+    let response = common::http::client().post(url).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), response.json::<Value>()).await;
+    (status, body.expect("the answer within 10 s").expect("a JSON answer"))
+}
+
+#[tokio::test]
+async fn an_upstream_400_passes_through_on_both_surfaces() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--max-input 8", ""));
+    let long = long_text();
+    let server_says = "exceeds the available context size";
+
+    // The OpenAI surface: the server's own body, status 400.
+    for (path, body) in [
+        ("/v1/embeddings", json!({"model": "a", "input": long})),
+        ("/v1/chat/completions", json!({"model": "a", "messages": [{"role": "user", "content": long}]})),
+    ] {
+        let (status, answer) = post(format!("{}{path}", daemon.url), body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("{path}: {answer}"));
+        assert!(message.contains(server_says), "{path}: {answer}");
+    }
+
+    // The Ollama surface: `{"error": "…"}` with the server's message, status 400, streamed or not.
+    for (path, body) in [
+        ("/api/embed", json!({"model": "a", "input": long})),
+        ("/api/embeddings", json!({"model": "a", "prompt": long})),
+        ("/api/chat", json!({"model": "a", "stream": false, "messages": [{"role": "user", "content": long}]})),
+        ("/api/chat", json!({"model": "a", "messages": [{"role": "user", "content": long}]})),
+        ("/api/generate", json!({"model": "a", "prompt": long})),
+    ] {
+        let (status, answer) = post(format!("{}{path}", daemon.url), body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        let message = answer["error"].as_str().unwrap_or_else(|| panic!("{path}: not Ollama's shape: {answer}"));
+        assert!(message.contains(server_says), "{path}: {answer}");
+    }
+
+    // A short input is answered as usual.
+    let (status, answer) = post(format!("{}/api/embed", daemon.url), json!({"model": "a", "input": "hi"})).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// The fake's `--timings`: the prompt took 12.5 ms, the generation 80.25 ms.
+const PROMPT_NANOS: u64 = 12_500_000;
+const EVAL_NANOS: u64 = 80_250_000;
+
+/// The final line of an NDJSON body.
+fn final_line(body: &str) -> Value {
+    let last = body.lines().last().unwrap_or_else(|| panic!("no lines: {body:?}"));
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last:?}"))
+}
+
+#[tokio::test]
+async fn ollama_durations_and_counts_come_from_the_servers_timings() {
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--timings --token-delay 5ms", ""));
+    let prompt = "one two three";
+
+    // Not streamed: the whole answer's `timings`.
+    let (status, answer) = post(
+        format!("{}/api/chat", daemon.url),
+        json!({"model": "a", "stream": false, "messages": [{"role": "user", "content": prompt}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["prompt_eval_duration"], PROMPT_NANOS, "{answer}");
+    assert_eq!(answer["eval_duration"], EVAL_NANOS, "{answer}");
+    assert_eq!(answer["prompt_eval_count"], 3, "{answer}");
+    assert_eq!(answer["eval_count"], 3, "`hello from a`: {answer}");
+
+    // Streamed: the last chunk's `timings`, in the final line.
+    let response = common::http::client()
+        .post(format!("{}/api/generate", daemon.url))
+        .json(&json!({"model": "a", "prompt": prompt}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), response.text()).await.expect("within 10 s").unwrap();
+    let last = final_line(&body);
+    assert_eq!(last["done"], true, "{body}");
+    assert_eq!(last["prompt_eval_duration"], PROMPT_NANOS, "{body}");
+    assert_eq!(last["eval_duration"], EVAL_NANOS, "{body}");
+    assert_eq!(last["prompt_eval_count"], 3, "{body}");
+    assert_eq!(last["eval_count"], 5, "five chunks: {body}");
+}
