@@ -168,6 +168,15 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     if let Some(mode) = config.server.initial_mode.clone() {
         tokio::spawn(apply_initial_mode(arbiter_handle.clone(), bus.clone(), mode, shutdown.clone()));
     }
+    let catalog = {
+        let specs = config.model_specs();
+        let file = config.file().map(std::path::Path::to_path_buf);
+        let started = std::time::SystemTime::now();
+        // Reads each model's weights-file header: file I/O, on the blocking pool.
+        tokio::task::spawn_blocking(move || api::catalog::Catalog::build(&specs, file.as_deref(), started))
+            .await
+            .context("reading the models' weights files failed")?
+    };
     let app = api::router(AppState {
         gpu: view,
         arbiter: arbiter_handle,
@@ -183,6 +192,8 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         bus,
         shutdown: shutdown.clone(),
         token: config.server.token.clone(),
+        catalog: std::sync::Arc::new(catalog),
+        cors: api::cors::CorsOrigins::new(&config.server.cors_origins),
     });
     let bounds = api::server::ServerSettings {
         max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),

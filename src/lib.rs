@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod events;
+pub mod gguf;
 pub mod gpu;
 pub mod keeper;
 pub mod metrics;

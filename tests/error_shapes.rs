@@ -40,7 +40,8 @@ fn assert_management_shape(body: &Value, status: u16, what: &str) {
 #[tokio::test]
 async fn unknown_paths_answer_in_their_surfaces_shape() {
     let daemon = Daemon::start_sim(8192, "50ms");
-    for path in ["/api/show", "/api/pull", "/api"] {
+    // (`/api/show` and `/api/pull` are served: tests/ollama_show.rs.)
+    for path in ["/api/nope", "/api/blobs/sha256-0", "/api"] {
         let (status, body) = ask(&daemon, reqwest::Method::POST, path).await;
         assert_eq!(status, 404, "{path}: {body}");
         assert_ollama_shape(&body, path);

@@ -5,12 +5,15 @@
 //! Prometheus expects.
 
 mod auth;
+pub mod catalog;
+pub mod cors;
 pub mod error;
 mod external;
 mod leases;
 mod manage;
 mod models;
 mod ollama;
+mod ollama_show;
 mod ollama_translate;
 pub mod openai;
 pub mod proxy;
@@ -62,11 +65,17 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// `server.token` (or `VRAMGATE_TOKEN`): when set, every route but health requires it.
     pub token: Option<crate::config::Token>,
+    /// What is known about each model beyond its state (weights file, GGUF header, times).
+    pub catalog: Arc<catalog::Catalog>,
+    /// `server.cors_origins`.
+    pub cors: cors::CorsOrigins,
 }
 
-/// Every route; with a token, all of them but health behind [`auth`].
+/// Every route; with a token, all of them but health behind [`auth`]; all of them behind
+/// [`cors`] (outside the token check: a preflight carries no credentials).
 pub fn router(state: AppState) -> Router {
     let token = state.token.clone();
+    let origins = state.cors.clone();
     let guarded = Router::new()
         .route("/", get(manage::index))
         .route(&format!("{PREFIX}/status"), get(manage::status))
@@ -83,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{PREFIX}/leases/{{id}}"), delete(leases::release))
         .route("/metrics", get(manage::metrics))
         .route("/v1/models", get(openai::models))
+        // `{*id}`: a model id may hold a slash (`org/model`).
+        .route("/v1/models/{*id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::forward))
         .route("/v1/completions", post(openai::forward))
         .route("/v1/embeddings", post(openai::forward))
@@ -98,6 +109,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/api/show", post(ollama_show::show))
+        // Model-file management, which vramgate leaves to the tools that own the files.
+        .route("/api/pull", any(ollama_show::pull))
+        .route("/api/push", any(ollama_show::push))
+        .route("/api/create", any(ollama_show::create))
+        .route("/api/copy", any(ollama_show::copy))
+        .route("/api/delete", any(ollama_show::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     // A layer wraps only the routes (and the fallback) added before it, so health, added after,
@@ -106,7 +124,10 @@ pub fn router(state: AppState) -> Router {
         Some(token) => guarded.layer(axum::middleware::from_fn_with_state(Arc::new(token), auth::require_token)),
         None => guarded,
     };
-    guarded.route(&format!("{PREFIX}/health"), get(manage::health)).with_state(state)
+    let all = guarded.route(&format!("{PREFIX}/health"), get(manage::health));
+    let all =
+        if origins.is_empty() { all } else { all.layer(axum::middleware::from_fn_with_state(origins, cors::cors)) };
+    all.with_state(state)
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -133,16 +133,19 @@ pub(super) async fn version() -> Json<Value> {
     Json(json!({ "version": OLLAMA_VERSION, "vramgate": env!("CARGO_PKG_VERSION") }))
 }
 
-/// The `details` object of a model in `/api/tags` and `/api/ps`.
-fn details(model: &ModelStatus) -> Value {
-    json!({
-        "parent_model": "",
-        "format": "",
-        "family": model.backend,
-        "families": [model.backend],
-        "parameter_size": "",
-        "quantization_level": "",
-    })
+/// The `details` object of a model in `/api/tags` and `/api/ps`: what its weights file says
+/// (see `catalog.rs`), empty where nothing is known.
+fn details(state: &AppState, model: &ModelStatus) -> Value {
+    state.catalog.get(&model.id).map_or_else(
+        || json!({ "parent_model": "", "format": "", "family": "", "families": null, "parameter_size": "", "quantization_level": "" }),
+        super::catalog::ModelFacts::details,
+    )
+}
+
+/// `modified_at` of a model: its weights file's modification time, else the config file's, else
+/// the daemon's start.
+fn modified_at(state: &AppState, model: &ModelStatus) -> String {
+    state.catalog.get(&model.id).map_or_else(now, super::catalog::ModelFacts::modified_at)
 }
 
 fn bytes_of(mib: u64) -> u64 {
@@ -157,10 +160,10 @@ pub(super) async fn tags(State(state): State<AppState>) -> Json<Value> {
         json!({
             "name": name,
             "model": name,
-            "modified_at": rfc3339(model.last_used.unwrap_or(DateTime::UNIX_EPOCH)),
+            "modified_at": modified_at(&state, model),
             "size": bytes_of(model.vram_mib),
             "digest": "",
-            "details": details(model),
+            "details": details(&state, model),
         })
     };
     let mut models = Vec::new();
@@ -203,7 +206,7 @@ pub(super) async fn ps(State(state): State<AppState>) -> Json<Value> {
                 "size": size,
                 "size_vram": if on_gpu { size } else { 0 },
                 "digest": "",
-                "details": details(model),
+                "details": details(&state, model),
                 "expires_at": model.expires_at.map_or_else(|| NEVER_EXPIRES.to_string(), rfc3339),
             })
         })

@@ -11,11 +11,11 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use super::error::{ApiError, Surface};
+use super::error::{ApiError, PathParam, Surface};
 use super::proxy::{self, external_refusal, pin_model, pinned_response, strip_hop_by_hop};
 use crate::arbiter::gate::UpstreamKind;
 
@@ -32,22 +32,41 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<serde_json::Va
         }
     }
     for model in &view.models {
+        let created = state.catalog.created(&model.id);
         data.push(
-            json!({ "id": model.id, "object": "model", "created": 0, "owned_by": "vramgate", "state": model.state }),
+            json!({ "id": model.id, "object": "model", "created": created, "owned_by": "vramgate", "state": model.state }),
         );
         for alias in &model.aliases {
             data.push(json!({
-                "id": alias, "object": "model", "created": 0, "owned_by": "vramgate",
+                "id": alias, "object": "model", "created": created, "owned_by": "vramgate",
                 "state": model.state, "alias_of": model.id,
             }));
         }
     }
     for (name, candidates) in groups {
+        let created = candidates.first().map_or(0, |first| state.catalog.created(first));
         data.push(
-            json!({ "id": name, "object": "model", "created": 0, "owned_by": "vramgate", "candidates": candidates }),
+            json!({ "id": name, "object": "model", "created": created, "owned_by": "vramgate", "candidates": candidates }),
         );
     }
     Json(json!({ "object": "list", "data": data }))
+}
+
+/// `GET /v1/models/{id}`: one entry of [`models`] (a model, a model's alias or an `[aliases]`
+/// name), or a 404 in OpenAI's shape (`model_not_found`), as the openai library's
+/// `models.retrieve` expects.
+pub(super) async fn model(State(state): State<AppState>, PathParam(id): PathParam) -> Response {
+    let Json(list) = models(State(state)).await;
+    let found = list["data"].as_array().and_then(|data| data.iter().find(|entry| entry["id"] == id.as_str()));
+    match found {
+        Some(entry) => Json(entry.clone()).into_response(),
+        None => ApiError::coded(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("The model '{id}' does not exist: GET /v1/models lists the models vramgate serves"),
+        )
+        .render(Surface::OpenAi),
+    }
 }
 
 /// The `model` a request names: the JSON body's `model` field, or a multipart form's `model` field.

@@ -185,6 +185,12 @@ impl Config {
         Ok(config)
     }
 
+    /// The file the config was read from, if it was read from one (its modification time is the
+    /// `modified_at` of models whose weights file is not known).
+    pub fn file(&self) -> Option<&Path> {
+        self.source.as_ref().and_then(|(file, _)| file.as_deref())
+    }
+
     /// The checks that need the devices: a model's `device` must exist and its `vram` must fit in
     /// that device's usable memory (or, without a fixed device, in the largest one). Run by
     /// `parse` for the sim device and by the daemon once the probe has listed the real devices.

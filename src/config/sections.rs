@@ -33,6 +33,10 @@ pub struct ServerConfig {
     /// How long a request's head may take to arrive (also the wait for the next request on an
     /// idle keep-alive connection) before the connection is closed; `0` = never.
     pub header_read_timeout: Span,
+    /// The origins browser pages may call the API from (CORS): exact origins
+    /// (`https://chat.example`), patterns with one `*` (`http://localhost:*`), or `"*"` for any;
+    /// empty = none. Default: [`DEFAULT_CORS_ORIGINS`].
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -45,8 +49,58 @@ impl Default for ServerConfig {
             allow_unauthenticated: false,
             max_connections: 1024,
             header_read_timeout: Span(std::time::Duration::from_secs(30)),
+            cors_origins: DEFAULT_CORS_ORIGINS.iter().map(|o| o.to_string()).collect(),
         }
     }
+}
+
+/// Ollama's default allowed origins (its `OLLAMA_ORIGINS` defaults), vramgate's default
+/// `server.cors_origins`: loopback hosts on any port over http and https, and the schemes of
+/// desktop apps and editor web views.
+pub const DEFAULT_CORS_ORIGINS: &[&str] = &[
+    "http://localhost",
+    "https://localhost",
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1",
+    "https://127.0.0.1",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://0.0.0.0",
+    "https://0.0.0.0",
+    "http://0.0.0.0:*",
+    "https://0.0.0.0:*",
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+];
+
+/// Why a `server.cors_origins` entry cannot be used, if it cannot: empty, more than one `*`, or
+/// neither `*` nor an origin (`scheme://host[:port]`, no path).
+pub fn cors_origin_problem(pattern: &str) -> Option<String> {
+    if pattern == "*" {
+        return None;
+    }
+    if pattern.is_empty() {
+        return Some("an origin may not be empty".into());
+    }
+    if pattern.matches('*').count() > 1 {
+        return Some(format!("{pattern:?} has more than one `*`; one is allowed (e.g. \"http://localhost:*\")"));
+    }
+    if pattern.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!("{pattern:?} contains whitespace"));
+    }
+    let Some((scheme, rest)) = pattern.split_once("://") else {
+        return Some(format!(
+            "{pattern:?} is not an origin: write scheme://host[:port] (e.g. \"http://localhost:3000\"), or \"*\" for any"
+        ));
+    };
+    if scheme.is_empty() || rest.trim_end_matches('/').contains('/') {
+        return Some(format!("{pattern:?} is not an origin: write scheme://host[:port], without a path"));
+    }
+    None
 }
 
 /// The environment variable that sets the API token; it wins over `server.token`, so that a

@@ -400,6 +400,13 @@ impl Config {
                 ),
             ));
         }
+        for (index, origin) in self.server.cors_origins.iter().enumerate() {
+            if let Some(problem) = super::cors_origin_problem(origin) {
+                let mut path = key_path(&["server", "cors_origins"]);
+                path.push(Seg::Index(index));
+                return Err((path, problem));
+            }
+        }
         if let Some(max_buffered) = self.proxy.max_buffered
             && max_buffered.0 < self.proxy.max_body.0
         {
