@@ -36,6 +36,8 @@ import make_gguf  # noqa: E402  (beside this file, found through the path above)
 DAEMON_DEADLINE = 30.0
 # The two process models the suite's daemon serves, both on the small GGUF.
 MODEL_IDS = ("tiny", "tiny2")
+# Every answer's length: the synthetic model never ends a turn by itself, so it is exact.
+MAX_TOKENS = 8
 # The small GGUF's embedding width (what /v1/embeddings returns per input).
 N_EMBD = make_gguf.SMALL.n_embd
 

@@ -5,7 +5,9 @@ llama-server without downloading any weights.
 The model is nonsense (its weights are random), but llama-server loads it like any other: a
 SentencePiece-style vocabulary with byte fallback (so any text tokenizes), the ChatML special
 tokens, and a ChatML chat template in its metadata (so /v1/chat/completions works), and the
-llama tensor layout. The weights come from a fixed seed, so the same options write the same file.
+llama tensor layout. It answers only with words from a fixed list and never ends a turn by itself,
+so max_tokens decides every answer's length. The weights come from a fixed seed, so the same
+options write the same file.
 
     python make_gguf.py OUT.gguf            # n_embd 64, 2 layers: loads in ~20 ms
     python make_gguf.py --large OUT.gguf    # n_embd 512, 8 layers: slow enough to interrupt a stream
@@ -44,6 +46,10 @@ WORDS = (
 ).split()
 
 
+# The vocabulary's last tokens: "▁" and each word after it, as SentencePiece spells them.
+WORD_PIECES = ("\u2581",) + tuple("\u2581" + w for w in dict.fromkeys(WORDS))
+
+
 @dataclass(frozen=True)
 class Shape:
     """The model's dimensions."""
@@ -65,7 +71,7 @@ def vocabulary() -> Tuple[List[str], List[float], List[int]]:
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [TokenType.BYTE] * 256
-    pieces = ["\u2581"] + ["\u2581" + w for w in dict.fromkeys(WORDS)]
+    pieces = list(WORD_PIECES)
     tokens += pieces
     types += [TokenType.NORMAL] * len(pieces)
     # SentencePiece picks the highest-scoring segmentation: longer pieces score higher, so a word
@@ -88,6 +94,14 @@ def write(path: Path, shape: Shape, seed: int) -> int:
     def matrix(rows: int, cols: int) -> np.ndarray:
         # numpy's shape is ggml's reversed: (out, in) for a weight that maps in -> out.
         return (rng.standard_normal((rows, cols)) * 0.02).astype(matrix_dtype)
+
+    def output_matrix(rows: int, cols: int, first_word: int) -> np.ndarray:
+        # Only word pieces can win: their rows are large, every other row (control, byte) is zero,
+        # so the model never ends a turn by itself (a test decides the length with max_tokens) and
+        # never emits a lone byte of a UTF-8 sequence (a chunk llama-server would hold back).
+        out = np.zeros((rows, cols), dtype=matrix_dtype)
+        out[first_word:] = rng.standard_normal((rows - first_word, cols)).astype(matrix_dtype)
+        return out
 
     def norm() -> np.ndarray:
         return np.ones(shape.n_embd, dtype=np.float32)
@@ -130,7 +144,9 @@ def write(path: Path, shape: Shape, seed: int) -> int:
         writer.add_tensor(f"{block}.ffn_up.weight", matrix(shape.n_ff, shape.n_embd))
         writer.add_tensor(f"{block}.ffn_down.weight", matrix(shape.n_embd, shape.n_ff))
     writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", matrix(n_vocab, shape.n_embd))
+    writer.add_tensor(
+        "output.weight", output_matrix(n_vocab, shape.n_embd, first_word=n_vocab - len(WORD_PIECES))
+    )
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
