@@ -81,7 +81,7 @@ src="$work/llama_cpp_python-$llama_cpp_python_version/vendor/llama.cpp"
 [ -f "$src/CMakeLists.txt" ] || die "the sdist has no vendored llama.cpp at $src"
 
 jobs=$(nproc 2>/dev/null || echo 2)
-log "building llama-server with $jobs jobs (about 9 minutes on 2 cores)"
+log "building llama-server with $jobs jobs (9 to 20 minutes on 2 cores)"
 started=$(date +%s)
 # CPU only, no curl/OpenSSL (no downloads at run time), no web UI (the UI flags stop a download at
 # build time), static libraries so the one binary can be cached and moved on its own.
