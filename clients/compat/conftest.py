@@ -1,0 +1,55 @@
+"""The suite's fixtures (the harness is in harness.py): the llama-server binary (or a skip saying
+"missing optional tool"), the synthetic GGUF, and one vramgate daemon for the session with two
+process models running the real llama-server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, make_gguf
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """The llama-server binary; every test that needs it is skipped when there is none."""
+    path = llama_server_path()
+    if path is None:
+        pytest.skip(
+            "missing optional tool: llama-server (run .ci/llama-server.sh to build and cache it, or set LLAMA_SERVER)"
+        )
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"LLAMA_SERVER={path} is not an executable file", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic GGUF, written once for the session."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    make_gguf.write(path, make_gguf.SMALL, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for the session, with two process models running the real llama-server."""
+    sections = []
+    for model_id in MODEL_IDS:
+        cmd = llama_server_args(llama_server, tiny_gguf, "${PORT}", "${MODEL_ID}")
+        sections.append(
+            f"\n[models.{model_id}]\n"
+            'backend = "process"\n'
+            f"cmd = [{', '.join(json.dumps(a) for a in cmd)}]\n"
+            'health = "/health"\n'
+            'vram = "1GiB"\n'
+            'ready_timeout = "60s"\n'
+            'stop_timeout = "10s"\n'
+        )
+    running = Daemon(tmp_path_factory.mktemp("vramgate"), "".join(sections))
+    yield running
+    running.stop()
