@@ -156,7 +156,11 @@ impl Arbiter {
             log_dir: settings.log_dir,
             critical_pct: settings.critical_pct,
         };
-        let engine = Engine::new(fx, engine_settings, settings.models, &gates, &learned, first_view, now, Utc::now());
+        let mut engine =
+            Engine::new(fx, engine_settings, settings.models, &gates, &learned, first_view, now, Utc::now());
+        // Status and `/v1/models` list the configured models from the first answer, before the
+        // arbiter's task first runs.
+        engine.refresh_view();
         let handle = ArbiterHandle {
             commands: commands.clone(),
             view: view_rx,
