@@ -400,10 +400,16 @@ impl<E: Effects> Engine<E> {
         match self.models[i].phase {
             Phase::Ready { .. } => {
                 // A crash while serving: release its memory and start again on the next demand.
+                // Status says so until the next successful start: the failure is counted and
+                // its reason kept (a crash is no start failure: no cooldown follows from it).
                 let tail = self.models[i].process.as_ref().map(|p| p.logs.tail(5).join("\n")).unwrap_or_default();
-                self.models[i].gate.close();
+                let error = format!("crashed while serving: {exit}; last output:\n{tail}");
+                let model = &mut self.models[i];
+                model.gate.close();
+                model.failures = model.failures.saturating_add(1);
+                model.last_error = Some(error.clone());
                 let phase = Phase::Unloading { then: AfterRelease::Unloaded, idle_by: None };
-                self.set_phase(i, phase, Reason::Crashed, Some(format!("{exit}; last output:\n{tail}")));
+                self.set_phase(i, phase, Reason::Crashed, Some(error));
                 self.begin_release_task(i);
             }
             Phase::Unloading { then, idle_by: Some(_) } => {

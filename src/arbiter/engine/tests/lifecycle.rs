@@ -264,3 +264,23 @@ fn start_up_runs_the_commands_the_engine_sent_itself() {
     let rig = Rig::new(config, 8000);
     assert_eq!(rig.state("clip"), ModelState::Unloaded, "{:?}", rig.phase("clip"));
 }
+
+/// A crash while serving is counted and explained in status until the next successful start.
+#[test]
+fn a_crash_while_serving_is_recorded_in_failures_and_last_error() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    rig.ready("llm");
+    let generation = rig.generation("llm");
+    let exit = crate::backend::process::ExitInfo { code: Some(139), signal: None };
+    rig.command(Command::Exited { model: "llm".into(), generation, exit });
+    let status = rig.engine.view().models.into_iter().find(|m| m.id == "llm").expect("llm in status");
+    assert_eq!(status.failures, 1);
+    assert!(status.last_error.as_deref().is_some_and(|e| e.contains("crashed while serving")), "{status:?}");
+    rig.released("llm");
+    assert_eq!(rig.state("llm"), ModelState::Unloaded, "a crash is no start failure: no cooldown");
+    drop(rig.load("llm"));
+    rig.ready("llm");
+    let status = rig.engine.view().models.into_iter().find(|m| m.id == "llm").expect("llm in status");
+    assert_eq!((status.failures, status.last_error), (0, None), "cleared by the next start");
+}
