@@ -6,7 +6,7 @@ from __future__ import annotations
 import ollama
 import pytest
 
-from harness import MAX_TOKENS, MODEL_IDS, N_EMBD, Daemon
+from harness import MAX_TOKENS, MODEL_IDS, N_EMBD, Daemon, wait_until
 
 MODEL = MODEL_IDS[0]
 MESSAGES = [{"role": "user", "content": "hello, say a short answer please"}]
@@ -77,3 +77,45 @@ def test_embed(client: ollama.Client) -> None:
     assert len(answer.embeddings) == 2
     assert all(len(vector) == N_EMBD for vector in answer.embeddings)
     assert answer.embeddings[0] != answer.embeddings[1]
+
+
+def test_show_describes_the_model_from_its_weights(client: ollama.Client) -> None:
+    answer = client.show(MODEL)
+    assert answer.details is not None and answer.details.format == "gguf", answer
+    assert answer.modelinfo is not None and answer.modelinfo.get("general.architecture") == "llama", answer
+
+
+def test_an_unknown_model_is_a_response_error_with_a_string(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as raised:
+        client.chat(model="nope", messages=MESSAGES, options=OPTIONS, stream=False)
+    assert raised.value.status_code == 404
+    assert isinstance(raised.value.error, str) and "nope" in raised.value.error
+
+
+def test_pull_says_vramgate_does_not_download_models(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as raised:
+        client.pull(MODEL)
+    assert raised.value.status_code == 501
+    assert isinstance(raised.value.error, str) and "does not download" in raised.value.error
+
+
+def test_embeddings_the_older_call(client: ollama.Client) -> None:
+    answer = client.embeddings(model=MODEL, prompt="hello world")
+    assert len(answer.embedding) == N_EMBD
+
+
+def test_keep_alive_loads_and_unloads(client: ollama.Client) -> None:
+    other = MODEL_IDS[1]
+
+    def loaded() -> list:
+        return [model.model for model in client.ps().models]
+
+    # A generate without a prompt loads the model; with keep_alive 0 it unloads it.
+    client.generate(model=other, prompt="", stream=False)
+    assert any(name in (other, f"{other}:latest") for name in loaded()), loaded()
+    client.generate(model=other, prompt="", keep_alive=0, stream=False)
+    wait_until(
+        lambda: all(name not in (other, f"{other}:latest") for name in loaded()),
+        deadline=30.0,
+        what=f"{other} gone from ps after keep_alive 0",
+    )

@@ -111,3 +111,17 @@ def test_embeddings_library_default_is_decoded(client: openai.OpenAI) -> None:
     answer = client.embeddings.create(model=MODEL, input="hello world")
     assert len(answer.data[0].embedding) == N_EMBD
     assert all(isinstance(x, float) for x in answer.data[0].embedding)
+
+
+def test_models_retrieve_answers_the_model_object(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "vramgate")
+    assert model.created > 0, "the weights file's time, not 0"
+
+
+def test_an_unknown_model_is_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=MAX_TOKENS)
+    assert "nope" in str(raised.value)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
