@@ -151,7 +151,8 @@ pub async fn read_upstream(body: Body, stall: Option<Duration>, limit: usize) ->
     }
 }
 
-/// Removes the hop-by-hop headers: the fixed list, and any header the `Connection` header names.
+/// Removes the hop-by-hop headers (the fixed list, and any header the `Connection` header names)
+/// and the CORS headers (`Origin` and `Access-Control-*`), in either direction.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -166,6 +167,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for hop in HOP_BY_HOP {
         headers.remove(hop);
+    }
+    // CORS is vramgate's own decision (`server.cors_origins`, `api/cors.rs`), made for the
+    // client that asked it: the client's Origin does not go on (llama-server echoes any Origin
+    // into Access-Control-Allow-Origin; Ollama refuses origins of its own list with a 403), and a
+    // model server's CORS headers do not come back, or a page on any origin could read an answer
+    // vramgate would not let it read.
+    headers.remove(header::ORIGIN);
+    let cors: Vec<header::HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("access-control-")).cloned().collect();
+    for name in cors {
+        headers.remove(name);
     }
 }
 
@@ -336,6 +348,20 @@ mod tests {
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(headers.contains_key(header::CONTENT_TYPE) && headers.contains_key(header::AUTHORIZATION));
+    }
+
+    /// A page on an origin vramgate does not allow must not read an answer because the model
+    /// server allowed it: neither the client's Origin nor the server's CORS headers pass.
+    #[test]
+    fn cors_headers_do_not_pass_the_proxy_either_way() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ORIGIN, "https://evil.example".parse().expect("a header value"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, "https://evil.example".parse().expect("a header value"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true".parse().expect("a header value"));
+        headers.insert(header::CONTENT_TYPE, "text/event-stream".parse().expect("a header value"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::CONTENT_TYPE));
     }
 
     #[test]
