@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::ollama::FakeOllama;
 use common::sim_daemon::on_8000_mib as start;
-use common::stand_in::{Body, Reply, StandIn, port_reporting_cmd};
+use common::stand_in::{StandIn, one_long_event, port_reporting_cmd};
 use common::{Daemon, fake_model, sim_config};
 use futures_util::StreamExt;
 use nix::sys::signal::{Signal, kill};
@@ -129,21 +128,7 @@ async fn an_event_past_the_cut_off_ends_the_stream_with_an_error_on_both_surface
     let dir = tempfile::tempdir().unwrap();
     let (cmd, port_file) = port_reporting_cmd(dir.path());
     // One event's data lines, 17 MiB of them, before its end: past the 16 MiB cut-off.
-    let _server = StandIn::on_reported_port(
-        port_file,
-        Arc::new(|method, _, _| match method {
-            "GET" => Reply::json(200, &json!({})),
-            _ => Reply {
-                status: 200,
-                content_type: "text/event-stream",
-                body: Body::Repeat {
-                    chunk: [b"data: ".as_slice(), &[b'x'; 65536], b"\n"].concat(),
-                    times: Some(17 * 16),
-                    then: b"\n".to_vec(),
-                },
-            },
-        }),
-    );
+    let _server = StandIn::on_reported_port(port_file, one_long_event(17 * 16));
     let daemon =
         start(move |_| format!("[models.m]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n"));
     let response = stream_chat(&daemon, "/v1/chat/completions", "m").await;

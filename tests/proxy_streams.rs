@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::sim_daemon::on_8000_mib as start;
-use common::stand_in::{Body, Reply, StandIn, port_reporting_cmd};
+use common::stand_in::{Body, Reply, StandIn, one_long_event, port_reporting_cmd};
 use common::{fake_model, model_in as model};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -39,21 +39,7 @@ async fn a_streamed_answer_whose_event_never_ends_does_not_grow_the_daemon_witho
     let (cmd, port_file) = port_reporting_cmd(dir.path());
     // Every GET (the health check) is fine; a POST answers 256 MiB of one event's data lines,
     // never a blank line.
-    let _server = StandIn::on_reported_port(
-        port_file,
-        Arc::new(|method, _, _| match method {
-            "GET" => Reply::json(200, &json!({})),
-            _ => Reply {
-                status: 200,
-                content_type: "text/event-stream",
-                body: Body::Repeat {
-                    chunk: [b"data: ".as_slice(), &[b'x'; 65536], b"\n"].concat(),
-                    times: Some(4096),
-                    then: b"\n".to_vec(),
-                },
-            },
-        }),
-    );
+    let _server = StandIn::on_reported_port(port_file, one_long_event(4096));
     let daemon =
         start(move |_| format!("[models.m]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n"));
     assert_eq!(daemon.load("m").await.0, 200, "{}", daemon.log());

@@ -249,8 +249,11 @@ pub(crate) fn read_proc_table(view: &GpuView) -> ProcTable {
                 if pid <= 1 || table.entries.contains_key(&pid) {
                     break;
                 }
-                let parent = process::proc_stat_field(pid, 4).and_then(|v| u32::try_from(v).ok());
-                let group = process::proc_stat_field(pid, 5).and_then(|v| u32::try_from(v).ok());
+                // One read per process: the parent (field 4) and the group (field 5) after the state.
+                let Some(stat) = process::proc_stat(pid) else { break };
+                let mut fields = process::stat_fields(&stat).into_iter().flatten().skip(1);
+                let parent = fields.next().and_then(|v| v.parse::<u32>().ok());
+                let group = fields.next().and_then(|v| v.parse::<u32>().ok());
                 let (Some(parent), Some(group)) = (parent, group) else { break };
                 table.entries.insert(pid, (parent, group));
                 pid = parent;

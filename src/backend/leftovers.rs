@@ -144,15 +144,14 @@ fn scan_processes() -> Vec<ProcEntry> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me)
-        .filter_map(|pid| parse_stat(pid, &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+        .filter_map(|pid| parse_stat(pid, &super::process::proc_stat(pid)?))
         .collect()
 }
 
 /// A live process's entry from the text of its `/proc/<pid>/stat`; `None` for a zombie (it holds
 /// nothing and only waits for its parent) or unreadable text.
 fn parse_stat(pid: u32, stat: &str) -> Option<ProcEntry> {
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let mut fields = super::process::stat_fields(stat)?;
     // Field 3 is the state; pgrp is field 5, starttime field 22 (1-based, as in proc(5)).
     let state = fields.next()?;
     if matches!(state, "Z" | "X") {

@@ -273,10 +273,18 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
 
 /// One numeric field of `/proc/<pid>/stat` (1-based as in proc(5): 5 = pgrp, 22 = starttime).
 pub fn proc_stat_field(pid: u32, field: usize) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(field.checked_sub(3)?)?.parse().ok()
+    stat_fields(&proc_stat(pid)?)?.nth(field.checked_sub(3)?)?.parse().ok()
+}
+
+/// The text of `/proc/<pid>/stat`, for reading several of its fields with one read.
+pub fn proc_stat(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+/// The fields of a `/proc/<pid>/stat` text from field 3 (the state) on: those after the command
+/// name, which is in parentheses and may contain spaces.
+pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
 type SpawnJob = (SpawnSpec, oneshot::Sender<Result<ProcessHandle, StartError>>);

@@ -40,6 +40,23 @@ impl Reply {
 /// What a stand-in answers: given the method, the path and the request body.
 pub type Handler = Arc<dyn Fn(&str, &str, &[u8]) -> Reply + Send + Sync>;
 
+/// A model server whose health check is fine and whose every answer is one SSE event of
+/// `chunks` data lines of 64 KiB each before the blank line that ends it.
+pub fn one_long_event(chunks: usize) -> Handler {
+    Arc::new(move |method, _, _| match method {
+        "GET" => Reply::json(200, &serde_json::json!({})),
+        _ => Reply {
+            status: 200,
+            content_type: "text/event-stream",
+            body: Body::Repeat {
+                chunk: [b"data: ".as_slice(), &[b'x'; 65536], b"\n"].concat(),
+                times: Some(chunks),
+                then: b"\n".to_vec(),
+            },
+        },
+    })
+}
+
 /// A stand-in server; it stops when dropped.
 pub struct StandIn {
     task: tokio::task::JoinHandle<()>,

@@ -14,14 +14,10 @@ use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, Q
 impl<E: Effects> Engine<E> {
     /// The wall-clock time of monotonic instant `t`.
     pub(super) fn wall(&self, t: Instant) -> DateTime<Utc> {
-        i64::try_from(self.millis(t))
-            .ok()
-            .and_then(chrono::TimeDelta::try_milliseconds)
-            .and_then(|after_start| self.started_wall.checked_add_signed(after_start))
-            .unwrap_or(self.started_wall)
+        self.wall_ms(self.millis(t))
     }
 
-    /// The wall-clock time of a gate's last-use stamp (milliseconds since the start).
+    /// The wall-clock time of a moment `ms` milliseconds after the start (a gate's last use).
     fn wall_ms(&self, ms: u64) -> DateTime<Utc> {
         i64::try_from(ms)
             .ok()
