@@ -387,9 +387,22 @@ impl ArbiterHandle {
         names
     }
 
-    /// The latest view.
+    /// The latest view, with each model's `in_use` read live from its gate. The arbiter
+    /// republishes after a request's pin drops only when it gets to it, so without the live count
+    /// a client that reads the status right after its answer could still see its own request.
     pub fn view(&self) -> Arc<ArbiterView> {
-        self.view.borrow().clone()
+        let published = self.view.borrow().clone();
+        let live = |m: &ModelStatus| self.gates.get(&m.id).map(|gate| gate.in_use());
+        if published.models.iter().all(|m| live(m).is_none_or(|in_use| in_use == m.in_use)) {
+            return published;
+        }
+        let mut view = ArbiterView::clone(&published);
+        for model in &mut view.models {
+            if let Some(in_use) = live(model) {
+                model.in_use = in_use;
+            }
+        }
+        Arc::new(view)
     }
 
     /// Puts a model in its CPU form (loading it there, or demoting it from the GPU) and waits
