@@ -3,12 +3,14 @@
 //! the client's library understands and then a clean end of the body, on both surfaces: an SSE
 //! `data: {"error": {…}}` event on the OpenAI surface (the openai library raises `APIError`), an
 //! `{"error": "…"}` line on the Ollama surface (the ollama library raises `ResponseError`), for
-//! translated and passed-through models alike. Each test reads the raw body to its end: a read
+//! translated and passed-through models alike. An unload or a shutdown with answers in flight
+//! cuts them the same way, and closes their connections so that a server which, like
+//! llama-server, exits on SIGTERM only once its clients have gone, exits at once. Each test reads the raw body to its end: a read
 //! error is the aborted connection these tests exist to rule out.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::ollama::FakeOllama;
 use common::sim_daemon::on_8000_mib as start;
@@ -177,4 +179,79 @@ async fn a_passed_through_ollama_answer_that_breaks_ends_with_an_error_in_its_su
     let body = read_to_clean_end(response, || sigkill(pid)).await;
     assert!(body.lines().count() >= 2, "the first line came before the error: {body}");
     assert_ollama_error(&body, "failed mid-answer");
+}
+
+/// A model that stops the way llama-server does (on SIGTERM it stops generating, and exits only
+/// once its clients have gone), answering 100 words, one every 100 ms; `stop_timeout` 2 s.
+fn stops_like_llama_server(sim: &std::path::Path) -> String {
+    let reply = vec!["word"; 100].join(" ");
+    let args = format!("--term-waits-for-clients --token-delay 100ms --reply '{reply}'");
+    fake_model(sim, "a", 1000, &args, "stop_timeout = \"2s\"")
+}
+
+#[tokio::test]
+async fn an_unload_cuts_the_answers_in_flight_and_the_server_exits_at_once() {
+    let daemon = start(stops_like_llama_server);
+    for (path, openai) in [("/v1/chat/completions", true), ("/api/chat", false)] {
+        let response = stream_chat(&daemon, path, "a").await;
+        let asked = Instant::now();
+        // The unload lets the answer run for up to stop_timeout, then cuts it: the body ends
+        // with the error, and the server, its client gone, exits on SIGTERM at once.
+        let unload = async { (daemon.unload("a").await, Instant::now()) };
+        let read = async { (read_to_clean_end(response, || {}).await, Instant::now()) };
+        let (((status, answer), unloaded), (body, ended)) = tokio::join!(unload, read);
+        assert_eq!(status, 200, "{answer}");
+        if openai {
+            assert!(body.contains("word "), "the answer ran until the cut: {body}");
+            assert_sse_error(&body, "model_stopped", "was stopped");
+        } else {
+            assert!(body.contains("\"content\":\"word \""), "the answer ran until the cut: {body}");
+            assert_ollama_error(&body, "was stopped");
+        }
+        let cut = ended.duration_since(asked);
+        assert!(cut < 4 * SECOND, "{path}: cut {cut:?} after the unload (stop_timeout 2 s)");
+        let stopped = unloaded.saturating_duration_since(ended);
+        assert!(stopped < SECOND, "{path}: the server stopped {stopped:?} after the cut: {}", daemon.log());
+        assert!(!daemon.log().contains("did not stop within"), "{path}: the server was killed: {}", daemon.log());
+    }
+}
+
+#[tokio::test]
+async fn an_unload_answers_a_request_waiting_for_a_whole_answer_with_a_503() {
+    let daemon = start(stops_like_llama_server);
+    assert_eq!(daemon.load("a").await.0, 200);
+    for (path, openai) in [("/v1/chat/completions", true), ("/api/chat", false)] {
+        let body = json!({"model": "a", "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+        let request = common::http::client().post(format!("{}{path}", daemon.url)).json(&body).send();
+        let answered = async {
+            let response = request.await.expect("an answer");
+            (response.status().as_u16(), response.json::<Value>().await.expect("a JSON answer"))
+        };
+        // The request reaches the server before the unload does: the unload waits for it.
+        let unload = async {
+            daemon.wait_for_status(5 * SECOND, "the request in flight", |s| s["models"][0]["in_use"] == 1).await;
+            daemon.unload("a").await
+        };
+        let ((status, answer), (unloaded, _)) = tokio::join!(answered, unload);
+        assert_eq!(unloaded, 200);
+        assert_eq!(status, 503, "{path}: {answer}");
+        let message = if openai { &answer["error"]["message"] } else { &answer["error"] };
+        assert!(message.as_str().is_some_and(|m| m.contains("was stopped")), "{path}: {answer}");
+        if openai {
+            assert_eq!(answer["error"]["code"], "model_stopped", "{answer}");
+        }
+        assert_eq!(daemon.load("a").await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_shutdown_cuts_the_answers_in_flight_and_the_daemon_exits_at_once() {
+    let mut daemon = start(stops_like_llama_server);
+    let response = stream_chat(&daemon, "/v1/chat/completions", "a").await;
+    let body = read_to_clean_end(response, || daemon.signal(Signal::SIGTERM)).await;
+    assert_sse_error(&body, "model_stopped", "was stopped");
+    let status = daemon.wait_exit(5 * SECOND).expect("the daemon exits");
+    assert!(status.success(), "{status:?}: {}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("killed=false"), "the server stopped on SIGTERM: {log}");
 }

@@ -274,15 +274,33 @@ pub async fn pin_model(state: &AppState, name: &str, to_serve: bool) -> Result<(
     ))
 }
 
+/// The error for a request whose model was told to stop before it answered.
+pub fn stopped_before_answering(id: &str) -> ApiError {
+    ApiError::coded(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "model_stopped",
+        format!("model {id} was stopped (unloaded or shut down) before it answered; try again"),
+    )
+}
+
 /// Sends a request to the pinned model's server over the pooled client, waiting at most
-/// `proxy.first_byte_timeout` for the answer to start.
+/// `proxy.first_byte_timeout` for the answer to start, and no longer than the model serves: a
+/// model told to stop meanwhile ([`Pin::cut`]) ends the wait and closes the connection (a
+/// llama-server generating a whole answer exits on SIGTERM only once its client has gone).
 pub async fn send(
     state: &AppState,
     gate: &ModelGate,
     pin: &Pin,
     request: axum::http::Request<Body>,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
-    let sent = state.upstream.request(request);
+    let sent = async {
+        tokio::select! {
+            biased;
+            () = pin.cut() => None,
+            answered = state.upstream.request(request) => Some(answered),
+        }
+    };
+    let sent = async { sent.await.ok_or_else(|| stopped_before_answering(&gate.id)) };
     let answered = match state.first_byte_timeout {
         // Dropping the request here drops the caller's pin too: the model is free to go.
         Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
@@ -295,8 +313,8 @@ pub async fn send(
                     crate::units::Rounded(limit)
                 ),
             )
-        })?,
-        None => sent.await,
+        })??,
+        None => sent.await?,
     };
     answered.map_err(|e| {
         ApiError::coded(

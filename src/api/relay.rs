@@ -2,9 +2,11 @@
 //! holding the model in use until it ends, and ending a broken answer the way the client's
 //! library understands.
 //!
-//! An answer can break three ways: the model server dies (or closes its connection) mid-answer,
-//! it goes silent for `proxy.stall_timeout`, or one message of it grows past
-//! [`MAX_MESSAGE_BYTES`]. Aborting the client's connection then (as a plain byte relay does)
+//! An answer can break four ways: the model server dies (or closes its connection) mid-answer,
+//! it goes silent for `proxy.stall_timeout`, one message of it grows past
+//! [`MAX_MESSAGE_BYTES`], or the model is told to stop (an unload, a crash's restart, shutdown)
+//! while it answers: vramgate then cuts the answer and closes its connection to the server, which
+//! is what lets llama-server exit on SIGTERM. Aborting the client's connection then (as a plain byte relay does)
 //! makes client libraries raise transport errors (`httpx.RemoteProtocolError`, openai's
 //! `APIConnectionError`) that say nothing of the cause. A streamed answer has messages, so
 //! instead it ends with one more message carrying the error, and then a clean end of the body:
@@ -27,6 +29,8 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use serde_json::json;
+
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::arbiter::gate::Pin;
 use crate::client::root_cause;
@@ -98,6 +102,14 @@ impl StreamFailure {
                 "model {model} sent nothing for {} mid-answer (proxy.stall_timeout); the answer was cut off",
                 crate::units::Rounded(limit)
             ),
+        }
+    }
+
+    /// The model was told to stop while answering ([`Pin::cut`]).
+    pub fn stopped(model: &str) -> StreamFailure {
+        StreamFailure {
+            code: "model_stopped",
+            message: format!("model {model} was stopped (unloaded or shut down) mid-answer; the answer was cut off"),
         }
     }
 
@@ -204,6 +216,8 @@ pub struct PinnedBody<B> {
     splitter: Splitter,
     /// The error message went out (or the rest did): nothing more comes.
     ended: bool,
+    /// Completes when the model is told to stop: the answer is cut there.
+    cut: StdPin<Box<WaitForCancellationFutureOwned>>,
     pin: Pin,
 }
 
@@ -212,7 +226,8 @@ impl<B> PinnedBody<B> {
     /// `framing` ends it with an error message.
     pub fn new(inner: B, stall: Option<Duration>, pin: Pin, framing: Framing) -> PinnedBody<B> {
         let stall = stall.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
-        PinnedBody { inner, stall, splitter: Splitter::new(framing), ended: false, pin }
+        let cut = Box::pin(pin.cut());
+        PinnedBody { inner, stall, splitter: Splitter::new(framing), ended: false, cut, pin }
     }
 
     /// The answer broke: its error message and the end, or (opaque) a broken connection.
@@ -243,6 +258,12 @@ where
         loop {
             if this.ended {
                 return Poll::Ready(None);
+            }
+            // Checked before every frame, so a server that keeps sending is cut as promptly as a
+            // silent one.
+            if this.cut.as_mut().poll(cx).is_ready() {
+                let failure = StreamFailure::stopped(this.pin.model_id());
+                return this.fail(failure);
             }
             let frame = StdPin::new(&mut this.inner).poll_frame(cx);
             if let Some((limit, timer)) = &mut this.stall {

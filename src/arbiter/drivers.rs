@@ -44,6 +44,8 @@ pub(crate) fn start_process(
             while gate.in_use() > 0 && Instant::now() < drain_until {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            // Those still running at the deadline are cut, so the CPU form can exit.
+            gate.cut_streams();
             previous.stop(spec.stop_timeout).await;
         }
         let port = match process::free_port() {

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use axum::http::uri::Authority;
 use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// What protocol a model's upstream speaks, fixed by its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,15 +37,22 @@ pub enum UpstreamKind {
 /// CPU form.
 type Serving = (Arc<str>, Option<Authority>, bool);
 
+/// What the gate's lock guards: where the model serves (`None`: it does not), and the signal
+/// that cuts the answers of the requests pinned since the last cut.
+struct GateState {
+    serving: Option<Serving>,
+    streams: CancellationToken,
+}
+
 /// One model's gate.
 pub struct ModelGate {
     /// The model id.
     pub id: String,
     /// The protocol of its upstream.
     pub kind: UpstreamKind,
-    /// The upstream base URL while the model is ready, and whether it runs in its CPU form;
-    /// `None` otherwise.
-    serving: RwLock<Option<Serving>>,
+    /// The upstream base URL while the model is ready, and whether it runs in its CPU form
+    /// (`None` otherwise), and the signal that cuts the answers in flight.
+    state: RwLock<GateState>,
     in_use: AtomicU32,
     /// Milliseconds since `origin` of the last unpin (or of becoming ready).
     last_used_ms: AtomicU64,
@@ -64,6 +72,8 @@ pub struct Pin {
     /// Whether the model runs in its CPU form (an Ollama model must then be asked with
     /// `num_gpu = 0`, or Ollama moves it back to the GPU behind vramgate's back).
     pub on_cpu: bool,
+    /// Cancelled when the model is told to stop while this request is in flight.
+    cut: CancellationToken,
 }
 
 impl ModelGate {
@@ -71,7 +81,7 @@ impl ModelGate {
         Arc::new(ModelGate {
             id,
             kind,
-            serving: RwLock::new(None),
+            state: RwLock::new(GateState { serving: None, streams: CancellationToken::new() }),
             in_use: AtomicU32::new(0),
             last_used_ms: AtomicU64::new(0),
             origin,
@@ -81,12 +91,13 @@ impl ModelGate {
 
     /// Pins the model if it is serving. `None` means: ask the arbiter (it is not ready).
     pub fn try_pin(self: &Arc<Self>) -> Option<Pin> {
-        let serving = self.serving.read().ok()?;
-        let (upstream, authority, on_cpu) = serving.as_ref()?.clone();
+        let state = self.state.read().ok()?;
+        let (upstream, authority, on_cpu) = state.serving.as_ref()?.clone();
+        let cut = state.streams.clone();
         // Incremented under the read lock: `close_if_idle` cannot slip in between.
         self.in_use.fetch_add(1, Ordering::AcqRel);
-        drop(serving);
-        Some(Pin { gate: self.clone(), upstream, authority, on_cpu })
+        drop(state);
+        Some(Pin { gate: self.clone(), upstream, authority, on_cpu, cut })
     }
 
     /// Requests (and model leases) using it now.
@@ -112,27 +123,37 @@ impl ModelGate {
     /// Opens the gate: the model is ready at `upstream`, in its CPU form if `on_cpu`.
     pub(crate) fn open_on(&self, upstream: &str, on_cpu: bool) {
         self.touch();
-        if let Ok(mut serving) = self.serving.write() {
+        if let Ok(mut state) = self.state.write() {
             let authority = upstream.strip_prefix("http://").and_then(|a| a.parse::<Authority>().ok());
-            *serving = Some((Arc::from(upstream), authority, on_cpu));
+            state.serving = Some((Arc::from(upstream), authority, on_cpu));
         }
     }
 
     /// Closes the gate whatever the pins (a crash, an explicit unload, shutdown).
     pub(crate) fn close(&self) {
-        if let Ok(mut serving) = self.serving.write() {
-            *serving = None;
+        if let Ok(mut state) = self.state.write() {
+            state.serving = None;
+        }
+    }
+
+    /// Cuts the answers of every request in flight (each ends with an error message in its own
+    /// framing, and its connection to the model server closes). Called when the model's backend
+    /// is told to stop: llama-server does not exit on SIGTERM while a request runs, only once its
+    /// clients have gone. Requests pinned later are not affected.
+    pub(crate) fn cut_streams(&self) {
+        if let Ok(mut state) = self.state.write() {
+            std::mem::replace(&mut state.streams, CancellationToken::new()).cancel();
         }
     }
 
     /// Closes the gate only if nobody uses the model; false if a request pinned it meanwhile.
     pub(crate) fn close_if_idle(&self) -> bool {
-        match self.serving.write() {
-            Ok(mut serving) => {
+        match self.state.write() {
+            Ok(mut state) => {
                 if self.in_use.load(Ordering::Acquire) > 0 {
                     return false;
                 }
-                *serving = None;
+                state.serving = None;
                 true
             }
             Err(_) => false,
@@ -149,6 +170,12 @@ impl Pin {
     /// The protocol of the pinned model's upstream.
     pub fn kind(&self) -> &UpstreamKind {
         &self.gate.kind
+    }
+
+    /// Completes when the model is told to stop while this request is in flight
+    /// ([`ModelGate::cut_streams`]).
+    pub fn cut(&self) -> WaitForCancellationFutureOwned {
+        self.cut.clone().cancelled_owned()
     }
 }
 
@@ -203,6 +230,20 @@ mod tests {
         drop(a);
         drop(b);
         tokio::time::timeout(std::time::Duration::from_secs(1), idle.notified()).await.expect("woken");
+    }
+
+    #[tokio::test]
+    async fn a_cut_ends_the_requests_in_flight_and_not_later_ones() {
+        let gate = gate();
+        gate.open("http://127.0.0.1:1");
+        let before = gate.try_pin().expect("serving");
+        let cut = before.cut();
+        gate.cut_streams();
+        tokio::time::timeout(std::time::Duration::from_secs(1), cut).await.expect("the pin in flight is cut");
+        let after = gate.try_pin().expect("still serving");
+        let later = after.cut();
+        tokio::pin!(later);
+        assert!(futures_util::poll!(&mut later).is_pending(), "a pin taken after the cut is not cut");
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl Arbiter {
     async fn shutdown(&mut self) {
         // Whoever waits is told at once, not after the processes stopped.
         self.engine.refuse_waiting(Instant::now());
+        self.engine.cut_all_streams();
         let handles = self.engine.running_processes();
         let stops = handles.iter().map(|(id, handle)| async move {
             let (exit, killed) = handle.stop(SHUTDOWN_STOP).await;

@@ -13,7 +13,8 @@
 //! Every misbehaviour the daemon must survive is a flag: slow loading (`--load-delay`), never
 //! becoming ready (`--hang-on-start`), dying during start-up (`--exit-on-start`), refusing to stop
 //! (`--ignore-sigterm`), releasing memory slowly (`--stop-delay`), a memory peak while serving
-//! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), and at run time
+//! (`--grow-vram`), outliving a killed daemon (`--survive-parent-death`), llama-server's way of
+//! stopping (`--term-waits-for-clients`), and at run time
 //! `POST /crash` and `POST /hang`. Two flags mimic what llama-server reports: `--timings` (its
 //! `timings` block) and `--max-input` (its 400 for a prompt longer than the context).
 //!
@@ -27,7 +28,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +45,11 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::ReceiverStream;
+
+mod claim;
+mod transcription;
+use claim::{Claim, ClaimFiles};
+use transcription::read_transcription_form;
 
 /// How many content chunks a streamed completion sends before `[DONE]` without `--reply`.
 const DEFAULT_STREAM_CHUNKS: u32 = 5;
@@ -90,6 +96,11 @@ pub struct ModelServerArgs {
     /// Ignore SIGTERM (only SIGKILL, or SIGINT, stops it).
     #[arg(long)]
     ignore_sigterm: bool,
+
+    /// Stop the way llama-server does: on SIGTERM, stop generating (streams go silent) and exit
+    /// only once no request is open, that is once every client has closed its connection.
+    #[arg(long)]
+    term_waits_for_clients: bool,
 
     /// Outlive the daemon: clear the parent-death signal vramgate sets on its children, as a
     /// server that installs its own (or a runtime that resets it) does. What a `kill -9` of the
@@ -158,56 +169,6 @@ fn unix_micros() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)
 }
 
-/// The paths of this process's claim on the simulated device.
-struct ClaimFiles {
-    dir: PathBuf,
-    file: PathBuf,
-    /// Written first and renamed over `file`, so the daemon never reads a half-written number;
-    /// the leading dot makes the daemon skip it.
-    tmp: PathBuf,
-}
-
-/// What this process currently claims on the simulated device.
-struct Claim {
-    files: Option<ClaimFiles>,
-    base_mib: u64,
-    grow_mib: u64,
-    in_flight: u64,
-    /// True once the weights are "loaded"; before, nothing is claimed.
-    active: bool,
-}
-
-impl Claim {
-    fn mib(&self) -> u64 {
-        if self.active { self.base_mib.saturating_add(self.grow_mib.saturating_mul(self.in_flight)) } else { 0 }
-    }
-
-    /// Makes the claim file match the current claim: written when positive, removed at zero.
-    /// Called with the claim locked, so concurrent requests never race on the shared tmp file.
-    fn sync(&self) {
-        let Some(files) = &self.files else { return };
-        let mib = self.mib();
-        if mib == 0 {
-            remove_claim_file(&files.file);
-            return;
-        }
-        let written = std::fs::create_dir_all(&files.dir)
-            .and_then(|()| std::fs::write(&files.tmp, mib.to_string()))
-            .and_then(|()| std::fs::rename(&files.tmp, &files.file));
-        if let Err(e) = written {
-            err(&format!("fake-model: cannot write claim file {}: {e}", files.file.display()));
-        }
-    }
-}
-
-fn remove_claim_file(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => err(&format!("fake-model: cannot remove claim file {}: {e}", path.display())),
-    }
-}
-
 /// What the server answers: the same canned text whatever is asked.
 struct Replies {
     /// A non-streamed chat or completion's content, and a transcription's text.
@@ -245,6 +206,12 @@ struct AppState {
     /// Set by POST /hang: from then on no request gets an answer.
     hung: AtomicBool,
     claim: Mutex<Claim>,
+    /// Chat, completion and embedding requests not yet answered or streamed to the end.
+    open_requests: AtomicU64,
+    /// Woken when a request closes (for `--term-waits-for-clients`).
+    request_closed: tokio::sync::Notify,
+    /// Set on SIGTERM with `--term-waits-for-clients`: streams send nothing more.
+    terminating: AtomicBool,
     /// Headers added to every response, so tests can tell which process answered.
     headers: Vec<(HeaderName, HeaderValue)>,
     next_id: AtomicU64,
@@ -269,6 +236,7 @@ struct Growth(Arc<AppState>);
 
 impl Growth {
     fn start(state: &Arc<AppState>) -> Self {
+        state.open_requests.fetch_add(1, Ordering::SeqCst);
         let mut claim = state.claim();
         if claim.grow_mib > 0 {
             claim.in_flight += 1;
@@ -285,6 +253,9 @@ impl Drop for Growth {
             claim.in_flight = claim.in_flight.saturating_sub(1);
             claim.sync();
         }
+        drop(claim);
+        self.0.open_requests.fetch_sub(1, Ordering::SeqCst);
+        self.0.request_closed.notify_waiters();
     }
 }
 
@@ -429,6 +400,11 @@ fn stream_completion(state: Arc<AppState>, growth: Growth, prompt_n: u64) -> Res
         let count = state.replies.chunks.len();
         for (i, piece) in state.replies.chunks.iter().enumerate() {
             tokio::time::sleep(state.token_delay).await;
+            if state.terminating.load(Ordering::SeqCst) {
+                // Like llama-server after SIGTERM: nothing more comes until the client goes.
+                tx.closed().await;
+                return;
+            }
             let last = i + 1 == count;
             let mut chunk = json!({
                 "id": id,
@@ -522,42 +498,6 @@ fn bad_request(message: String) -> Response {
     json_response(StatusCode::BAD_REQUEST, json!({"error": {"message": message, "type": "invalid_request_error"}}))
 }
 
-/// What a transcription request sent: the size of its `file` and the `response_format` it asked for.
-struct TranscriptionForm {
-    file_bytes: Option<usize>,
-    response_format: Option<String>,
-}
-
-/// Reads a transcription request's multipart form (the body is already in memory: the daemon
-/// buffers it too, to find the `model` field).
-async fn read_transcription_form(headers: &HeaderMap, body: Bytes) -> Result<TranscriptionForm, String> {
-    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.starts_with("multipart/form-data") {
-        return Err(format!(
-            "a transcription must be sent as multipart/form-data (curl -F file=@audio.wav -F model=NAME), not {:?}",
-            content_type
-        ));
-    }
-    let boundary = multer::parse_boundary(content_type).map_err(|e| format!("malformed multipart body: {e}"))?;
-    let mut form =
-        multer::Multipart::new(futures_util::stream::once(async move { Ok::<Bytes, Infallible>(body) }), boundary);
-    let mut read = TranscriptionForm { file_bytes: None, response_format: None };
-    while let Some(field) = form.next_field().await.map_err(|e| format!("malformed multipart body: {e}"))? {
-        match field.name() {
-            Some("file") => {
-                let data = field.bytes().await.map_err(|e| format!("unreadable `file` field: {e}"))?;
-                read.file_bytes = Some(data.len());
-            }
-            Some("response_format") => {
-                let text = field.text().await.map_err(|e| format!("unreadable `response_format` field: {e}"))?;
-                read.response_format = Some(text.trim().to_owned());
-            }
-            _ => {}
-        }
-    }
-    Ok(read)
-}
-
 /// `/v1/audio/transcriptions`: the canned text for any audio, as JSON (`{"text": ...}`, also for
 /// `verbose_json`) or as plain text (`response_format=text`).
 async fn transcriptions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -597,7 +537,8 @@ async fn not_found() -> Response {
 /// memory back before the process is gone. Exiting directly (rather than a graceful server
 /// shutdown) keeps an open stream from holding the process up, which a real server would not do
 /// either.
-async fn handle_signals(ignore_sigterm: bool, stop_delay: Duration) -> std::io::Result<()> {
+async fn handle_signals(state: Arc<AppState>, args: &ModelServerArgs) -> std::io::Result<()> {
+    let (ignore_sigterm, stop_delay) = (args.ignore_sigterm, args.stop_delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let which = loop {
@@ -606,6 +547,18 @@ async fn handle_signals(ignore_sigterm: bool, stop_delay: Duration) -> std::io::
                 if ignore_sigterm {
                     err("ignoring SIGTERM");
                     continue;
+                }
+                if args.term_waits_for_clients {
+                    state.terminating.store(true, Ordering::SeqCst);
+                    loop {
+                        let closed = state.request_closed.notified();
+                        let open = state.open_requests.load(Ordering::SeqCst);
+                        if open == 0 {
+                            break;
+                        }
+                        err(&format!("fake-model: SIGTERM: waiting for {open} open request(s) to close"));
+                        closed.await;
+                    }
                 }
                 break "SIGTERM";
             }
@@ -662,12 +615,15 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
         }),
         headers,
         next_id: AtomicU64::new(0),
+        open_requests: AtomicU64::new(0),
+        request_closed: tokio::sync::Notify::new(),
+        terminating: AtomicBool::new(false),
     });
 
     // Signals first, so a stop during loading (or a hung start) is handled like any other.
-    let (ignore_sigterm, stop_delay) = (args.ignore_sigterm, args.stop_delay);
+    let (signal_state, signal_args) = (Arc::clone(&state), args.clone());
     tokio::spawn(async move {
-        if let Err(e) = handle_signals(ignore_sigterm, stop_delay).await {
+        if let Err(e) = handle_signals(signal_state, &signal_args).await {
             err(&format!("fake-model: cannot install signal handlers: {e}"));
         }
     });

@@ -11,13 +11,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::AppState;
 use super::ollama::{
     DRAIN_LIMIT, Endpoint, NDJSON, UPSTREAM_ANSWER_LIMIT, UPSTREAM_ERROR_LIMIT, error, error_message, nanos, now, send,
     upstream_failure, with_model_header,
 };
-use super::proxy::read_upstream;
+use super::proxy::{read_upstream, stopped_before_answering};
 use super::relay::StreamFailure;
 use crate::arbiter::gate::{ModelGate, Pin};
 use crate::client::root_cause;
@@ -251,6 +252,7 @@ pub(super) async fn translate(
             stall: state.stall_timeout,
             model: gate.id.clone(),
             phase: Phase::Streaming,
+            cut: Box::pin(pin.cut()),
             _pin: pin,
         };
         let response = Response::builder()
@@ -260,7 +262,15 @@ pub(super) async fn translate(
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         return with_model_header(response, Some(&gate.id));
     }
-    let bytes = match read_upstream(incoming, state.stall_timeout, UPSTREAM_ANSWER_LIMIT).await {
+    let read = tokio::select! {
+        biased;
+        () = pin.cut() => None,
+        read = read_upstream(incoming, state.stall_timeout, UPSTREAM_ANSWER_LIMIT) => Some(read),
+    };
+    let Some(read) = read else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, stopped_before_answering(&gate.id).message().to_string());
+    };
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(message) => {
             return error(StatusCode::BAD_GATEWAY, format!("model {} at {} failed: {message}", gate.id, pin.upstream));
@@ -632,7 +642,16 @@ struct Relay {
     stall: Option<Duration>,
     model: String,
     phase: Phase,
+    /// Completes when the model is told to stop: the answer is cut there.
+    cut: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
     _pin: Pin,
+}
+
+/// What one read of the upstream stream came to.
+enum Read {
+    Next(Option<Result<Bytes, axum::Error>>),
+    Stalled(Duration),
+    Cut,
 }
 
 impl Relay {
@@ -657,15 +676,30 @@ impl Relay {
                 }
                 Phase::Streaming => {}
             }
-            let next = match self.stall {
-                Some(limit) => match tokio::time::timeout(limit, self.upstream.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let message = StreamFailure::stalled(&self.model, limit).message;
-                        return Some(Ok(self.fail(message)));
+            let (upstream, stall, cut) = (&mut self.upstream, self.stall, &mut self.cut);
+            let read = async {
+                match stall {
+                    Some(limit) => {
+                        tokio::time::timeout(limit, upstream.next()).await.map_or(Read::Stalled(limit), Read::Next)
                     }
-                },
-                None => self.upstream.next().await,
+                    None => Read::Next(upstream.next().await),
+                }
+            };
+            let read = tokio::select! {
+                biased;
+                () = cut.as_mut() => Read::Cut,
+                read = read => read,
+            };
+            let next = match read {
+                Read::Next(next) => next,
+                Read::Stalled(limit) => {
+                    let message = StreamFailure::stalled(&self.model, limit).message;
+                    return Some(Ok(self.fail(message)));
+                }
+                Read::Cut => {
+                    let message = StreamFailure::stopped(&self.model).message;
+                    return Some(Ok(self.fail(message)));
+                }
             };
             let mut events = Vec::new();
             let ended = match next {

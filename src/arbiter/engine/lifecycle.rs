@@ -480,6 +480,10 @@ impl<E: Effects> Engine<E> {
     /// it, or the app acknowledging `release` (or `cpu`, for a demotion).
     pub(super) fn begin_release_task(&mut self, i: usize) {
         let model = &self.models[i];
+        // Told to stop: answers still in flight are cut here (their clients get an error message
+        // and their connections to the server close), or a llama-server that does not exit on
+        // SIGTERM while it answers would hold the release up for the whole `stop_timeout`.
+        model.gate.cut_streams();
         let id = model.spec.id.clone();
         let generation = model.generation;
         match &model.spec.backend {

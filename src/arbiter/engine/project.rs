@@ -157,6 +157,14 @@ impl<E: Effects> Engine<E> {
         self.models.iter().filter_map(|m| Some((m.spec.id.clone(), m.process.clone()?))).collect()
     }
 
+    /// At shutdown: cuts every answer in flight, so no model server waits for its clients
+    /// before it exits ([`begin_release_task`](Engine::begin_release_task) does the same for one).
+    pub(crate) fn cut_all_streams(&self) {
+        for model in &self.models {
+            model.gate.cut_streams();
+        }
+    }
+
     /// At shutdown: refuses everyone waiting in the queue or for a model.
     pub(crate) fn refuse_waiting(&mut self, now: Instant) {
         self.now = now;
