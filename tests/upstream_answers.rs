@@ -2,7 +2,8 @@
 //! input longer than the server takes) reaches the client with its status, in the shape of the
 //! surface it asked, never as a 502; and Ollama answers translated from llama-server take their
 //! durations and counts from llama-server's `timings`, so an app computing tokens per second gets
-//! the server's numbers rather than a zero prompt time.
+//! the server's numbers rather than a zero prompt time. A request whose connection fails because
+//! the model server has just died is sent once more, to the restarted server.
 
 mod common;
 
@@ -102,4 +103,64 @@ async fn ollama_durations_and_counts_come_from_the_servers_timings() {
     assert_eq!(last["eval_duration"], EVAL_NANOS, "{body}");
     assert_eq!(last["prompt_eval_count"], 3, "{body}");
     assert_eq!(last["eval_count"], 5, "five chunks: {body}");
+}
+
+/// A model whose server runs under a shell that outlives it by `linger`: when the server dies,
+/// vramgate sees the model's exit only then, and a request sent in between finds nobody
+/// listening (the window a request sent in the instant after a crash falls into).
+fn lingering_after_death(sim: &std::path::Path, linger: &str) -> String {
+    let server = format!(
+        "{} --port ${{PORT}} --sim-dir {} --vram 100 --name a --load-delay 50ms",
+        common::fake(),
+        sim.display()
+    );
+    format!(
+        "[models.a]\nbackend = \"process\"\ncmd = [\"sh\", \"-c\", \"{server}; sleep {linger}\"]\nvram = 100\n\
+         stop_timeout = \"1s\"\n"
+    )
+}
+
+/// The pid of the server that answered (the fake names itself in a header).
+async fn answering_pid(url: String, body: &Value) -> (u16, Option<u32>, Value) {
+    let response = common::http::client().post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let pid = response.headers().get("x-fake-pid").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let answer = tokio::time::timeout(Duration::from_secs(10), response.json::<Value>()).await;
+    (status, pid, answer.expect("the answer within 10 s").expect("a JSON answer"))
+}
+
+#[tokio::test]
+async fn a_request_that_finds_its_model_server_just_dead_is_sent_again_after_the_restart() {
+    let daemon = start(|sim| lingering_after_death(sim, "0.5"));
+    for path in ["/v1/chat/completions", "/api/chat"] {
+        let body = json!({"model": "a", "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+        // The OpenAI surface passes the fake's headers on: which server answered.
+        let (status, first, answer) = answering_pid(format!("{}/v1/chat/completions", daemon.url), &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let shell = daemon.model("a").await["pid"].clone();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(first.expect("a pid")).expect("a pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the model server");
+        // Sent at once: the server is gone, its shell (the model's process) not yet.
+        let (status, _, answer) = answering_pid(format!("{}{path}", daemon.url), &body).await;
+        assert_eq!(status, 200, "{path}: the request was sent again once the model restarted: {answer}");
+        assert_ne!(daemon.model("a").await["pid"], shell, "{path}: the model was started again");
+        assert!(daemon.log().contains("sending the request again"), "{path}: {}", daemon.log());
+    }
+}
+
+#[tokio::test]
+async fn a_model_server_that_refuses_connections_but_lives_on_is_not_retried() {
+    // The server dies but its shell lives for a minute: vramgate sees no crash, so the failure
+    // is the answer (after the short wait for the crash to show), and nothing is sent twice.
+    let daemon = start(|sim| lingering_after_death(sim, "60"));
+    let body = json!({"model": "a", "messages": [{"role": "user", "content": "hi"}]});
+    let url = format!("{}/v1/chat/completions", daemon.url);
+    let (status, first, answer) = answering_pid(url.clone(), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(first.expect("a pid")).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the model server");
+    let (status, _, answer) = answering_pid(url, &body).await;
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["error"]["code"], "upstream_error", "{answer}");
+    assert!(!daemon.log().contains("sending the request again"), "{}", daemon.log());
 }

@@ -19,10 +19,11 @@
 //! through vramgate; with `keep_alive` 0 they are its "unload" calls and ask the arbiter to unload.
 //! Errors have Ollama's shape, `{"error": "message"}`, with the statuses of the OpenAI side.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -438,22 +439,29 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
 /// the answer to start. Errors are Ollama-style responses.
 pub(super) async fn send(
     state: &AppState,
-    gate: &ModelGate,
-    pin: &Pin,
+    gate: &Arc<ModelGate>,
+    pin: Pin,
     path_and_query: &str,
     headers: HeaderMap,
-    body: Vec<u8>,
-) -> Result<axum::http::Response<Body>, Response> {
-    let address = format!("{}{path_and_query}", pin.upstream.trim_end_matches('/'));
-    let uri: axum::http::Uri = address.parse().map_err(|e| {
-        error(StatusCode::BAD_GATEWAY, format!("cannot address model {} at {}: {e}", gate.id, pin.upstream))
-    })?;
-    let mut upstream = axum::http::Request::new(Body::from(body));
-    *upstream.method_mut() = Method::POST;
-    *upstream.uri_mut() = uri;
-    *upstream.headers_mut() = headers;
-    match proxy::send(state, gate, pin, upstream).await {
-        Ok(response) => Ok(response.map(Body::new)),
+    body: Bytes,
+) -> Result<(Pin, axum::http::Response<Body>), Response> {
+    let build = |pin: &Pin| {
+        let address = format!("{}{path_and_query}", pin.upstream.trim_end_matches('/'));
+        let uri: axum::http::Uri = address.parse().map_err(|e| {
+            ApiError::coded(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
+            )
+        })?;
+        let mut upstream = axum::http::Request::new(Body::from(body.clone()));
+        *upstream.method_mut() = Method::POST;
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers.clone();
+        Ok(upstream)
+    };
+    match proxy::send_retrying(state, gate, pin, build).await {
+        Ok((pin, response)) => Ok((pin, response.map(Body::new))),
         Err(e) => Err(e.render(Surface::Ollama)),
     }
 }
@@ -500,7 +508,7 @@ fn ollama_body(
 /// pin until the answer ends or the client goes away.
 async fn pass_through(
     state: &AppState,
-    gate: &ModelGate,
+    gate: &Arc<ModelGate>,
     pin: Pin,
     path_and_query: Option<&axum::http::uri::PathAndQuery>,
     mut headers: HeaderMap,
@@ -515,8 +523,8 @@ async fn pass_through(
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let path = path_and_query.map_or("/", |p| p.as_str());
-    let response = match send(state, gate, &pin, path, headers, body).await {
-        Ok(response) => response,
+    let (pin, response) = match send(state, gate, pin, path, headers, Bytes::from(body)).await {
+        Ok(sent) => sent,
         Err(response) => return response,
     };
     let (mut head, incoming) = response.into_parts();

@@ -17,7 +17,7 @@ use serde_json::json;
 use super::AppState;
 use super::error::{ApiError, PathParam, Surface};
 use super::proxy::{self, external_refusal, pin_model, pinned_response, strip_hop_by_hop};
-use crate::arbiter::gate::UpstreamKind;
+use crate::arbiter::gate::{Pin, UpstreamKind};
 
 pub use super::proxy::{MODEL_HEADER, UpstreamClient, upstream_client};
 
@@ -169,25 +169,28 @@ async fn forward_request(state: &AppState, request: Request) -> Result<Response,
         // Reached through an alias.
         UpstreamKind::External => return Err(external_refusal(&gate.id)),
     };
-    // The request goes on as it came, with the model's address and without hop-by-hop headers:
-    // its header map is moved, not rebuilt (this is the per-request path).
-    let mut uri = axum::http::uri::Parts::default();
-    uri.scheme = Some(axum::http::uri::Scheme::HTTP);
-    uri.authority = pin.authority.clone();
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    let uri = axum::http::Uri::from_parts(uri).map_err(|e| {
-        ApiError::coded(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
-        )
-    })?;
+    // The request goes on as it came, with the model's address and without hop-by-hop headers
+    // (built again, for the new address, if it must be sent again after a crash).
     strip_hop_by_hop(&mut headers);
-    let mut upstream = axum::http::Request::new(Body::from(body));
-    *upstream.method_mut() = parts.method;
-    *upstream.uri_mut() = uri;
-    *upstream.headers_mut() = headers;
-    let response = proxy::send(state, &gate, &pin, upstream).await?;
+    let build = |pin: &Pin| {
+        let mut uri = axum::http::uri::Parts::default();
+        uri.scheme = Some(axum::http::uri::Scheme::HTTP);
+        uri.authority = pin.authority.clone();
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        let uri = axum::http::Uri::from_parts(uri).map_err(|e| {
+            ApiError::coded(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
+            )
+        })?;
+        let mut upstream = axum::http::Request::new(Body::from(body.clone()));
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers.clone();
+        Ok(upstream)
+    };
+    let (pin, response) = proxy::send_retrying(state, &gate, pin, build).await?;
     drop(buffered);
     Ok(pinned_response(state, &gate, pin, response))
 }

@@ -293,6 +293,53 @@ pub async fn send(
     pin: &Pin,
     request: axum::http::Request<Body>,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
+    send_once(state, gate, pin, request).await.map_err(|(error, _)| error)
+}
+
+/// How long a request whose connection to its model server failed waits for vramgate to see
+/// that server's exit (a process's exit reaches the engine within milliseconds) before the
+/// failure counts as final.
+const CRASH_NOTICE: Duration = Duration::from_secs(1);
+
+/// Sends the request `build` makes for the pinned model, as [`send`] does. When the connection
+/// fails before any answer because the model's server has just died (vramgate sees its process
+/// exit within [`CRASH_NOTICE`]; typically a request sent in the instant after a crash, on a
+/// kept-alive connection whose end vramgate had not read yet), the model is started again and the
+/// request sent once more, to the new server. So a request is sent at most twice. Only for
+/// process models: an Ollama's death is not one model's crash, and vramgate does not restart it.
+pub async fn send_retrying(
+    state: &AppState,
+    gate: &Arc<ModelGate>,
+    pin: Pin,
+    build: impl Fn(&Pin) -> Result<axum::http::Request<Body>, ApiError>,
+) -> Result<(Pin, axum::http::Response<hyper::body::Incoming>), ApiError> {
+    let failed = match send_once(state, gate, &pin, build(&pin)?).await {
+        Ok(response) => return Ok((pin, response)),
+        Err((error, false)) => return Err(error),
+        Err((error, true)) => error,
+    };
+    if *pin.kind() != UpstreamKind::OpenAi {
+        return Err(failed);
+    }
+    let upstream = pin.upstream.clone();
+    drop(pin);
+    if !gate.stops_serving_at(&upstream, CRASH_NOTICE).await {
+        return Err(failed);
+    }
+    tracing::info!(model = %gate.id, "{}: its server died; sending the request again once it has restarted", failed.message());
+    let (_, pin) = pin_model(state, &gate.id, true).await?;
+    let response = send(state, gate, &pin, build(&pin)?).await?;
+    Ok((pin, response))
+}
+
+/// [`send`], telling a failed connection (`true`: nothing was answered, so the request may be
+/// sent again to a restarted server) from the other failures.
+async fn send_once(
+    state: &AppState,
+    gate: &ModelGate,
+    pin: &Pin,
+    request: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, (ApiError, bool)> {
     let sent = async {
         tokio::select! {
             biased;
@@ -300,11 +347,11 @@ pub async fn send(
             answered = state.upstream.request(request) => Some(answered),
         }
     };
-    let sent = async { sent.await.ok_or_else(|| stopped_before_answering(&gate.id)) };
+    let sent = async { sent.await.ok_or_else(|| (stopped_before_answering(&gate.id), false)) };
     let answered = match state.first_byte_timeout {
         // Dropping the request here drops the caller's pin too: the model is free to go.
         Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| {
-            ApiError::coded(
+            let error = ApiError::coded(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 format!(
@@ -312,16 +359,18 @@ pub async fn send(
                     gate.id,
                     crate::units::Rounded(limit)
                 ),
-            )
+            );
+            (error, false)
         })??,
         None => sent.await?,
     };
     answered.map_err(|e| {
-        ApiError::coded(
+        let error = ApiError::coded(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             format!("model {} at {} failed: {}", gate.id, pin.upstream, root_cause(&e)),
-        )
+        );
+        (error, true)
     })
 }
 

@@ -60,6 +60,8 @@ pub struct ModelGate {
     /// Woken when a model's last pin is dropped, so the arbiter can serve a waiter that needed it
     /// idle, without a message per request.
     idle: Arc<Notify>,
+    /// Woken whenever the gate opens or closes.
+    changed: Notify,
 }
 
 /// A model held in use; unpinned when dropped (the response body ended or the client went away).
@@ -86,6 +88,7 @@ impl ModelGate {
             last_used_ms: AtomicU64::new(0),
             origin,
             idle,
+            changed: Notify::new(),
         })
     }
 
@@ -127,6 +130,7 @@ impl ModelGate {
             let authority = upstream.strip_prefix("http://").and_then(|a| a.parse::<Authority>().ok());
             state.serving = Some((Arc::from(upstream), authority, on_cpu));
         }
+        self.changed.notify_waiters();
     }
 
     /// Closes the gate whatever the pins (a crash, an explicit unload, shutdown).
@@ -134,6 +138,29 @@ impl ModelGate {
         if let Ok(mut state) = self.state.write() {
             state.serving = None;
         }
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the model stops serving at `upstream` (it closed, or serves elsewhere now: a
+    /// crashed server seen by the engine) within `limit`.
+    pub async fn stops_serving_at(&self, upstream: &str, limit: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                // Registered before the check, so a change in between is not missed.
+                changed.as_mut().enable();
+                let serving_there = self
+                    .state
+                    .read()
+                    .is_ok_and(|state| state.serving.as_ref().is_some_and(|(at, _, _)| &**at == upstream));
+                if !serving_there {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// Cuts the answers of every request in flight (each ends with an error message in its own
@@ -154,6 +181,8 @@ impl ModelGate {
                     return false;
                 }
                 state.serving = None;
+                drop(state);
+                self.changed.notify_waiters();
                 true
             }
             Err(_) => false,

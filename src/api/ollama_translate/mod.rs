@@ -3,6 +3,7 @@
 //! `suffix` generate to `/v1/completions`, the embedding calls to `/v1/embeddings`; the answer
 //! translated back, a streamed one event by event (SSE in, NDJSON out) as it arrives.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -182,7 +183,7 @@ fn completion_request(
 /// Translates a request for an OpenAI-speaking model, sends it and translates the answer.
 pub(super) async fn translate(
     state: &AppState,
-    gate: &ModelGate,
+    gate: &Arc<ModelGate>,
     pin: Pin,
     client_headers: &HeaderMap,
     object: Map<String, Value>,
@@ -229,8 +230,8 @@ pub(super) async fn translate(
     }
     tracing::debug!(model = %gate.id, path, stream, "ollama request translated for an OpenAI server");
     let sent = Instant::now();
-    let response = match send(state, gate, &pin, path, headers, body.to_string().into_bytes()).await {
-        Ok(response) => response,
+    let (pin, response) = match send(state, gate, pin, path, headers, Bytes::from(body.to_string())).await {
+        Ok(sent) => sent,
         Err(response) => return response,
     };
     let (head, incoming) = response.into_parts();
