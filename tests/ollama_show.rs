@@ -308,3 +308,126 @@ async fn v1_models_id_answers_the_model_object_or_openais_404() {
     assert_eq!(answer["error"]["code"], "model_not_found", "{answer}");
     assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("'org/none' does not exist")), "{answer}");
 }
+
+/// A process model that runs (the fake model server, named llama-server's way: `-m WEIGHTS`),
+/// with more fake-server flags in `flags` (llama-server's `-c`, the fake's `--props-*`).
+fn running_model(sim: &Path, name: &str, weights: &Path, flags: &str) -> String {
+    common::fake_model(sim, name, 100, &format!("-m {} {flags}", weights.display()), "")
+}
+
+/// A daemon whose models are made by `models` (given the sim dir), with `[proxy]` keys `proxy`.
+fn start_running(proxy: &str, models: impl FnOnce(&Path) -> String) -> Daemon {
+    Daemon::start(move |sim| {
+        format!("{}\n[proxy]\n{proxy}\n{}", sim_config(sim, 10000, "50ms", "reserve_mib = 0"), models(sim))
+    })
+}
+
+/// Loads `name` and waits until it is ready.
+async fn load(daemon: &Daemon, name: &str) {
+    let (status, body) = daemon.load(name).await;
+    assert_eq!(status, 200, "load {name}: {body}\n{}", daemon.log());
+    daemon.wait_model_state(name, "ready", Duration::from_secs(10)).await;
+}
+
+/// `/api/show` of `name`, which must answer 200 within `deadline`.
+async fn show_within(daemon: &Daemon, name: &str, deadline: Duration) -> Value {
+    let asked = post(daemon, "/api/show", json!({ "model": name }));
+    let (status, show) = tokio::time::timeout(deadline, asked)
+        .await
+        .unwrap_or_else(|_| panic!("/api/show of {name} did not answer within {deadline:?}"));
+    assert_eq!(status, 200, "{show}");
+    show
+}
+
+/// The `num_ctx` of a show answer's `parameters` (Ollama's `name   value` lines).
+fn num_ctx(show: &Value) -> Option<u64> {
+    let parameters = show["parameters"].as_str().expect("parameters is a string");
+    let mut values = parameters.lines().filter_map(|line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+        ["num_ctx", value] => Some(value.parse().expect("num_ctx is a number")),
+        _ => None,
+    });
+    let value = values.next();
+    assert_eq!(values.next(), None, "one num_ctx line: {parameters:?}");
+    value
+}
+
+#[tokio::test]
+async fn a_running_models_context_size_comes_from_its_servers_props() {
+    let (_dir, weights) = weights_dir();
+    tiny_llama().write(&weights);
+    let daemon = start_running("", |sim| running_model(sim, "tiny", &weights, "-c 8192 --props-n-ctx 2048"));
+    // Not running: the command's -c is all there is.
+    let show = show_within(&daemon, "tiny", Duration::from_secs(5)).await;
+    assert_eq!(num_ctx(&show), Some(8192), "{show}");
+    assert_eq!(show["model_info"]["llama.context_length"], 4096, "{show}");
+
+    load(&daemon, "tiny").await;
+    let show = show_within(&daemon, "tiny", Duration::from_secs(5)).await;
+    // The server's own figure wins; model_info keeps the trained length, as Ollama's does.
+    assert_eq!(num_ctx(&show), Some(2048), "{show}");
+    assert_eq!(show["model_info"]["llama.context_length"], 4096, "{show}");
+    assert_eq!(show["capabilities"], json!(["completion"]), "{show}");
+    assert_eq!(show["details"]["family"], "llama", "{show}");
+}
+
+#[tokio::test]
+async fn a_server_without_props_leaves_the_ctx_size_flag() {
+    let (_dir, weights) = weights_dir();
+    tiny_llama().write(&weights);
+    let daemon = start_running("", |sim| {
+        format!(
+            "{}{}",
+            running_model(sim, "flagged", &weights, "--ctx-size 8192"),
+            running_model(sim, "plain", &weights, "")
+        )
+    });
+    load(&daemon, "flagged").await;
+    load(&daemon, "plain").await;
+    // The fake answers /props with 404, as a server that is not llama-server does.
+    let show = show_within(&daemon, "flagged", Duration::from_secs(1)).await;
+    assert_eq!(num_ctx(&show), Some(8192), "{show}");
+    assert_eq!(show["model_info"]["llama.context_length"], 4096, "{show}");
+    let show = show_within(&daemon, "plain", Duration::from_secs(1)).await;
+    assert_eq!(show["parameters"], "", "{show}");
+    assert_eq!(show["model_info"]["llama.context_length"], 4096, "{show}");
+    let log = daemon.log();
+    assert!(log.contains("no /props from") && log.contains("status 404"), "the missing /props is logged:\n{log}");
+}
+
+#[tokio::test]
+async fn props_that_are_not_json_or_never_come_leave_the_flag_and_show_answers_promptly() {
+    let (_dir, weights) = weights_dir();
+    tiny_llama().write(&weights);
+    // A short first-byte timeout bounds the wait for /props below its own 2 s.
+    let daemon = start_running("first_byte_timeout = \"300ms\"", |sim| {
+        format!(
+            "{}{}",
+            running_model(sim, "garbled", &weights, "-c 8192 --props-garbage"),
+            running_model(sim, "hung", &weights, "-c 4096 --props-hang")
+        )
+    });
+    load(&daemon, "garbled").await;
+    load(&daemon, "hung").await;
+    let show = show_within(&daemon, "garbled", Duration::from_secs(1)).await;
+    assert_eq!(num_ctx(&show), Some(8192), "{show}");
+    assert_eq!(show["capabilities"], json!(["completion"]), "{show}");
+    let show = show_within(&daemon, "hung", Duration::from_millis(1500)).await;
+    assert_eq!(num_ctx(&show), Some(4096), "{show}");
+    assert_eq!(show["details"]["family"], "llama", "{show}");
+    let log = daemon.log();
+    assert!(log.contains("not JSON"), "the garbled /props is logged:\n{log}");
+    assert!(log.contains("no answer within"), "the hung /props is logged:\n{log}");
+}
+
+#[tokio::test]
+async fn a_server_that_takes_images_has_the_vision_capability() {
+    let (_dir, weights) = weights_dir();
+    tiny_llama().write(&weights);
+    let daemon = start_running("", |sim| running_model(sim, "seer", &weights, "--props-vision --props-n-ctx 1024"));
+    let show = show_within(&daemon, "seer", Duration::from_secs(5)).await;
+    assert_eq!(show["capabilities"], json!(["completion"]), "not running, the flags tell no vision: {show}");
+    load(&daemon, "seer").await;
+    let show = show_within(&daemon, "seer", Duration::from_secs(5)).await;
+    assert_eq!(show["capabilities"], json!(["completion", "vision"]), "{show}");
+    assert_eq!(num_ctx(&show), Some(1024), "{show}");
+}

@@ -41,6 +41,9 @@ pub struct ModelFacts {
     pub capabilities: Vec<&'static str>,
     /// For a model inside Ollama: Ollama's address and its name of the model.
     pub ollama: Option<(String, String)>,
+    /// The context size the command asks for (llama-server's `-c`/`--ctx-size`), when it names
+    /// a number: what the model runs with, as far as the config tells.
+    pub ctx_size: Option<u64>,
 }
 
 impl Catalog {
@@ -74,10 +77,12 @@ impl ModelFacts {
             modified: fallback,
             capabilities: Vec::new(),
             ollama: None,
+            ctx_size: None,
         };
         match &spec.backend {
             BackendSpec::Process(process) => {
                 facts.capabilities = capabilities(&process.argv);
+                facts.ctx_size = ctx_size(&process.argv);
                 facts.weights = weights_path(process);
                 if let Some(weights) = &facts.weights {
                     if weights.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -189,6 +194,18 @@ fn weights_path(process: &ProcessSpec) -> Option<PathBuf> {
     })
 }
 
+/// The context size a command asks for: the number after `-c`/`--ctx-size` (or in
+/// `--ctx-size=N`), the last one if given twice (as llama-server reads its flags). Anything else
+/// (a `${...}` expansion, no number) tells nothing.
+fn ctx_size(argv: &[String]) -> Option<u64> {
+    let args = argv.get(1..).unwrap_or_default();
+    let mut named = args.iter().enumerate().filter_map(|(index, arg)| match arg.as_str() {
+        "-c" | "--ctx-size" => args.get(index + 1).map(String::as_str),
+        _ => arg.strip_prefix("--ctx-size="),
+    });
+    named.next_back()?.parse().ok()
+}
+
 /// Ollama's capability names a command's flags tell (llama-server's spelling).
 fn capabilities(argv: &[String]) -> Vec<&'static str> {
     let has = |flags: &[&str]| {
@@ -233,6 +250,18 @@ mod tests {
         assert_eq!(path(&["srv", "-m", "${MODEL_ID}.gguf"], None), None);
         assert_eq!(path(&["srv", "--port", "${PORT}"], None), None);
         assert_eq!(path(&["srv", "-m"], None), None);
+    }
+
+    #[test]
+    fn reads_the_context_size_a_command_asks_for() {
+        let of = |argv: &[&str]| ctx_size(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(of(&["llama-server", "-m", "a.gguf", "-c", "8192"]), Some(8192));
+        assert_eq!(of(&["llama-server", "--ctx-size=4096"]), Some(4096));
+        assert_eq!(of(&["llama-server", "--ctx-size", "1024", "-c", "2048"]), Some(2048));
+        assert_eq!(of(&["llama-server", "-c", "${CTX}"]), None);
+        assert_eq!(of(&["llama-server", "-c"]), None);
+        assert_eq!(of(&["llama-server", "--port", "-c"]), None);
+        assert_eq!(of(&["llama-server"]), None);
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! (`catalog.rs`): `details`, `model_info` (the weights file's GGUF header, keys as Ollama spells
 //! them), `capabilities` and `modified_at`. An unknown model is a 404 `{"error": "model 'x' not
 //! found"}`, Ollama's own answer.
+//!
+//! A process model that is running is also asked what it runs with: llama-server's `GET /props`
+//! tells the context size of the running server (`default_generation_settings.n_ctx`), which goes
+//! into `parameters` as `num_ctx` (where Ollama puts a model's context size; `model_info` keeps
+//! the trained length, as Ollama does), and whether it takes images (`modalities.vision`). Not
+//! running, the command's `-c`/`--ctx-size` is the figure. Asking is best effort: a server without
+//! `/props` (404), a slow one, or an answer that does not tell leaves the answer as the config and
+//! the header make it.
 
 use std::time::Duration;
 
@@ -19,9 +27,20 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::{MANAGEMENT_BODY_LIMIT, read_limited};
+use super::error::{MANAGEMENT_BODY_LIMIT, Rejection, read_limited};
 use super::ollama::{error, with_model_header};
 use super::proxy::strip_hop_by_hop;
+
+/// How long a running model's server may take to answer `GET /props` (whole answer, body
+/// included) before `/api/show` answers without it; `proxy.first_byte_timeout`, when shorter,
+/// bounds it too. llama-server answers from memory, in milliseconds.
+const PROPS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most of a `/props` answer read (llama-server's is a few KiB, most of it the chat template).
+const PROPS_BODY_LIMIT: usize = 1 << 20;
+
+/// How wide Ollama pads a parameter's name in `parameters` (`num_ctx` then the value, aligned).
+const PARAMETER_NAME_WIDTH: usize = 30;
 
 /// How long a passed-through `/api/show` may take to start answering when
 /// `proxy.first_byte_timeout` is 0 (Ollama answers it from its manifest, in milliseconds).
@@ -55,13 +74,23 @@ pub(super) async fn show(State(state): State<AppState>, request: Request) -> Res
         let response = pass_through(&state, url, &id, Value::Object(object)).await;
         return with_model_header(response, Some(&id));
     }
+    let running = server_props(&state, &id).await.unwrap_or_default();
+    let mut capabilities = facts.capabilities.clone();
+    if running.vision && !capabilities.contains(&"vision") {
+        capabilities.push("vision");
+    }
+    let parameters = running
+        .n_ctx
+        .or(facts.ctx_size)
+        .map(|n_ctx| format!("{:<PARAMETER_NAME_WIDTH$} {n_ctx}", "num_ctx"))
+        .unwrap_or_default();
     let answer = json!({
         "modelfile": "",
-        "parameters": "",
+        "parameters": parameters,
         "template": "",
         "details": facts.details(),
         "model_info": facts.model_info(),
-        "capabilities": facts.capabilities,
+        "capabilities": capabilities,
         "modified_at": facts.modified_at(),
     });
     with_model_header(axum::Json(answer).into_response(), Some(&id))
@@ -78,6 +107,68 @@ fn model_id(state: &AppState, name: &str) -> Option<String> {
             .or_else(|| state.arbiter.candidates(name)?.first().cloned())
     };
     find(name).or_else(|| find(name.strip_suffix(":latest")?))
+}
+
+/// What a running model's server says about itself in `/props`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ServerProps {
+    /// The context size it runs with.
+    n_ctx: Option<u64>,
+    /// It takes images.
+    vision: bool,
+}
+
+/// Asks model `id`'s server for its `/props` when the model is ready (not loading it for that);
+/// `None` when it is not running, or its server does not answer in time with JSON (logged at
+/// debug: a server that is not llama-server has no `/props`, which is no fault).
+async fn server_props(state: &AppState, id: &str) -> Option<ServerProps> {
+    let view = state.arbiter.view();
+    let model = view.models.iter().find(|model| model.id == id && model.state == "ready")?;
+    let upstream = model.upstream.as_deref()?;
+    let limit = state.first_byte_timeout.map_or(PROPS_TIMEOUT, |first_byte| first_byte.min(PROPS_TIMEOUT));
+    match tokio::time::timeout(limit, fetch_props(state, upstream)).await {
+        Ok(Ok(props)) => Some(props),
+        Ok(Err(reason)) => {
+            tracing::debug!(model = %id, "no /props from {upstream}: {reason}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(model = %id, "no /props from {upstream}: no answer within {limit:?}");
+            None
+        }
+    }
+}
+
+/// `GET {upstream}/props`, read up to [`PROPS_BODY_LIMIT`].
+async fn fetch_props(state: &AppState, upstream: &str) -> Result<ServerProps, String> {
+    let address = format!("{}/props", upstream.trim_end_matches('/'));
+    let uri: axum::http::Uri = address.parse().map_err(|e| format!("bad address {address}: {e}"))?;
+    let mut request = axum::http::Request::new(Body::empty());
+    *request.uri_mut() = uri;
+    let response = state.upstream.request(request).await.map_err(|e| crate::client::root_cause(&e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    let bytes =
+        read_limited(Body::new(response.into_body()), PROPS_BODY_LIMIT, None).await.map_err(
+            |rejection| match rejection {
+                Rejection::BodyTooLarge { .. } => format!("the answer is larger than {PROPS_BODY_LIMIT} bytes"),
+                Rejection::BodyUnreadable { detail } => format!("the answer broke off: {detail}"),
+                other => other.entry().2,
+            },
+        )?;
+    let props: Value = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    Ok(parse_props(&props))
+}
+
+/// The figures of a `/props` answer: `default_generation_settings.n_ctx` (a positive integer)
+/// and `modalities.vision` (true); anything else there is ignored.
+fn parse_props(props: &Value) -> ServerProps {
+    ServerProps {
+        n_ctx: props.pointer("/default_generation_settings/n_ctx").and_then(Value::as_u64).filter(|&n| n > 0),
+        vision: props.pointer("/modalities/vision").and_then(Value::as_bool).unwrap_or(false),
+    }
 }
 
 /// Sends the show request to the Ollama that holds the model and returns its answer as it came;
@@ -154,4 +245,32 @@ pub(super) async fn delete() -> Response {
         "vramgate does not delete models: remove its [models.ID] table from vramgate's config, and delete its \
          files with the tool that made them (`ollama rm NAME` for a model inside Ollama)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn props_tell_the_running_context_size_and_vision() {
+        // Abridged from llama-server's answer (b1-0c1e570, `-c 2048`).
+        let props = json!({
+            "default_generation_settings": {"params": {"n_predict": -1}, "n_ctx": 2048},
+            "total_slots": 4,
+            "modalities": {"vision": true, "video": false, "audio": false},
+        });
+        assert_eq!(parse_props(&props), ServerProps { n_ctx: Some(2048), vision: true });
+        let older = json!({"default_generation_settings": {"n_ctx": 512}});
+        assert_eq!(parse_props(&older), ServerProps { n_ctx: Some(512), vision: false });
+        for untelling in [
+            json!({}),
+            json!([1, 2]),
+            json!({"default_generation_settings": {"n_ctx": "2048"}, "modalities": {"vision": "yes"}}),
+            json!({"default_generation_settings": {"n_ctx": 0}}),
+            json!({"default_generation_settings": {"n_ctx": -1}}),
+            json!({"n_ctx": 2048}),
+        ] {
+            assert_eq!(parse_props(&untelling), ServerProps::default(), "{untelling}");
+        }
+    }
 }

@@ -571,7 +571,7 @@ async fn handle_signals(state: Arc<AppState>, args: &ModelServerArgs) -> std::io
     std::process::exit(0);
 }
 
-async fn run(args: ModelServerArgs) -> Result<(), String> {
+async fn run(args: ModelServerArgs, extra: Router) -> Result<(), String> {
     let pid = std::process::id();
     out(&format!("fake-model {} starting on port {} (pid {pid})", args.name, args.port));
     err(&format!(
@@ -648,7 +648,8 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
         .route("/v1/audio/transcriptions", post(transcriptions))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), gate))
-        .with_state(Arc::clone(&state));
+        .with_state(Arc::clone(&state))
+        .merge(extra);
 
     let load_state = Arc::clone(&state);
     let (hang_on_start, load_delay) = (args.hang_on_start, args.load_delay);
@@ -677,6 +678,11 @@ async fn run(args: ModelServerArgs) -> Result<(), String> {
 /// Returns only when the server could not start (a busy port, no async runtime), with the exit
 /// status to use.
 pub fn main(args: ModelServerArgs) -> ExitCode {
+    main_with(args, Router::new())
+}
+
+/// [`main`], also serving `extra` routes (the test fixture's stand-ins for endpoints of a server).
+pub fn main_with(args: ModelServerArgs, extra: Router) -> ExitCode {
     if args.survive_parent_death {
         // PR_SET_PDEATHSIG(0). The kernel keeps the setting per thread and only the thread
         // vramgate forked (this one, after exec) has it: clear it here, before the runtime
@@ -694,7 +700,7 @@ pub fn main(args: ModelServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, extra)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             err(&format!("fake-model: {e}"));
