@@ -2,12 +2,13 @@
 //! (`server.header_read_timeout`, slowloris) is closed; at most `server.max_connections`
 //! connections are served at once (more wait until one closes); and request bodies held in
 //! memory across all requests stay under `proxy.max_buffered` (more is a 503 with `Retry-After`
-//! in the surface's shape).
+//! in the surface's shape), and so do the whole answers vramgate holds to translate them.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::stand_in::{Reply, StandIn, port_reporting_cmd};
 use common::{Daemon, sim_config};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -237,4 +238,42 @@ fn config_check_bounds_the_servers_own_limits_naming_key_and_line() {
     }
     let out = config_check("[gpu]\nprobe = \"none\"\n[server]\nmax_connections = 1\nheader_read_timeout = \"0\"\n");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_whole_answer_held_for_translation_counts_against_max_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, port_file) = port_reporting_cmd(dir.path());
+    // A chat answer whose content is as long as the prompt's first message says (in KiB).
+    let _server = StandIn::on_reported_port(
+        port_file,
+        std::sync::Arc::new(|method, _, body| {
+            let asked: Value = serde_json::from_slice(body).unwrap_or_default();
+            let kib = asked["messages"][0]["content"].as_str().and_then(|c| c.parse::<usize>().ok()).unwrap_or(0);
+            let content = "x".repeat(kib << 10);
+            match method {
+                "GET" => Reply::json(200, &serde_json::json!({})),
+                _ => Reply::json(200, &serde_json::json!({"choices": [{"message": {"content": content}}]})),
+            }
+        }),
+    );
+    let daemon = Daemon::start(move |sim| {
+        format!(
+            "{}[proxy]\nmax_body = \"1MiB\"\nmax_buffered = \"1MiB\"\n[models.m]\nbackend = \"process\"\ncmd = {cmd}\nhealth = \"/health\"\nvram = 100\n",
+            sim_config(sim, 8192, "50ms", "")
+        )
+    });
+    let chat = |kib: &str| {
+        let body = serde_json::json!({"model": "m", "stream": false, "messages": [{"role": "user", "content": kib}]});
+        common::http::client().post(format!("{}/api/chat", daemon.url)).json(&body).send()
+    };
+    let response = chat("512").await.expect("an answer");
+    assert_eq!(response.status(), 200, "an answer under the budget is translated");
+    let answer: Value = response.json().await.expect("JSON");
+    assert_eq!(answer["message"]["content"].as_str().map(str::len), Some(512 << 10));
+
+    let response = chat("2048").await.expect("an answer");
+    assert_eq!(response.status(), 503, "an answer over the budget is not held");
+    let answer: Value = response.json().await.expect("JSON");
+    assert!(answer["error"].as_str().is_some_and(|m| m.contains("proxy.max_buffered")), "{answer}");
 }

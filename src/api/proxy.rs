@@ -128,25 +128,56 @@ pub async fn read_body(state: &AppState, mut body: Body) -> Result<BufferedBody,
 
 /// Reads a whole upstream body, giving up when it goes silent for `proxy.stall_timeout`.
 pub async fn read_upstream(body: Body, stall: Option<Duration>, limit: usize) -> Result<Bytes, String> {
+    read_upstream_within(body, stall, limit, None).await.map(|read| read.bytes).map_err(|(_, message)| message)
+}
+
+/// [`read_upstream`] for an answer vramgate must hold whole to translate it: its bytes count
+/// against the `proxy.max_buffered` budget, as request bodies do, until the result is dropped,
+/// so many large answers at once cannot grow the daemon past it. Errors: 502 and what failed, or
+/// 503 when the budget is spent.
+pub async fn read_answer(state: &AppState, body: Body, limit: usize) -> Result<BufferedBody, (StatusCode, String)> {
+    read_upstream_within(body, state.stall_timeout, limit, Some(&state.body_budget)).await
+}
+
+async fn read_upstream_within(
+    body: Body,
+    stall: Option<Duration>,
+    limit: usize,
+    budget: Option<&BodyBudget>,
+) -> Result<BufferedBody, (StatusCode, String)> {
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
     let mut out = Vec::new();
+    let mut held = None;
+    let failed = |message: String| (StatusCode::BAD_GATEWAY, message);
     loop {
         let next = match stall {
             Some(limit) => tokio::time::timeout(limit, stream.next()).await.map_err(|_| {
-                format!("the model server sent nothing for {} (proxy.stall_timeout)", crate::units::Rounded(limit))
+                failed(format!(
+                    "the model server sent nothing for {} (proxy.stall_timeout)",
+                    crate::units::Rounded(limit)
+                ))
             })?,
             None => stream.next().await,
         };
         match next {
-            None => return Ok(Bytes::from(out)),
+            None => return Ok(BufferedBody { bytes: Bytes::from(out), _held: held }),
             Some(Ok(bytes)) => {
                 if out.len().checked_add(bytes.len()).is_none_or(|n| n > limit) {
-                    return Err(format!("the answer is larger than {} MiB", limit >> 20));
+                    return Err(failed(format!("the answer is larger than {} MiB", limit >> 20)));
+                }
+                if let Some(budget) = budget
+                    && budget.take(&mut held, bytes.len()).is_none()
+                {
+                    let message = format!(
+                        "vramgate holds {} MiB of bodies and answers already (proxy.max_buffered); try again shortly",
+                        budget.total >> 20
+                    );
+                    return Err((StatusCode::SERVICE_UNAVAILABLE, message));
                 }
                 out.extend_from_slice(&bytes);
             }
-            Some(Err(e)) => return Err(root_cause(&e)),
+            Some(Err(e)) => return Err(failed(root_cause(&e))),
         }
     }
 }

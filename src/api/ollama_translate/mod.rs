@@ -19,7 +19,7 @@ use super::ollama::{
     DRAIN_LIMIT, Endpoint, NDJSON, UPSTREAM_ANSWER_LIMIT, UPSTREAM_ERROR_LIMIT, error, error_message, nanos, now, send,
     upstream_failure, with_model_header,
 };
-use super::proxy::{read_upstream, stopped_before_answering};
+use super::proxy::{read_answer, read_upstream, stopped_before_answering};
 use super::relay::StreamFailure;
 use crate::arbiter::gate::{ModelGate, Pin};
 use crate::client::root_cause;
@@ -266,19 +266,22 @@ pub(super) async fn translate(
     let read = tokio::select! {
         biased;
         () = pin.cut() => None,
-        read = read_upstream(incoming, state.stall_timeout, UPSTREAM_ANSWER_LIMIT) => Some(read),
+        read = read_answer(state, incoming, UPSTREAM_ANSWER_LIMIT) => Some(read),
     };
     let Some(read) = read else {
         return error(StatusCode::SERVICE_UNAVAILABLE, stopped_before_answering(&gate.id).message().to_string());
     };
-    let bytes = match read {
-        Ok(bytes) => bytes,
-        Err(message) => {
+    // Held (and counted against proxy.max_buffered) until the translated answer is built.
+    let answer_body = match read {
+        Ok(read) => read,
+        Err((StatusCode::BAD_GATEWAY, message)) => {
             return error(StatusCode::BAD_GATEWAY, format!("model {} at {} failed: {message}", gate.id, pin.upstream));
         }
+        Err((status, message)) => return error(status, message),
     };
+    let bytes = &answer_body.bytes;
     drop(pin);
-    let answer: Value = match serde_json::from_slice(&bytes) {
+    let answer: Value = match serde_json::from_slice(bytes) {
         Ok(answer) => answer,
         Err(e) => {
             return error(
@@ -287,7 +290,7 @@ pub(super) async fn translate(
             );
         }
     };
-    if let Some(message) = answer.get("error").and_then(|_| error_message(&bytes)) {
+    if let Some(message) = answer.get("error").and_then(|_| error_message(bytes)) {
         // An error in a 200 answer: its own 4xx code stands (the request was at fault), anything
         // else is the server's failure.
         let status = answer["error"]["code"]
