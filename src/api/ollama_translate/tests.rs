@@ -1,5 +1,6 @@
 //! The translation between Ollama's and OpenAI's shapes, request by request and stream by stream.
 
+use super::sse::SseParser;
 use super::*;
 
 fn events_of(reads: &[&str]) -> Vec<String> {
