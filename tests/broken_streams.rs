@@ -240,6 +240,8 @@ async fn an_unload_answers_a_request_waiting_for_a_whole_answer_with_a_503() {
         if openai {
             assert_eq!(answer["error"]["code"], "model_stopped", "{answer}");
         }
+        // Its connection closed with the cut: the server, its client gone, stopped on SIGTERM.
+        assert!(!daemon.log().contains("did not stop within"), "{path}: the server was killed: {}", daemon.log());
         assert_eq!(daemon.load("a").await.0, 200);
     }
 }

@@ -164,3 +164,27 @@ async fn a_model_server_that_refuses_connections_but_lives_on_is_not_retried() {
     assert_eq!(answer["error"]["code"], "upstream_error", "{answer}");
     assert!(!daemon.log().contains("sending the request again"), "{}", daemon.log());
 }
+
+#[tokio::test]
+async fn a_request_whose_server_dies_while_answering_it_is_not_sent_again() {
+    // A whole answer takes 1.5 s: the server read the request and dies while working on it.
+    let daemon = start(|sim| fake_model(sim, "a", 100, "--token-delay 300ms", ""));
+    let body = json!({"model": "a", "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, pid, answer) = answering_pid(format!("{}/v1/chat/completions", daemon.url), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let pid = pid.expect("the fake names its pid");
+    let asked = post(format!("{}/v1/chat/completions", daemon.url), body);
+    let kill = async {
+        daemon
+            .wait_for_status(Duration::from_secs(5), "the request in flight", |s| s["models"][0]["in_use"] == 1)
+            .await;
+        // The scenario itself, not a wait for something: the server has been working on the
+        // request for a while (past the 100 ms in which a broken connection counts as stale).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the model server");
+    };
+    let ((status, answer), ()) = tokio::join!(asked, kill);
+    assert_eq!(status, 502, "{answer}");
+    assert!(!daemon.log().contains("sending the request again"), "{}", daemon.log());
+}

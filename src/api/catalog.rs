@@ -196,14 +196,15 @@ fn weights_path(process: &ProcessSpec) -> Option<PathBuf> {
 
 /// The context size a command asks for: the number after `-c`/`--ctx-size` (or in
 /// `--ctx-size=N`), the last one if given twice (as llama-server reads its flags). Anything else
-/// (a `${...}` expansion, no number) tells nothing.
+/// (a `${...}` expansion, no number) tells nothing, and so does 0 (llama-server's "the model's
+/// own context length").
 fn ctx_size(argv: &[String]) -> Option<u64> {
     let args = argv.get(1..).unwrap_or_default();
     let mut named = args.iter().enumerate().filter_map(|(index, arg)| match arg.as_str() {
         "-c" | "--ctx-size" => args.get(index + 1).map(String::as_str),
         _ => arg.strip_prefix("--ctx-size="),
     });
-    named.next_back()?.parse().ok()
+    named.next_back()?.parse().ok().filter(|&n: &u64| n > 0)
 }
 
 /// Ollama's capability names a command's flags tell (llama-server's spelling).
@@ -262,6 +263,7 @@ mod tests {
         assert_eq!(of(&["llama-server", "-c"]), None);
         assert_eq!(of(&["llama-server", "--port", "-c"]), None);
         assert_eq!(of(&["llama-server"]), None);
+        assert_eq!(of(&["llama-server", "-c", "0"]), None, "0 is the model's own length");
     }
 
     #[test]

@@ -327,17 +327,24 @@ pub async fn send(
     send_once(state, gate, pin, request).await.map_err(|(error, _)| error)
 }
 
-/// How long a request whose connection to its model server failed waits for vramgate to see
-/// that server's exit (a process's exit reaches the engine within milliseconds) before the
-/// failure counts as final.
-const CRASH_NOTICE: Duration = Duration::from_secs(1);
+/// How long a request that could not connect to its model server waits for vramgate to see that
+/// server's exit (a process's exit reaches the engine within milliseconds; more on a loaded
+/// machine) before the failure counts as final.
+const CRASH_NOTICE: Duration = Duration::from_secs(2);
 
-/// Sends the request `build` makes for the pinned model, as [`send`] does. When the connection
-/// fails before any answer because the model's server has just died (vramgate sees its process
-/// exit within [`CRASH_NOTICE`]; typically a request sent in the instant after a crash, on a
-/// kept-alive connection whose end vramgate had not read yet), the model is started again and the
-/// request sent once more, to the new server. So a request is sent at most twice. Only for
-/// process models: an Ollama's death is not one model's crash, and vramgate does not restart it.
+/// A connection that breaks this soon after the request went out, before any answer, on a
+/// server that turns out to have crashed, was a kept-alive connection to a server already dead:
+/// its end had not been read yet when the request was written. No server reads a request and
+/// dies of it this fast in practice; one that does sees it twice.
+const STALE_CONNECTION: Duration = Duration::from_millis(100);
+
+/// Sends the request `build` makes for the pinned model, as [`send`] does. When it did not reach
+/// the server because that server had just died (it could not connect, or its kept-alive
+/// connection broke within [`STALE_CONNECTION`] with no answer; vramgate sees the crash within
+/// [`CRASH_NOTICE`]: typically a request sent in the instant after a crash), the model is started
+/// again and the request sent once more, to the new server. A connection that breaks later is
+/// not retried: the server may have read the request (and died of it). Only for process models:
+/// an Ollama's death is not one model's crash, and vramgate does not restart it.
 pub async fn send_retrying(
     state: &AppState,
     gate: &Arc<ModelGate>,
@@ -352,25 +359,26 @@ pub async fn send_retrying(
     if *pin.kind() != UpstreamKind::OpenAi {
         return Err(failed);
     }
-    let upstream = pin.upstream.clone();
-    drop(pin);
-    if !gate.stops_serving_at(&upstream, CRASH_NOTICE).await {
+    if !pin.crashed_within(CRASH_NOTICE).await {
         return Err(failed);
     }
+    drop(pin);
     tracing::info!(model = %gate.id, "{}: its server died; sending the request again once it has restarted", failed.message());
     let (_, pin) = pin_model(state, &gate.id, true).await?;
     let response = send(state, gate, &pin, build(&pin)?).await?;
     Ok((pin, response))
 }
 
-/// [`send`], telling a failed connection (`true`: nothing was answered, so the request may be
-/// sent again to a restarted server) from the other failures.
+/// [`send`], telling a failure to connect or a stale connection (`true`: nothing of the request
+/// reached a live server, if it crashed, so it may be sent again to a restarted one) from the
+/// other failures.
 async fn send_once(
     state: &AppState,
     gate: &ModelGate,
     pin: &Pin,
     request: axum::http::Request<Body>,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, (ApiError, bool)> {
+    let started = std::time::Instant::now();
     let sent = async {
         tokio::select! {
             biased;
@@ -401,7 +409,7 @@ async fn send_once(
             "upstream_error",
             format!("model {} at {} failed: {}", gate.id, pin.upstream, root_cause(&e)),
         );
-        (error, true)
+        (error, e.is_connect() || started.elapsed() < STALE_CONNECTION)
     })
 }
 

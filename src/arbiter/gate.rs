@@ -60,8 +60,11 @@ pub struct ModelGate {
     /// Woken when a model's last pin is dropped, so the arbiter can serve a waiter that needed it
     /// idle, without a message per request.
     idle: Arc<Notify>,
-    /// Woken whenever the gate opens or closes.
-    changed: Notify,
+    /// How many times its server crashed while serving (the engine counts each when it sees the
+    /// exit), and woken at each: a request whose connection failed waits for this to tell a
+    /// crash (send it again once restarted) from a live server refusing it.
+    crashes: AtomicU64,
+    crashed: Notify,
 }
 
 /// A model held in use; unpinned when dropped (the response body ended or the client went away).
@@ -76,6 +79,8 @@ pub struct Pin {
     pub on_cpu: bool,
     /// Cancelled when the model is told to stop while this request is in flight.
     cut: CancellationToken,
+    /// The model's crash count when it was pinned.
+    crashes_seen: u64,
 }
 
 impl ModelGate {
@@ -88,7 +93,8 @@ impl ModelGate {
             last_used_ms: AtomicU64::new(0),
             origin,
             idle,
-            changed: Notify::new(),
+            crashes: AtomicU64::new(0),
+            crashed: Notify::new(),
         })
     }
 
@@ -100,7 +106,8 @@ impl ModelGate {
         // Incremented under the read lock: `close_if_idle` cannot slip in between.
         self.in_use.fetch_add(1, Ordering::AcqRel);
         drop(state);
-        Some(Pin { gate: self.clone(), upstream, authority, on_cpu, cut })
+        let crashes_seen = self.crashes.load(Ordering::Acquire);
+        Some(Pin { gate: self.clone(), upstream, authority, on_cpu, cut, crashes_seen })
     }
 
     /// Requests (and model leases) using it now.
@@ -130,7 +137,6 @@ impl ModelGate {
             let authority = upstream.strip_prefix("http://").and_then(|a| a.parse::<Authority>().ok());
             state.serving = Some((Arc::from(upstream), authority, on_cpu));
         }
-        self.changed.notify_waiters();
     }
 
     /// Closes the gate whatever the pins (a crash, an explicit unload, shutdown).
@@ -138,29 +144,14 @@ impl ModelGate {
         if let Ok(mut state) = self.state.write() {
             state.serving = None;
         }
-        self.changed.notify_waiters();
     }
 
-    /// Whether the model stops serving at `upstream` (it closed, or serves elsewhere now: a
-    /// crashed server seen by the engine) within `limit`.
-    pub async fn stops_serving_at(&self, upstream: &str, limit: std::time::Duration) -> bool {
-        let wait = async {
-            loop {
-                let changed = self.changed.notified();
-                tokio::pin!(changed);
-                // Registered before the check, so a change in between is not missed.
-                changed.as_mut().enable();
-                let serving_there = self
-                    .state
-                    .read()
-                    .is_ok_and(|state| state.serving.as_ref().is_some_and(|(at, _, _)| &**at == upstream));
-                if !serving_there {
-                    return;
-                }
-                changed.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.is_ok()
+    /// Closes the gate because its server crashed while serving, and tells the requests that
+    /// wait to know ([`Pin::crashed_within`]).
+    pub(crate) fn crash(&self) {
+        self.close();
+        self.crashes.fetch_add(1, Ordering::AcqRel);
+        self.crashed.notify_waiters();
     }
 
     /// Cuts the answers of every request in flight (each ends with an error message in its own
@@ -181,8 +172,6 @@ impl ModelGate {
                     return false;
                 }
                 state.serving = None;
-                drop(state);
-                self.changed.notify_waiters();
                 true
             }
             Err(_) => false,
@@ -199,6 +188,25 @@ impl Pin {
     /// The protocol of the pinned model's upstream.
     pub fn kind(&self) -> &UpstreamKind {
         &self.gate.kind
+    }
+
+    /// Whether the server this request was sent to crashes (the engine sees its exit) within
+    /// `limit`, if it has not already.
+    pub async fn crashed_within(&self, limit: std::time::Duration) -> bool {
+        let gate = &self.gate;
+        let wait = async {
+            loop {
+                let crashed = gate.crashed.notified();
+                tokio::pin!(crashed);
+                // Registered before the check, so a crash in between is not missed.
+                crashed.as_mut().enable();
+                if gate.crashes.load(Ordering::Acquire) != self.crashes_seen {
+                    return;
+                }
+                crashed.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// Completes when the model is told to stop while this request is in flight

@@ -390,6 +390,7 @@ impl ArbiterHandle {
     /// The latest view, with each model's `in_use` read live from its gate. The arbiter
     /// republishes after a request's pin drops only when it gets to it, so without the live count
     /// a client that reads the status right after its answer could still see its own request.
+    /// Only `in_use` is live: `last_used` and the rest are as last published.
     pub fn view(&self) -> Arc<ArbiterView> {
         let published = self.view.borrow().clone();
         let live = |m: &ModelStatus| self.gates.get(&m.id).map(|gate| gate.in_use());

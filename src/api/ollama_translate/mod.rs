@@ -326,6 +326,9 @@ struct Progress {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     tool_calls: Vec<ToolCall>,
+    /// The bytes of every tool call's name and arguments together: bounded, as one call is, so
+    /// a server cannot grow the daemon with ever more calls either.
+    tool_call_bytes: usize,
     done: bool,
     /// The server's own timings (llama-server's `timings`), when it reports them.
     timings: ServerTimings,
@@ -402,6 +405,7 @@ impl Progress {
             prompt_tokens: None,
             completion_tokens: None,
             tool_calls: Vec::new(),
+            tool_call_bytes: 0,
             done: false,
             timings: ServerTimings::default(),
         }
@@ -500,19 +504,18 @@ impl Progress {
                 if self.tool_calls.len() <= index {
                     self.tool_calls.resize_with(index + 1, ToolCall::default);
                 }
-                let assembled = &mut self.tool_calls[index];
-                if let Some(name) = call["function"]["name"].as_str() {
-                    assembled.name.push_str(name);
-                }
-                if let Some(arguments) = call["function"]["arguments"].as_str() {
-                    assembled.arguments.push_str(arguments);
-                }
-                if assembled.name.len() + assembled.arguments.len() > MAX_EVENT_BYTES {
+                let name = call["function"]["name"].as_str().unwrap_or("");
+                let arguments = call["function"]["arguments"].as_str().unwrap_or("");
+                self.tool_call_bytes = self.tool_call_bytes.saturating_add(name.len()).saturating_add(arguments.len());
+                if self.tool_call_bytes > MAX_EVENT_BYTES {
                     return Err(format!(
-                        "the model server sent a tool call larger than {} MiB; the answer was cut off",
+                        "the model server sent tool calls larger than {} MiB in all; the answer was cut off",
                         MAX_EVENT_BYTES >> 20
                     ));
                 }
+                let assembled = &mut self.tool_calls[index];
+                assembled.name.push_str(name);
+                assembled.arguments.push_str(arguments);
             }
         }
         let content = choice_text(choice, "delta").unwrap_or("");

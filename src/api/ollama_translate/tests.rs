@@ -177,6 +177,26 @@ fn streamed_tool_calls_are_assembled_and_completions_text_is_read() {
 }
 
 #[test]
+fn tool_calls_are_bounded_in_all_not_only_one_by_one() {
+    let mut progress = progress(Endpoint::Chat);
+    let mut out = Vec::new();
+    // Each call 1 MiB, each a new one: under the bound one by one, over it together.
+    let arguments = "x".repeat(1 << 20);
+    let mut refused = None;
+    for index in 0..=(MAX_EVENT_BYTES >> 20) {
+        let chunk =
+            json!({"choices": [{"delta": {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}}]});
+        if let Err(message) = progress.event(&chunk.to_string(), &mut out) {
+            refused = Some((index, message));
+            break;
+        }
+    }
+    let (index, message) = refused.expect("17 MiB of tool calls must be refused");
+    assert_eq!(index, MAX_EVENT_BYTES >> 20, "refused at the call that went over");
+    assert!(message.contains("in all"), "{message}");
+}
+
+#[test]
 fn a_whole_answer_becomes_one_object() {
     let mut progress = progress(Endpoint::Chat);
     let answer = json!({

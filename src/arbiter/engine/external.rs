@@ -71,7 +71,8 @@ impl<E: Effects> Engine<E> {
 
     /// Moves a ready GPU model to its CPU form: the GPU form is released first, then the CPU form
     /// started (one instruction for an external model). `forced`: a mode or user asked, so it
-    /// goes even while requests use it; else only if idle. Returns whether it started.
+    /// goes even while requests use it (as a requested unload does: they get up to its
+    /// `stop_timeout` to finish, then are cut); else only if idle. Returns whether it started.
     pub(super) fn demote(&mut self, i: usize, reason: Reason, forced: bool) -> bool {
         if forced {
             self.models[i].gate.close();
@@ -79,8 +80,12 @@ impl<E: Effects> Engine<E> {
             return false;
         }
         self.models[i].prefers_gpu = !forced;
-        self.set_phase(i, Phase::Unloading { then: AfterRelease::CpuForm, idle_by: None }, reason, None);
-        self.begin_release_task(i);
+        let in_use = self.models[i].gate.in_use() > 0;
+        let idle_by = in_use.then(|| self.after(self.models[i].spec.stop_timeout));
+        self.set_phase(i, Phase::Unloading { then: AfterRelease::CpuForm, idle_by }, reason, None);
+        if idle_by.is_none() {
+            self.begin_release_task(i);
+        }
         true
     }
 

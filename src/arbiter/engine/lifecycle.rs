@@ -405,12 +405,14 @@ impl<E: Effects> Engine<E> {
                 let tail = self.models[i].process.as_ref().map(|p| p.logs.tail(5).join("\n")).unwrap_or_default();
                 let error = format!("crashed while serving: {exit}; last output:\n{tail}");
                 let model = &mut self.models[i];
-                model.gate.close();
+                model.gate.crash();
                 model.failures = model.failures.saturating_add(1);
                 model.last_error = Some(error.clone());
                 let phase = Phase::Unloading { then: AfterRelease::Unloaded, idle_by: None };
                 self.set_phase(i, phase, Reason::Crashed, Some(error));
-                self.begin_release_task(i);
+                // Its answers in flight broke with it (each ends with the server's failure):
+                // nothing to cut.
+                self.release_backend(i);
             }
             Phase::Unloading { then, idle_by: Some(_) } => {
                 // It was waiting for its requests to end; they ended with it.
@@ -479,11 +481,16 @@ impl<E: Effects> Engine<E> {
     /// the process stopped and gone from the probe's list, Ollama's `/api/ps` no longer listing
     /// it, or the app acknowledging `release` (or `cpu`, for a demotion).
     pub(super) fn begin_release_task(&mut self, i: usize) {
-        let model = &self.models[i];
         // Told to stop: answers still in flight are cut here (their clients get an error message
         // and their connections to the server close), or a llama-server that does not exit on
         // SIGTERM while it answers would hold the release up for the whole `stop_timeout`.
-        model.gate.cut_streams();
+        self.models[i].gate.cut_streams();
+        self.release_backend(i);
+    }
+
+    /// [`begin_release_task`](Self::begin_release_task) without the cut.
+    fn release_backend(&mut self, i: usize) {
+        let model = &self.models[i];
         let id = model.spec.id.clone();
         let generation = model.generation;
         match &model.spec.backend {

@@ -157,10 +157,12 @@ impl<E: Effects> Engine<E> {
         self.models.iter().filter_map(|m| Some((m.spec.id.clone(), m.process.clone()?))).collect()
     }
 
-    /// At shutdown: cuts every answer in flight, so no model server waits for its clients
-    /// before it exits ([`begin_release_task`](Engine::begin_release_task) does the same for one).
+    /// At shutdown: closes every model to new requests and cuts every answer in flight, so no
+    /// model server waits for its clients before it exits
+    /// ([`begin_release_task`](Engine::begin_release_task) does the same for one).
     pub(crate) fn cut_all_streams(&self) {
         for model in &self.models {
+            model.gate.close();
             model.gate.cut_streams();
         }
     }

@@ -142,7 +142,9 @@ fn an_unload_waits_for_requests_in_flight_then_cuts_them_at_the_stop_timeout() {
         if cut {
             rig.advance(Duration::from_secs(9));
             assert!(rig.fx().releases.is_empty(), "not before the stop_timeout");
+            assert!(pin.cut().now_or_never().is_none(), "the request runs on until then");
             rig.advance(Duration::from_secs(1));
+            assert!(pin.cut().now_or_never().is_some(), "its answer is cut when the backend is stopped");
         } else {
             drop(pin);
             rig.input(Input::Idle);
@@ -272,8 +274,11 @@ fn a_crash_while_serving_is_recorded_in_failures_and_last_error() {
     drop(rig.load("llm"));
     rig.ready("llm");
     let generation = rig.generation("llm");
+    let pin = rig.pin("llm");
     let exit = crate::backend::process::ExitInfo { code: Some(139), signal: None };
     rig.command(Command::Exited { model: "llm".into(), generation, exit });
+    assert!(pin.cut().now_or_never().is_none(), "an answer broken by the crash is not cut: it reports the crash");
+    drop(pin);
     let status = rig.engine.view().models.into_iter().find(|m| m.id == "llm").expect("llm in status");
     assert_eq!(status.failures, 1);
     assert!(status.last_error.as_deref().is_some_and(|e| e.contains("crashed while serving")), "{status:?}");
@@ -283,4 +288,25 @@ fn a_crash_while_serving_is_recorded_in_failures_and_last_error() {
     rig.ready("llm");
     let status = rig.engine.view().models.into_iter().find(|m| m.id == "llm").expect("llm in status");
     assert_eq!((status.failures, status.last_error), (0, None), "cleared by the next start");
+}
+
+/// A mode that moves a model in use to the CPU lets its requests finish first, as a requested
+/// unload does: its GPU form is stopped when they end, or at its stop_timeout, cutting them.
+#[test]
+fn a_forced_demotion_waits_for_requests_in_flight_then_cuts_them_at_the_stop_timeout() {
+    let config = "[models.vision]\nbackend = \"process\"\ncmd = \"vision\"\ncpu_cmd = \"vision --cpu\"\n\
+         vram = \"3000MiB\"\nstop_timeout = \"10s\"\n";
+    let mut rig = Rig::new(config, 8000);
+    drop(rig.load("vision"));
+    rig.ready("vision");
+    let pin = rig.pin("vision");
+    let (reply, _placed) = oneshot::channel();
+    rig.command(Command::PlaceCpu { name: "vision".into(), reply });
+    assert_eq!(rig.state("vision"), ModelState::Unloading);
+    assert!(rig.fx().releases.is_empty(), "the GPU form serves its request on");
+    rig.advance(Duration::from_secs(9));
+    assert!(rig.fx().releases.is_empty() && pin.cut().now_or_never().is_none(), "not before the stop_timeout");
+    rig.advance(Duration::from_secs(1));
+    assert_eq!(rig.fx().releases.len(), 1, "released at the stop_timeout");
+    assert!(pin.cut().now_or_never().is_some(), "and the request cut");
 }
