@@ -11,7 +11,10 @@ from typing import Iterator
 
 import pytest
 
-from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, make_gguf
+from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, make_gguf, process_model_section
+
+# The model on the large GGUF: slow enough that a stream is still running when a test kills it.
+LARGE_MODEL = "large"
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +54,25 @@ def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPat
             'stop_timeout = "10s"\n'
         )
     running = Daemon(tmp_path_factory.mktemp("vramgate"), "".join(sections))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def large_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The large synthetic GGUF (52 MB, slow to write), written once for the session."""
+    path = tmp_path_factory.mktemp("gguf-large") / "large.gguf"
+    make_gguf.write(path, make_gguf.LARGE, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def large_daemon(
+    llama_server: Path, large_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """A daemon of its own with one process model on the large GGUF, for the tests that kill its
+    server mid-stream (the session daemon's models stay untouched by them)."""
+    cmd = llama_server_args(llama_server, large_gguf, "${PORT}", "${MODEL_ID}")
+    running = Daemon(tmp_path_factory.mktemp("vramgate-large"), process_model_section(LARGE_MODEL, cmd))
     yield running
     running.stop()

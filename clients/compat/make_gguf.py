@@ -129,6 +129,10 @@ def write(path: Path, shape: Shape, seed: int) -> int:
     # The chat turn ends at <|im_end|>: a model that samples it stops, as a real ChatML model does.
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
+    # No "▁" before the first word of a text: llama-server tokenizes a chat's generation prompt
+    # ("<|im_start|>assistant\n") on its own to start a JSON-schema grammar with it, and a space
+    # prefix there makes the tokens disagree with the grammar ("Failed to initialize samplers").
+    writer.add_add_space_prefix(False)
     writer.add_chat_template(CHATML_TEMPLATE)
 
     writer.add_tensor("token_embd.weight", matrix(n_vocab, shape.n_embd))
