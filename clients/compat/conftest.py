@@ -15,6 +15,9 @@ from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, mak
 
 # The model on the large GGUF: slow enough that a stream is still running when a test kills it.
 LARGE_MODEL = "large"
+# The session daemon's model on the tool-calling GGUF (make_gguf.py --tool-calls): it answers
+# every request that has tools with one tool call.
+TOOLS_MODEL = "tools"
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +42,19 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the session, with two process models running the real llama-server."""
+def tools_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small GGUF's tool-calling variant, written once for the session."""
+    path = tmp_path_factory.mktemp("gguf-tools") / "tools.gguf"
+    make_gguf.write(path, make_gguf.SMALL, seed=0, tool_calls=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def daemon(
+    llama_server: Path, tiny_gguf: Path, tools_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """One daemon for the session, with two process models running the real llama-server on the
+    small GGUF, and a third on its tool-calling variant."""
     sections = []
     for model_id in MODEL_IDS:
         cmd = llama_server_args(llama_server, tiny_gguf, "${PORT}", "${MODEL_ID}")
@@ -53,6 +67,9 @@ def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPat
             'ready_timeout = "60s"\n'
             'stop_timeout = "10s"\n'
         )
+    sections.append(
+        process_model_section(TOOLS_MODEL, llama_server_args(llama_server, tools_gguf, "${PORT}", "${MODEL_ID}"))
+    )
     running = Daemon(tmp_path_factory.mktemp("vramgate"), "".join(sections))
     yield running
     running.stop()

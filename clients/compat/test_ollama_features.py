@@ -11,7 +11,7 @@ import httpx
 import ollama
 import pytest
 
-from conftest import LARGE_MODEL
+from conftest import LARGE_MODEL, TOOLS_MODEL
 from harness import DAEMON_DEADLINE, MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server, wait_until
 
 MODEL = MODEL_IDS[0]
@@ -92,3 +92,35 @@ def test_a_server_killed_mid_stream_is_a_response_error_and_the_next_request_wor
     assert answer.done is True and answer.eval_count == 4, answer
     restarted = large_daemon.model(LARGE_MODEL)
     assert restarted["state"] == "ready" and restarted["pid"] != pid, restarted
+
+
+WEATHER = [{"role": "user", "content": "what is the weather in Paris?"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_with_tools_answers_tool_calls(client: ollama.Client, stream: bool) -> None:
+    if stream:
+        parts = list(client.chat(model=TOOLS_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], stream=True))
+        assert parts[-1].done is True, parts
+        calls = [call for part in parts for call in (part.message.tool_calls or [])]
+    else:
+        answer = client.chat(model=TOOLS_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], stream=False)
+        assert answer.done is True, answer
+        calls = list(answer.message.tool_calls or [])
+    assert len(calls) == 1, calls
+    assert calls[0].function.name == "get_weather"
+    # The library parses the arguments into a mapping (Ollama sends an object, not a string).
+    assert dict(calls[0].function.arguments) in ({"city": "Paris"}, {"city": "Rome"}), calls[0]
+

@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from conftest import LARGE_MODEL
+from conftest import LARGE_MODEL, TOOLS_MODEL
 from harness import DAEMON_DEADLINE, MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server, wait_until
 
 MODEL = MODEL_IDS[0]
@@ -121,3 +121,59 @@ def test_a_server_killed_mid_stream_is_an_api_error_and_the_next_request_works(l
     assert answer.usage is not None and answer.usage.completion_tokens == 4
     restarted = large_daemon.model(LARGE_MODEL)
     assert restarted["state"] == "ready" and restarted["pid"] != pid, restarted
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+WEATHER = [{"role": "user", "content": "what is the weather in Paris?"}]
+
+
+def _weather_arguments(arguments: str) -> bool:
+    value = json.loads(arguments)
+    return isinstance(value, dict) and set(value) == {"city"} and value["city"] in ("Paris", "Rome")
+
+
+def test_chat_with_tools_required_answers_a_tool_call(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model=TOOLS_MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", max_tokens=200
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", answer
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1, choice.message
+    assert calls[0].type == "function" and calls[0].id
+    assert calls[0].function.name == "get_weather"
+    assert _weather_arguments(calls[0].function.arguments), calls[0].function.arguments
+
+
+def test_chat_with_tools_streamed_assembles_a_tool_call(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=TOOLS_MODEL, messages=WEATHER, tools=TOOLS, max_tokens=200, stream=True
+    )
+    name, arguments, finishes = "", "", []
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        for call in choice.delta.tool_calls or []:
+            assert call.index == 0, call
+            name += (call.function.name or "") if call.function else ""
+            arguments += (call.function.arguments or "") if call.function else ""
+        if choice.finish_reason:
+            finishes.append(choice.finish_reason)
+    assert finishes == ["tool_calls"], finishes
+    assert name == "get_weather"
+    assert _weather_arguments(arguments), arguments
