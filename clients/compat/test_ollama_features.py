@@ -66,6 +66,20 @@ def test_chat_with_think_answers(client: ollama.Client, think: bool) -> None:
     assert not answer.message.thinking, answer
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_is_a_response_error(client: ollama.Client, stream: bool) -> None:
+    # Far beyond the suite's --ctx-size 1024. llama-server refuses it (Ollama itself would cut the
+    # prompt to num_ctx instead); vramgate passes the refusal on as Ollama's error shape.
+    with pytest.raises(ollama.ResponseError) as raised:
+        answer = client.chat(
+            model=MODEL, messages=[{"role": "user", "content": "hello " * 3000}], options={"num_predict": 4}, stream=stream
+        )
+        if stream:
+            list(answer)
+    assert raised.value.status_code == 400
+    assert "context" in raised.value.error, raised.value.error
+
+
 def test_a_server_killed_mid_stream_is_a_response_error_and_the_next_request_works(large_daemon: Daemon) -> None:
     client = ollama.Client(host=large_daemon.url, timeout=60)
     parts = iter(
