@@ -11,7 +11,13 @@ from typing import Iterator
 
 import pytest
 
-from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, make_gguf
+from harness import MODEL_IDS, Daemon, llama_server_args, llama_server_path, make_gguf, process_model_section
+
+# The model on the large GGUF: slow enough that a stream is still running when a test kills it.
+LARGE_MODEL = "large"
+# The session daemon's model on the tool-calling GGUF (make_gguf.py --tool-calls): it answers
+# every request that has tools with one tool call.
+TOOLS_MODEL = "tools"
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +42,19 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the session, with two process models running the real llama-server."""
+def tools_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small GGUF's tool-calling variant, written once for the session."""
+    path = tmp_path_factory.mktemp("gguf-tools") / "tools.gguf"
+    make_gguf.write(path, make_gguf.SMALL, seed=0, tool_calls=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def daemon(
+    llama_server: Path, tiny_gguf: Path, tools_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """One daemon for the session, with two process models running the real llama-server on the
+    small GGUF, and a third on its tool-calling variant."""
     sections = []
     for model_id in MODEL_IDS:
         cmd = llama_server_args(llama_server, tiny_gguf, "${PORT}", "${MODEL_ID}")
@@ -50,6 +67,29 @@ def daemon(llama_server: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPat
             'ready_timeout = "60s"\n'
             'stop_timeout = "10s"\n'
         )
+    sections.append(
+        process_model_section(TOOLS_MODEL, llama_server_args(llama_server, tools_gguf, "${PORT}", "${MODEL_ID}"))
+    )
     running = Daemon(tmp_path_factory.mktemp("vramgate"), "".join(sections))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def large_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The large synthetic GGUF (52 MB, slow to write), written once for the session."""
+    path = tmp_path_factory.mktemp("gguf-large") / "large.gguf"
+    make_gguf.write(path, make_gguf.LARGE, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def large_daemon(
+    llama_server: Path, large_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """A daemon of its own with one process model on the large GGUF, for the tests that kill its
+    server mid-stream (the session daemon's models stay untouched by them)."""
+    cmd = llama_server_args(llama_server, large_gguf, "${PORT}", "${MODEL_ID}")
+    running = Daemon(tmp_path_factory.mktemp("vramgate-large"), process_model_section(LARGE_MODEL, cmd))
     yield running
     running.stop()

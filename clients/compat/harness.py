@@ -124,10 +124,26 @@ def llama_server_args(binary: Path, gguf: Path, port: str, alias: str) -> List[s
     ]
 
 
+def process_model_section(model_id: str, cmd: List[str], vram: str = "1GiB") -> str:
+    """A [models.ID] table for a process model running ``cmd`` (a llama-server command line)."""
+    return (
+        f"\n[models.{model_id}]\n"
+        'backend = "process"\n'
+        f"cmd = [{', '.join(json.dumps(a) for a in cmd)}]\n"
+        'health = "/health"\n'
+        f'vram = "{vram}"\n'
+        'ready_timeout = "60s"\n'
+        'stop_timeout = "10s"\n'
+    )
+
+
 class Daemon:
     """A running ``vramgate serve --listen 127.0.0.1:0`` on a sim device."""
 
-    def __init__(self, home: Path, models_config: str) -> None:
+    def __init__(self, home: Path, models_config: str, total_mib: int = 8192) -> None:
+        """``models_config`` is TOML appended after the daemon's own [server] and [gpu] tables (so
+        it may hold [models.*], [scheduler], [aliases], ...); ``total_mib`` is the size of the one
+        simulated GPU (usable: that less gpu.reserve_mib, 512 by default)."""
         self.home = home
         sim_dir = home / "sim"
         (sim_dir / "0").mkdir(parents=True, exist_ok=True)
@@ -140,7 +156,7 @@ class Daemon:
             'sample_interval = "50ms"\n'
             "[gpu.sim]\n"
             f'dir = "{sim_dir}"\n'
-            'devices = [{ name = "Sim 8G", total_mib = 8192 }]\n' + models_config
+            f'devices = [{{ name = "Sim", total_mib = {total_mib} }}]\n' + models_config
         )
         self.stderr_path = home / "vramgate.log"
         env = dict(os.environ)
@@ -204,6 +220,13 @@ class Daemon:
         )
         assert status == 200, f"load {model_id}: {status} {body!r}\n{self.log()}"
 
+    def models(self) -> List[Dict[str, Any]]:
+        """Every model's entry in the status document."""
+        status, body = http(f"{self.url}/vramgate/models")
+        assert status == 200, body
+        document = json.loads(body)
+        return document["models"] if isinstance(document, dict) else document
+
     def stop(self) -> None:
         """SIGTERM (so the daemon stops its model servers), then SIGKILL after a deadline."""
         if self.proc.poll() is not None:
@@ -214,3 +237,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def kill_model_server(daemon: Daemon, model_id: str) -> int:
+    """SIGKILL to the model's server process, by the pid the status document shows; returns it."""
+    pid = daemon.model(model_id)["pid"]
+    assert isinstance(pid, int) and pid > 0, daemon.model(model_id)
+    os.kill(pid, signal.SIGKILL)
+    return pid

@@ -34,6 +34,34 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The tool-calling variant's template: ChatML with tools in the Hermes style (as Qwen 2.5 writes
+# them), so llama-server recognises the format, parses `<tool_call>` blocks into tool calls and
+# constrains their arguments with a grammar from the tools' JSON schemas.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n# Tools\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\n</tools>\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}{{- '<|im_start|>assistant\n' }}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# The tool-calling variant's extra tokens, as Qwen 2.5 has them: llama-server's Hermes format
+# keeps them whole ("preserved tokens").
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+# The residual-stream dimensions the tool-calling variant's weights reserve (see write()).
+TOOL_CHANNELS = 4
+
 # Whole-word pieces beside the byte tokens, so ordinary English prompts take a few tokens each
 # rather than one per byte (the prompt-length tests count on it being short).
 WORDS = (
@@ -65,8 +93,9 @@ SMALL = Shape(n_embd=64, n_layers=2, n_heads=4, n_ff=128, n_ctx=2048)
 LARGE = Shape(n_embd=512, n_layers=8, n_heads=8, n_ff=1408, n_ctx=2048)
 
 
-def vocabulary() -> Tuple[List[str], List[float], List[int]]:
-    """Tokens, scores and types: <unk> <s> </s>, the ChatML markers, 256 byte tokens, words."""
+def vocabulary(tool_calls: bool = False) -> Tuple[List[str], List[float], List[int]]:
+    """Tokens, scores and types: <unk> <s> </s>, the ChatML markers, 256 byte tokens, words, and
+    with ``tool_calls`` the tool-call opening last."""
     tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -77,14 +106,27 @@ def vocabulary() -> Tuple[List[str], List[float], List[int]]:
     # SentencePiece picks the highest-scoring segmentation: longer pieces score higher, so a word
     # is one token; control and byte tokens never win over a piece.
     scores = [0.0] * (len(tokens) - len(pieces)) + [float(len(p)) for p in pieces]
+    if tool_calls:
+        tokens += [TOOL_CALL_OPEN, TOOL_CALL_CLOSE]
+        types += [TokenType.USER_DEFINED, TokenType.USER_DEFINED]
+        scores += [0.0, 0.0]
     return tokens, scores, [int(t) for t in types]
 
 
-def write(path: Path, shape: Shape, seed: int) -> int:
-    """Writes the GGUF to ``path``; returns the vocabulary size."""
+def write(path: Path, shape: Shape, seed: int, tool_calls: bool = False) -> int:
+    """Writes the GGUF to ``path``; returns the vocabulary size.
+
+    ``tool_calls`` writes the tool-calling variant: a model that, after the newline that ends
+    the generation prompt, opens a tool call ("<tool_call>", then a newline), and ends its turn
+    after "</tool_call>". With tools in the request llama-server's grammar fills in the call (name
+    and arguments from the schema) and parses it into ``tool_calls``, for tool_choice "required"
+    and "auto" alike. Its weights make it a bigram model on a few channels of the residual stream
+    that no layer writes to (dimensions 0 to 3): the output matrix reads them as "the current
+    token is any / a newline / <tool_call> / </tool_call>" and favours the next token from that.
+    """
     if shape.n_embd % shape.n_heads != 0:
         raise ValueError(f"n_embd {shape.n_embd} is not a multiple of n_heads {shape.n_heads}")
-    tokens, scores, types = vocabulary()
+    tokens, scores, types = vocabulary(tool_calls)
     n_vocab = len(tokens)
     head_dim = shape.n_embd // shape.n_heads
     rng = np.random.default_rng(seed)
@@ -102,6 +144,12 @@ def write(path: Path, shape: Shape, seed: int) -> int:
         out = np.zeros((rows, cols), dtype=matrix_dtype)
         out[first_word:] = rng.standard_normal((rows - first_word, cols)).astype(matrix_dtype)
         return out
+
+    def without_bias_channel(weight: np.ndarray) -> np.ndarray:
+        # A layer's output weight that leaves the tool-calling variant's channels alone.
+        if tool_calls:
+            weight[:TOOL_CHANNELS, :] = 0
+        return weight
 
     def norm() -> np.ndarray:
         return np.ones(shape.n_embd, dtype=np.float32)
@@ -129,24 +177,52 @@ def write(path: Path, shape: Shape, seed: int) -> int:
     # The chat turn ends at <|im_end|>: a model that samples it stops, as a real ChatML model does.
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    # No "▁" before the first word of a text: llama-server tokenizes a chat's generation prompt
+    # ("<|im_start|>assistant\n") on its own to start a JSON-schema grammar with it, and a space
+    # prefix there makes the tokens disagree with the grammar ("Failed to initialize samplers").
+    writer.add_add_space_prefix(False)
+    writer.add_chat_template(TOOLS_TEMPLATE if tool_calls else CHATML_TEMPLATE)
 
-    writer.add_tensor("token_embd.weight", matrix(n_vocab, shape.n_embd))
+    embeddings = matrix(n_vocab, shape.n_embd)
+    newline = tokens.index("<0x0A>")
+    if tool_calls:
+        # The channels, in the residual stream as the embedding put them (no layer writes there),
+        # large beside everything else so the final RMS norm keeps them at about sqrt(n_embd / 2).
+        embeddings[:, :TOOL_CHANNELS] = 0
+        embeddings[:, 0] = 1.0
+        embeddings[newline, 1] = 1.0
+        embeddings[tokens.index(TOOL_CALL_OPEN), 2] = 1.0
+        embeddings[tokens.index(TOOL_CALL_CLOSE), 3] = 1.0
+    writer.add_tensor("token_embd.weight", embeddings)
     for layer in range(shape.n_layers):
         block = f"blk.{layer}"
         writer.add_tensor(f"{block}.attn_norm.weight", norm())
         writer.add_tensor(f"{block}.attn_q.weight", matrix(shape.n_embd, shape.n_embd))
         writer.add_tensor(f"{block}.attn_k.weight", matrix(shape.n_embd, shape.n_embd))
         writer.add_tensor(f"{block}.attn_v.weight", matrix(shape.n_embd, shape.n_embd))
-        writer.add_tensor(f"{block}.attn_output.weight", matrix(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"{block}.attn_output.weight", without_bias_channel(matrix(shape.n_embd, shape.n_embd)))
         writer.add_tensor(f"{block}.ffn_norm.weight", norm())
         writer.add_tensor(f"{block}.ffn_gate.weight", matrix(shape.n_ff, shape.n_embd))
         writer.add_tensor(f"{block}.ffn_up.weight", matrix(shape.n_ff, shape.n_embd))
-        writer.add_tensor(f"{block}.ffn_down.weight", matrix(shape.n_embd, shape.n_ff))
+        writer.add_tensor(f"{block}.ffn_down.weight", without_bias_channel(matrix(shape.n_embd, shape.n_ff)))
     writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor(
-        "output.weight", output_matrix(n_vocab, shape.n_embd, first_word=n_vocab - len(WORD_PIECES))
-    )
+    first_word = tokens.index(WORD_PIECES[0])
+    output = output_matrix(n_vocab, shape.n_embd, first_word=first_word)
+    if tool_calls:
+        # Read from the channels (each about 5.6 where set): any token -> words (+1) and
+        # </tool_call> (+2, so the grammar's closing is that token, not bytes); a newline ->
+        # <tool_call> (+8); <tool_call> -> a newline (+8); </tool_call> -> <|im_end|> (+8). The gaps
+        # are wide enough that sampling at any usual temperature picks the favoured token when the
+        # grammar allows it.
+        output[:, :TOOL_CHANNELS] = 0
+        output[first_word : first_word + len(WORD_PIECES), 0] = 1.0
+        output[tokens.index(TOOL_CALL_CLOSE)] = 0
+        output[tokens.index(TOOL_CALL_CLOSE), 0] = 2.0
+        output[tokens.index(TOOL_CALL_OPEN)] = 0
+        output[tokens.index(TOOL_CALL_OPEN), 1] = 8.0
+        output[newline, 2] = 8.0
+        output[tokens.index("<|im_end|>"), 3] = 8.0
+    writer.add_tensor("output.weight", output)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -164,10 +240,15 @@ def main(argv: Sequence[str]) -> int:
         "--large", action="store_true", help="n_embd 512 x 8 layers (slow to generate) instead of 64 x 2"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument(
+        "--tool-calls",
+        action="store_true",
+        help="the tool-calling variant: opens a tool call first, then ends its turn (see write())",
+    )
     args = parser.parse_args(argv)
     shape = LARGE if args.large else SMALL
     try:
-        n_vocab = write(args.out, shape, args.seed)
+        n_vocab = write(args.out, shape, args.seed, tool_calls=args.tool_calls)
     except OSError as e:
         print(f"make_gguf.py: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
