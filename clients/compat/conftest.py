@@ -90,6 +90,8 @@ def large_daemon(
     """A daemon of its own with one process model on the large GGUF, for the tests that kill its
     server mid-stream (the session daemon's models stay untouched by them)."""
     cmd = llama_server_args(llama_server, large_gguf, "${PORT}", "${MODEL_ID}")
-    running = Daemon(tmp_path_factory.mktemp("vramgate-large"), process_model_section(LARGE_MODEL, cmd))
+    # An unload lets a stream run for 2 s (its stop_timeout), then cuts it.
+    section = process_model_section(LARGE_MODEL, cmd, stop_timeout="2s")
+    running = Daemon(tmp_path_factory.mktemp("vramgate-large"), section)
     yield running
     running.stop()

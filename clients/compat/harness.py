@@ -124,8 +124,9 @@ def llama_server_args(binary: Path, gguf: Path, port: str, alias: str) -> List[s
     ]
 
 
-def process_model_section(model_id: str, cmd: List[str], vram: str = "1GiB") -> str:
-    """A [models.ID] table for a process model running ``cmd`` (a llama-server command line)."""
+def process_model_section(model_id: str, cmd: List[str], vram: str = "1GiB", stop_timeout: str = "10s") -> str:
+    """A [models.ID] table for a process model running ``cmd`` (a llama-server command line);
+    ``stop_timeout``: how long an unload lets answers in flight run before it cuts them."""
     return (
         f"\n[models.{model_id}]\n"
         'backend = "process"\n'
@@ -133,7 +134,7 @@ def process_model_section(model_id: str, cmd: List[str], vram: str = "1GiB") -> 
         'health = "/health"\n'
         f'vram = "{vram}"\n'
         'ready_timeout = "60s"\n'
-        'stop_timeout = "10s"\n'
+        f'stop_timeout = "{stop_timeout}"\n'
     )
 
 

@@ -1,16 +1,20 @@
 """Lifecycle through the real client libraries, each test on a daemon of its own: a swap between
-two real llama-servers on a simulated GPU that holds only one, and a model server killed while
-idle."""
+two real llama-servers on a simulated GPU that holds only one, a model server killed while
+idle, and an unload while a stream is in flight."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import ollama
 import openai
 import pytest
 
+from conftest import LARGE_MODEL
 from harness import DAEMON_DEADLINE, MAX_TOKENS, Daemon, kill_model_server, llama_server_args, process_model_section, wait_until
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -78,3 +82,40 @@ def test_an_idle_server_killed_is_restarted_and_the_crash_recorded(
         assert restarted["state"] == "ready" and restarted["pid"] not in (None, pid), restarted
     finally:
         daemon.stop()
+
+
+def test_an_unload_with_a_stream_in_flight_cuts_it_and_the_server_exits_at_once(large_daemon: Daemon) -> None:
+    """llama-server does not exit on SIGTERM while it answers a request, only once its clients
+    have gone: an unload lets the stream run for the model's stop_timeout (2 s here), then cuts it
+    (the client gets an error vramgate wrote into the stream) and closes the connection, and the
+    server exits at once rather than after a second stop_timeout and a SIGKILL."""
+    client = _openai(large_daemon)
+    stream = client.chat.completions.create(model=LARGE_MODEL, messages=MESSAGES, max_tokens=900, stream=True)
+    chunks = iter(stream)
+    # The first token: the server is generating (900 tokens take it over ten seconds).
+    first = next((c for c in chunks if c.choices and c.choices[0].delta.content), None)
+    assert first is not None, "the stream ended without a token"
+    pid = large_daemon.model(LARGE_MODEL)["pid"]
+    unloaded: List[float] = []
+    unloading = threading.Thread(target=lambda: (large_daemon.unload(LARGE_MODEL), unloaded.append(time.monotonic())))
+    asked = time.monotonic()
+    unloading.start()
+    tokens_after = 0
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                tokens_after += 1
+    cut = time.monotonic()
+    stream.close()
+    unloading.join(DAEMON_DEADLINE)
+    assert unloaded, f"the unload did not finish; log:\n{large_daemon.log()}"
+    assert not isinstance(raised.value, openai.APIConnectionError), repr(raised.value)
+    assert "was stopped" in str(raised.value), str(raised.value)
+    assert tokens_after > 0, "the answer ran on until the cut"
+    assert cut - asked < 2 + 3, f"cut {cut - asked:.2f} s after the unload (stop_timeout 2 s)"
+    stopped = unloaded[0] - cut
+    assert stopped < 1.0, f"the server stopped {stopped:.2f} s after the cut; log:\n{large_daemon.log()}"
+    assert "did not stop within" not in large_daemon.log(), "the server had to be killed"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    print(f"unload with a stream in flight: cut {cut - asked:.2f} s after the unload, server gone {stopped:.3f} s after the cut")

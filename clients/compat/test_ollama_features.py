@@ -12,7 +12,7 @@ import ollama
 import pytest
 
 from conftest import LARGE_MODEL, TOOLS_MODEL
-from harness import DAEMON_DEADLINE, MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server, wait_until
+from harness import MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server
 
 MODEL = MODEL_IDS[0]
 MESSAGES = [{"role": "user", "content": "hello, say a short answer please"}]
@@ -97,11 +97,8 @@ def test_a_server_killed_mid_stream_is_a_response_error_and_the_next_request_wor
     assert not isinstance(raised.value, httpx.HTTPError)
     assert "failed mid-answer" in raised.value.error, raised.value.error
 
-    # vramgate notices the exit (see test_openai_features: a request in the few ms before that gets
-    # a 502); then a request starts the model again.
-    wait_until(
-        lambda: large_daemon.model(LARGE_MODEL)["pid"] != pid, DAEMON_DEADLINE, "vramgate to notice the crash"
-    )
+    # Sent at once, maybe before vramgate has seen the crash: it finds the server gone, so vramgate
+    # restarts the model and sends it again.
     answer = client.chat(model=LARGE_MODEL, messages=MESSAGES, options={"num_predict": 4}, stream=False)
     assert answer.done is True and answer.eval_count == 4, answer
     restarted = large_daemon.model(LARGE_MODEL)

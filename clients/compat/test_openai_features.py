@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from conftest import LARGE_MODEL, TOOLS_MODEL
-from harness import DAEMON_DEADLINE, MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server, wait_until
+from harness import MAX_TOKENS, MODEL_IDS, Daemon, kill_model_server
 
 MODEL = MODEL_IDS[0]
 MESSAGES = [{"role": "user", "content": "hello, say a short answer please"}]
@@ -113,11 +113,8 @@ def test_a_server_killed_mid_stream_is_an_api_error_and_the_next_request_works(l
     assert "failed mid-answer" in message, message
     stream.close()
 
-    # vramgate notices the exit (a request sent in the few ms before that gets a 502 "Connection
-    # refused": reported as a bug); then a request starts the model again.
-    wait_until(
-        lambda: large_daemon.model(LARGE_MODEL)["pid"] != pid, DAEMON_DEADLINE, "vramgate to notice the crash"
-    )
+    # Sent at once, maybe before vramgate has seen the crash: it finds the server gone (nothing
+    # of it reached a live server), so vramgate restarts the model and sends it again.
     answer = client.chat.completions.create(model=LARGE_MODEL, messages=MESSAGES, max_tokens=4)
     assert answer.usage is not None and answer.usage.completion_tokens == 4
     restarted = large_daemon.model(LARGE_MODEL)
