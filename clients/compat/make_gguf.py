@@ -26,12 +26,16 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
-# The ChatML template, as chat models (Qwen and others) carry it in `tokenizer.chat_template`.
+# The ChatML template, as chat models (Qwen and others) carry it in `tokenizer.chat_template`;
+# like Qwen 3's, it reads `enable_thinking` (which an Ollama `think` becomes), here only to write
+# forty words more into the prompt when thinking is turned off, so a test can see it arrive.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ 'no thinking here ' * 40 }}{% endif %}"
+    "{% endif %}"
 )
 
 # The tool-calling variant's template: ChatML with tools in the Hermes style (as Qwen 2.5 writes

@@ -66,6 +66,22 @@ def test_chat_with_think_answers(client: ollama.Client, think: bool) -> None:
     assert not answer.message.thinking, answer
 
 
+def test_think_reaches_the_models_chat_template(client: ollama.Client) -> None:
+    # The synthetic model's template writes forty words more into the prompt when thinking is
+    # off (Qwen 3's writes an empty thought). prompt_eval_count is what llama-server evaluated: a
+    # prompt it has cached (in part) counts less, so the first call is the one with the words,
+    # on messages no other test sends; the others then find their whole prompt cached, or not.
+    messages = [{"role": "user", "content": "think about it"}]
+
+    def prompt_tokens(**think: bool) -> int:
+        answer = client.chat(model=MODEL, messages=messages, options={"num_predict": 1}, stream=False, **think)
+        assert answer.prompt_eval_count, answer
+        return answer.prompt_eval_count
+
+    off, on, default = prompt_tokens(think=False), prompt_tokens(think=True), prompt_tokens()
+    assert off > 40 + max(on, default), (off, on, default)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_longer_than_the_context_is_a_response_error(client: ollama.Client, stream: bool) -> None:
     # Far beyond the suite's --ctx-size 1024. llama-server refuses it (Ollama itself would cut the

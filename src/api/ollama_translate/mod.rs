@@ -175,7 +175,28 @@ fn completion_request(
         out.insert("stream_options".into(), json!({ "include_usage": true }));
     }
     map_options(object, &mut out);
+    if path == "/v1/chat/completions" {
+        map_think(object.get("think"), &mut out)?;
+    }
     Ok((path, Value::Object(out)))
+}
+
+/// Ollama's `think` (`true`/`false`, or a level for the models that take one) as the chat
+/// template arguments llama-server passes to the model's template (`enable_thinking`, and
+/// `reasoning_effort` for a level); without it the server's default stands.
+fn map_think(think: Option<&Value>, out: &mut Map<String, Value>) -> Result<(), String> {
+    let kwargs = match think {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Bool(enabled)) => json!({ "enable_thinking": enabled }),
+        Some(Value::String(level)) if matches!(level.as_str(), "high" | "medium" | "low") => {
+            json!({ "enable_thinking": true, "reasoning_effort": level })
+        }
+        Some(other) => {
+            return Err(format!("`think` must be true, false, \"high\", \"medium\" or \"low\", not {other}"));
+        }
+    };
+    out.insert("chat_template_kwargs".into(), kwargs);
+    Ok(())
 }
 
 /// Translates a request for an OpenAI-speaking model, sends it and translates the answer.
@@ -383,14 +404,26 @@ fn choice_text<'a>(choice: &'a Value, part: &str) -> Option<&'a str> {
     choice[part]["content"].as_str().or_else(|| choice["text"].as_str())
 }
 
-/// OpenAI tool calls (arguments as a JSON string) as Ollama's (arguments as an object).
-fn ollama_tool_calls(calls: impl Iterator<Item = (String, String)>) -> Vec<Value> {
-    calls
-        .map(|(name, arguments)| {
-            let arguments = serde_json::from_str::<Value>(&arguments).unwrap_or(Value::String(arguments));
-            json!({ "function": { "name": name, "arguments": arguments } })
-        })
-        .collect()
+/// OpenAI tool calls (arguments as a JSON string) as Ollama's (arguments as an object), and the
+/// text of those that are not calls Ollama's clients can take: a call whose arguments are not a
+/// JSON object (a generation cut off mid-call by its token limit) would make their libraries
+/// fail to read the whole answer, so its text goes with the content instead, as Ollama does with
+/// output it cannot parse as a call.
+fn ollama_tool_calls(calls: impl Iterator<Item = (String, String)>) -> (Vec<Value>, String) {
+    let mut parsed = Vec::new();
+    let mut unparsed = String::new();
+    for (name, arguments) in calls {
+        let object = if arguments.trim().is_empty() {
+            Some(Value::Object(Map::new()))
+        } else {
+            serde_json::from_str::<Value>(&arguments).ok().filter(Value::is_object)
+        };
+        match object {
+            Some(arguments) => parsed.push(json!({ "function": { "name": name, "arguments": arguments } })),
+            None => unparsed.push_str(&format!("{{\"name\": {}, \"arguments\": {arguments}}}", json!(name))),
+        }
+    }
+    (parsed, unparsed)
 }
 
 impl Progress {
@@ -538,8 +571,11 @@ impl Progress {
         self.done = true;
         if !self.tool_calls.is_empty() && self.request.endpoint == Endpoint::Chat {
             let calls = std::mem::take(&mut self.tool_calls);
-            let mut line = self.line("", None, false);
-            line["message"]["tool_calls"] = json!(ollama_tool_calls(calls.into_iter().map(|c| (c.name, c.arguments))));
+            let (calls, unparsed) = ollama_tool_calls(calls.into_iter().map(|c| (c.name, c.arguments)));
+            let mut line = self.line(&unparsed, None, false);
+            if !calls.is_empty() {
+                line["message"]["tool_calls"] = json!(calls);
+            }
             Self::push_line(out, &line);
         }
         let mut line = self.line("", None, true);
@@ -555,9 +591,9 @@ impl Progress {
         self.usage(answer);
         let choice = &answer["choices"][0];
         self.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
-        let content = choice_text(choice, "message").unwrap_or("").to_string();
+        let mut content = choice_text(choice, "message").unwrap_or("").to_string();
         let thinking = choice["message"]["reasoning_content"].as_str().filter(|t| !t.is_empty()).map(str::to_string);
-        let calls = choice["message"]["tool_calls"].as_array().map_or_else(Vec::new, |calls| {
+        let (calls, unparsed) = choice["message"]["tool_calls"].as_array().map_or_else(Default::default, |calls| {
             ollama_tool_calls(calls.iter().map(|c| {
                 let name = c["function"]["name"].as_str().unwrap_or("").to_string();
                 let arguments = match &c["function"]["arguments"] {
@@ -567,6 +603,7 @@ impl Progress {
                 (name, arguments)
             }))
         });
+        content.push_str(&unparsed);
         if !content.is_empty() {
             self.deltas = 1;
         }

@@ -89,6 +89,20 @@ fn a_chat_maps_messages_options_and_format() {
     assert_eq!(body["stream"], false);
     assert!(body.get("stream_options").is_none() && body.get("max_tokens").is_none());
     assert!(completion_request(Endpoint::Chat, "llm", &object(json!({"messages": "hi"}))).is_err());
+    assert!(body.get("chat_template_kwargs").is_none(), "without `think` the server's default stands");
+}
+
+#[test]
+fn think_becomes_the_templates_arguments() {
+    let chat =
+        |think: Value| completion_request(Endpoint::Chat, "llm", &object(json!({"messages": [], "think": think})));
+    let kwargs = |think: Value| chat(think).map(|(_, body)| body["chat_template_kwargs"].clone());
+    assert_eq!(kwargs(json!(false)), Ok(json!({"enable_thinking": false})));
+    assert_eq!(kwargs(json!(true)), Ok(json!({"enable_thinking": true})));
+    assert_eq!(kwargs(json!("low")), Ok(json!({"enable_thinking": true, "reasoning_effort": "low"})));
+    assert!(chat(json!("very")).is_err_and(|e| e.contains("`think`")));
+    let generate = completion_request(Endpoint::Generate, "llm", &object(json!({"prompt": "hi", "think": false})));
+    assert_eq!(generate.map(|(_, body)| body["chat_template_kwargs"].clone()), Ok(json!({"enable_thinking": false})));
 }
 
 #[test]
@@ -207,4 +221,29 @@ fn a_whole_answer_becomes_one_object() {
     assert_eq!(whole["message"], json!({"role": "assistant", "content": "hi"}));
     assert_eq!((whole["done"].clone(), whole["done_reason"].clone()), (json!(true), json!("stop")));
     assert_eq!((whole["prompt_eval_count"].clone(), whole["eval_count"].clone()), (json!(3), json!(1)));
+}
+
+#[test]
+fn a_tool_call_cut_off_mid_arguments_goes_with_the_content() {
+    // A whole answer: the call's arguments end mid-object (the token limit), another is whole.
+    let mut progress = progress(Endpoint::Chat);
+    let answer = json!({
+        "choices": [{"message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get", "arguments": "{\"city\": \"Os"}},
+            {"function": {"name": "now", "arguments": ""}},
+        ]}, "finish_reason": "length"}],
+    });
+    let whole = progress.whole(&answer);
+    assert_eq!(whole["message"]["tool_calls"], json!([{"function": {"name": "now", "arguments": {}}}]));
+    assert_eq!(whole["message"]["content"], "{\"name\": \"get\", \"arguments\": {\"city\": \"Os}");
+
+    // Streamed: the same.
+    let mut progress = self::progress(Endpoint::Chat);
+    let mut out = Vec::new();
+    let chunk = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"get","arguments":"{"}}]}}]}"#;
+    progress.event(chunk, &mut out).unwrap();
+    progress.event("[DONE]", &mut out).unwrap();
+    let lines = lines(&out);
+    assert!(lines[0]["message"].get("tool_calls").is_none(), "{lines:?}");
+    assert_eq!(lines[0]["message"]["content"], "{\"name\": \"get\", \"arguments\": {}");
 }
