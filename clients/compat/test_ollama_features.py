@@ -96,6 +96,15 @@ def test_a_prompt_longer_than_the_context_is_a_response_error(client: ollama.Cli
     assert "context" in raised.value.error, raised.value.error
 
 
+def test_an_embedding_input_over_the_servers_batch_is_a_502_with_its_message(client: ollama.Client) -> None:
+    # llama-server answers a 500 (a limit of its configuration, --ubatch-size, not of the request):
+    # the Ollama surface reports the server's failure as a 502 that carries its message.
+    with pytest.raises(ollama.ResponseError) as raised:
+        client.embed(model=MODEL, input="hello " * 3000)
+    assert raised.value.status_code == 502
+    assert "batch size" in raised.value.error, raised.value.error
+
+
 def test_a_server_killed_mid_stream_is_a_response_error_and_the_next_request_works(large_daemon: Daemon) -> None:
     client = ollama.Client(host=large_daemon.url, timeout=60)
     parts = iter(

@@ -93,6 +93,15 @@ def test_a_prompt_longer_than_the_context_is_a_bad_request(client: openai.OpenAI
         assert "context" in str(raised.value), raised.value
 
 
+def test_an_embedding_input_over_the_servers_batch_is_its_own_500(client: openai.OpenAI) -> None:
+    # llama-server refuses an input longer than its physical batch with a 500 that names the fix;
+    # the OpenAI surface passes the server's answer on as it is.
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.embeddings.create(model=MODEL, input=TOO_LONG)
+    assert raised.value.status_code == 500
+    assert "batch size" in str(raised.value), raised.value
+
+
 def test_a_server_killed_mid_stream_is_an_api_error_and_the_next_request_works(large_daemon: Daemon) -> None:
     client = _client(large_daemon)
     stream = client.chat.completions.create(
