@@ -447,18 +447,8 @@ pub(super) async fn send(
 ) -> Result<(Pin, axum::http::Response<Body>), Response> {
     let build = |pin: &Pin| {
         let address = format!("{}{path_and_query}", pin.upstream.trim_end_matches('/'));
-        let uri: axum::http::Uri = address.parse().map_err(|e| {
-            ApiError::coded(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
-            )
-        })?;
-        let mut upstream = axum::http::Request::new(Body::from(body.clone()));
-        *upstream.method_mut() = Method::POST;
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers.clone();
-        Ok(upstream)
+        let uri = address.parse().map_err(|e| proxy::unaddressable(pin, e))?;
+        Ok(proxy::upstream_request(&Method::POST, uri, &headers, &body))
     };
     match proxy::send_retrying(state, gate, pin, build).await {
         Ok((pin, response)) => Ok((pin, response.map(Body::new))),

@@ -8,7 +8,7 @@
 //! arbiter, which loads it under the usual admission rules.
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -177,18 +177,8 @@ async fn forward_request(state: &AppState, request: Request) -> Result<Response,
         uri.scheme = Some(axum::http::uri::Scheme::HTTP);
         uri.authority = pin.authority.clone();
         uri.path_and_query = parts.uri.path_and_query().cloned();
-        let uri = axum::http::Uri::from_parts(uri).map_err(|e| {
-            ApiError::coded(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                format!("cannot address model {} at {}: {e}", gate.id, pin.upstream),
-            )
-        })?;
-        let mut upstream = axum::http::Request::new(Body::from(body.clone()));
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers.clone();
-        Ok(upstream)
+        let uri = axum::http::Uri::from_parts(uri).map_err(|e| proxy::unaddressable(pin, e))?;
+        Ok(proxy::upstream_request(&parts.method, uri, &headers, &body))
     };
     let (pin, response) = proxy::send_retrying(state, &gate, pin, build).await?;
     drop(buffered);

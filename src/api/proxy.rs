@@ -305,6 +305,30 @@ pub async fn pin_model(state: &AppState, name: &str, to_serve: bool) -> Result<(
     ))
 }
 
+/// A request for a model's server: `uri` (its address), with the client's method, headers and
+/// body (built again for each try: a request sent once more after a crash goes to a new address).
+pub fn upstream_request(
+    method: &axum::http::Method,
+    uri: axum::http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> axum::http::Request<Body> {
+    let mut request = axum::http::Request::new(Body::from(body.clone()));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers.clone();
+    request
+}
+
+/// The error for a model address that makes no URI.
+pub fn unaddressable(pin: &Pin, error: impl std::fmt::Display) -> ApiError {
+    ApiError::coded(
+        StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        format!("cannot address model {} at {}: {error}", pin.model_id(), pin.upstream),
+    )
+}
+
 /// The error for a request whose model was told to stop before it answered.
 pub fn stopped_before_answering(id: &str) -> ApiError {
     ApiError::coded(
