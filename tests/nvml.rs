@@ -173,6 +173,55 @@ async fn a_model_is_measured_evicted_and_its_memory_seen_back() {
     assert_eq!(device(&status, 0)["processes"][0]["model"], "b");
 }
 
+/// Without `[gpu.nvml] library`, the system's `libnvidia-ml.so.1` is loaded from wherever the
+/// dynamic loader looks: here `LD_LIBRARY_PATH`, which finds the stand-in under that name.
+#[tokio::test]
+async fn the_default_library_is_found_on_the_loader_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let standin = dir.path().join("driver");
+    nvml::link_into(&standin, Variant::Full);
+    State { devices: vec![Device::new("NVIDIA On The Loader Path", 6144, 512)], ..State::default() }.write_to(&standin);
+    let config = dir.path().join("vramgate.toml");
+    std::fs::write(&config, "[gpu]\nprobe = \"nvml\"\nsample_interval = \"20ms\"\nreserve_mib = 0\n")
+        .expect("write config");
+    let mut serve = common::vramgate();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("XDG_STATE_HOME", dir.path().join("state"))
+        .env("LD_LIBRARY_PATH", &standin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file"));
+    let mut daemon = KillOnDrop::spawn(&mut serve);
+    let stdout = daemon.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(DEADLINE).expect("the daemon reports its address");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| {
+        let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+        panic!("no URL in {line:?}; stderr:\n{log}")
+    });
+    let end = std::time::Instant::now() + DEADLINE;
+    loop {
+        let status: Value = common::http::get(format!("{url}/vramgate/status"))
+            .await
+            .expect("GET status")
+            .json()
+            .await
+            .expect("status JSON");
+        assert_eq!(status["probe"], "nvml", "{status:#}");
+        if device(&status, 0)["name"] == "NVIDIA On The Loader Path" {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "no stand-in device within {DEADLINE:?}: {status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A configured library that does not exist: `probe = "nvml"` stops the daemon with an error that
 /// names the path tried and the key to set.
 #[test]
