@@ -170,9 +170,24 @@ fn the_standin_answers_as_nvml_does() {
     assert_eq!(first.memory_info().expect("device 0 still answers").used, 4000 * MIB);
     assert_eq!(first.utilization_rates().expect("the rewrite dropped the old rules").gpu, 0);
 
+    // A device that answers again only once NVML is re-initialised.
+    state.errors = vec![error("nvmlDeviceGetMemoryInfo_v2", Some(0), code::GPU_IS_LOST, When::UntilInit)];
+    state.write_to(dir.path());
+    assert!(matches!(first.memory_info(), Err(NvmlError::GpuLost)));
+    assert!(matches!(first.memory_info(), Err(NvmlError::GpuLost)), "still lost without a re-init");
+    let again = Nvml::builder().lib_path(library.as_os_str()).init().expect("NVML initialised again");
+    assert_eq!(
+        again.device_by_index(0).and_then(|d| d.memory_info()).expect("answers after the re-init").used,
+        4000 * MIB
+    );
+    drop(again);
+
     // A state file that cannot be read makes every call fail rather than answer stale figures.
     std::fs::write(dir.path().join(nvml::STATE_FILE), "device zero\n").expect("write a broken state");
     assert!(matches!(first.memory_info(), Err(NvmlError::Unknown)));
+    let orphan = "device 0 total=1MiB used=0 free=1MiB\nprocess 1 compute 7 1MiB\n";
+    std::fs::write(dir.path().join(nvml::STATE_FILE), orphan).expect("write a state with a stray process");
+    assert!(matches!(first.memory_info(), Err(NvmlError::Unknown)), "a process on no device is refused");
     nvml.shutdown().expect("shutdown");
 }
 

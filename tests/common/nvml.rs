@@ -150,6 +150,9 @@ pub enum When {
     Once,
     /// Every call after the first N that match.
     After(u64),
+    /// Every call until NVML is next initialised (`nvmlInit_v2`), as a lost GPU that only
+    /// answers again once NVML is re-initialised.
+    UntilInit,
 }
 
 /// An error an entry point answers instead of its result.
@@ -218,6 +221,7 @@ impl State {
                 When::Always => "always".to_string(),
                 When::Once => "once".to_string(),
                 When::After(n) => format!("after={n}"),
+                When::UntilInit => "until_init".to_string(),
             };
             let _ = writeln!(text, "error {}{device} code={} {when}", e.function, e.code);
         }
