@@ -1,5 +1,5 @@
 //! End-to-end on the NVML path: the real daemon with `probe = "nvml"` loads the stand-in driver
-//! library (tests/fixtures/nvml_standin.c, built by tests/common/nvml.rs) through `[gpu.nvml]
+//! library (tests/fixtures/nvml_standin/, built by tests/common/nvml.rs) through `[gpu.nvml]
 //! library` and nvml-wrapper, as it would load NVIDIA's. Devices, levels and per-process
 //! attribution reach status; a model is admitted, measured and evicted with its memory seen back;
 //! a library that cannot be loaded is named in the error, and `auto` falls through keeping why.

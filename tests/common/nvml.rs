@@ -1,4 +1,4 @@
-//! The stand-in NVML library (`tests/fixtures/nvml_standin.c`): built here with the C compiler,
+//! The stand-in NVML library (`tests/fixtures/nvml_standin/`): built here with the C compiler,
 //! once per source text and variant, into cargo's target directory (never installed or packaged),
 //! and the state file that scripts it. docs/development.md describes the format.
 
@@ -9,7 +9,11 @@ use std::process::Command;
 use std::sync::Mutex;
 
 /// Where the stand-in's source is.
-const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nvml_standin.c");
+const SOURCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nvml_standin");
+
+/// Its files: the ones compiled, and the header they share (part of the cache key).
+const SOURCES: [&str; 2] = ["state.c", "nvml.c"];
+const HEADER: &str = "standin.h";
 
 /// The file name the stand-in reads its state from when it sits beside the library (the stand-in
 /// also honours `VRAMGATE_NVML_STANDIN_STATE`, which a daemon started by `Daemon::start` lacks).
@@ -52,9 +56,12 @@ pub fn library(variant: Variant) -> PathBuf {
     // One build at a time within a test binary (its tests share the result).
     static BUILDING: Mutex<()> = Mutex::new(());
     let _guard = BUILDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let source = std::fs::read(SOURCE).expect("read tests/fixtures/nvml_standin.c");
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    source.hash(&mut hasher);
+    for file in SOURCES.iter().chain([&HEADER]) {
+        let text = std::fs::read(Path::new(SOURCE_DIR).join(file))
+            .unwrap_or_else(|e| panic!("read tests/fixtures/nvml_standin/{file}: {e}"));
+        (file, text).hash(&mut hasher);
+    }
     variant.hash(&mut hasher);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvml-standin").join(format!(
         "{}-{:016x}",
@@ -73,7 +80,7 @@ pub fn library(variant: Variant) -> PathBuf {
         .args(variant.defines())
         .arg("-o")
         .arg(&partial)
-        .arg(SOURCE)
+        .args(SOURCES.iter().map(|file| Path::new(SOURCE_DIR).join(file)))
         .args(["-ldl", "-lpthread"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler {compiler:?} to build the NVML stand-in: {e}"));
