@@ -41,6 +41,9 @@ struct ProcessInfoV2 {
 /// nvml.h's `nvmlDeviceGetMemoryInfo`.
 type MemoryCall = unsafe extern "C" fn(*mut c_void, *mut MemoryV1) -> c_int;
 
+/// The stand-in's call counter (not NVML).
+type CallCounter = unsafe extern "C" fn(*const c_char) -> c_ulonglong;
+
 /// A process-list entry point of nvml.h.
 type ProcessCall<T> = unsafe extern "C" fn(*mut c_void, *mut c_uint, *mut T) -> c_int;
 
@@ -181,6 +184,21 @@ fn the_standin_answers_as_nvml_does() {
         4000 * MIB
     );
     drop(again);
+
+    // The calls this process made, as a benchmark counts them.
+    let symbols = Symbols::open(&library);
+    let calls = symbols.get("vramgate_standin_calls").expect("the call counter");
+    // SAFETY: the stand-in's `unsigned long long vramgate_standin_calls(const char *)`.
+    let calls = unsafe { std::mem::transmute::<*mut c_void, CallCounter>(calls) };
+    let count = |name: &str| {
+        let name = CString::new(name).expect("a name without NUL");
+        // SAFETY: a NUL-terminated name; the library stays loaded while `symbols` lives.
+        unsafe { calls(name.as_ptr()) }
+    };
+    assert_eq!(count("nvmlDeviceGetName"), 1);
+    assert_eq!(count("nvmlDeviceGetTemperature"), 3);
+    assert_eq!(count("nvmlDeviceGetUtilizationRates"), 5);
+    assert_eq!(count("nvmlDeviceGetMigMode"), 0);
 
     // A state file that cannot be read makes every call fail rather than answer stale figures.
     std::fs::write(dir.path().join(nvml::STATE_FILE), "device zero\n").expect("write a broken state");
