@@ -15,6 +15,12 @@ const SOURCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nv
 const SOURCES: [&str; 2] = ["state.c", "nvml.c"];
 const HEADER: &str = "standin.h";
 
+/// How it is compiled (part of the cache key too): a shared object exporting only the NVML entry
+/// points (and the call counter), under the real library's soname.
+const FLAGS: &[&str] =
+    &["-shared", "-fPIC", "-fvisibility=hidden", "-O1", "-Wall", "-Wextra", "-Wl,-soname,libnvidia-ml.so.1"];
+const LIBRARIES: &[&str] = &["-ldl", "-lpthread"];
+
 /// The file name the stand-in reads its state from when it sits beside the library (the stand-in
 /// also honours `VRAMGATE_NVML_STANDIN_STATE`, which a daemon started by `Daemon::start` lacks).
 pub const STATE_FILE: &str = "nvml-standin.state";
@@ -49,9 +55,10 @@ impl Variant {
     }
 }
 
-/// The built stand-in, `…/libnvidia-ml.so.1`, compiling it if this source and variant have not
-/// been compiled yet. Test binaries run in parallel: each compiles to a name of its own and renames
-/// it into place, so a reader never sees a half-written library and the last rename wins harmlessly.
+/// The built stand-in, `…/libnvidia-ml.so.1`, compiling it if this source, variant, compiler and
+/// these flags have not been compiled yet (older builds of the variant are then removed). Test
+/// binaries run in parallel: each compiles to a name of its own and renames it into place, so a
+/// reader never sees a half-written library and the last rename wins harmlessly.
 pub fn library(variant: Variant) -> PathBuf {
     // One build at a time within a test binary (its tests share the result).
     static BUILDING: Mutex<()> = Mutex::new(());
@@ -62,7 +69,8 @@ pub fn library(variant: Variant) -> PathBuf {
             .unwrap_or_else(|e| panic!("read tests/fixtures/nvml_standin/{file}: {e}"));
         (file, text).hash(&mut hasher);
     }
-    variant.hash(&mut hasher);
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    (variant, &compiler, FLAGS, LIBRARIES).hash(&mut hasher);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvml-standin").join(format!(
         "{}-{:016x}",
         variant.name(),
@@ -74,19 +82,37 @@ pub fn library(variant: Variant) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).expect("create the stand-in's build directory");
     let partial = dir.join(format!(".libnvidia-ml.so.1.{}", std::process::id()));
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let output = Command::new(&compiler)
-        .args(["-shared", "-fPIC", "-fvisibility=hidden", "-O1", "-Wall", "-Wextra", "-Wl,-soname,libnvidia-ml.so.1"])
+        .args(FLAGS)
         .args(variant.defines())
         .arg("-o")
         .arg(&partial)
         .args(SOURCES.iter().map(|file| Path::new(SOURCE_DIR).join(file)))
-        .args(["-ldl", "-lpthread"])
+        .args(LIBRARIES)
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler {compiler:?} to build the NVML stand-in: {e}"));
     assert!(output.status.success(), "building the NVML stand-in failed:\n{}", String::from_utf8_lossy(&output.stderr));
     std::fs::rename(&partial, &library).expect("move the stand-in into place");
+    prune_older_builds(&dir, variant);
     library
+}
+
+/// Removes the variant's builds of older sources, so edits to the stand-in do not pile up under
+/// target/. Best effort: a build another process still has loaded stays mapped until it exits.
+fn prune_older_builds(current: &Path, variant: Variant) {
+    let Some(parent) = current.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!("{}-", variant.name());
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let stale = name.to_str().is_some_and(|n| {
+            n.strip_prefix(&prefix).is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        if stale && path != current {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// A test's own copy of the stand-in: a link to the built library in `dir`, so that the stand-in
