@@ -63,7 +63,7 @@ fn main() {
         report(&format!("sim: full sample, {consumers} consumer file(s)"), full, Some(("one file read", baseline.0)));
     }
 
-    match NvmlProbe::open() {
+    match NvmlProbe::open(&vramgate::config::NvmlConfig::default()) {
         Err(e) => println!("nvml: not measured here ({e})"),
         Ok(mut probe) => {
             assert_eq!(probe.kind(), ProbeKind::Nvml);

@@ -160,7 +160,7 @@ async fn auto_on_a_machine_without_gpus_falls_back_and_says_why() {
     let root = empty.path().display().to_string();
     let daemon = Daemon::start(move |_| format!("[gpu.amd]\nsysfs_root = \"{root}\"\n"));
     let status = daemon.status().await;
-    match vramgate::gpu::nvml::NvmlProbe::open() {
+    match vramgate::gpu::nvml::NvmlProbe::open(&vramgate::config::NvmlConfig::default()) {
         Err(nvml_error) => {
             assert_eq!(status["probe"], "none", "NVML cannot open here ({nvml_error}); status: {status:#}");
             assert_eq!(status["degraded"], true, "{status:#}");
@@ -313,7 +313,7 @@ fn a_busy_port_is_a_clear_error() {
 
 #[test]
 fn a_named_probe_that_cannot_start_is_a_clear_start_up_error() {
-    if vramgate::gpu::nvml::NvmlProbe::open().is_ok() {
+    if vramgate::gpu::nvml::NvmlProbe::open(&vramgate::config::NvmlConfig::default()).is_ok() {
         return; // This machine has NVIDIA's driver: the probe rightly starts.
     }
     let dir = tempfile::tempdir().unwrap();

@@ -261,6 +261,8 @@ pub struct GpuConfig {
     pub sim: Option<SimConfig>,
     /// `[gpu.amd]`.
     pub amd: AmdConfig,
+    /// `[gpu.nvml]`.
+    pub nvml: NvmlConfig,
 }
 
 impl Default for GpuConfig {
@@ -276,6 +278,7 @@ impl Default for GpuConfig {
             change_threshold_mib: Mib(100),
             sim: None,
             amd: AmdConfig::default(),
+            nvml: NvmlConfig::default(),
         }
     }
 }
@@ -344,6 +347,27 @@ pub struct AmdConfig {
 impl Default for AmdConfig {
     fn default() -> Self {
         AmdConfig { sysfs_root: PathBuf::from("/sys/class/drm") }
+    }
+}
+
+/// The library `[gpu.nvml] library` names by default: the driver's, found by the dynamic loader's
+/// search path (`ld.so.conf`, `LD_LIBRARY_PATH`).
+pub const NVML_DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// `[gpu.nvml]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmlConfig {
+    /// The NVML library to load: a path, or a bare file name for the loader's search path. `None`
+    /// is the system's [`NVML_DEFAULT_LIBRARY`]. WSL keeps it in `/usr/lib/wsl/lib`, NixOS in
+    /// `/run/opengl-driver/lib`, where the loader may not look.
+    pub library: Option<PathBuf>,
+}
+
+impl NvmlConfig {
+    /// The library to load.
+    pub fn library(&self) -> &std::path::Path {
+        self.library.as_deref().unwrap_or(std::path::Path::new(NVML_DEFAULT_LIBRARY))
     }
 }
 

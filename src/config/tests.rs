@@ -90,6 +90,24 @@ fn wrong_type_names_the_key_and_line() {
 }
 
 #[test]
+fn nvml_library_defaults_to_the_system_one_and_takes_a_path() {
+    let config = Config::parse("", None).unwrap();
+    assert_eq!(config.gpu.nvml.library(), Path::new("libnvidia-ml.so.1"));
+    let config = Config::parse("[gpu.nvml]\nlibrary = \"/usr/lib/wsl/lib/libnvidia-ml.so.1\"\n", None).unwrap();
+    assert_eq!(config.gpu.nvml.library(), Path::new("/usr/lib/wsl/lib/libnvidia-ml.so.1"));
+}
+
+#[test]
+fn an_empty_nvml_library_or_an_unknown_key_is_named() {
+    let err = parse_err("[gpu.nvml]\nlibrary = \"\"\n");
+    assert_eq!(err.key.as_deref(), Some("gpu.nvml.library"));
+    assert!(err.message.contains("leave it out"), "{}", err.message);
+    let err = parse_err("[gpu.nvml]\nlib = \"/x\"\n");
+    assert_eq!(err.key.as_deref(), Some("gpu.nvml.lib"));
+    assert_eq!(err.line, Some(2));
+}
+
+#[test]
 fn bad_enum_value_names_the_key() {
     let err = parse_err("[gpu]\nprobe = \"cuda\"\n");
     assert_eq!(err.key.as_deref(), Some("gpu.probe"));

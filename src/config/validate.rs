@@ -86,6 +86,16 @@ impl Config {
                 ),
             ));
         }
+        if let Some(library) = &gpu.nvml.library
+            && library.as_os_str().is_empty()
+        {
+            return Err((
+                key_path(&["gpu", "nvml", "library"]),
+                "must name the NVML library (a path such as /usr/lib/wsl/lib/libnvidia-ml.so.1), found an empty string; \
+                 leave it out for the system's libnvidia-ml.so.1"
+                    .into(),
+            ));
+        }
         if gpu.probe == ProbeChoice::Sim && gpu.sim.is_none() {
             return Err((
                 key_path(&["gpu", "probe"]),

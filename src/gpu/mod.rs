@@ -129,7 +129,7 @@ pub struct OpenedProbe {
 pub fn open(config: &GpuConfig) -> Result<OpenedProbe, ProbeError> {
     let opened = |probe: Box<dyn Probe>| OpenedProbe { probe, degraded_reasons: vec![], skipped: vec![] };
     match config.probe {
-        ProbeChoice::Nvml => Ok(opened(Box::new(nvml::NvmlProbe::open()?))),
+        ProbeChoice::Nvml => Ok(opened(Box::new(nvml::NvmlProbe::open(&config.nvml)?))),
         ProbeChoice::Amd => Ok(opened(Box::new(amd::AmdProbe::open(&config.amd.sysfs_root)?))),
         ProbeChoice::Sim => {
             let sim =
@@ -143,7 +143,7 @@ pub fn open(config: &GpuConfig) -> Result<OpenedProbe, ProbeError> {
         }),
         ProbeChoice::Auto => {
             let mut skipped = Vec::new();
-            match nvml::NvmlProbe::open() {
+            match nvml::NvmlProbe::open(&config.nvml) {
                 Ok(probe) => return Ok(OpenedProbe { probe: Box::new(probe), degraded_reasons: vec![], skipped }),
                 Err(e) => skipped.push(format!("nvml: {e}")),
             }

@@ -1,14 +1,18 @@
 //! The `nvml` probe: NVIDIA devices through NVML (`nvml-wrapper`).
 //!
-//! The library is loaded at run time (`libnvidia-ml.so.1`), so the binary starts on machines
+//! The library is loaded at run time (`[gpu.nvml] library`, by default `libnvidia-ml.so.1`), so the binary starts on machines
 //! without NVIDIA's driver and `auto` can fall through. The NVML calls live in [`NvmlProbe::read`];
 //! everything after them is the pure [`assemble`], which is what CI (no GPU) tests on fakes.
+
+use std::path::Path;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+
+use crate::config::NvmlConfig;
 
 use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
 
@@ -111,9 +115,11 @@ pub struct NvmlProbe {
 }
 
 impl NvmlProbe {
-    /// Loads NVML and enumerates devices; fails if the library is missing or lists no device.
-    pub fn open() -> Result<NvmlProbe, ProbeError> {
-        let nvml = Nvml::init().map_err(|e| ProbeError(format!("NVML unavailable: {e}")))?;
+    /// Loads the NVML library `[gpu.nvml]` names and enumerates devices; fails if the library is
+    /// missing or lists no device.
+    pub fn open(config: &NvmlConfig) -> Result<NvmlProbe, ProbeError> {
+        let library = config.library();
+        let nvml = Nvml::builder().lib_path(library.as_os_str()).init().map_err(|e| init_error(library, e))?;
         let count = nvml.device_count().map_err(|e| ProbeError(format!("NVML device count: {e}")))?;
         if count == 0 {
             return Err(ProbeError("NVML loaded but lists no device".into()));
@@ -142,6 +148,20 @@ impl NvmlProbe {
             compute: process_list(device.running_compute_processes()),
             graphics: process_list(device.running_graphics_processes()),
         })
+    }
+}
+
+/// Why NVML did not start, naming the library tried. A library that cannot be loaded at all gets
+/// what to set, since drivers outside the loader's search path are common (WSL, NixOS).
+fn init_error(library: &Path, error: NvmlError) -> ProbeError {
+    match error {
+        NvmlError::LibloadingError(e) => ProbeError(format!(
+            "NVML unavailable: cannot load the NVML library {}: {e}; if the NVIDIA driver is installed, set \
+             [gpu.nvml] library to its libnvidia-ml.so.1 (WSL: /usr/lib/wsl/lib/libnvidia-ml.so.1, NixOS: \
+             /run/opengl-driver/lib/libnvidia-ml.so.1)",
+            library.display()
+        )),
+        e => ProbeError(format!("NVML unavailable (library {}): {e}", library.display())),
     }
 }
 

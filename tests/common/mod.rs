@@ -7,6 +7,7 @@
 pub mod app;
 pub mod http;
 pub mod lines;
+pub mod nvml;
 pub mod ollama;
 pub mod plain;
 pub mod procs;
