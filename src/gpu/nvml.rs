@@ -35,8 +35,11 @@ pub struct RawDevice {
     pub name: String,
     /// Total bytes.
     pub total_bytes: u64,
-    /// Used bytes.
+    /// Used bytes (`nvmlMemory_v2_t`: allocated, not counting `reserved`).
     pub used_bytes: u64,
+    /// Bytes the driver keeps for itself (`nvmlMemory_v2_t.reserved`), in neither `used` nor
+    /// `free`; 0 where the API has no such figure.
+    pub reserved_bytes: u64,
     /// Free bytes.
     pub free_bytes: u64,
     /// GPU utilization, if NVML could tell.
@@ -50,10 +53,12 @@ pub struct RawDevice {
 }
 
 /// Shapes one device's raw NVML answers into a snapshot: bytes to MiB (used rounded up, so nothing
-/// is under-counted), compute and graphics lists merged by pid (a process in both is counted once,
+/// is under-counted; used is everything the driver says is not free, see [`not_free_bytes`]),
+/// compute and graphics lists merged by pid (a process in both is counted once,
 /// with the larger figure, because NVML reports the same allocation in each list), names from
 /// `name_of`.
 pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<String>) -> DeviceSnapshot {
+    let not_free = not_free_bytes(&raw);
     let mut warnings = Vec::new();
     let mut unavailable = Vec::new();
     let mut merged: Vec<RawProcess> = Vec::new();
@@ -93,7 +98,7 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
         index,
         name: raw.name,
         total_mib: raw.total_bytes / BYTES_PER_MIB,
-        used_mib: raw.used_bytes.div_ceil(BYTES_PER_MIB),
+        used_mib: not_free.div_ceil(BYTES_PER_MIB),
         free_mib: raw.free_bytes / BYTES_PER_MIB,
         utilization_pct: raw.utilization_pct,
         temperature_c: raw.temperature_c.and_then(|t| i32::try_from(t).ok()),
@@ -102,6 +107,13 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
         named: Vec::new(),
         warnings,
     }
+}
+
+/// What the driver says is not free: the larger of used + reserved (`nvmlMemory_v2_t`'s `used`
+/// leaves the driver's reservation out) and total − free (so that whatever NVML counts in neither
+/// figure is not handed out either). Admission subtracts this from the usable memory.
+pub fn not_free_bytes(raw: &RawDevice) -> u64 {
+    raw.used_bytes.saturating_add(raw.reserved_bytes).max(raw.total_bytes.saturating_sub(raw.free_bytes))
 }
 
 /// The probe over a loaded NVML.
@@ -136,6 +148,7 @@ impl NvmlProbe {
             name: self.names.get(index as usize).cloned().unwrap_or_default(),
             total_bytes: memory.total,
             used_bytes: memory.used,
+            reserved_bytes: memory.reserved,
             free_bytes: memory.free,
             utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
@@ -205,6 +218,7 @@ mod tests {
             name: "NVIDIA H100 80GB HBM3".into(),
             total_bytes: 80 * GIB,
             used_bytes: 10 * GIB + 512 * MIB + 1,
+            reserved_bytes: 0,
             free_bytes: 69 * GIB + 511 * MIB,
             utilization_pct: Some(12),
             temperature_c: Some(41),
@@ -284,5 +298,29 @@ mod tests {
         device.utilization_pct = None;
         let snap = assemble(0, device, names);
         assert_eq!((snap.temperature_c, snap.utilization_pct), (None, None));
+    }
+
+    /// `nvmlMemory_v2_t`: used leaves the driver's reservation out. The numbers: 8 GiB,
+    /// 300 MiB used, 600 MiB reserved, 7292 MiB free: 900 MiB is not free, not 300.
+    #[test]
+    fn used_counts_what_the_driver_says_is_not_free_reserved_included() {
+        let mut device = raw(Ok(vec![]), Ok(vec![]));
+        device.total_bytes = 8 * GIB;
+        device.used_bytes = 300 * MIB;
+        device.reserved_bytes = 600 * MIB;
+        device.free_bytes = 7292 * MIB;
+        let snap = assemble(0, device.clone(), names);
+        assert_eq!((snap.used_mib, snap.free_mib), (900, 7292));
+        // NVML's figures need not add up: whatever is in neither used nor free is not free either.
+        device.reserved_bytes = 0;
+        device.free_bytes = 7000 * MIB;
+        assert_eq!(assemble(0, device.clone(), names).used_mib, 1192, "total − free");
+        // Reserved alone, with a free figure that leaves room for it.
+        device.reserved_bytes = 2000 * MIB;
+        assert_eq!(assemble(0, device.clone(), names).used_mib, 2300, "used + reserved");
+        // Nonsense from a driver does not overflow.
+        device.used_bytes = u64::MAX;
+        device.reserved_bytes = u64::MAX;
+        assert_eq!(not_free_bytes(&device), u64::MAX);
     }
 }

@@ -97,6 +97,22 @@ fn memory_leases_are_granted_refused_or_timed_out() {
     }
 }
 
+/// What the device says is in use beyond its listed processes (NVML's driver reservation, now in
+/// `used_mib`) is foreign use: a lease is judged on it, not on the processes alone.
+#[test]
+fn memory_no_process_lists_is_foreign_and_counts_against_a_lease() {
+    let lease = |mib: u64| LeaseRequest { wait: Duration::ZERO, ..memory_lease("ffmpeg", mib) };
+    let mut rig = Rig::new(TWO_MODELS, 7680);
+    let mut reading = device_view(7680, &[(4242, 300)]);
+    reading.devices[0].used_mib = 900;
+    rig.input(Input::Sample(Arc::new(reading), ProcTable::default()));
+    let mut too_big = rig.lease(lease(6781));
+    rig.advance(Duration::from_millis(1));
+    assert!(answered(&mut too_big).expect("answered").is_err(), "7680 − 900 = 6780 is all there is");
+    let mut fits = rig.lease(lease(6780));
+    assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 6780);
+}
+
 /// The deadline index: every pending deadline, earliest first.
 #[test]
 fn the_deadline_index_orders_every_pending_deadline() {
