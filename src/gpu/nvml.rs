@@ -152,9 +152,27 @@ impl NvmlProbe {
             free_bytes: memory.free,
             utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute: process_list(device.running_compute_processes()),
-            graphics: process_list(device.running_graphics_processes()),
+            compute: process_list(retry_grown_list(|| device.running_compute_processes())),
+            graphics: process_list(retry_grown_list(|| device.running_graphics_processes())),
         })
+    }
+}
+
+/// How many times a process list is asked for when it keeps growing between NVML's count call and
+/// its fill call (`INSUFFICIENT_SIZE`).
+const LIST_TRIES: usize = 4;
+
+/// Asks for a process list again when it grew past the wrapper's buffer between the count and the
+/// fill (the wrapper sizes the buffer at the count plus 5, and each try counts afresh, so the next
+/// buffer is larger): a few tries, then the error stands (a list that grows by more than 5 on every
+/// try is one we cannot read now).
+fn retry_grown_list<T>(mut call: impl FnMut() -> Result<T, NvmlError>) -> Result<T, NvmlError> {
+    let mut tries = 1;
+    loop {
+        match call() {
+            Err(NvmlError::InsufficientSize(_)) if tries < LIST_TRIES => tries += 1,
+            other => return other,
+        }
     }
 }
 
@@ -194,7 +212,10 @@ impl Probe for NvmlProbe {
         for index in 0..self.names.len() as u32 {
             let device =
                 self.nvml.device_by_index(index).map_err(|e| ProbeError(format!("NVML device {index} handle: {e}")))?;
-            for list in [device.running_compute_processes(), device.running_graphics_processes()] {
+            for list in [
+                retry_grown_list(|| device.running_compute_processes()),
+                retry_grown_list(|| device.running_graphics_processes()),
+            ] {
                 // As in a sample: a list the driver refuses (no permission in a container) is
                 // one we cannot watch, so it holds nothing to wait for.
                 if let Ok(listed) = process_list(list) {
@@ -322,5 +343,32 @@ mod tests {
         device.used_bytes = u64::MAX;
         device.reserved_bytes = u64::MAX;
         assert_eq!(not_free_bytes(&device), u64::MAX);
+    }
+
+    /// A list that grew between the count and the fill is asked for again (the wrapper recounts,
+    /// so the buffer grows); one that keeps growing fails after `LIST_TRIES` calls.
+    #[test]
+    fn a_process_list_that_grew_is_asked_for_again() {
+        let calls = std::cell::Cell::new(0);
+        let grows_twice = || {
+            calls.set(calls.get() + 1);
+            if calls.get() <= 2 { Err(NvmlError::InsufficientSize(None)) } else { Ok(vec![7u32]) }
+        };
+        assert!(matches!(retry_grown_list(grows_twice).as_deref(), Ok([7])));
+        assert_eq!(calls.get(), 3);
+        calls.set(0);
+        let always = || -> Result<Vec<u32>, NvmlError> {
+            calls.set(calls.get() + 1);
+            Err(NvmlError::InsufficientSize(None))
+        };
+        assert!(matches!(retry_grown_list(always), Err(NvmlError::InsufficientSize(_))));
+        assert_eq!(calls.get(), LIST_TRIES);
+        calls.set(0);
+        let other = || -> Result<Vec<u32>, NvmlError> {
+            calls.set(calls.get() + 1);
+            Err(NvmlError::NoPermission)
+        };
+        assert!(matches!(retry_grown_list(other), Err(NvmlError::NoPermission)));
+        assert_eq!(calls.get(), 1, "only a grown list is asked for again");
     }
 }
