@@ -379,7 +379,7 @@ mod tests {
         let with_process = device_status(
             DeviceSnapshot {
                 total_mib: 50,
-                processes: vec![ProcessUsage { pid: 1, used_mib: 5, name: "x".into() }],
+                processes: vec![ProcessUsage { pid: 1, used_mib: Some(5), name: "x".into() }],
                 ..DeviceSnapshot::default()
             },
             ProbeKind::Sim,
@@ -490,7 +490,7 @@ mod tests {
         // A probe without a cheaper call answers from a sample.
         let (script, answers) = std::sync::mpsc::channel();
         let mut with_process = snapshot(100);
-        with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: 100, name: "p".into() });
+        with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: Some(100), name: "p".into() });
         script.send(Ok(with_process)).expect("scripted");
         let probe: Box<dyn Probe> = Box::new(Scripted(answers));
         let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };

@@ -78,8 +78,9 @@ pub struct DeviceStatus {
 pub struct ProcessStatus {
     /// Process id.
     pub pid: u32,
-    /// VRAM it holds.
-    pub used_mib: u64,
+    /// VRAM it holds; null where the driver does not say (NVML's "not available"): never 0 for
+    /// unknown.
+    pub used_mib: Option<u64>,
     /// Process name.
     pub name: String,
     /// The managed model this process serves, or null for a foreign process.

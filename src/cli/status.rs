@@ -80,7 +80,9 @@ pub(crate) fn render_table(status: &Status) -> String {
             }
             for p in &d.processes {
                 let model = p.model.as_deref().map(|m| format!("  model {m}")).unwrap_or_default();
-                let _ = writeln!(out, "  pid {:<8} {:>8} MiB  {}{model}", p.pid, p.used_mib, p.name);
+                // The driver may not say how much one process holds (NVML's "not available").
+                let used = p.used_mib.map_or_else(|| "?".to_string(), |mib| mib.to_string());
+                let _ = writeln!(out, "  pid {:<8} {:>8} MiB  {}{model}", p.pid, used, p.name);
             }
             for n in &d.named_consumers {
                 let _ = writeln!(out, "  {:<12} {:>8} MiB  (named consumer)", n.name, n.used_mib);
@@ -262,7 +264,7 @@ mod tests {
                 level: Level::Warning,
                 utilization_pct: None,
                 temperature_c: Some(51),
-                processes: vec![ProcessStatus { pid: 4242, used_mib: 5300, name: "python3".into(), model: None }],
+                processes: vec![ProcessStatus { pid: 4242, used_mib: Some(5300), name: "python3".into(), model: None }],
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }],
                 warnings: vec!["sim file x: garbage".into()],

@@ -47,8 +47,10 @@ impl ProbeKind {
 pub struct ProcessUsage {
     /// Operating-system process id.
     pub pid: u32,
-    /// VRAM the process holds on this device.
-    pub used_mib: u64,
+    /// VRAM the process holds on this device; `None` where the driver does not say (NVML's "not
+    /// available" in some containers and under WDDM): the process is listed, its memory is only
+    /// in the device's total use. Never 0 for "unknown".
+    pub used_mib: Option<u64>,
     /// The process name from `/proc/<pid>/comm`, or `unknown` when it cannot be read (for example
     /// a process in another pid namespace).
     pub name: String,

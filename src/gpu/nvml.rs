@@ -84,13 +84,14 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
     let processes = merged
         .into_iter()
         .map(|p| {
-            let used_mib = match p.used_bytes {
-                Some(bytes) => bytes.div_ceil(BYTES_PER_MIB),
-                None => {
-                    warnings.push(format!("NVML does not report the memory of pid {}", p.pid));
-                    0
-                }
-            };
+            let used_mib = p.used_bytes.map(|bytes| bytes.div_ceil(BYTES_PER_MIB));
+            if used_mib.is_none() {
+                warnings.push(format!(
+                    "NVML does not report the memory of pid {} (not available): it is counted at its model's size \
+                     if it serves one, else within the device's foreign use",
+                    p.pid
+                ));
+            }
             ProcessUsage { pid: p.pid, used_mib, name: name_of(p.pid).unwrap_or_else(|| "unknown".into()) }
         })
         .collect();
@@ -260,7 +261,7 @@ mod tests {
         assert_eq!(snap.free_mib, 69 * 1024 + 511);
         assert_eq!(snap.utilization_pct, Some(12));
         assert_eq!(snap.temperature_c, Some(41));
-        assert_eq!(snap.processes, vec![ProcessUsage { pid: 4242, used_mib: 10240, name: "python3".into() }]);
+        assert_eq!(snap.processes, vec![ProcessUsage { pid: 4242, used_mib: Some(10240), name: "python3".into() }]);
         assert!(snap.processes_unavailable.is_none());
     }
 
@@ -278,8 +279,8 @@ mod tests {
             names,
         );
         assert_eq!(snap.index, 1);
-        let pids: Vec<(u32, u64)> = snap.processes.iter().map(|p| (p.pid, p.used_mib)).collect();
-        assert_eq!(pids, vec![(7, 300), (9, 1), (4242, 1024)]);
+        let pids: Vec<(u32, Option<u64>)> = snap.processes.iter().map(|p| (p.pid, p.used_mib)).collect();
+        assert_eq!(pids, vec![(7, Some(300)), (9, Some(1)), (4242, Some(1024))]);
         assert_eq!(snap.processes[0].name, "unknown", "a pid we cannot see in /proc");
     }
 
@@ -293,10 +294,11 @@ mod tests {
             ),
             names,
         );
-        assert_eq!(snap.processes[0].used_mib, 2, "a figure from the other list wins over none");
+        assert_eq!(snap.processes[0].used_mib, Some(2), "a figure from the other list wins over none");
         let blind = assemble(0, raw(Ok(vec![RawProcess { pid: 6, used_bytes: None }]), Ok(vec![])), names);
-        assert_eq!(blind.processes[0].used_mib, 0);
+        assert_eq!(blind.processes[0].used_mib, None, "unknown, not 0");
         assert!(blind.warnings[0].contains("pid 6"));
+        assert_eq!(blind.used_mib, 10 * 1024 + 513, "still in the device's use");
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub(crate) struct DirReading {
 impl DirReading {
     fn used_mib(&self) -> u64 {
         // Claims are bounded one by one (see `read_device_dir`); the sum saturates all the same.
-        let by_pid = self.processes.iter().map(|p| p.used_mib).fold(0, u64::saturating_add);
+        let by_pid = self.processes.iter().filter_map(|p| p.used_mib).fold(0, u64::saturating_add);
         let named = self.named.iter().map(|n| n.used_mib).fold(0, u64::saturating_add);
         by_pid.saturating_add(named)
     }
@@ -191,7 +191,11 @@ pub(crate) fn read_device_dir(
             }
         };
         match pid {
-            Some(pid) => reading.processes.push(ProcessUsage { pid, used_mib, name: process_name_or_unknown(pid) }),
+            Some(pid) => reading.processes.push(ProcessUsage {
+                pid,
+                used_mib: Some(used_mib),
+                name: process_name_or_unknown(pid),
+            }),
             None => reading.named.push(NamedUsage { name, used_mib }),
         }
     }
@@ -300,7 +304,7 @@ mod tests {
         let reading = read(tmp.path(), |_| true).unwrap();
         assert_eq!(reading.processes.len(), 1);
         assert_eq!(reading.processes[0].pid, 100);
-        assert_eq!(reading.processes[0].used_mib, 900);
+        assert_eq!(reading.processes[0].used_mib, Some(900));
         assert_eq!(reading.named, vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }]);
         assert_eq!(reading.used_mib(), 2100);
         assert!(reading.warnings.is_empty());

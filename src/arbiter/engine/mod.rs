@@ -201,6 +201,9 @@ pub(crate) struct Engine<E: Effects> {
     pressure: BTreeSet<u32>,
     /// Which model each attributed GPU process belongs to.
     process_models: HashMap<u32, String>,
+    /// What an attributed process without a figure from the driver counts as, by (device, pid):
+    /// its model's size (see `on_sample`).
+    assumed_mib: HashMap<(u32, u32), u64>,
     /// The reading the last sample processed; decisions use this one.
     seen: Arc<GpuView>,
     /// When the engine started (monotonic and wall clock): gates count milliseconds from it.
@@ -260,6 +263,7 @@ impl<E: Effects> Engine<E> {
             next_session: 0,
             pressure: BTreeSet::new(),
             process_models: HashMap::new(),
+            assumed_mib: HashMap::new(),
             seen: first_view,
             started: now,
             started_wall,

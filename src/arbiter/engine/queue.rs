@@ -38,8 +38,13 @@ impl<E: Effects> Engine<E> {
             .devices
             .iter()
             .map(|d| {
-                let attributed: u64 =
-                    d.processes.iter().filter(|p| self.process_models.contains_key(&p.pid)).map(|p| p.used_mib).sum();
+                // A process without a figure counts as what the last sample assumed for it.
+                let attributed: u64 = d
+                    .processes
+                    .iter()
+                    .filter(|p| self.process_models.contains_key(&p.pid))
+                    .map(|p| p.used_mib.or_else(|| self.assumed_mib.get(&(d.index, p.pid)).copied()).unwrap_or(0))
+                    .fold(0, u64::saturating_add);
                 // A lease's job (ffmpeg) uses its memory through its holder's processes; that use
                 // is already counted by the lease's hold, so it is not foreign too (up to the
                 // hold). Use by processes no lease claims is foreign, held memory or not.

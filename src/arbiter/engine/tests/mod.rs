@@ -216,7 +216,7 @@ fn device_view(total_mib: u64, processes: &[(u32, u64)]) -> GpuView {
             temperature_c: None,
             processes: processes
                 .iter()
-                .map(|&(pid, used_mib)| ProcessStatus { pid, used_mib, name: "p".into(), model: None })
+                .map(|&(pid, used_mib)| ProcessStatus { pid, used_mib: Some(used_mib), name: "p".into(), model: None })
                 .collect(),
             processes_unavailable: None,
             named_consumers: Vec::new(),

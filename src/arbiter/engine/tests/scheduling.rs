@@ -113,6 +113,31 @@ fn memory_no_process_lists_is_foreign_and_counts_against_a_lease() {
     assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 6780);
 }
 
+/// A model's server whose memory the driver does not report ("not available") is counted once,
+/// at the model's size, as the model's: not again as foreign, and no footprint is learned from
+/// the missing figure.
+#[test]
+fn a_process_without_a_figure_counts_once_at_its_models_size() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    let mut reading = device_view(10_000, &[(pid, 0)]);
+    reading.devices[0].used_mib = 6500;
+    reading.devices[0].processes[0].used_mib = None;
+    rig.input(Input::Sample(Arc::new(reading), ProcTable::default()));
+    let (devices, residents, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 500, "6500 used − llm's 6000, not 6500 foreign on top of llm");
+    assert_eq!(residents[0].footprint_mib, 6000);
+    // 10000 − 500 − 6000 = 3500 ≥ 3000: stt starts beside llm, nothing evicted.
+    drop(rig.load("stt"));
+    assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
+    assert!(
+        !rig.fx().writes.iter().any(|w| matches!(w, StoreWrite::Footprint { .. })),
+        "nothing measured, nothing learned"
+    );
+}
+
 /// The deadline index: every pending deadline, earliest first.
 #[test]
 fn the_deadline_index_orders_every_pending_deadline() {
