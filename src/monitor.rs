@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{GpuConfig, SAMPLE_INTERVAL_MAX, SAMPLE_INTERVAL_MIN};
 use crate::events::{EventBus, EventKind};
-use crate::gpu::{DeviceSnapshot, Level, Probe, ProbeError, ProbeKind, Thresholds};
+use crate::gpu::{DeviceSnapshot, GpuPids, Level, Probe, ProbeError, ProbeKind, Thresholds};
 use crate::status::{DeviceStatus, ProcessStatus};
 
 /// What the monitor knows now.
@@ -191,8 +191,9 @@ impl Sampler {
         self.spawn().await.unwrap_or_else(|e| Err(ProbeError(format!("sample panicked: {e}"))))
     }
 
-    /// The pids using GPU memory now (the probe's cheapest call for it), on the blocking pool.
-    pub async fn gpu_pids(&self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+    /// The pids using GPU memory now, and the devices whose list cannot be read (the probe's
+    /// cheapest call for it), on the blocking pool.
+    pub async fn gpu_pids(&self) -> Result<GpuPids, ProbeError> {
         let probe = self.probe.clone();
         tokio::task::spawn_blocking(move || match probe.lock() {
             Ok(mut probe) => probe.gpu_pids(),
@@ -471,8 +472,8 @@ mod tests {
             self.samples.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(Vec::new())
         }
-        fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-            Ok([7, 9].into())
+        fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+            Ok(GpuPids { pids: [7, 9].into(), unreadable: Default::default() })
         }
     }
 
@@ -484,7 +485,7 @@ mod tests {
         let probe: Box<dyn Probe> = Box::new(CountingProbe { samples: samples.clone() });
         let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
         for _ in 0..3 {
-            assert_eq!(sampler.gpu_pids().await.expect("a list"), [7, 9].into());
+            assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [7, 9].into());
         }
         assert_eq!(samples.load(std::sync::atomic::Ordering::SeqCst), 0, "no sample taken");
         // A probe without a cheaper call answers from a sample.
@@ -494,7 +495,7 @@ mod tests {
         script.send(Ok(with_process)).expect("scripted");
         let probe: Box<dyn Probe> = Box::new(Scripted(answers));
         let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
-        assert_eq!(sampler.gpu_pids().await.expect("a list"), [42].into());
+        assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [42].into());
     }
 
     /// A probe whose answers a test scripts.

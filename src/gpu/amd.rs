@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind};
+use super::{DeviceSnapshot, GpuPids, Probe, ProbeError, ProbeKind};
 
 const BYTES_PER_MIB: u64 = 1 << 20;
 const NO_PROCESSES: &str = "amdgpu sysfs does not report per-process VRAM";
@@ -90,6 +90,14 @@ fn read_temperature(device_dir: &Path) -> Option<i32> {
 impl Probe for AmdProbe {
     fn kind(&self) -> ProbeKind {
         ProbeKind::Amd
+    }
+
+    /// amdgpu sysfs never lists processes, so a release has no list to watch: it is complete
+    /// once the process is stopped, and the memory it still holds is in the device's use, counted
+    /// as foreign, until a reading shows it back. (Treating the missing list as unreadable would
+    /// make every release wait its whole `release_timeout` for a list that never comes.)
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        Ok(GpuPids::default())
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {

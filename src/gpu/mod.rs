@@ -10,6 +10,8 @@ pub mod none;
 pub mod nvml;
 pub mod sim;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GpuConfig, ProbeChoice};
@@ -93,6 +95,29 @@ pub struct DeviceSnapshot {
     pub warnings: Vec<String>,
 }
 
+/// What the per-process lists say now: the pids listed on every device whose list could be read,
+/// and the devices whose list could not (with why). A pid missing from an unreadable list proves
+/// nothing, so a release is complete only where the lists were read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuPids {
+    /// Pids using memory on the devices whose lists were read.
+    pub pids: BTreeSet<u32>,
+    /// Devices whose list could not be read now, by index, with the reason.
+    pub unreadable: BTreeMap<u32, String>,
+}
+
+impl GpuPids {
+    /// Whether these lists show every one of `pids` gone from `device` (any device when `None`):
+    /// the lists that matter were read and none of them lists any of the pids.
+    pub fn shows_gone(&self, pids: &BTreeSet<u32>, device: Option<u32>) -> bool {
+        let readable = match device {
+            Some(device) => !self.unreadable.contains_key(&device),
+            None => self.unreadable.is_empty(),
+        };
+        readable && self.pids.is_disjoint(pids)
+    }
+}
+
 /// A probe could not start or could not take a reading.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -105,12 +130,22 @@ pub trait Probe: Send {
     /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less.
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError>;
 
-    /// The pids using GPU memory on any device: all a release watches (every few milliseconds,
-    /// until the model's pids are gone). The default takes a whole sample; a probe with a
-    /// cheaper call overrides it (NVML: the per-process lists only, no memory, utilization,
-    /// temperature or process names).
-    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-        Ok(self.sample()?.into_iter().flat_map(|d| d.processes.into_iter().map(|p| p.pid)).collect())
+    /// The pids using GPU memory on each device, and the devices whose list cannot be read now:
+    /// all a release watches (every few milliseconds, until the model's pids are gone). The
+    /// default takes a whole sample (a device with `processes_unavailable` is unreadable); a
+    /// probe with a cheaper call overrides it (NVML: the per-process lists only, no memory,
+    /// utilization, temperature or process names).
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        let mut lists = GpuPids::default();
+        for device in self.sample()? {
+            match device.processes_unavailable {
+                Some(reason) => {
+                    lists.unreadable.insert(device.index, reason);
+                }
+                None => lists.pids.extend(device.processes.iter().map(|p| p.pid)),
+            }
+        }
+        Ok(lists)
     }
 }
 

@@ -10,7 +10,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 
-use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
+use super::{DeviceSnapshot, GpuPids, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
 
 const BYTES_PER_MIB: u64 = 1 << 20;
 
@@ -159,6 +159,30 @@ impl NvmlProbe {
     }
 }
 
+/// Adds one device's compute and graphics lists to `lists`: their pids if both were read, else
+/// the device as unreadable with the reasons (a pid missing from a list NVML refused, e.g. with
+/// `NO_PERMISSION`, does not mean its memory is back).
+pub fn add_device_lists(lists: &mut GpuPids, index: u32, read: Result<[Result<Vec<RawProcess>, String>; 2], String>) {
+    let mut failures = Vec::new();
+    let mut pids = Vec::new();
+    match read {
+        Ok(per_kind) => {
+            for (kind, list) in ["compute", "graphics"].into_iter().zip(per_kind) {
+                match list {
+                    Ok(list) => pids.extend(list.into_iter().map(|p| p.pid)),
+                    Err(reason) => failures.push(format!("NVML device {index} {kind} process list: {reason}")),
+                }
+            }
+        }
+        Err(reason) => failures.push(format!("NVML device {index} {reason}")),
+    }
+    if failures.is_empty() {
+        lists.pids.extend(pids);
+    } else {
+        lists.unreadable.insert(index, failures.join("; "));
+    }
+}
+
 /// How many times a process list is asked for when it keeps growing between NVML's count call and
 /// its fill call (`INSUFFICIENT_SIZE`).
 const LIST_TRIES: usize = 4;
@@ -207,24 +231,20 @@ impl Probe for NvmlProbe {
             .collect()
     }
 
-    /// Two calls per device (the compute and graphics process lists), nothing else.
-    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-        let mut pids = std::collections::BTreeSet::new();
+    /// Two calls per device (the compute and graphics process lists), nothing else. A device
+    /// whose handle or lists fail is reported unreadable, never as an empty list.
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        let mut lists = GpuPids::default();
         for index in 0..self.names.len() as u32 {
-            let device =
-                self.nvml.device_by_index(index).map_err(|e| ProbeError(format!("NVML device {index} handle: {e}")))?;
-            for list in [
-                retry_grown_list(|| device.running_compute_processes()),
-                retry_grown_list(|| device.running_graphics_processes()),
-            ] {
-                // As in a sample: a list the driver refuses (no permission in a container) is
-                // one we cannot watch, so it holds nothing to wait for.
-                if let Ok(listed) = process_list(list) {
-                    pids.extend(listed.into_iter().map(|p| p.pid));
-                }
-            }
+            let read = self.nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
+                [
+                    process_list(retry_grown_list(|| device.running_compute_processes())),
+                    process_list(retry_grown_list(|| device.running_graphics_processes())),
+                ]
+            });
+            add_device_lists(&mut lists, index, read);
         }
-        Ok(pids)
+        Ok(lists)
     }
 }
 
@@ -372,5 +392,24 @@ mod tests {
         };
         assert!(matches!(retry_grown_list(other), Err(NvmlError::NoPermission)));
         assert_eq!(calls.get(), 1, "only a grown list is asked for again");
+    }
+
+    /// The release watch's lists: a device whose list NVML refuses is unreadable, not empty, so
+    /// a pid missing from it is not taken as released; readable devices still count.
+    #[test]
+    fn an_unreadable_process_list_is_reported_not_empty() {
+        let mut lists = GpuPids::default();
+        let p = |pid| RawProcess { pid, used_bytes: Some(MIB) };
+        add_device_lists(&mut lists, 0, Ok([Ok(vec![p(10)]), Ok(vec![p(11)])]));
+        add_device_lists(&mut lists, 1, Ok([Err("Insufficient Permissions".into()), Ok(vec![p(12)])]));
+        add_device_lists(&mut lists, 2, Err("handle: GPU is lost".into()));
+        assert_eq!(lists.pids, [10, 11].into(), "nothing from a device with a refused list");
+        assert!(lists.unreadable[&1].contains("device 1 compute process list: Insufficient Permissions"));
+        assert!(lists.unreadable[&2].contains("GPU is lost"));
+        let model: std::collections::BTreeSet<u32> = [99].into();
+        assert!(lists.shows_gone(&model, Some(0)), "device 0 was read and lists no 99");
+        assert!(!lists.shows_gone(&model, Some(1)), "device 1's list was not read");
+        assert!(!lists.shows_gone(&model, None), "some list was not read");
+        assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
     }
 }

@@ -60,8 +60,15 @@ impl Probe for SimProbe {
             .zip(self.lags.iter_mut())
             .enumerate()
             .map(|(index, (device, lag))| {
-                let reading = read_device_dir(&self.dir.join(index.to_string()), pid_is_alive, now, lag)?;
+                let dir = self.dir.join(index.to_string());
+                let reading = read_device_dir(&dir, pid_is_alive, now, lag)?;
                 let used_mib = reading.used_mib();
+                // `.unlisted` plays a driver that refuses the process list (NVML's NO_PERMISSION):
+                // the memory is in use, who uses it is unknown.
+                let (processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
+                    Some(reason) => (Vec::new(), Some(format!("sim: process list unreadable ({reason})"))),
+                    None => (reading.processes, None),
+                };
                 Ok(DeviceSnapshot {
                     index: index as u32,
                     name: device.name.clone(),
@@ -70,14 +77,24 @@ impl Probe for SimProbe {
                     free_mib: device.total_mib.saturating_sub(used_mib),
                     utilization_pct: None,
                     temperature_c: None,
-                    processes: reading.processes,
-                    processes_unavailable: None,
+                    processes,
+                    processes_unavailable,
                     named: reading.named,
                     warnings: reading.warnings,
                 })
             })
             .collect()
     }
+}
+
+/// The marker file that makes a device's process list unreadable while it exists.
+pub const UNLISTED: &str = ".unlisted";
+
+/// A marker file's text (its reason), or a plain note when it is empty; `None` when it is absent.
+fn read_marker(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let text: String = text.trim().chars().take(200).collect();
+    Some(if text.is_empty() { format!("{} present", path.display()) } else { text })
 }
 
 /// What one device directory holds.
@@ -420,5 +437,36 @@ mod tests {
         assert_eq!(devices[0].used_mib, 1000);
         assert_eq!(devices[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![pid]);
         assert!(tmp.path().join("0").join(pid.to_string()).exists());
+    }
+
+    /// `.unlisted` plays a refused process list: the memory still counts, nobody is listed, and the
+    /// release watch sees the device as unreadable rather than empty.
+    #[test]
+    fn an_unlisted_device_counts_its_memory_but_lists_no_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            dir: tmp.path().to_path_buf(),
+            devices: vec![
+                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
+                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
+            ],
+            release_lag: Span::default(),
+        };
+        let mut probe = SimProbe::open(&config).unwrap();
+        let me = std::process::id();
+        write(&tmp.path().join("0"), &me.to_string(), "1000");
+        write(&tmp.path().join("1"), &me.to_string(), "10");
+        write(&tmp.path().join("0"), UNLISTED, "NO_PERMISSION\n");
+        let devices = probe.sample().unwrap();
+        assert_eq!(devices[0].used_mib, 1000);
+        assert!(devices[0].processes.is_empty());
+        assert_eq!(devices[0].processes_unavailable.as_deref(), Some("sim: process list unreadable (NO_PERMISSION)"));
+        let lists = probe.gpu_pids().unwrap();
+        assert_eq!(lists.pids, [me].into(), "device 1 is read");
+        assert!(lists.unreadable[&0].contains("NO_PERMISSION"));
+        fs::remove_file(tmp.path().join("0").join(UNLISTED)).unwrap();
+        let lists = probe.gpu_pids().unwrap();
+        assert!(lists.unreadable.is_empty());
+        assert_eq!(probe.sample().unwrap()[0].processes.len(), 1);
     }
 }

@@ -500,6 +500,7 @@ impl<E: Effects> Engine<E> {
                     generation,
                     handle: model.process.clone(),
                     pids: model.gpu_pids.clone(),
+                    device: model.device,
                     grace: model.spec.stop_timeout,
                     limit: model.spec.release_timeout,
                 };
@@ -609,6 +610,9 @@ impl<E: Effects> Engine<E> {
     /// reading attributes it again (it will not, once the model is no longer resident).
     fn forget_attribution(&mut self, id: &str) {
         self.process_models.retain(|_, model| model != id);
+        for models in self.blind_mib.values_mut() {
+            models.retain(|(model, _)| model != id);
+        }
         // An app process shared with other models is counted whole as foreign until the next
         // reading splits it again (its other models keep their share meanwhile: counted twice,
         // the safe way).

@@ -44,7 +44,12 @@ impl<E: Effects> Engine<E> {
                     .iter()
                     .filter(|p| self.process_models.contains_key(&p.pid))
                     .map(|p| p.used_mib.or_else(|| self.assumed_mib.get(&(d.index, p.pid)).copied()).unwrap_or(0))
-                    .fold(0, u64::saturating_add);
+                    .fold(0, u64::saturating_add)
+                    .saturating_add(
+                        self.blind_mib
+                            .get(&d.index)
+                            .map_or(0, |models| models.iter().map(|(_, mib)| *mib).fold(0, u64::saturating_add)),
+                    );
                 // A lease's job (ffmpeg) uses its memory through its holder's processes; that use
                 // is already counted by the lease's hold, so it is not foreign too (up to the
                 // hold). Use by processes no lease claims is foreign, held memory or not.

@@ -44,6 +44,16 @@ impl<E: Effects> Engine<E> {
         // by (device, model): the model is counted at its size instead, once.
         let mut unmeasured: BTreeMap<(u32, usize), Vec<u32>> = BTreeMap::new();
         for device in &view.devices {
+            // A list the probe could not read (NVML refused it, amdgpu has none) is not an empty
+            // one: the models placed here that have processes are counted at their size.
+            if device.processes_unavailable.is_some() {
+                for (i, model) in self.models.iter().enumerate() {
+                    let has_processes = servers.values().any(|&s| s == i) || apps.values().any(|m| m.contains(&i));
+                    if has_processes && model.device == Some(device.index) {
+                        unmeasured.entry((device.index, i)).or_default();
+                    }
+                }
+            }
             let holders: BTreeSet<u32> = self
                 .leases
                 .values()
@@ -108,11 +118,16 @@ impl<E: Effects> Engine<E> {
         // attributing the model's size to that process keeps it from being counted again as
         // foreign. Its footprint is not learned from such a reading.
         let mut assumed: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut blind: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
         let mut unmeasured_models = BTreeSet::new();
         for ((device, i), pids) in unmeasured {
             let model = &self.models[i];
             let size = model.footprint().max(model.reserved_mib);
             let known = usage.get(&i).copied().unwrap_or(0);
+            if pids.is_empty() {
+                // No process to hang it on (the list was unreadable): counted on the device.
+                blind.entry(device).or_default().push((model.spec.id.clone(), size.saturating_sub(known)));
+            }
             let mut first = true;
             for pid in pids {
                 let share = if first { size.saturating_sub(known) } else { 0 };
@@ -124,6 +139,7 @@ impl<E: Effects> Engine<E> {
             unmeasured_models.insert(i);
         }
         self.assumed_mib = assumed;
+        self.blind_mib = blind;
         self.process_models = process_models;
         self.holder_usage = holder_usage;
         self.app_pids = app_pids;

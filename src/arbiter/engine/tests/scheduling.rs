@@ -138,6 +138,34 @@ fn a_process_without_a_figure_counts_once_at_its_models_size() {
     );
 }
 
+/// A process list the driver refuses is not an empty one: the model on that device is counted at
+/// its size (not again as foreign), its footprint is not learned, and its release makes the
+/// memory foreign until a reading shows it gone.
+#[test]
+fn an_unreadable_process_list_counts_the_models_there_at_their_size() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    rig.sample(&[(pid, 6200)]);
+    let mut reading = device_view(10_000, &[]);
+    reading.devices[0].used_mib = 6500;
+    reading.devices[0].processes_unavailable = Some("NVML compute process list: Insufficient Permissions".into());
+    rig.input(Input::Sample(Arc::new(reading.clone()), ProcTable::default()));
+    let (devices, residents, _) = rig.engine.policy_inputs();
+    assert_eq!(residents[0].footprint_mib, 6200, "the last measured size, not 0");
+    assert_eq!(devices[0].foreign_mib, 300, "6500 used − llm's 6200");
+    // 10000 − 300 − 6200 = 3500: stt fits beside it.
+    drop(rig.load("stt"));
+    assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
+    // Released (the watch timed out on the unreadable list): its memory is foreign now.
+    drop(rig.unload("llm"));
+    let generation = rig.generation("llm");
+    rig.command(Command::Released { model: "llm".into(), generation, timed_out: true, waited: Duration::ZERO });
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 6500, "not counted nowhere");
+}
+
 /// The deadline index: every pending deadline, earliest first.
 #[test]
 fn the_deadline_index_orders_every_pending_deadline() {
