@@ -180,6 +180,7 @@ mod tests {
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 124 }],
                 warnings: vec![],
+                error: None,
             }],
             degraded: false,
             degraded_reasons: vec![],

@@ -71,6 +71,11 @@ pub struct DeviceStatus {
     /// Problems with the last reading that did not stop it.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why this device's latest reading failed (a GPU fallen off the bus), while the other
+    /// devices were read: the figures above are its last good ones, and it admits nothing (its
+    /// free memory counts as zero) until it answers again. Absent for a device read normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One process on a device.

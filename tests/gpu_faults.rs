@@ -1,6 +1,8 @@
-//! End-to-end: GPU readings that fail in part, on the sim device. A device whose process list
-//! cannot be read (`DIR/N/.unlisted`, as NVML's `NO_PERMISSION`) holds a release until a readable
-//! list shows the model's processes gone.
+//! End-to-end: GPU readings that fail in part, on the sim device. A device that cannot be read
+//! (`DIR/N/.lost`, as NVML's `GPU_IS_LOST`) is degraded and admits nothing while the others are
+//! read and admit on their real numbers, from start-up on, and it recovers when it answers; a
+//! device whose process list cannot be read (`DIR/N/.unlisted`, as NVML's `NO_PERMISSION`) holds
+//! a release until a readable list shows the model's processes gone.
 
 mod common;
 
@@ -15,6 +17,58 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// The marker that makes a sim device's process list unreadable (see `gpu::sim::UNLISTED`).
 const UNLISTED: &str = ".unlisted";
+/// The marker that makes a sim device fail its readings (see `gpu::sim::LOST`).
+const LOST: &str = ".lost";
+
+/// Asks for a memory lease of `mib` on `device` that does not wait; the code and the body.
+async fn lease_now(daemon: &common::Daemon, device: u32, mib: u64) -> (u16, Value) {
+    let body = serde_json::json!({"holder": "job", "vram": format!("{mib}MiB"), "device": device, "wait": "0"});
+    daemon.post("/vramgate/leases", body).await
+}
+
+#[tokio::test]
+async fn a_lost_device_admits_nothing_while_the_other_goes_on_from_start_up_and_recovers() {
+    let daemon = common::Daemon::start(|sim| {
+        // Lost before the daemon starts: it must start with the good device.
+        std::fs::create_dir_all(sim.join("1")).expect("sim dir");
+        std::fs::write(sim.join("1").join(LOST), "GPU_IS_LOST").expect("marker");
+        format!(
+            "[gpu]\nprobe = \"sim\"\nsample_interval = \"50ms\"\nreserve_mib = 0\n[gpu.sim]\ndir = \"{}\"\n\
+             devices = [{{ name = \"Sim A\", total_mib = 8192 }}, {{ name = \"Sim B\", total_mib = 8192 }}]\n",
+            sim.display()
+        )
+    });
+    let status = daemon.status().await;
+    assert_eq!(status["devices"].as_array().map(Vec::len), Some(2), "{status:#}");
+    assert!(status["devices"][1]["error"].as_str().is_some_and(|e| e.contains("GPU_IS_LOST")), "{status:#}");
+    assert!(status["devices"][0]["error"].is_null(), "{status:#}");
+    assert_eq!(status["degraded"], true);
+    let reasons = status["degraded_reasons"].to_string();
+    assert!(reasons.contains("GPU 1 (Sim B) failing"), "{reasons}");
+
+    // GPU 0's reading moves while GPU 1 is lost, and a lease on it is judged on it.
+    std::fs::write(daemon.device_dir().join("desktop"), "5000").expect("claim");
+    daemon.wait_for_status(5 * SECOND, "GPU 0's reading to move", |s| s["devices"][0]["used_mib"] == 5000).await;
+    let (code, body) = lease_now(&daemon, 0, 7000).await;
+    assert_ne!(code, 201, "granted 7000 MiB with 3192 free: {body}");
+    assert!(body.to_string().contains("3192 MiB available"), "{body}");
+    let (code, body) = lease_now(&daemon, 0, 3000).await;
+    assert_eq!(code, 201, "{body}");
+    // The lost device admits nothing.
+    let (code, body) = lease_now(&daemon, 1, 1000).await;
+    assert_ne!(code, 201, "granted on a lost device: {body}");
+
+    // It answers again: read, no longer degraded, admitting.
+    std::fs::remove_file(common::Daemon::sim_dir_for(&daemon.dir).join("1").join(LOST)).expect("remove the marker");
+    let status = daemon
+        .wait_for_status(5 * SECOND, "GPU 1 to recover", |s| {
+            s["devices"][1]["error"].is_null() && s["degraded"] == false
+        })
+        .await;
+    assert_eq!(status["devices"][1]["used_mib"], 0, "{status:#}");
+    let (code, body) = lease_now(&daemon, 1, 1000).await;
+    assert_eq!(code, 201, "{body}");
+}
 
 /// A model's state in a status document.
 fn state_of(status: &Value, id: &str) -> String {

@@ -72,6 +72,9 @@ pub(crate) fn render_table(status: &Status) -> String {
         for d in &status.devices {
             let _ = writeln!(out);
             let _ = writeln!(out, "GPU {} users:", d.index);
+            if let Some(error) = &d.error {
+                let _ = writeln!(out, "  cannot be read: {error} (last good readings shown; admits nothing)");
+            }
             if let Some(reason) = &d.processes_unavailable {
                 let _ = writeln!(out, "  per-process usage unknown: {reason}");
             }
@@ -268,6 +271,7 @@ mod tests {
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }],
                 warnings: vec!["sim file x: garbage".into()],
+                error: None,
             }],
             degraded: true,
             degraded_reasons: vec!["probe sim failing: boom".into()],

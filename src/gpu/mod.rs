@@ -93,6 +93,17 @@ pub struct DeviceSnapshot {
     pub named: Vec<NamedUsage>,
     /// Problems with this reading that did not stop it (a sim file holding garbage).
     pub warnings: Vec<String>,
+    /// Why this device could not be read this time (NVML's `GPU_IS_LOST`, a sysfs file gone),
+    /// while the others were: its figures are then meaningless (the monitor keeps its last good
+    /// ones) and it admits nothing until it answers again. `None` for a good reading.
+    pub failed: Option<String>,
+}
+
+impl DeviceSnapshot {
+    /// The reading of a device that did not answer this time: index, name and why.
+    pub fn failed(index: u32, name: impl Into<String>, reason: impl Into<String>) -> DeviceSnapshot {
+        DeviceSnapshot { index, name: name.into(), failed: Some(reason.into()), ..DeviceSnapshot::default() }
+    }
 }
 
 /// What the per-process lists say now: the pids listed on every device whose list could be read,
@@ -127,7 +138,9 @@ pub struct ProbeError(pub String);
 pub trait Probe: Send {
     /// Which kind of probe this is.
     fn kind(&self) -> ProbeKind;
-    /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less.
+    /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less. A
+    /// device that fails is a snapshot with `failed` set, so the others are still read; an `Err`
+    /// is for a probe that cannot read anything.
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError>;
 
     /// The pids using GPU memory on each device, and the devices whose list cannot be read now:
@@ -138,7 +151,7 @@ pub trait Probe: Send {
     fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
         let mut lists = GpuPids::default();
         for device in self.sample()? {
-            match device.processes_unavailable {
+            match device.failed.or(device.processes_unavailable) {
                 Some(reason) => {
                     lists.unreadable.insert(device.index, reason);
                 }

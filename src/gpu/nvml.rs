@@ -107,6 +107,7 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
         processes_unavailable: (!unavailable.is_empty()).then(|| unavailable.join("; ")),
         named: Vec::new(),
         warnings,
+        failed: None,
     }
 }
 
@@ -226,9 +227,15 @@ impl Probe for NvmlProbe {
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
-        (0..self.names.len() as u32)
-            .map(|index| self.read(index).map(|raw| assemble(index, raw, process_name)))
-            .collect()
+        // Each device on its own: one that fails (GPU_IS_LOST) is reported failed, the others read.
+        Ok((0..self.names.len() as u32)
+            .map(|index| match self.read(index) {
+                Ok(raw) => assemble(index, raw, process_name),
+                Err(e) => {
+                    DeviceSnapshot::failed(index, self.names.get(index as usize).cloned().unwrap_or_default(), e.0)
+                }
+            })
+            .collect())
     }
 
     /// Two calls per device (the compute and graphics process lists), nothing else. A device

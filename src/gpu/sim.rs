@@ -55,37 +55,55 @@ impl Probe for SimProbe {
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
         let now = Instant::now();
-        self.devices
+        let readings = self
+            .devices
             .iter()
             .zip(self.lags.iter_mut())
             .enumerate()
             .map(|(index, (device, lag))| {
                 let dir = self.dir.join(index.to_string());
-                let reading = read_device_dir(&dir, pid_is_alive, now, lag)?;
-                let used_mib = reading.used_mib();
-                // `.unlisted` plays a driver that refuses the process list (NVML's NO_PERMISSION):
-                // the memory is in use, who uses it is unknown.
-                let (processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
-                    Some(reason) => (Vec::new(), Some(format!("sim: process list unreadable ({reason})"))),
-                    None => (reading.processes, None),
-                };
-                Ok(DeviceSnapshot {
-                    index: index as u32,
-                    name: device.name.clone(),
-                    total_mib: device.total_mib,
-                    used_mib,
-                    free_mib: device.total_mib.saturating_sub(used_mib),
-                    utilization_pct: None,
-                    temperature_c: None,
-                    processes,
-                    processes_unavailable,
-                    named: reading.named,
-                    warnings: reading.warnings,
-                })
+                // `.lost` plays a device that stopped answering (NVML's GPU_IS_LOST): only this
+                // one fails; the others are read as usual.
+                if let Some(reason) = read_marker(&dir.join(LOST)) {
+                    return DeviceSnapshot::failed(index as u32, &device.name, format!("sim: GPU is lost ({reason})"));
+                }
+                match read_device_dir(&dir, pid_is_alive, now, lag) {
+                    Ok(reading) => snapshot(index as u32, device, &dir, reading),
+                    Err(e) => DeviceSnapshot::failed(index as u32, &device.name, e.0),
+                }
             })
-            .collect()
+            .collect();
+        Ok(readings)
     }
 }
+
+/// One device's snapshot from its directory's reading.
+fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> DeviceSnapshot {
+    let used_mib = reading.used_mib();
+    // `.unlisted` plays a driver that refuses the process list (NVML's NO_PERMISSION): the
+    // memory is in use, who uses it is unknown.
+    let (processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
+        Some(reason) => (Vec::new(), Some(format!("sim: process list unreadable ({reason})"))),
+        None => (reading.processes, None),
+    };
+    DeviceSnapshot {
+        index,
+        name: device.name.clone(),
+        total_mib: device.total_mib,
+        used_mib,
+        free_mib: device.total_mib.saturating_sub(used_mib),
+        utilization_pct: None,
+        temperature_c: None,
+        processes,
+        processes_unavailable,
+        named: reading.named,
+        warnings: reading.warnings,
+        failed: None,
+    }
+}
+
+/// The marker file that makes a device fail its readings while it exists.
+pub const LOST: &str = ".lost";
 
 /// The marker file that makes a device's process list unreadable while it exists.
 pub const UNLISTED: &str = ".unlisted";
@@ -468,5 +486,30 @@ mod tests {
         let lists = probe.gpu_pids().unwrap();
         assert!(lists.unreadable.is_empty());
         assert_eq!(probe.sample().unwrap()[0].processes.len(), 1);
+    }
+
+    /// `.lost` fails one device's reading; the others are read as usual, and it comes back when
+    /// the marker goes.
+    #[test]
+    fn a_lost_device_fails_alone_and_comes_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            dir: tmp.path().to_path_buf(),
+            devices: vec![
+                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
+                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
+            ],
+            release_lag: Span::default(),
+        };
+        let mut probe = SimProbe::open(&config).unwrap();
+        write(&tmp.path().join("0"), "desktop", "700");
+        write(&tmp.path().join("1"), LOST, "");
+        let devices = probe.sample().expect("the sample as a whole works");
+        assert_eq!((devices[0].used_mib, devices[0].failed.as_deref()), (700, None));
+        assert_eq!(devices[1].name, "Sim 1G");
+        assert!(devices[1].failed.as_deref().is_some_and(|f| f.starts_with("sim: GPU is lost")), "{devices:?}");
+        assert!(probe.gpu_pids().unwrap().unreadable.contains_key(&1), "a lost device's list is unreadable");
+        fs::remove_file(tmp.path().join("1").join(LOST)).unwrap();
+        assert!(probe.sample().unwrap().iter().all(|d| d.failed.is_none()));
     }
 }

@@ -76,6 +76,10 @@ impl<E: Effects> Engine<E> {
                     .map(|m| m.current_mib)
                     .sum();
                 let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held).saturating_sub(in_ollama);
+                // A device that cannot be read now admits nothing: its figures are stale, so
+                // all of it counts as in use until it answers again (waiters wait, nothing is
+                // evicted for them, since no eviction could make room).
+                let foreign = if d.error.is_some() { d.usable_mib } else { foreign };
                 DeviceState { index: d.index, usable_mib: d.usable_mib, foreign_mib: foreign }
             })
             .collect();

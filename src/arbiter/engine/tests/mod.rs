@@ -221,6 +221,7 @@ fn device_view(total_mib: u64, processes: &[(u32, u64)]) -> GpuView {
             processes_unavailable: None,
             named_consumers: Vec::new(),
             warnings: Vec::new(),
+            error: None,
         }],
         degraded_reasons: Vec::new(),
         sampled_at: None,

@@ -166,6 +166,22 @@ fn an_unreadable_process_list_counts_the_models_there_at_their_size() {
     assert_eq!(devices[0].foreign_mib, 6500, "not counted nowhere");
 }
 
+/// A device that cannot be read admits nothing: a lease waits (nothing is evicted for it) until a
+/// reading of the device works again, and is then judged on that reading.
+#[test]
+fn a_device_that_cannot_be_read_admits_nothing_until_it_answers() {
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    let mut lost = device_view(8000, &[]);
+    lost.devices[0].error = Some("GPU is lost".into());
+    rig.input(Input::Sample(Arc::new(lost), ProcTable::default()));
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 8000, "its free memory counts as zero");
+    let mut waits = rig.lease(LeaseRequest { wait: Duration::from_secs(5), ..memory_lease("ffmpeg", 1000) });
+    assert!(answered(&mut waits).is_none(), "not granted on a device that cannot be read");
+    rig.sample(&[(7, 2000)]);
+    assert_eq!(answered(&mut waits).expect("answered").expect("granted").vram_mib, 1000);
+}
+
 /// The deadline index: every pending deadline, earliest first.
 #[test]
 fn the_deadline_index_orders_every_pending_deadline() {
