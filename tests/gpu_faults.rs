@@ -2,7 +2,9 @@
 //! (`DIR/N/.lost`, as NVML's `GPU_IS_LOST`) is degraded and admits nothing while the others are
 //! read and admit on their real numbers, from start-up on, and it recovers when it answers; a
 //! device whose process list cannot be read (`DIR/N/.unlisted`, as NVML's `NO_PERMISSION`) holds
-//! a release until a readable list shows the model's processes gone.
+//! a release until a readable list shows the model's processes gone; a process listed without a
+//! figure (`DIR/N/.unmeasured`, as NVML's "not available") is `null`, absent from `/metrics`, and
+//! its model is counted once, at its size.
 
 mod common;
 
@@ -17,6 +19,8 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// The marker that makes a sim device's process list unreadable (see `gpu::sim::UNLISTED`).
 const UNLISTED: &str = ".unlisted";
+/// The marker that makes a sim device list processes without figures (see `gpu::sim::UNMEASURED`).
+const UNMEASURED: &str = ".unmeasured";
 /// The marker that makes a sim device fail its readings (see `gpu::sim::LOST`).
 const LOST: &str = ".lost";
 
@@ -124,4 +128,33 @@ async fn an_unreadable_process_list_holds_a_release_until_a_readable_list_shows_
     assert!(returned >= readable_again, "unloaded before a readable list showed the pid gone");
     let status = daemon.status().await;
     assert!(status["devices"][0]["processes_unavailable"].is_null(), "{status:#}");
+}
+
+#[tokio::test]
+async fn a_process_without_a_figure_is_null_absent_from_metrics_and_its_model_counted_once() {
+    // Pinned: a lease that does not fit must be refused, not make room by evicting it.
+    let daemon = start(|sim| fake_model(sim, "a", 3000, "", "pinned = true"), "");
+    std::fs::write(daemon.device_dir().join(UNMEASURED), "").expect("marker");
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid");
+    let _guard = PidGuard::new(pid as u32);
+    let status = daemon
+        .wait_for_status(5 * SECOND, "the model's process listed without a figure", |s| {
+            s["devices"][0]["processes"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["pid"] == pid && p["used_mib"].is_null() && p["model"] == "a"))
+        })
+        .await;
+    assert_eq!(status["devices"][0]["used_mib"], 3000, "{status:#}");
+    let warnings = status["devices"][0]["warnings"].to_string();
+    assert!(warnings.contains(&format!("pid {pid} of model a: no memory figure")), "{warnings}");
+    assert!(common::model_in(&status, "a")["measured_mib"].is_null(), "nothing measured: {status:#}");
+    let metrics = common::http::get(format!("{}/metrics", daemon.url)).await.expect("metrics");
+    let text = metrics.text().await.expect("text");
+    assert!(!text.contains(&format!("pid=\"{pid}\"")), "a sample for a process without a figure: {text}");
+    // Counted once: 10000 − 3000 leaves 7000, not 4000 (3000 foreign on top of the model's 3000).
+    let (code, body) = lease_now(&daemon, 0, 7000).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(daemon.model("a").await["state"], "ready");
 }

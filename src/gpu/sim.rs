@@ -82,10 +82,19 @@ fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> 
     let used_mib = reading.used_mib();
     // `.unlisted` plays a driver that refuses the process list (NVML's NO_PERMISSION): the
     // memory is in use, who uses it is unknown.
-    let (processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
+    let (mut processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
         Some(reason) => (Vec::new(), Some(format!("sim: process list unreadable ({reason})"))),
         None => (reading.processes, None),
     };
+    // `.unmeasured` plays a driver that lists processes without their memory (NVML's "not
+    // available" in containers and under WDDM): listed, counted in the device's use, no figure.
+    let mut warnings = reading.warnings;
+    if read_marker(&dir.join(UNMEASURED)).is_some() {
+        for process in &mut processes {
+            process.used_mib = None;
+            warnings.push(format!("sim: the memory of pid {} is not reported ({UNMEASURED})", process.pid));
+        }
+    }
     DeviceSnapshot {
         index,
         name: device.name.clone(),
@@ -97,10 +106,13 @@ fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> 
         processes,
         processes_unavailable,
         named: reading.named,
-        warnings: reading.warnings,
+        warnings,
         failed: None,
     }
 }
+
+/// The marker file that makes a device list its processes without their memory while it exists.
+pub const UNMEASURED: &str = ".unmeasured";
 
 /// The marker file that makes a device fail its readings while it exists.
 pub const LOST: &str = ".lost";
@@ -458,7 +470,8 @@ mod tests {
     }
 
     /// `.unlisted` plays a refused process list: the memory still counts, nobody is listed, and the
-    /// release watch sees the device as unreadable rather than empty.
+    /// release watch sees the device as unreadable rather than empty; `.unmeasured` lists processes
+    /// without their figures.
     #[test]
     fn an_unlisted_device_counts_its_memory_but_lists_no_one() {
         let tmp = tempfile::tempdir().unwrap();
@@ -475,10 +488,12 @@ mod tests {
         write(&tmp.path().join("0"), &me.to_string(), "1000");
         write(&tmp.path().join("1"), &me.to_string(), "10");
         write(&tmp.path().join("0"), UNLISTED, "NO_PERMISSION\n");
+        write(&tmp.path().join("1"), UNMEASURED, "");
         let devices = probe.sample().unwrap();
         assert_eq!(devices[0].used_mib, 1000);
         assert!(devices[0].processes.is_empty());
         assert_eq!(devices[0].processes_unavailable.as_deref(), Some("sim: process list unreadable (NO_PERMISSION)"));
+        assert_eq!((devices[1].used_mib, devices[1].processes[0].used_mib), (10, None), "listed, no figure");
         let lists = probe.gpu_pids().unwrap();
         assert_eq!(lists.pids, [me].into(), "device 1 is read");
         assert!(lists.unreadable[&0].contains("NO_PERMISSION"));
