@@ -118,6 +118,23 @@ pub fn not_free_bytes(raw: &RawDevice) -> u64 {
     raw.used_bytes.saturating_add(raw.reserved_bytes).max(raw.total_bytes.saturating_sub(raw.free_bytes))
 }
 
+/// The names of `count` devices at start-up, from each device's answer (`name_of`). A device that
+/// does not answer (`GPU_IS_LOST` at start) gets a plain name (`NVIDIA GPU N`) and is sampled like
+/// the others, so its readings report it failed while the rest work; only when no device answers is
+/// it an error (and `auto` falls through). For `NvmlProbe::open`.
+pub fn device_names(count: u32, name_of: impl Fn(u32) -> Result<String, String>) -> Result<Vec<String>, ProbeError> {
+    let answers: Vec<Result<String, String>> = (0..count).map(&name_of).collect();
+    if !answers.is_empty() && answers.iter().all(Result::is_err) {
+        let reasons: Vec<String> = answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().err().map(|e| format!("NVML device {i}: {e}")))
+            .collect();
+        return Err(ProbeError(format!("no NVML device answers: {}", reasons.join("; "))));
+    }
+    Ok(answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|_| format!("NVIDIA GPU {i}"))).collect())
+}
+
 /// The probe over a loaded NVML.
 pub struct NvmlProbe {
     nvml: Nvml,
@@ -418,5 +435,16 @@ mod tests {
         assert!(!lists.shows_gone(&model, Some(1)), "device 1's list was not read");
         assert!(!lists.shows_gone(&model, None), "some list was not read");
         assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
+    }
+
+    /// At start-up one device that does not answer leaves the others usable; none answering is
+    /// an error naming each.
+    #[test]
+    fn start_up_names_survive_a_lost_device_but_not_all_lost() {
+        let one_lost = |i: u32| if i == 1 { Err("GPU is lost".to_string()) } else { Ok(format!("RTX {i}")) };
+        assert_eq!(device_names(3, one_lost).unwrap(), ["RTX 0", "NVIDIA GPU 1", "RTX 2"]);
+        let err = device_names(2, |_| Err("GPU is lost".to_string())).unwrap_err();
+        assert!(err.0.contains("NVML device 0: GPU is lost") && err.0.contains("NVML device 1"), "{err}");
+        assert_eq!(device_names(0, one_lost).unwrap(), Vec::<String>::new());
     }
 }
