@@ -544,12 +544,13 @@ impl<E: Effects> Engine<E> {
         }
         if timed_out {
             self.fx.emit(EventKind::MemoryReleaseTimeout { model: id.to_string(), waited_ms: super::millis(waited) });
+            // Its processes are no longer the model's: what they still hold (a pid still on the
+            // GPU past `release_timeout`) is foreign from now on, until a reading shows it gone.
+            // Left attributed, it would count nowhere (the model is no longer resident) and the
+            // next load would over-commit. (A release that completed was seen gone by a readable
+            // list, newer than the last reading: that memory is back, not foreign.)
+            self.forget_attribution(id);
         }
-        // Its processes are no longer the model's: whatever they still hold (a pid still on the
-        // GPU past `release_timeout`, or memory the driver has not handed back yet) is foreign
-        // from now on, until a reading shows it gone. Left attributed, it would count nowhere
-        // (the model is no longer resident) and the next load would over-commit.
-        self.forget_attribution(id);
         if let Some(process) = self.models[i].process.take() {
             self.fx.persist(StoreWrite::ForgetProcess(process.pid));
         }

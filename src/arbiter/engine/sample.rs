@@ -170,6 +170,11 @@ impl<E: Effects> Engine<E> {
     /// is below critical.
     fn relieve_pressure(&mut self, view: &GpuView) {
         for device in &view.devices {
+            // A device that cannot be read shows its last good level: nothing to act on.
+            if device.error.is_some() {
+                self.pressure.remove(&device.index);
+                continue;
+            }
             if device.level == Level::Emergency {
                 self.pressure.insert(device.index);
             } else if device.level < Level::Critical {

@@ -247,6 +247,20 @@ fn an_emergency_releases_the_lowest_priority_idle_model() {
     assert_eq!(rig.state("stt"), ModelState::Ready, "one at a time");
 }
 
+/// A device that cannot be read shows its last good level: an emergency there is stale, and
+/// releases nothing.
+#[test]
+fn a_stale_emergency_on_a_device_that_cannot_be_read_releases_nothing() {
+    let mut rig = Rig::new(TWO_MODELS, 20_000);
+    drop(rig.load("llm"));
+    let llm = rig.ready("llm");
+    let mut view = device_view(20_000, &[(llm, 6000), (1, 14_500)]);
+    view.devices[0].level = Level::Emergency;
+    view.devices[0].error = Some("GPU is lost".into());
+    rig.input(Input::Sample(Arc::new(view), ProcTable::default()));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
+}
+
 /// A model lease keeps its model in use: never evicted, not unloadable, and its pin goes with it.
 #[test]
 fn a_model_lease_keeps_its_model() {
