@@ -267,11 +267,14 @@ mod tests {
                 level: Level::Warning,
                 utilization_pct: None,
                 temperature_c: Some(51),
-                processes: vec![ProcessStatus { pid: 4242, used_mib: Some(5300), name: "python3".into(), model: None }],
+                processes: vec![
+                    ProcessStatus { pid: 4242, used_mib: Some(5300), name: "python3".into(), model: None },
+                    ProcessStatus { pid: 77, used_mib: None, name: "hidden".into(), model: None },
+                ],
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }],
                 warnings: vec!["sim file x: garbage".into()],
-                error: None,
+                error: Some("GPU is lost".into()),
             }],
             degraded: true,
             degraded_reasons: vec!["probe sim failing: boom".into()],
@@ -302,6 +305,8 @@ mod tests {
         assert!(table.contains("degraded: probe sim failing: boom"));
         assert!(table.contains("Sim 8G") && table.contains("warning") && table.contains("51C"));
         assert!(table.contains("pid 4242") && table.contains("python3"));
+        assert!(table.contains("pid 77              ? MiB  hidden"), "a process without a figure: {table}");
+        assert!(table.contains("cannot be read: GPU is lost (last good readings shown; admits nothing)"), "{table}");
         assert!(table.contains("desktop") && table.contains("(named consumer)"));
         assert!(table.contains("warning: sim file x: garbage"));
         assert!(table.contains("models: none configured") && table.contains("vramgate serve --demo"), "{table}");
