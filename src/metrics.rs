@@ -98,13 +98,15 @@ pub fn render(status: &Status) -> String {
     let mut processes = Family::new(&mut out, name, "gauge", "Device memory held by one process.");
     for device in &status.devices {
         let index = device.index.to_string();
+        // A process whose figure the driver does not give has no sample: absent, never 0.
         for p in &device.processes {
+            let Some(used_mib) = p.used_mib else { continue };
             let pid = p.pid.to_string();
             let model = p.model.as_deref().unwrap_or("");
             processes.sample(
                 name,
                 &[("device", &index), ("pid", &pid), ("name", &p.name), ("model", model)],
-                p.used_mib * mib,
+                used_mib.saturating_mul(mib),
             );
         }
     }
@@ -174,10 +176,11 @@ mod tests {
                 level: Level::Warning,
                 utilization_pct: None,
                 temperature_c: Some(51),
-                processes: vec![ProcessStatus { pid: 4242, used_mib: 900, name: "python3".into(), model: None }],
+                processes: vec![ProcessStatus { pid: 4242, used_mib: Some(900), name: "python3".into(), model: None }],
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 124 }],
                 warnings: vec![],
+                error: None,
             }],
             degraded: false,
             degraded_reasons: vec![],
@@ -206,6 +209,16 @@ mod tests {
         ));
         assert!(text.contains("vramgate_named_consumer_used_bytes{device=\"0\",name=\"desktop\"} 130023424\n"));
         assert!(text.contains("vramgate_degraded{probe=\"sim\"} 0\n"));
+    }
+
+    /// A process the driver gives no figure for has no sample: absent, never 0.
+    #[test]
+    fn a_process_without_a_figure_has_no_sample() {
+        let mut status = status();
+        status.devices[0].processes[0].used_mib = None;
+        let text = render(&status);
+        assert!(!text.contains("vramgate_process_used_bytes{"), "{text}");
+        assert!(text.contains("vramgate_device_processes{device=\"0\""), "still counted as a process: {text}");
     }
 
     #[test]

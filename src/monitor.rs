@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{GpuConfig, SAMPLE_INTERVAL_MAX, SAMPLE_INTERVAL_MIN};
 use crate::events::{EventBus, EventKind};
-use crate::gpu::{DeviceSnapshot, Level, Probe, ProbeError, ProbeKind, Thresholds};
+use crate::gpu::{DeviceSnapshot, GpuPids, Level, Probe, ProbeError, ProbeKind, Thresholds};
 use crate::status::{DeviceStatus, ProcessStatus};
 
 /// What the monitor knows now.
@@ -91,7 +91,31 @@ pub fn device_status(snapshot: DeviceSnapshot, probe: ProbeKind, settings: &Moni
         processes_unavailable: snapshot.processes_unavailable,
         named_consumers: snapshot.named,
         warnings: snapshot.warnings,
+        error: snapshot.failed,
     }
+}
+
+/// The status entry of a device whose reading failed: its last good figures (if it ever had
+/// any), marked with the failure.
+fn failed_device_status(
+    snapshot: DeviceSnapshot,
+    previous: Option<&DeviceStatus>,
+    probe: ProbeKind,
+    settings: &MonitorSettings,
+) -> DeviceStatus {
+    match previous {
+        Some(previous) => DeviceStatus { error: snapshot.failed, ..previous.clone() },
+        None => device_status(snapshot, probe, settings),
+    }
+}
+
+/// The degraded reason for a device that failed its reading.
+fn device_failure_reason(device: &DeviceStatus) -> Option<String> {
+    let error = device.error.as_ref()?;
+    Some(format!(
+        "GPU {} ({}) failing: {error} (showing its last good readings; it admits nothing until it answers)",
+        device.index, device.name
+    ))
 }
 
 /// Remembers, per device, the level and the used memory last reported, and says which events a
@@ -102,6 +126,8 @@ pub struct ChangeTracker {
     last: Vec<Option<(Level, u64)>>,
     /// Consecutive failed samples, for `probe_recovered`.
     failures: u64,
+    /// Consecutive failed readings of single devices (the others read), by device index.
+    device_failures: std::collections::BTreeMap<u32, u64>,
 }
 
 impl ChangeTracker {
@@ -109,6 +135,23 @@ impl ChangeTracker {
     pub fn observe(&mut self, devices: &[DeviceStatus], change_threshold_mib: u64) -> Vec<EventKind> {
         let mut events = Vec::new();
         for device in devices {
+            // A device that failed shows stale figures: no level or movement from them. It is
+            // reported failed once per run of failures, and recovered when it answers again.
+            let failures = self.device_failures.entry(device.index).or_default();
+            if let Some(error) = &device.error {
+                *failures = failures.saturating_add(1);
+                if *failures == 1 {
+                    events.push(EventKind::ProbeFailed {
+                        probe: device.probe.as_str().into(),
+                        error: format!("GPU {}: {error}", device.index),
+                    });
+                }
+                continue;
+            }
+            let failed_samples = std::mem::take(failures);
+            if failed_samples > 0 {
+                events.push(EventKind::ProbeRecovered { probe: device.probe.as_str().into(), failed_samples });
+            }
             let slot = device.index as usize;
             if self.last.len() <= slot {
                 self.last.resize(slot + 1, None);
@@ -191,8 +234,9 @@ impl Sampler {
         self.spawn().await.unwrap_or_else(|e| Err(ProbeError(format!("sample panicked: {e}"))))
     }
 
-    /// The pids using GPU memory now (the probe's cheapest call for it), on the blocking pool.
-    pub async fn gpu_pids(&self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
+    /// The pids using GPU memory now, and the devices whose list cannot be read (the probe's
+    /// cheapest call for it), on the blocking pool.
+    pub async fn gpu_pids(&self) -> Result<GpuPids, ProbeError> {
         let probe = self.probe.clone();
         tokio::task::spawn_blocking(move || match probe.lock() {
             Ok(mut probe) => probe.gpu_pids(),
@@ -303,14 +347,25 @@ impl Monitor {
     }
 
     fn record_success(&mut self, snapshots: Vec<DeviceSnapshot>) {
-        let devices: Vec<DeviceStatus> =
-            snapshots.into_iter().map(|s| device_status(s, self.kind, &self.settings)).collect();
+        let previous = self.view.borrow().clone();
+        let devices: Vec<DeviceStatus> = snapshots
+            .into_iter()
+            .map(|s| match s.failed {
+                Some(_) => {
+                    let before = previous.devices.iter().find(|d| d.index == s.index);
+                    failed_device_status(s, before, self.kind, &self.settings)
+                }
+                None => device_status(s, self.kind, &self.settings),
+            })
+            .collect();
         let mut events = self.tracker.succeeded(self.kind);
         events.extend(self.tracker.observe(&devices, self.settings.change_threshold_mib));
+        let mut degraded_reasons = self.base_reasons.clone();
+        degraded_reasons.extend(devices.iter().filter_map(device_failure_reason));
         self.view.send_replace(Arc::new(GpuView {
             probe: self.kind,
             devices,
-            degraded_reasons: self.base_reasons.clone(),
+            degraded_reasons,
             sampled_at: Some(Utc::now()),
         }));
         for event in events {
@@ -379,7 +434,7 @@ mod tests {
         let with_process = device_status(
             DeviceSnapshot {
                 total_mib: 50,
-                processes: vec![ProcessUsage { pid: 1, used_mib: 5, name: "x".into() }],
+                processes: vec![ProcessUsage { pid: 1, used_mib: Some(5), name: "x".into() }],
                 ..DeviceSnapshot::default()
             },
             ProbeKind::Sim,
@@ -471,8 +526,8 @@ mod tests {
             self.samples.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(Vec::new())
         }
-        fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-            Ok([7, 9].into())
+        fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+            Ok(GpuPids { pids: [7, 9].into(), unreadable: Default::default() })
         }
     }
 
@@ -484,17 +539,17 @@ mod tests {
         let probe: Box<dyn Probe> = Box::new(CountingProbe { samples: samples.clone() });
         let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
         for _ in 0..3 {
-            assert_eq!(sampler.gpu_pids().await.expect("a list"), [7, 9].into());
+            assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [7, 9].into());
         }
         assert_eq!(samples.load(std::sync::atomic::Ordering::SeqCst), 0, "no sample taken");
         // A probe without a cheaper call answers from a sample.
         let (script, answers) = std::sync::mpsc::channel();
         let mut with_process = snapshot(100);
-        with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: 100, name: "p".into() });
+        with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: Some(100), name: "p".into() });
         script.send(Ok(with_process)).expect("scripted");
         let probe: Box<dyn Probe> = Box::new(Scripted(answers));
         let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
-        assert_eq!(sampler.gpu_pids().await.expect("a list"), [42].into());
+        assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [42].into());
     }
 
     /// A probe whose answers a test scripts.
@@ -560,6 +615,62 @@ mod tests {
         shutdown.cancel();
         // The probe is now blocked waiting on the script; shutdown must not wait for it.
         tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops promptly").unwrap();
+    }
+
+    /// One device failing while the other is read: the good one's readings move on, the failed
+    /// one keeps its last good figures with the error, is named in `degraded_reasons`, is reported
+    /// failed once and recovered when it answers again.
+    #[tokio::test]
+    async fn a_failing_device_degrades_alone_and_recovers() {
+        let two = |used0: u64, failed1: Option<&str>| {
+            let mut devices = snapshot(used0);
+            devices.push(match failed1 {
+                Some(reason) => DeviceSnapshot::failed(1, "d1", reason),
+                None => DeviceSnapshot {
+                    index: 1,
+                    name: "d1".into(),
+                    total_mib: 1000,
+                    used_mib: 200,
+                    free_mib: 800,
+                    ..DeviceSnapshot::default()
+                },
+            });
+            devices
+        };
+        let (script, answers) = std::sync::mpsc::channel();
+        script.send(Ok(two(100, None))).unwrap();
+        let bus = EventBus::new();
+        let mut events = bus.subscribe();
+        let (monitor, mut view) = Monitor::start(Box::new(Scripted(answers)), vec![], settings(), bus).await;
+        let shutdown = CancellationToken::new();
+        let task = monitor.run(shutdown.clone());
+
+        script.send(Ok(two(500, Some("GPU is lost")))).unwrap();
+        script.send(Ok(two(600, Some("GPU is lost")))).unwrap();
+        view.wait_for(|v| v.devices[0].used_mib == 600).await.unwrap();
+        {
+            let v = view.borrow();
+            assert_eq!(v.devices[1].error.as_deref(), Some("GPU is lost"));
+            assert_eq!(v.devices[1].used_mib, 200, "its last good reading stays");
+            assert_eq!(v.degraded_reasons.len(), 1, "{:?}", v.degraded_reasons);
+            assert!(v.degraded_reasons[0].starts_with("GPU 1 (d1) failing: GPU is lost"), "{:?}", v.degraded_reasons);
+        }
+
+        script.send(Ok(two(600, None))).unwrap();
+        view.wait_for(|v| v.degraded_reasons.is_empty()).await.unwrap();
+        assert!(view.borrow().devices[1].error.is_none());
+        // Events are published just after the view: wait for the recovery itself.
+        let recovered = EventKind::ProbeRecovered { probe: "sim".into(), failed_samples: 2 };
+        let mut names = Vec::new();
+        while !names.contains(&recovered) {
+            let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+            names.push(event.expect("the recovery is reported").expect("the bus").kind.clone());
+        }
+        let failures: Vec<&EventKind> = names.iter().filter(|e| e.name() == "probe_failed").collect();
+        let failed = EventKind::ProbeFailed { probe: "sim".into(), error: "GPU 1: GPU is lost".into() };
+        assert_eq!(failures, [&failed], "failed once per run");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops").unwrap();
     }
 
     /// Settings nobody validated (zero, or a period the clock cannot add) run at the bounded

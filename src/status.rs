@@ -71,6 +71,11 @@ pub struct DeviceStatus {
     /// Problems with the last reading that did not stop it.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why this device's latest reading failed (a GPU fallen off the bus), while the other
+    /// devices were read: the figures above are its last good ones, and it admits nothing (its
+    /// free memory counts as zero) until it answers again. Absent for a device read normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One process on a device.
@@ -78,8 +83,9 @@ pub struct DeviceStatus {
 pub struct ProcessStatus {
     /// Process id.
     pub pid: u32,
-    /// VRAM it holds.
-    pub used_mib: u64,
+    /// VRAM it holds; null where the driver does not say (NVML's "not available"): never 0 for
+    /// unknown.
+    pub used_mib: Option<u64>,
     /// Process name.
     pub name: String,
     /// The managed model this process serves, or null for a foreign process.

@@ -261,3 +261,47 @@ async fn a_child_outlives_daemon_idleness() {
     }
     assert_eq!(daemon.model("a").await["state"], "ready");
 }
+
+/// Memory not seen back within `release_timeout` still counts: the evicted model is `unloaded` on
+/// the timeout, but the load that evicted it starts only once a reading shows that memory gone.
+#[tokio::test]
+async fn memory_not_back_after_release_timeout_holds_the_next_load_until_a_reading_shows_it_gone() {
+    let daemon = start_with_lag("1500ms", |sim| {
+        format!(
+            "{}{}",
+            fake_model(sim, "a", 6000, "", "release_timeout = \"100ms\""),
+            fake_model(sim, "b", 6000, "", "")
+        )
+    });
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().unwrap() as u32;
+    let _guard = PidGuard::new(pid);
+    // b does not fit beside a: loading it evicts a, whose release times out after 100 ms while
+    // the device still holds a's memory for 1.5 s.
+    let load_b = tokio::spawn({
+        let url = daemon.url.clone();
+        async move {
+            let response = common::http::client()
+                .post(format!("{url}/vramgate/models/b/load"))
+                .timeout(20 * SECOND)
+                .send()
+                .await
+                .expect("load b");
+            response.status().as_u16()
+        }
+    });
+    // Until b starts, every status that shows it started must also show a's memory gone.
+    let end = Instant::now() + 10 * SECOND;
+    loop {
+        let status = daemon.status().await;
+        let b = common::model_in(&status, "b")["state"].as_str().unwrap_or_default().to_string();
+        if b == "loading" || b == "ready" {
+            assert!(!lists_pid(&status, pid), "b started while a's memory was still in use: {status:#}");
+            break;
+        }
+        assert!(Instant::now() < end, "b never started: {status:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(load_b.await.unwrap(), 200);
+}

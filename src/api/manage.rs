@@ -24,8 +24,21 @@ pub(crate) fn current_status(state: &AppState) -> Status {
     let view = state.gpu.borrow().clone();
     let arbiter = state.arbiter.view();
     let mut devices = view.devices.clone();
-    for process in devices.iter_mut().flat_map(|d| d.processes.iter_mut()) {
-        process.model = arbiter.process_models.get(&process.pid).cloned();
+    for device in &mut devices {
+        let mut notes = Vec::new();
+        for process in &mut device.processes {
+            process.model = arbiter.process_models.get(&process.pid).cloned();
+            // Counted at the model's size rather than measured: say so where the numbers are.
+            if let (None, Some(model)) = (process.used_mib, &process.model) {
+                let size = arbiter.models.iter().find(|m| &m.id == model).map_or(0, |m| m.vram_mib);
+                notes.push(format!(
+                    "pid {} of model {model}: no memory figure from the driver; the model is counted at its size \
+                     ({size} MiB) and its footprint is not measured",
+                    process.pid
+                ));
+            }
+        }
+        device.warnings.extend(notes);
     }
     let mut degraded_reasons = view.degraded_reasons.clone();
     degraded_reasons.extend(arbiter.degraded_reasons.iter().cloned());

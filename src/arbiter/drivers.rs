@@ -135,7 +135,7 @@ pub(crate) fn start_ollama(start: OllamaStart, http: reqwest::Client, commands: 
 /// cheapest call: on NVML the per-process lists, not a whole sample).
 pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, commands: mpsc::Sender<Command>) {
     tokio::spawn(async move {
-        let ProcessRelease { model, generation, handle, mut pids, grace, limit } = release;
+        let ProcessRelease { model, generation, handle, mut pids, device, grace, limit } = release;
         if let Some(handle) = &handle {
             pids.insert(handle.pid);
             let group = handle.group;
@@ -147,17 +147,32 @@ pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, command
             }
         }
         let started = Instant::now();
+        // Said once per release and per reason, not every poll.
+        let mut warned: Option<String> = None;
         let timed_out = loop {
-            match tokio::time::timeout(Duration::from_secs(2), sampler.gpu_pids())
+            let listed = tokio::time::timeout(Duration::from_secs(2), sampler.gpu_pids())
                 .await
-                .unwrap_or_else(|_| Err(crate::gpu::ProbeError("the probe did not answer within 2 s".into())))
+                .unwrap_or_else(|_| Err(crate::gpu::ProbeError("the probe did not answer within 2 s".into())));
+            // Complete only when a readable list no longer shows the pids: a list the driver
+            // refuses (no permission, a lost device) proves nothing, so the memory stays counted.
+            let unreadable = match &listed {
+                Ok(lists) if lists.shows_gone(&pids, device) => break false,
+                Ok(lists) => match device {
+                    Some(device) => lists.unreadable.get(&device).cloned(),
+                    None => (!lists.unreadable.is_empty())
+                        .then(|| lists.unreadable.values().cloned().collect::<Vec<_>>().join("; ")),
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(reason) = unreadable
+                && warned.as_ref() != Some(&reason)
             {
-                Ok(using) => {
-                    if using.is_disjoint(&pids) {
-                        break false;
-                    }
-                }
-                Err(e) => tracing::warn!(model = %model, "process list during release failed: {e}"),
+                tracing::warn!(
+                    model = %model,
+                    "cannot read the GPU process list during release ({reason}): its memory stays counted until a \
+                     readable list shows its processes gone, or for release_timeout"
+                );
+                warned = Some(reason);
             }
             if started.elapsed() >= limit {
                 break true;

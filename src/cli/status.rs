@@ -72,6 +72,9 @@ pub(crate) fn render_table(status: &Status) -> String {
         for d in &status.devices {
             let _ = writeln!(out);
             let _ = writeln!(out, "GPU {} users:", d.index);
+            if let Some(error) = &d.error {
+                let _ = writeln!(out, "  cannot be read: {error} (last good readings shown; admits nothing)");
+            }
             if let Some(reason) = &d.processes_unavailable {
                 let _ = writeln!(out, "  per-process usage unknown: {reason}");
             }
@@ -80,7 +83,9 @@ pub(crate) fn render_table(status: &Status) -> String {
             }
             for p in &d.processes {
                 let model = p.model.as_deref().map(|m| format!("  model {m}")).unwrap_or_default();
-                let _ = writeln!(out, "  pid {:<8} {:>8} MiB  {}{model}", p.pid, p.used_mib, p.name);
+                // The driver may not say how much one process holds (NVML's "not available").
+                let used = p.used_mib.map_or_else(|| "?".to_string(), |mib| mib.to_string());
+                let _ = writeln!(out, "  pid {:<8} {:>8} MiB  {}{model}", p.pid, used, p.name);
             }
             for n in &d.named_consumers {
                 let _ = writeln!(out, "  {:<12} {:>8} MiB  (named consumer)", n.name, n.used_mib);
@@ -262,10 +267,14 @@ mod tests {
                 level: Level::Warning,
                 utilization_pct: None,
                 temperature_c: Some(51),
-                processes: vec![ProcessStatus { pid: 4242, used_mib: 5300, name: "python3".into(), model: None }],
+                processes: vec![
+                    ProcessStatus { pid: 4242, used_mib: Some(5300), name: "python3".into(), model: None },
+                    ProcessStatus { pid: 77, used_mib: None, name: "hidden".into(), model: None },
+                ],
                 processes_unavailable: None,
                 named_consumers: vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }],
                 warnings: vec!["sim file x: garbage".into()],
+                error: Some("GPU is lost".into()),
             }],
             degraded: true,
             degraded_reasons: vec!["probe sim failing: boom".into()],
@@ -296,6 +305,8 @@ mod tests {
         assert!(table.contains("degraded: probe sim failing: boom"));
         assert!(table.contains("Sim 8G") && table.contains("warning") && table.contains("51C"));
         assert!(table.contains("pid 4242") && table.contains("python3"));
+        assert!(table.contains("pid 77              ? MiB  hidden"), "a process without a figure: {table}");
+        assert!(table.contains("cannot be read: GPU is lost (last good readings shown; admits nothing)"), "{table}");
         assert!(table.contains("desktop") && table.contains("(named consumer)"));
         assert!(table.contains("warning: sim file x: garbage"));
         assert!(table.contains("models: none configured") && table.contains("vramgate serve --demo"), "{table}");

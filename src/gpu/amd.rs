@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind};
+use super::{DeviceSnapshot, GpuPids, Probe, ProbeError, ProbeKind};
 
 const BYTES_PER_MIB: u64 = 1 << 20;
 const NO_PROCESSES: &str = "amdgpu sysfs does not report per-process VRAM";
@@ -92,31 +92,46 @@ impl Probe for AmdProbe {
         ProbeKind::Amd
     }
 
+    /// amdgpu sysfs never lists processes, so a release has no list to watch: it is complete
+    /// once the process is stopped, and the memory it still holds is in the device's use, counted
+    /// as foreign, until a reading shows it back. (Treating the missing list as unreadable would
+    /// make every release wait its whole `release_timeout` for a list that never comes.)
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        Ok(GpuPids::default())
+    }
+
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
-        self.cards
+        // Each card on its own: one whose files fail is reported failed, the others read.
+        Ok(self
+            .cards
             .iter()
             .enumerate()
             .map(|(index, card)| {
-                let total_mib = read_u64(&card.device_dir.join("mem_info_vram_total"))? / BYTES_PER_MIB;
-                let used_mib = read_u64(&card.device_dir.join("mem_info_vram_used"))? / BYTES_PER_MIB;
-                let utilization_pct =
-                    read_trimmed(&card.device_dir.join("gpu_busy_percent")).and_then(|s| s.parse().ok());
-                Ok(DeviceSnapshot {
-                    index: index as u32,
-                    name: card.name.clone(),
-                    total_mib,
-                    used_mib,
-                    free_mib: total_mib.saturating_sub(used_mib),
-                    utilization_pct,
-                    temperature_c: read_temperature(&card.device_dir),
-                    processes: Vec::new(),
-                    processes_unavailable: Some(NO_PROCESSES.to_string()),
-                    named: Vec::new(),
-                    warnings: Vec::new(),
-                })
+                read_card(index as u32, card).unwrap_or_else(|e| DeviceSnapshot::failed(index as u32, &card.name, e.0))
             })
-            .collect()
+            .collect())
     }
+}
+
+/// One reading of one card.
+fn read_card(index: u32, card: &Card) -> Result<DeviceSnapshot, ProbeError> {
+    let total_mib = read_u64(&card.device_dir.join("mem_info_vram_total"))? / BYTES_PER_MIB;
+    let used_mib = read_u64(&card.device_dir.join("mem_info_vram_used"))? / BYTES_PER_MIB;
+    let utilization_pct = read_trimmed(&card.device_dir.join("gpu_busy_percent")).and_then(|s| s.parse().ok());
+    Ok(DeviceSnapshot {
+        index,
+        name: card.name.clone(),
+        total_mib,
+        used_mib,
+        free_mib: total_mib.saturating_sub(used_mib),
+        utilization_pct,
+        temperature_c: read_temperature(&card.device_dir),
+        processes: Vec::new(),
+        processes_unavailable: Some(NO_PROCESSES.to_string()),
+        named: Vec::new(),
+        warnings: Vec::new(),
+        failed: None,
+    })
 }
 
 #[cfg(test)]
@@ -198,7 +213,8 @@ mod tests {
         let device = fake_card(root.path(), 0, 8 * GIB, GIB, &[]);
         let mut probe = AmdProbe::open(root.path()).unwrap();
         fs::write(device.join("mem_info_vram_used"), "busy").unwrap();
-        let err = probe.sample().unwrap_err();
-        assert!(err.0.contains("mem_info_vram_used") && err.0.contains("busy"), "{err}");
+        let devices = probe.sample().expect("the other cards are still read");
+        let err = devices[0].failed.as_deref().expect("the card is reported failed");
+        assert!(err.contains("mem_info_vram_used") && err.contains("busy"), "{err}");
     }
 }

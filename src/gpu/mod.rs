@@ -10,6 +10,8 @@ pub mod none;
 pub mod nvml;
 pub mod sim;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GpuConfig, ProbeChoice};
@@ -47,8 +49,10 @@ impl ProbeKind {
 pub struct ProcessUsage {
     /// Operating-system process id.
     pub pid: u32,
-    /// VRAM the process holds on this device.
-    pub used_mib: u64,
+    /// VRAM the process holds on this device; `None` where the driver does not say (NVML's "not
+    /// available" in some containers and under WDDM): the process is listed, its memory is only
+    /// in the device's total use. Never 0 for "unknown".
+    pub used_mib: Option<u64>,
     /// The process name from `/proc/<pid>/comm`, or `unknown` when it cannot be read (for example
     /// a process in another pid namespace).
     pub name: String,
@@ -89,6 +93,40 @@ pub struct DeviceSnapshot {
     pub named: Vec<NamedUsage>,
     /// Problems with this reading that did not stop it (a sim file holding garbage).
     pub warnings: Vec<String>,
+    /// Why this device could not be read this time (NVML's `GPU_IS_LOST`, a sysfs file gone),
+    /// while the others were: its figures are then meaningless (the monitor keeps its last good
+    /// ones) and it admits nothing until it answers again. `None` for a good reading.
+    pub failed: Option<String>,
+}
+
+impl DeviceSnapshot {
+    /// The reading of a device that did not answer this time: index, name and why.
+    pub fn failed(index: u32, name: impl Into<String>, reason: impl Into<String>) -> DeviceSnapshot {
+        DeviceSnapshot { index, name: name.into(), failed: Some(reason.into()), ..DeviceSnapshot::default() }
+    }
+}
+
+/// What the per-process lists say now: the pids listed on every device whose list could be read,
+/// and the devices whose list could not (with why). A pid missing from an unreadable list proves
+/// nothing, so a release is complete only where the lists were read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuPids {
+    /// Pids using memory on the devices whose lists were read.
+    pub pids: BTreeSet<u32>,
+    /// Devices whose list could not be read now, by index, with the reason.
+    pub unreadable: BTreeMap<u32, String>,
+}
+
+impl GpuPids {
+    /// Whether these lists show every one of `pids` gone from `device` (any device when `None`):
+    /// the lists that matter were read and none of them lists any of the pids.
+    pub fn shows_gone(&self, pids: &BTreeSet<u32>, device: Option<u32>) -> bool {
+        let readable = match device {
+            Some(device) => !self.unreadable.contains_key(&device),
+            None => self.unreadable.is_empty(),
+        };
+        readable && self.pids.is_disjoint(pids)
+    }
 }
 
 /// A probe could not start or could not take a reading.
@@ -100,15 +138,27 @@ pub struct ProbeError(pub String);
 pub trait Probe: Send {
     /// Which kind of probe this is.
     fn kind(&self) -> ProbeKind;
-    /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less.
+    /// Takes one reading of every device. Blocking; may take milliseconds (NVML) or less. A
+    /// device that fails is a snapshot with `failed` set, so the others are still read; an `Err`
+    /// is for a probe that cannot read anything.
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError>;
 
-    /// The pids using GPU memory on any device: all a release watches (every few milliseconds,
-    /// until the model's pids are gone). The default takes a whole sample; a probe with a
-    /// cheaper call overrides it (NVML: the per-process lists only, no memory, utilization,
-    /// temperature or process names).
-    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-        Ok(self.sample()?.into_iter().flat_map(|d| d.processes.into_iter().map(|p| p.pid)).collect())
+    /// The pids using GPU memory on each device, and the devices whose list cannot be read now:
+    /// all a release watches (every few milliseconds, until the model's pids are gone). The
+    /// default takes a whole sample (a device with `processes_unavailable` is unreadable); a
+    /// probe with a cheaper call overrides it (NVML: the per-process lists only, no memory,
+    /// utilization, temperature or process names).
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        let mut lists = GpuPids::default();
+        for device in self.sample()? {
+            match device.failed.or(device.processes_unavailable) {
+                Some(reason) => {
+                    lists.unreadable.insert(device.index, reason);
+                }
+                None => lists.pids.extend(device.processes.iter().map(|p| p.pid)),
+            }
+        }
+        Ok(lists)
     }
 }
 

@@ -14,7 +14,7 @@ use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 
 use crate::config::NvmlConfig;
 
-use super::{DeviceSnapshot, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
+use super::{DeviceSnapshot, GpuPids, Probe, ProbeError, ProbeKind, ProcessUsage, process_name};
 
 const BYTES_PER_MIB: u64 = 1 << 20;
 
@@ -39,8 +39,11 @@ pub struct RawDevice {
     pub name: String,
     /// Total bytes.
     pub total_bytes: u64,
-    /// Used bytes.
+    /// Used bytes (`nvmlMemory_v2_t`: allocated, not counting `reserved`).
     pub used_bytes: u64,
+    /// Bytes the driver keeps for itself (`nvmlMemory_v2_t.reserved`), in neither `used` nor
+    /// `free`; 0 where the API has no such figure.
+    pub reserved_bytes: u64,
     /// Free bytes.
     pub free_bytes: u64,
     /// GPU utilization, if NVML could tell.
@@ -54,10 +57,12 @@ pub struct RawDevice {
 }
 
 /// Shapes one device's raw NVML answers into a snapshot: bytes to MiB (used rounded up, so nothing
-/// is under-counted), compute and graphics lists merged by pid (a process in both is counted once,
+/// is under-counted; used is everything the driver says is not free, see [`not_free_bytes`]),
+/// compute and graphics lists merged by pid (a process in both is counted once,
 /// with the larger figure, because NVML reports the same allocation in each list), names from
 /// `name_of`.
 pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<String>) -> DeviceSnapshot {
+    let not_free = not_free_bytes(&raw);
     let mut warnings = Vec::new();
     let mut unavailable = Vec::new();
     let mut merged: Vec<RawProcess> = Vec::new();
@@ -83,13 +88,14 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
     let processes = merged
         .into_iter()
         .map(|p| {
-            let used_mib = match p.used_bytes {
-                Some(bytes) => bytes.div_ceil(BYTES_PER_MIB),
-                None => {
-                    warnings.push(format!("NVML does not report the memory of pid {}", p.pid));
-                    0
-                }
-            };
+            let used_mib = p.used_bytes.map(|bytes| bytes.div_ceil(BYTES_PER_MIB));
+            if used_mib.is_none() {
+                warnings.push(format!(
+                    "NVML does not report the memory of pid {} (not available): it is counted at its model's size \
+                     if it serves one, else within the device's foreign use",
+                    p.pid
+                ));
+            }
             ProcessUsage { pid: p.pid, used_mib, name: name_of(p.pid).unwrap_or_else(|| "unknown".into()) }
         })
         .collect();
@@ -97,7 +103,7 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
         index,
         name: raw.name,
         total_mib: raw.total_bytes / BYTES_PER_MIB,
-        used_mib: raw.used_bytes.div_ceil(BYTES_PER_MIB),
+        used_mib: not_free.div_ceil(BYTES_PER_MIB),
         free_mib: raw.free_bytes / BYTES_PER_MIB,
         utilization_pct: raw.utilization_pct,
         temperature_c: raw.temperature_c.and_then(|t| i32::try_from(t).ok()),
@@ -105,7 +111,32 @@ pub fn assemble(index: u32, raw: RawDevice, name_of: impl Fn(u32) -> Option<Stri
         processes_unavailable: (!unavailable.is_empty()).then(|| unavailable.join("; ")),
         named: Vec::new(),
         warnings,
+        failed: None,
     }
+}
+
+/// What the driver says is not free: the larger of used + reserved (`nvmlMemory_v2_t`'s `used`
+/// leaves the driver's reservation out) and total − free (so that whatever NVML counts in neither
+/// figure is not handed out either). Admission subtracts this from the usable memory.
+pub fn not_free_bytes(raw: &RawDevice) -> u64 {
+    raw.used_bytes.saturating_add(raw.reserved_bytes).max(raw.total_bytes.saturating_sub(raw.free_bytes))
+}
+
+/// The names of `count` devices at start-up, from each device's answer (`name_of`). A device that
+/// does not answer (`GPU_IS_LOST` at start) gets a plain name (`NVIDIA GPU N`) and is sampled like
+/// the others, so its readings report it failed while the rest work; only when no device answers is
+/// it an error (and `auto` falls through). For `NvmlProbe::open`.
+pub fn device_names(count: u32, name_of: impl Fn(u32) -> Result<String, String>) -> Result<Vec<String>, ProbeError> {
+    let answers: Vec<Result<String, String>> = (0..count).map(&name_of).collect();
+    if !answers.is_empty() && answers.iter().all(Result::is_err) {
+        let reasons: Vec<String> = answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().err().map(|e| format!("NVML device {i}: {e}")))
+            .collect();
+        return Err(ProbeError(format!("no NVML device answers: {}", reasons.join("; "))));
+    }
+    Ok(answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|_| format!("NVIDIA GPU {i}"))).collect())
 }
 
 /// The probe over a loaded NVML.
@@ -124,11 +155,9 @@ impl NvmlProbe {
         if count == 0 {
             return Err(ProbeError("NVML loaded but lists no device".into()));
         }
-        let names = (0..count)
-            .map(|i| {
-                nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| ProbeError(format!("NVML device {i}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // A device that does not answer now (lost) is named by its index and read, and fails,
+        // alone with each sample; the probe starts with the others.
+        let names = device_names(count, |i| nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| e.to_string()))?;
         Ok(NvmlProbe { nvml, names })
     }
 
@@ -142,11 +171,12 @@ impl NvmlProbe {
             name: self.names.get(index as usize).cloned().unwrap_or_default(),
             total_bytes: memory.total,
             used_bytes: memory.used,
+            reserved_bytes: memory.reserved,
             free_bytes: memory.free,
             utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute: process_list(device.running_compute_processes()),
-            graphics: process_list(device.running_graphics_processes()),
+            compute: process_list(retry_grown_list(|| device.running_compute_processes())),
+            graphics: process_list(retry_grown_list(|| device.running_graphics_processes())),
         })
     }
 }
@@ -162,6 +192,48 @@ fn init_error(library: &Path, error: NvmlError) -> ProbeError {
             library.display()
         )),
         e => ProbeError(format!("NVML unavailable (library {}): {e}", library.display())),
+    }
+}
+
+/// Adds one device's compute and graphics lists to `lists`: their pids if both were read, else
+/// the device as unreadable with the reasons (a pid missing from a list NVML refused, e.g. with
+/// `NO_PERMISSION`, does not mean its memory is back).
+pub fn add_device_lists(lists: &mut GpuPids, index: u32, read: Result<[Result<Vec<RawProcess>, String>; 2], String>) {
+    let mut failures = Vec::new();
+    let mut pids = Vec::new();
+    match read {
+        Ok(per_kind) => {
+            for (kind, list) in ["compute", "graphics"].into_iter().zip(per_kind) {
+                match list {
+                    Ok(list) => pids.extend(list.into_iter().map(|p| p.pid)),
+                    Err(reason) => failures.push(format!("NVML device {index} {kind} process list: {reason}")),
+                }
+            }
+        }
+        Err(reason) => failures.push(format!("NVML device {index} {reason}")),
+    }
+    if failures.is_empty() {
+        lists.pids.extend(pids);
+    } else {
+        lists.unreadable.insert(index, failures.join("; "));
+    }
+}
+
+/// How many times a process list is asked for when it keeps growing between NVML's count call and
+/// its fill call (`INSUFFICIENT_SIZE`).
+const LIST_TRIES: usize = 4;
+
+/// Asks for a process list again when it grew past the wrapper's buffer between the count and the
+/// fill (the wrapper sizes the buffer at the count plus 5, and each try counts afresh, so the next
+/// buffer is larger): a few tries, then the error stands (a list that grows by more than 5 on every
+/// try is one we cannot read now).
+fn retry_grown_list<T>(mut call: impl FnMut() -> Result<T, NvmlError>) -> Result<T, NvmlError> {
+    let mut tries = 1;
+    loop {
+        match call() {
+            Err(NvmlError::InsufficientSize(_)) if tries < LIST_TRIES => tries += 1,
+            other => return other,
+        }
     }
 }
 
@@ -190,26 +262,31 @@ impl Probe for NvmlProbe {
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
-        (0..self.names.len() as u32)
-            .map(|index| self.read(index).map(|raw| assemble(index, raw, process_name)))
-            .collect()
+        // Each device on its own: one that fails (GPU_IS_LOST) is reported failed, the others read.
+        Ok((0..self.names.len() as u32)
+            .map(|index| match self.read(index) {
+                Ok(raw) => assemble(index, raw, process_name),
+                Err(e) => {
+                    DeviceSnapshot::failed(index, self.names.get(index as usize).cloned().unwrap_or_default(), e.0)
+                }
+            })
+            .collect())
     }
 
-    /// Two calls per device (the compute and graphics process lists), nothing else.
-    fn gpu_pids(&mut self) -> Result<std::collections::BTreeSet<u32>, ProbeError> {
-        let mut pids = std::collections::BTreeSet::new();
+    /// Two calls per device (the compute and graphics process lists), nothing else. A device
+    /// whose handle or lists fail is reported unreadable, never as an empty list.
+    fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
+        let mut lists = GpuPids::default();
         for index in 0..self.names.len() as u32 {
-            let device =
-                self.nvml.device_by_index(index).map_err(|e| ProbeError(format!("NVML device {index} handle: {e}")))?;
-            for list in [device.running_compute_processes(), device.running_graphics_processes()] {
-                // As in a sample: a list the driver refuses (no permission in a container) is
-                // one we cannot watch, so it holds nothing to wait for.
-                if let Ok(listed) = process_list(list) {
-                    pids.extend(listed.into_iter().map(|p| p.pid));
-                }
-            }
+            let read = self.nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
+                [
+                    process_list(retry_grown_list(|| device.running_compute_processes())),
+                    process_list(retry_grown_list(|| device.running_graphics_processes())),
+                ]
+            });
+            add_device_lists(&mut lists, index, read);
         }
-        Ok(pids)
+        Ok(lists)
     }
 }
 
@@ -225,6 +302,7 @@ mod tests {
             name: "NVIDIA H100 80GB HBM3".into(),
             total_bytes: 80 * GIB,
             used_bytes: 10 * GIB + 512 * MIB + 1,
+            reserved_bytes: 0,
             free_bytes: 69 * GIB + 511 * MIB,
             utilization_pct: Some(12),
             temperature_c: Some(41),
@@ -245,7 +323,7 @@ mod tests {
         assert_eq!(snap.free_mib, 69 * 1024 + 511);
         assert_eq!(snap.utilization_pct, Some(12));
         assert_eq!(snap.temperature_c, Some(41));
-        assert_eq!(snap.processes, vec![ProcessUsage { pid: 4242, used_mib: 10240, name: "python3".into() }]);
+        assert_eq!(snap.processes, vec![ProcessUsage { pid: 4242, used_mib: Some(10240), name: "python3".into() }]);
         assert!(snap.processes_unavailable.is_none());
     }
 
@@ -263,8 +341,8 @@ mod tests {
             names,
         );
         assert_eq!(snap.index, 1);
-        let pids: Vec<(u32, u64)> = snap.processes.iter().map(|p| (p.pid, p.used_mib)).collect();
-        assert_eq!(pids, vec![(7, 300), (9, 1), (4242, 1024)]);
+        let pids: Vec<(u32, Option<u64>)> = snap.processes.iter().map(|p| (p.pid, p.used_mib)).collect();
+        assert_eq!(pids, vec![(7, Some(300)), (9, Some(1)), (4242, Some(1024))]);
         assert_eq!(snap.processes[0].name, "unknown", "a pid we cannot see in /proc");
     }
 
@@ -278,10 +356,11 @@ mod tests {
             ),
             names,
         );
-        assert_eq!(snap.processes[0].used_mib, 2, "a figure from the other list wins over none");
+        assert_eq!(snap.processes[0].used_mib, Some(2), "a figure from the other list wins over none");
         let blind = assemble(0, raw(Ok(vec![RawProcess { pid: 6, used_bytes: None }]), Ok(vec![])), names);
-        assert_eq!(blind.processes[0].used_mib, 0);
+        assert_eq!(blind.processes[0].used_mib, None, "unknown, not 0");
         assert!(blind.warnings[0].contains("pid 6"));
+        assert_eq!(blind.used_mib, 10 * 1024 + 513, "still in the device's use");
     }
 
     #[test]
@@ -304,5 +383,86 @@ mod tests {
         device.utilization_pct = None;
         let snap = assemble(0, device, names);
         assert_eq!((snap.temperature_c, snap.utilization_pct), (None, None));
+    }
+
+    /// `nvmlMemory_v2_t`: used leaves the driver's reservation out. The issue's numbers: 8 GiB,
+    /// 300 MiB used, 600 MiB reserved, 7292 MiB free: 900 MiB is not free, not 300.
+    #[test]
+    fn used_counts_what_the_driver_says_is_not_free_reserved_included() {
+        let mut device = raw(Ok(vec![]), Ok(vec![]));
+        device.total_bytes = 8 * GIB;
+        device.used_bytes = 300 * MIB;
+        device.reserved_bytes = 600 * MIB;
+        device.free_bytes = 7292 * MIB;
+        let snap = assemble(0, device.clone(), names);
+        assert_eq!((snap.used_mib, snap.free_mib), (900, 7292));
+        // NVML's figures need not add up: whatever is in neither used nor free is not free either.
+        device.reserved_bytes = 0;
+        device.free_bytes = 7000 * MIB;
+        assert_eq!(assemble(0, device.clone(), names).used_mib, 1192, "total − free");
+        // Reserved alone, with a free figure that leaves room for it.
+        device.reserved_bytes = 2000 * MIB;
+        assert_eq!(assemble(0, device.clone(), names).used_mib, 2300, "used + reserved");
+        // Nonsense from a driver does not overflow.
+        device.used_bytes = u64::MAX;
+        device.reserved_bytes = u64::MAX;
+        assert_eq!(not_free_bytes(&device), u64::MAX);
+    }
+
+    /// A list that grew between the count and the fill is asked for again (the wrapper recounts,
+    /// so the buffer grows); one that keeps growing fails after `LIST_TRIES` calls.
+    #[test]
+    fn a_process_list_that_grew_is_asked_for_again() {
+        let calls = std::cell::Cell::new(0);
+        let grows_twice = || {
+            calls.set(calls.get() + 1);
+            if calls.get() <= 2 { Err(NvmlError::InsufficientSize(None)) } else { Ok(vec![7u32]) }
+        };
+        assert!(matches!(retry_grown_list(grows_twice).as_deref(), Ok([7])));
+        assert_eq!(calls.get(), 3);
+        calls.set(0);
+        let always = || -> Result<Vec<u32>, NvmlError> {
+            calls.set(calls.get() + 1);
+            Err(NvmlError::InsufficientSize(None))
+        };
+        assert!(matches!(retry_grown_list(always), Err(NvmlError::InsufficientSize(_))));
+        assert_eq!(calls.get(), LIST_TRIES);
+        calls.set(0);
+        let other = || -> Result<Vec<u32>, NvmlError> {
+            calls.set(calls.get() + 1);
+            Err(NvmlError::NoPermission)
+        };
+        assert!(matches!(retry_grown_list(other), Err(NvmlError::NoPermission)));
+        assert_eq!(calls.get(), 1, "only a grown list is asked for again");
+    }
+
+    /// The release watch's lists: a device whose list NVML refuses is unreadable, not empty, so
+    /// a pid missing from it is not taken as released; readable devices still count.
+    #[test]
+    fn an_unreadable_process_list_is_reported_not_empty() {
+        let mut lists = GpuPids::default();
+        let p = |pid| RawProcess { pid, used_bytes: Some(MIB) };
+        add_device_lists(&mut lists, 0, Ok([Ok(vec![p(10)]), Ok(vec![p(11)])]));
+        add_device_lists(&mut lists, 1, Ok([Err("Insufficient Permissions".into()), Ok(vec![p(12)])]));
+        add_device_lists(&mut lists, 2, Err("handle: GPU is lost".into()));
+        assert_eq!(lists.pids, [10, 11].into(), "nothing from a device with a refused list");
+        assert!(lists.unreadable[&1].contains("device 1 compute process list: Insufficient Permissions"));
+        assert!(lists.unreadable[&2].contains("GPU is lost"));
+        let model: std::collections::BTreeSet<u32> = [99].into();
+        assert!(lists.shows_gone(&model, Some(0)), "device 0 was read and lists no 99");
+        assert!(!lists.shows_gone(&model, Some(1)), "device 1's list was not read");
+        assert!(!lists.shows_gone(&model, None), "some list was not read");
+        assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
+    }
+
+    /// At start-up one device that does not answer leaves the others usable; none answering is
+    /// an error naming each.
+    #[test]
+    fn start_up_names_survive_a_lost_device_but_not_all_lost() {
+        let one_lost = |i: u32| if i == 1 { Err("GPU is lost".to_string()) } else { Ok(format!("RTX {i}")) };
+        assert_eq!(device_names(3, one_lost).unwrap(), ["RTX 0", "NVIDIA GPU 1", "RTX 2"]);
+        let err = device_names(2, |_| Err("GPU is lost".to_string())).unwrap_err();
+        assert!(err.0.contains("NVML device 0: GPU is lost") && err.0.contains("NVML device 1"), "{err}");
+        assert_eq!(device_names(0, one_lost).unwrap(), Vec::<String>::new());
     }
 }

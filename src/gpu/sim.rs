@@ -55,29 +55,76 @@ impl Probe for SimProbe {
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
         let now = Instant::now();
-        self.devices
+        let readings = self
+            .devices
             .iter()
             .zip(self.lags.iter_mut())
             .enumerate()
             .map(|(index, (device, lag))| {
-                let reading = read_device_dir(&self.dir.join(index.to_string()), pid_is_alive, now, lag)?;
-                let used_mib = reading.used_mib();
-                Ok(DeviceSnapshot {
-                    index: index as u32,
-                    name: device.name.clone(),
-                    total_mib: device.total_mib,
-                    used_mib,
-                    free_mib: device.total_mib.saturating_sub(used_mib),
-                    utilization_pct: None,
-                    temperature_c: None,
-                    processes: reading.processes,
-                    processes_unavailable: None,
-                    named: reading.named,
-                    warnings: reading.warnings,
-                })
+                let dir = self.dir.join(index.to_string());
+                // `.lost` plays a device that stopped answering (NVML's GPU_IS_LOST): only this
+                // one fails; the others are read as usual.
+                if let Some(reason) = read_marker(&dir.join(LOST)) {
+                    return DeviceSnapshot::failed(index as u32, &device.name, format!("sim: GPU is lost ({reason})"));
+                }
+                match read_device_dir(&dir, pid_is_alive, now, lag) {
+                    Ok(reading) => snapshot(index as u32, device, &dir, reading),
+                    Err(e) => DeviceSnapshot::failed(index as u32, &device.name, e.0),
+                }
             })
-            .collect()
+            .collect();
+        Ok(readings)
     }
+}
+
+/// One device's snapshot from its directory's reading.
+fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> DeviceSnapshot {
+    let used_mib = reading.used_mib();
+    // `.unlisted` plays a driver that refuses the process list (NVML's NO_PERMISSION): the
+    // memory is in use, who uses it is unknown.
+    let (mut processes, processes_unavailable) = match read_marker(&dir.join(UNLISTED)) {
+        Some(reason) => (Vec::new(), Some(format!("sim: process list unreadable ({reason})"))),
+        None => (reading.processes, None),
+    };
+    // `.unmeasured` plays a driver that lists processes without their memory (NVML's "not
+    // available" in containers and under WDDM): listed, counted in the device's use, no figure.
+    let mut warnings = reading.warnings;
+    if read_marker(&dir.join(UNMEASURED)).is_some() {
+        for process in &mut processes {
+            process.used_mib = None;
+            warnings.push(format!("sim: the memory of pid {} is not reported ({UNMEASURED})", process.pid));
+        }
+    }
+    DeviceSnapshot {
+        index,
+        name: device.name.clone(),
+        total_mib: device.total_mib,
+        used_mib,
+        free_mib: device.total_mib.saturating_sub(used_mib),
+        utilization_pct: None,
+        temperature_c: None,
+        processes,
+        processes_unavailable,
+        named: reading.named,
+        warnings,
+        failed: None,
+    }
+}
+
+/// The marker file that makes a device list its processes without their memory while it exists.
+pub const UNMEASURED: &str = ".unmeasured";
+
+/// The marker file that makes a device fail its readings while it exists.
+pub const LOST: &str = ".lost";
+
+/// The marker file that makes a device's process list unreadable while it exists.
+pub const UNLISTED: &str = ".unlisted";
+
+/// A marker file's text (its reason), or a plain note when it is empty; `None` when it is absent.
+fn read_marker(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let text: String = text.trim().chars().take(200).collect();
+    Some(if text.is_empty() { format!("{} present", path.display()) } else { text })
 }
 
 /// What one device directory holds.
@@ -91,7 +138,7 @@ pub(crate) struct DirReading {
 impl DirReading {
     fn used_mib(&self) -> u64 {
         // Claims are bounded one by one (see `read_device_dir`); the sum saturates all the same.
-        let by_pid = self.processes.iter().map(|p| p.used_mib).fold(0, u64::saturating_add);
+        let by_pid = self.processes.iter().filter_map(|p| p.used_mib).fold(0, u64::saturating_add);
         let named = self.named.iter().map(|n| n.used_mib).fold(0, u64::saturating_add);
         by_pid.saturating_add(named)
     }
@@ -191,7 +238,11 @@ pub(crate) fn read_device_dir(
             }
         };
         match pid {
-            Some(pid) => reading.processes.push(ProcessUsage { pid, used_mib, name: process_name_or_unknown(pid) }),
+            Some(pid) => reading.processes.push(ProcessUsage {
+                pid,
+                used_mib: Some(used_mib),
+                name: process_name_or_unknown(pid),
+            }),
             None => reading.named.push(NamedUsage { name, used_mib }),
         }
     }
@@ -300,7 +351,7 @@ mod tests {
         let reading = read(tmp.path(), |_| true).unwrap();
         assert_eq!(reading.processes.len(), 1);
         assert_eq!(reading.processes[0].pid, 100);
-        assert_eq!(reading.processes[0].used_mib, 900);
+        assert_eq!(reading.processes[0].used_mib, Some(900));
         assert_eq!(reading.named, vec![NamedUsage { name: "desktop".into(), used_mib: 1200 }]);
         assert_eq!(reading.used_mib(), 2100);
         assert!(reading.warnings.is_empty());
@@ -416,5 +467,64 @@ mod tests {
         assert_eq!(devices[0].used_mib, 1000);
         assert_eq!(devices[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![pid]);
         assert!(tmp.path().join("0").join(pid.to_string()).exists());
+    }
+
+    /// `.unlisted` plays a refused process list: the memory still counts, nobody is listed, and the
+    /// release watch sees the device as unreadable rather than empty; `.unmeasured` lists processes
+    /// without their figures.
+    #[test]
+    fn an_unlisted_device_counts_its_memory_but_lists_no_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            dir: tmp.path().to_path_buf(),
+            devices: vec![
+                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
+                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
+            ],
+            release_lag: Span::default(),
+        };
+        let mut probe = SimProbe::open(&config).unwrap();
+        let me = std::process::id();
+        write(&tmp.path().join("0"), &me.to_string(), "1000");
+        write(&tmp.path().join("1"), &me.to_string(), "10");
+        write(&tmp.path().join("0"), UNLISTED, "NO_PERMISSION\n");
+        write(&tmp.path().join("1"), UNMEASURED, "");
+        let devices = probe.sample().unwrap();
+        assert_eq!(devices[0].used_mib, 1000);
+        assert!(devices[0].processes.is_empty());
+        assert_eq!(devices[0].processes_unavailable.as_deref(), Some("sim: process list unreadable (NO_PERMISSION)"));
+        assert_eq!((devices[1].used_mib, devices[1].processes[0].used_mib), (10, None), "listed, no figure");
+        let lists = probe.gpu_pids().unwrap();
+        assert_eq!(lists.pids, [me].into(), "device 1 is read");
+        assert!(lists.unreadable[&0].contains("NO_PERMISSION"));
+        fs::remove_file(tmp.path().join("0").join(UNLISTED)).unwrap();
+        let lists = probe.gpu_pids().unwrap();
+        assert!(lists.unreadable.is_empty());
+        assert_eq!(probe.sample().unwrap()[0].processes.len(), 1);
+    }
+
+    /// `.lost` fails one device's reading; the others are read as usual, and it comes back when
+    /// the marker goes.
+    #[test]
+    fn a_lost_device_fails_alone_and_comes_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            dir: tmp.path().to_path_buf(),
+            devices: vec![
+                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
+                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
+            ],
+            release_lag: Span::default(),
+        };
+        let mut probe = SimProbe::open(&config).unwrap();
+        write(&tmp.path().join("0"), "desktop", "700");
+        write(&tmp.path().join("1"), LOST, "");
+        let devices = probe.sample().expect("the sample as a whole works");
+        assert_eq!((devices[0].used_mib, devices[0].failed.as_deref()), (700, None));
+        assert_eq!(devices[1].name, "Sim 1G");
+        assert!(devices[1].failed.as_deref().is_some_and(|f| f.starts_with("sim: GPU is lost")), "{devices:?}");
+        assert!(probe.gpu_pids().unwrap().unreadable.contains_key(&1), "a lost device's list is unreadable");
+        fs::remove_file(tmp.path().join("1").join(LOST)).unwrap();
+        assert!(probe.sample().unwrap().iter().all(|d| d.failed.is_none()));
     }
 }

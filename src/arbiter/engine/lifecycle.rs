@@ -500,6 +500,7 @@ impl<E: Effects> Engine<E> {
                     generation,
                     handle: model.process.clone(),
                     pids: model.gpu_pids.clone(),
+                    device: model.device,
                     grace: model.spec.stop_timeout,
                     limit: model.spec.release_timeout,
                 };
@@ -543,6 +544,12 @@ impl<E: Effects> Engine<E> {
         }
         if timed_out {
             self.fx.emit(EventKind::MemoryReleaseTimeout { model: id.to_string(), waited_ms: super::millis(waited) });
+            // Its processes are no longer the model's: what they still hold (a pid still on the
+            // GPU past `release_timeout`) is foreign from now on, until a reading shows it gone.
+            // Left attributed, it would count nowhere (the model is no longer resident) and the
+            // next load would over-commit. (A release that completed was seen gone by a readable
+            // list, newer than the last reading: that memory is back, not foreign.)
+            self.forget_attribution(id);
         }
         if let Some(process) = self.models[i].process.take() {
             self.fx.persist(StoreWrite::ForgetProcess(process.pid));
@@ -593,7 +600,20 @@ impl<E: Effects> Engine<E> {
     pub(super) fn memory_released(&mut self, id: &str) {
         // Whatever its processes still use (an app that moved a model to the CPU but kept the
         // memory cached) is foreign from now on, not invisible until the next reading.
+        self.forget_attribution(id);
+        for names in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
+            names.remove(id);
+        }
+        self.fx.refresh_readings();
+    }
+
+    /// Stops attributing any process to the model: what they use is foreign until the next
+    /// reading attributes it again (it will not, once the model is no longer resident).
+    fn forget_attribution(&mut self, id: &str) {
         self.process_models.retain(|_, model| model != id);
+        for models in self.blind_mib.values_mut() {
+            models.retain(|(model, _)| model != id);
+        }
         // An app process shared with other models is counted whole as foreign until the next
         // reading splits it again (its other models keep their share meanwhile: counted twice,
         // the safe way).
@@ -602,9 +622,5 @@ impl<E: Effects> Engine<E> {
                 self.process_models.remove(pid);
             }
         }
-        for names in self.queue.iter_mut().map(|w| &mut w.awaiting_release) {
-            names.remove(id);
-        }
-        self.fx.refresh_readings();
     }
 }

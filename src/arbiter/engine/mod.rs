@@ -106,6 +106,9 @@ pub(crate) struct ProcessRelease {
     pub handle: Option<ProcessHandle>,
     /// Pids seen using GPU memory for it.
     pub pids: BTreeSet<u32>,
+    /// The device it was placed on: only that device's list must be readable to see its pids
+    /// gone (every device's, when `None`).
+    pub device: Option<u32>,
     pub grace: Duration,
     pub limit: Duration,
 }
@@ -201,6 +204,12 @@ pub(crate) struct Engine<E: Effects> {
     pressure: BTreeSet<u32>,
     /// Which model each attributed GPU process belongs to.
     process_models: HashMap<u32, String>,
+    /// What an attributed process without a figure from the driver counts as, by (device, pid):
+    /// its model's size (see `on_sample`).
+    assumed_mib: HashMap<(u32, u32), u64>,
+    /// What models count as on a device whose process list could not be read, by device: (model,
+    /// MiB) for each model placed there that has processes (see `on_sample`).
+    blind_mib: HashMap<u32, Vec<(String, u64)>>,
     /// The reading the last sample processed; decisions use this one.
     seen: Arc<GpuView>,
     /// When the engine started (monotonic and wall clock): gates count milliseconds from it.
@@ -260,6 +269,8 @@ impl<E: Effects> Engine<E> {
             next_session: 0,
             pressure: BTreeSet::new(),
             process_models: HashMap::new(),
+            assumed_mib: HashMap::new(),
+            blind_mib: HashMap::new(),
             seen: first_view,
             started: now,
             started_wall,

@@ -38,8 +38,18 @@ impl<E: Effects> Engine<E> {
             .devices
             .iter()
             .map(|d| {
-                let attributed: u64 =
-                    d.processes.iter().filter(|p| self.process_models.contains_key(&p.pid)).map(|p| p.used_mib).sum();
+                // A process without a figure counts as what the last sample assumed for it.
+                let attributed: u64 = d
+                    .processes
+                    .iter()
+                    .filter(|p| self.process_models.contains_key(&p.pid))
+                    .map(|p| p.used_mib.or_else(|| self.assumed_mib.get(&(d.index, p.pid)).copied()).unwrap_or(0))
+                    .fold(0, u64::saturating_add)
+                    .saturating_add(
+                        self.blind_mib
+                            .get(&d.index)
+                            .map_or(0, |models| models.iter().map(|(_, mib)| *mib).fold(0, u64::saturating_add)),
+                    );
                 // A lease's job (ffmpeg) uses its memory through its holder's processes; that use
                 // is already counted by the lease's hold, so it is not foreign too (up to the
                 // hold). Use by processes no lease claims is foreign, held memory or not.
@@ -66,6 +76,10 @@ impl<E: Effects> Engine<E> {
                     .map(|m| m.current_mib)
                     .sum();
                 let foreign = d.used_mib.saturating_sub(attributed).saturating_sub(held).saturating_sub(in_ollama);
+                // A device that cannot be read now admits nothing: its figures are stale, so
+                // all of it counts as in use until it answers again (waiters wait, nothing is
+                // evicted for them, since no eviction could make room).
+                let foreign = if d.error.is_some() { d.usable_mib } else { foreign };
                 DeviceState { index: d.index, usable_mib: d.usable_mib, foreign_mib: foreign }
             })
             .collect();

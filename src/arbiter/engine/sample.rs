@@ -1,7 +1,7 @@
 //! A new GPU reading: which process is whose (models, lease holders' jobs, apps), footprints
 //! learned, and pressure relief.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::model::{Placement, Reason};
@@ -40,7 +40,20 @@ impl<E: Effects> Engine<E> {
         let mut usage: HashMap<usize, u64> = HashMap::new();
         let mut holder_usage: HashMap<(u32, u32), u64> = HashMap::new();
         let mut app_pids: HashMap<u32, Vec<String>> = HashMap::new();
+        // Processes of a model whose memory the driver does not report (NVML's "not available"),
+        // by (device, model): the model is counted at its size instead, once.
+        let mut unmeasured: BTreeMap<(u32, usize), Vec<u32>> = BTreeMap::new();
         for device in &view.devices {
+            // A list the probe could not read (NVML refused it, amdgpu has none) is not an empty
+            // one: the models placed here that have processes are counted at their size.
+            if device.processes_unavailable.is_some() {
+                for (i, model) in self.models.iter().enumerate() {
+                    let has_processes = servers.values().any(|&s| s == i) || apps.values().any(|m| m.contains(&i));
+                    if has_processes && model.device == Some(device.index) {
+                        unmeasured.entry((device.index, i)).or_default();
+                    }
+                }
+            }
             let holders: BTreeSet<u32> = self
                 .leases
                 .values()
@@ -48,6 +61,17 @@ impl<E: Effects> Engine<E> {
                 .filter_map(|l| l.pid)
                 .collect();
             for p in &device.processes {
+                if let Some(models) = apps.get(&p.pid)
+                    && p.used_mib.is_none()
+                {
+                    for &i in models {
+                        unmeasured.entry((device.index, i)).or_default().push(p.pid);
+                    }
+                    process_models.insert(p.pid, self.models[models[0]].spec.id.clone());
+                    app_pids.insert(p.pid, models.iter().map(|&i| self.models[i].spec.id.clone()).collect());
+                    continue;
+                }
+                let figure = p.used_mib.unwrap_or(0);
                 if let Some(models) = apps.get(&p.pid) {
                     // Shared by its models in proportion to what they declare, so the process
                     // is counted once.
@@ -55,7 +79,7 @@ impl<E: Effects> Engine<E> {
                         models.iter().map(|&i| self.models[i].spec.declared_mib.unwrap_or(1).max(1)).collect();
                     let total: u64 = declared.iter().fold(0u64, |sum, d| sum.saturating_add(*d)).max(1);
                     for (&i, share) in models.iter().zip(declared) {
-                        let part = u64::try_from(u128::from(p.used_mib) * u128::from(share) / u128::from(total))
+                        let part = u64::try_from(u128::from(figure) * u128::from(share) / u128::from(total))
                             .unwrap_or(u64::MAX);
                         let used = usage.entry(i).or_default();
                         *used = used.saturating_add(part);
@@ -74,15 +98,48 @@ impl<E: Effects> Engine<E> {
                     .or_else(|| procs.lineage(p.pid).find_map(|pid| servers.get(&pid).copied()));
                 if let Some(i) = server {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
-                    let used = usage.entry(i).or_default();
-                    *used = used.saturating_add(p.used_mib);
                     self.models[i].gpu_pids.insert(p.pid);
+                    if p.used_mib.is_none() {
+                        unmeasured.entry((device.index, i)).or_default().push(p.pid);
+                        continue;
+                    }
+                    let used = usage.entry(i).or_default();
+                    *used = used.saturating_add(figure);
                 } else if let Some(holder) = procs.lineage(p.pid).find(|pid| holders.contains(pid)) {
+                    // Without a figure the job's use stays foreign on top of the hold (safe).
                     let used = holder_usage.entry((holder, device.index)).or_default();
-                    *used = used.saturating_add(p.used_mib);
+                    *used = used.saturating_add(figure);
                 }
             }
         }
+        // A model with a process the driver gives no figure for is counted at its size (declared,
+        // else measured, else what it reserved to load), once, whatever it measurably uses
+        // besides: the rest of the figure-less process's memory is in the device's use, and
+        // attributing the model's size to that process keeps it from being counted again as
+        // foreign. Its footprint is not learned from such a reading.
+        let mut assumed: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut blind: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
+        let mut unmeasured_models = BTreeSet::new();
+        for ((device, i), pids) in unmeasured {
+            let model = &self.models[i];
+            let size = model.footprint().max(model.reserved_mib);
+            let known = usage.get(&i).copied().unwrap_or(0);
+            if pids.is_empty() {
+                // No process to hang it on (the list was unreadable): counted on the device.
+                blind.entry(device).or_default().push((model.spec.id.clone(), size.saturating_sub(known)));
+            }
+            let mut first = true;
+            for pid in pids {
+                let share = if first { size.saturating_sub(known) } else { 0 };
+                first = false;
+                let entry = assumed.entry((device, pid)).or_default();
+                *entry = entry.saturating_add(share);
+            }
+            usage.insert(i, known.max(size));
+            unmeasured_models.insert(i);
+        }
+        self.assumed_mib = assumed;
+        self.blind_mib = blind;
         self.process_models = process_models;
         self.holder_usage = holder_usage;
         self.app_pids = app_pids;
@@ -95,8 +152,9 @@ impl<E: Effects> Engine<E> {
             }
             model.current_mib = used;
             // An app's process may hold more than the model: its use is not learned as the
-            // model's footprint.
+            // model's footprint; nor is a size assumed for want of a figure.
             if matches!(model.phase, super::Phase::Ready { .. })
+                && !unmeasured_models.contains(&i)
                 && model.spec.kind() == Backend::Process
                 && used > model.learned_mib.unwrap_or(0)
             {
@@ -112,6 +170,11 @@ impl<E: Effects> Engine<E> {
     /// is below critical.
     fn relieve_pressure(&mut self, view: &GpuView) {
         for device in &view.devices {
+            // A device that cannot be read shows its last good level: nothing to act on.
+            if device.error.is_some() {
+                self.pressure.remove(&device.index);
+                continue;
+            }
             if device.level == Level::Emergency {
                 self.pressure.insert(device.index);
             } else if device.level < Level::Critical {

@@ -310,3 +310,33 @@ fn a_forced_demotion_waits_for_requests_in_flight_then_cuts_them_at_the_stop_tim
     assert_eq!(rig.fx().releases.len(), 1, "released at the stop_timeout");
     assert!(pin.cut().now_or_never().is_some(), "and the request cut");
 }
+
+/// A release that times out with the old server's pid still holding its memory: that memory is
+/// foreign from then on, so the next load waits for a reading that shows it gone instead of
+/// starting on memory still in use.
+#[test]
+fn memory_not_seen_back_after_the_release_timeout_stays_counted_until_a_reading_shows_it_gone() {
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    rig.sample(&[(pid, 6000)]);
+    drop(rig.unload("llm"));
+    let generation = rig.generation("llm");
+    rig.command(Command::Released {
+        model: "llm".into(),
+        generation,
+        timed_out: true,
+        waited: Duration::from_secs(10),
+    });
+    assert_eq!(rig.state("llm"), ModelState::Unloaded);
+    assert!(rig.fx().events.iter().any(|e| matches!(e, EventKind::MemoryReleaseTimeout { .. })));
+    // 8000 − 6000 still held < 3000: stt must not start on the old server's memory.
+    let mut caller = rig.load("stt");
+    assert!(rig.fx().process_starts.iter().all(|(id, ..)| id != "stt"), "started on memory still in use");
+    rig.sample(&[(pid, 6000)]);
+    assert!(rig.fx().process_starts.iter().all(|(id, ..)| id != "stt"), "a reading still showing it");
+    assert!(answered(&mut caller).is_none());
+    // The reading that shows it gone lets the load go on.
+    rig.sample(&[]);
+    assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"), "started once the memory is back");
+}

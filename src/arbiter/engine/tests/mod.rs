@@ -216,11 +216,12 @@ fn device_view(total_mib: u64, processes: &[(u32, u64)]) -> GpuView {
             temperature_c: None,
             processes: processes
                 .iter()
-                .map(|&(pid, used_mib)| ProcessStatus { pid, used_mib, name: "p".into(), model: None })
+                .map(|&(pid, used_mib)| ProcessStatus { pid, used_mib: Some(used_mib), name: "p".into(), model: None })
                 .collect(),
             processes_unavailable: None,
             named_consumers: Vec::new(),
             warnings: Vec::new(),
+            error: None,
         }],
         degraded_reasons: Vec::new(),
         sampled_at: None,

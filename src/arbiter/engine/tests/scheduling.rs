@@ -97,6 +97,91 @@ fn memory_leases_are_granted_refused_or_timed_out() {
     }
 }
 
+/// What the device says is in use beyond its listed processes (NVML's driver reservation, now in
+/// `used_mib`) is foreign use: a lease is judged on it, not on the processes alone.
+#[test]
+fn memory_no_process_lists_is_foreign_and_counts_against_a_lease() {
+    let lease = |mib: u64| LeaseRequest { wait: Duration::ZERO, ..memory_lease("ffmpeg", mib) };
+    let mut rig = Rig::new(TWO_MODELS, 7680);
+    let mut reading = device_view(7680, &[(4242, 300)]);
+    reading.devices[0].used_mib = 900;
+    rig.input(Input::Sample(Arc::new(reading), ProcTable::default()));
+    let mut too_big = rig.lease(lease(6781));
+    rig.advance(Duration::from_millis(1));
+    assert!(answered(&mut too_big).expect("answered").is_err(), "7680 − 900 = 6780 is all there is");
+    let mut fits = rig.lease(lease(6780));
+    assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 6780);
+}
+
+/// A model's server whose memory the driver does not report ("not available") is counted once,
+/// at the model's size, as the model's: not again as foreign, and no footprint is learned from
+/// the missing figure.
+#[test]
+fn a_process_without_a_figure_counts_once_at_its_models_size() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    let mut reading = device_view(10_000, &[(pid, 0)]);
+    reading.devices[0].used_mib = 6500;
+    reading.devices[0].processes[0].used_mib = None;
+    rig.input(Input::Sample(Arc::new(reading), ProcTable::default()));
+    let (devices, residents, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 500, "6500 used − llm's 6000, not 6500 foreign on top of llm");
+    assert_eq!(residents[0].footprint_mib, 6000);
+    // 10000 − 500 − 6000 = 3500 ≥ 3000: stt starts beside llm, nothing evicted.
+    drop(rig.load("stt"));
+    assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
+    assert!(
+        !rig.fx().writes.iter().any(|w| matches!(w, StoreWrite::Footprint { .. })),
+        "nothing measured, nothing learned"
+    );
+}
+
+/// A process list the driver refuses is not an empty one: the model on that device is counted at
+/// its size (not again as foreign), its footprint is not learned, and its release makes the
+/// memory foreign until a reading shows it gone.
+#[test]
+fn an_unreadable_process_list_counts_the_models_there_at_their_size() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    let pid = rig.ready("llm");
+    rig.sample(&[(pid, 6200)]);
+    let mut reading = device_view(10_000, &[]);
+    reading.devices[0].used_mib = 6500;
+    reading.devices[0].processes_unavailable = Some("NVML compute process list: Insufficient Permissions".into());
+    rig.input(Input::Sample(Arc::new(reading.clone()), ProcTable::default()));
+    let (devices, residents, _) = rig.engine.policy_inputs();
+    assert_eq!(residents[0].footprint_mib, 6200, "the last measured size, not 0");
+    assert_eq!(devices[0].foreign_mib, 300, "6500 used − llm's 6200");
+    // 10000 − 300 − 6200 = 3500: stt fits beside it.
+    drop(rig.load("stt"));
+    assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
+    // Released (the watch timed out on the unreadable list): its memory is foreign now.
+    drop(rig.unload("llm"));
+    let generation = rig.generation("llm");
+    rig.command(Command::Released { model: "llm".into(), generation, timed_out: true, waited: Duration::ZERO });
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 6500, "not counted nowhere");
+}
+
+/// A device that cannot be read admits nothing: a lease waits (nothing is evicted for it) until a
+/// reading of the device works again, and is then judged on that reading.
+#[test]
+fn a_device_that_cannot_be_read_admits_nothing_until_it_answers() {
+    let mut rig = Rig::new(TWO_MODELS, 8000);
+    let mut lost = device_view(8000, &[]);
+    lost.devices[0].error = Some("GPU is lost".into());
+    rig.input(Input::Sample(Arc::new(lost), ProcTable::default()));
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 8000, "its free memory counts as zero");
+    let mut waits = rig.lease(LeaseRequest { wait: Duration::from_secs(5), ..memory_lease("ffmpeg", 1000) });
+    assert!(answered(&mut waits).is_none(), "not granted on a device that cannot be read");
+    rig.sample(&[(7, 2000)]);
+    assert_eq!(answered(&mut waits).expect("answered").expect("granted").vram_mib, 1000);
+}
+
 /// The deadline index: every pending deadline, earliest first.
 #[test]
 fn the_deadline_index_orders_every_pending_deadline() {
@@ -160,6 +245,20 @@ fn an_emergency_releases_the_lowest_priority_idle_model() {
     rig.input(Input::Sample(Arc::new(view), ProcTable::default()));
     assert_eq!(rig.state("llm"), ModelState::Unloading, "priority 50 goes before 80");
     assert_eq!(rig.state("stt"), ModelState::Ready, "one at a time");
+}
+
+/// A device that cannot be read shows its last good level: an emergency there is stale, and
+/// releases nothing.
+#[test]
+fn a_stale_emergency_on_a_device_that_cannot_be_read_releases_nothing() {
+    let mut rig = Rig::new(TWO_MODELS, 20_000);
+    drop(rig.load("llm"));
+    let llm = rig.ready("llm");
+    let mut view = device_view(20_000, &[(llm, 6000), (1, 14_500)]);
+    view.devices[0].level = Level::Emergency;
+    view.devices[0].error = Some("GPU is lost".into());
+    rig.input(Input::Sample(Arc::new(view), ProcTable::default()));
+    assert_eq!(rig.state("llm"), ModelState::Ready);
 }
 
 /// A model lease keeps its model in use: never evicted, not unloadable, and its pin goes with it.
