@@ -16,17 +16,34 @@ use common::nvml::{self, Device, State, Variant};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/nvml-check.sh");
 
+/// How a fake allocator behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Fake {
+    /// As a real one: claims on "allocate", gives it back on "free".
+    Honest,
+    /// Says "allocated" but puts nothing on the device.
+    ClaimsNothing,
+    /// Says "freed" but keeps its claim until it exits.
+    KeepsItsClaim,
+    /// Claims 300 ms after saying "allocated": status cannot see it within a shorter interval.
+    ClaimsLate,
+}
+
 /// A fake allocator following the script's protocol: "allocates" by writing a sim claim file
-/// `CLAIMS/<device>/<its pid>` holding the MiB (unless `claim` is false), frees by removing it.
-fn fake_allocator(dir: &Path, claim: bool) -> PathBuf {
-    let path = dir.join(if claim { "fake-alloc.sh" } else { "fake-alloc-nothing.sh" });
-    let write = if claim {
-        "echo \"$VRAMGATE_CHECK_MIB\" > \"$dir/.$$.tmp\" && mv \"$dir/.$$.tmp\" \"$dir/$$\""
-    } else {
-        "true"
+/// `CLAIMS/<device>/<its pid>` holding the MiB, frees by removing it, as `fake` says.
+fn fake_allocator(dir: &Path, fake: Fake) -> PathBuf {
+    let path = dir.join(format!("fake-alloc-{}.sh", fake as u8));
+    let claim = "echo \"$VRAMGATE_CHECK_MIB\" > \"$dir/.$$.tmp\" && mv \"$dir/.$$.tmp\" \"$dir/$$\"";
+    let release = "rm -f \"$dir/$$\"";
+    // What it does up to its "allocated" line and after it, and on "free".
+    let (allocate, free) = match fake {
+        Fake::Honest => (format!("{claim}\necho allocated"), release),
+        Fake::ClaimsNothing => ("echo allocated".to_string(), "true"),
+        Fake::KeepsItsClaim => (format!("{claim}\necho allocated"), "true"),
+        Fake::ClaimsLate => (format!("echo allocated\nsleep 0.3\n{claim}"), release),
     };
     let text = format!(
-        "#!/bin/sh\nset -e\ndir=\"$1/$VRAMGATE_CHECK_DEVICE\"\nmkdir -p \"$dir\"\n{write}\necho allocated\nread -r _\nrm -f \"$dir/$$\"\necho freed\nread -r _ || true\n"
+        "#!/bin/sh\nset -e\ndir=\"$1/$VRAMGATE_CHECK_DEVICE\"\nmkdir -p \"$dir\"\n{allocate}\nread -r _\n{free}\necho freed\nread -r _ || true\n"
     );
     std::fs::write(&path, text).expect("write the fake allocator");
     path
@@ -64,7 +81,8 @@ fn text(output: &Output) -> String {
 fn the_script_sees_an_allocation_attributed_and_released_on_the_standin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let library = standin(dir.path());
-    let alloc = format!("sh {} {}", fake_allocator(dir.path(), true).display(), dir.path().join("claims").display());
+    let alloc =
+        format!("sh {} {}", fake_allocator(dir.path(), Fake::Honest).display(), dir.path().join("claims").display());
     let output = script(&[
         common::bin().as_ref(),
         "--library".as_ref(),
@@ -93,8 +111,11 @@ fn the_script_sees_an_allocation_attributed_and_released_on_the_standin() {
 fn the_script_fails_clearly_when_status_never_attributes_the_allocation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let library = standin(dir.path());
-    // Says "allocated" but puts nothing on the device.
-    let alloc = format!("sh {} {}", fake_allocator(dir.path(), false).display(), dir.path().join("claims").display());
+    let alloc = format!(
+        "sh {} {}",
+        fake_allocator(dir.path(), Fake::ClaimsNothing).display(),
+        dir.path().join("claims").display()
+    );
     let output = script(&[
         common::bin().as_ref(),
         "--library".as_ref(),
@@ -110,6 +131,61 @@ fn the_script_fails_clearly_when_status_never_attributes_the_allocation() {
     assert_eq!(output.status.code(), Some(1), "{said}");
     assert!(said.contains("FAILED: 1024 MiB allocated by pid"), "{said}");
     assert!(said.contains("was not attributed to it within 1 s; status lists: none"), "{said}");
+}
+
+#[test]
+fn the_script_fails_clearly_when_status_never_sees_the_memory_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let library = standin(dir.path());
+    let alloc = format!(
+        "sh {} {}",
+        fake_allocator(dir.path(), Fake::KeepsItsClaim).display(),
+        dir.path().join("claims").display()
+    );
+    let output = script(&[
+        common::bin().as_ref(),
+        "--library".as_ref(),
+        library.as_os_str(),
+        "--alloc-cmd".as_ref(),
+        alloc.as_ref(),
+        "--interval".as_ref(),
+        "50ms".as_ref(),
+        "--slack".as_ref(),
+        "10s".as_ref(),
+        "--timeout".as_ref(),
+        "1s".as_ref(),
+    ]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("freed 1024 MiB but status still shows it after 1 s: pid"), "{said}");
+}
+
+#[test]
+fn the_script_fails_an_attribution_later_than_one_sample_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let library = standin(dir.path());
+    let alloc = format!(
+        "sh {} {}",
+        fake_allocator(dir.path(), Fake::ClaimsLate).display(),
+        dir.path().join("claims").display()
+    );
+    let output = script(&[
+        common::bin().as_ref(),
+        "--library".as_ref(),
+        library.as_os_str(),
+        "--alloc-cmd".as_ref(),
+        alloc.as_ref(),
+        "--interval".as_ref(),
+        "50ms".as_ref(),
+        "--slack".as_ref(),
+        "0ms".as_ref(),
+    ]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    // The whole table is printed, then the verdict names the late step.
+    assert!(said.contains("exit seen (pid gone from the list)"), "{said}");
+    assert!(said.contains("FAILED: too slow: allocation attributed to its pid: "), "{said}");
+    assert!(said.contains("> 50 ms"), "{said}");
 }
 
 #[test]

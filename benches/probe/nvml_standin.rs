@@ -50,7 +50,7 @@ fn state(devices: u32) -> State {
 }
 
 fn line(name: &str, (p50, p99): (Duration, Duration), baseline: Option<Duration>) {
-    print!("{name:<52} p50 {:>8.2} us  p99 {:>8.2} us", micros(p50), micros(p99));
+    print!("{name:<58} p50 {:>8.2} us  p99 {:>8.2} us", micros(p50), micros(p99));
     if let Some(base) = baseline {
         print!(
             "  = {:.2}x the stand-in's own work, +{:.2} us over it",
