@@ -316,9 +316,10 @@ def check(args, scratch):
     daemon, child = None, None
     try:
         daemon = Daemon(binary, args, scratch)
-        before = device_of(daemon.status(), args.device)
-        if daemon.status().get("probe") != "nvml":
-            raise Failed(f"vramgate runs the {daemon.status().get('probe')} probe, not nvml")
+        first = daemon.status()
+        if first.get("probe") != "nvml":
+            raise Failed(f"vramgate runs the {first.get('probe')} probe, not nvml")
+        before = device_of(first, args.device)
         child = Allocator(command, args, scratch)
         child.expect("allocated", max(args.timeout, 120.0))  # a first CUDA context can take a while
         limit = args.interval + args.slack
@@ -384,6 +385,9 @@ def main(argv):
     except Failed as failure:
         print(f"FAILED: {failure}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
