@@ -1,10 +1,14 @@
 //! What one monitor sample costs, per probe, against a baseline measured in the same run.
 //!
-//! Run: `cargo bench --bench probe` (add `-- --samples 2000` for more). On an NVIDIA machine it
-//! also measures NVML: the full sample vs. a memory-only query of every device (the cheapest
-//! useful reading), and the share of a 500 ms tick the sample takes.
+//! Run: `cargo bench --bench probe` (add `-- --samples 2000` for more). It measures the NVML probe
+//! on the stand-in driver library too (`probe/nvml_standin.rs`: driver calls per sample and per
+//! release-watch poll, time over the stand-in's own work). On an NVIDIA machine it also measures
+//! the real NVML: the full sample vs. a memory-only query of every device (the cheapest useful
+//! reading), and the share of a 500 ms tick the sample takes.
 
 mod common;
+#[path = "probe/nvml_standin.rs"]
+mod nvml_standin;
 
 use std::time::Duration;
 
@@ -62,6 +66,8 @@ fn main() {
         }
         report(&format!("sim: full sample, {consumers} consumer file(s)"), full, Some(("one file read", baseline.0)));
     }
+
+    nvml_standin::run(samples);
 
     match NvmlProbe::open(&vramgate::config::NvmlConfig::default()) {
         Err(e) => println!("nvml: not measured here ({e})"),
