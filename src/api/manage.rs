@@ -39,6 +39,7 @@ pub(crate) fn current_status(state: &AppState) -> Status {
             }
         }
         device.warnings.extend(notes);
+        device.warnings.extend(arbiter.device_warnings.get(&device.index).into_iter().flatten().cloned());
     }
     let mut degraded_reasons = view.degraded_reasons.clone();
     degraded_reasons.extend(arbiter.degraded_reasons.iter().cloned());

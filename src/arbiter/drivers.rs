@@ -255,8 +255,9 @@ async fn warm_up(
     Ok(())
 }
 
-/// The parent and group of every process in a reading, and of their ancestors, from `/proc`
-/// (blocking file reads: run it on the blocking pool).
+/// The parent and group of every process in a reading, and of their ancestors, from `/proc`,
+/// and which of the reading's pids have no entry there (blocking file reads: run it on the
+/// blocking pool).
 pub(crate) fn read_proc_table(view: &GpuView) -> ProcTable {
     let mut table = ProcTable::default();
     for device in &view.devices {
@@ -267,7 +268,13 @@ pub(crate) fn read_proc_table(view: &GpuView) -> ProcTable {
                     break;
                 }
                 // One read per process: the parent (field 4) and the group (field 5) after the state.
-                let Some(stat) = process::proc_stat(pid) else { break };
+                let Some(stat) = process::proc_stat(pid) else {
+                    // A listed pid with no entry here: gone, or from another pid namespace.
+                    if pid == p.pid {
+                        table.missing.insert(pid);
+                    }
+                    break;
+                };
                 let mut fields = process::stat_fields(&stat).into_iter().flatten().skip(1);
                 let parent = fields.next().and_then(|v| v.parse::<u32>().ok());
                 let group = fields.next().and_then(|v| v.parse::<u32>().ok());

@@ -39,6 +39,9 @@ pub struct ArbiterView {
     /// Reasons the scheduling side is degraded (a failing state database, an unreachable
     /// Ollama).
     pub degraded_reasons: Vec<String>,
+    /// Warnings about a device's readings, by device index (its pids are from another pid
+    /// namespace), shown in that device's `warnings`.
+    pub device_warnings: BTreeMap<u32, Vec<String>>,
     /// The mode applied last.
     pub mode: Option<String>,
     /// Each Ollama server the models use: reachable or not, and what it has loaded.

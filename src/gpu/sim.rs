@@ -95,6 +95,14 @@ fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> 
             warnings.push(format!("sim: the memory of pid {} is not reported ({UNMEASURED})", process.pid));
         }
     }
+    // `.foreign-namespace` plays vramgate in a container without the host's pid namespace: the
+    // driver lists each process under its pid on the host, which does not exist here.
+    if read_marker(&dir.join(FOREIGN_NAMESPACE)).is_some() {
+        for process in &mut processes {
+            process.pid = host_pid(process.pid);
+            process.name = "unknown".into();
+        }
+    }
     DeviceSnapshot {
         index,
         name: device.name.clone(),
@@ -119,6 +127,16 @@ pub const LOST: &str = ".lost";
 
 /// The marker file that makes a device's process list unreadable while it exists.
 pub const UNLISTED: &str = ".unlisted";
+
+/// The marker file that makes a device list its processes under pids from another pid
+/// namespace while it exists.
+pub const FOREIGN_NAMESPACE: &str = ".foreign-namespace";
+
+/// The pid the sim device lists for `pid` under [`FOREIGN_NAMESPACE`]: above Linux's largest
+/// possible pid (`PID_MAX_LIMIT`, 2^22), so it exists in no namespace here.
+pub fn host_pid(pid: u32) -> u32 {
+    pid.saturating_add(1 << 22)
+}
 
 /// A marker file's text (its reason), or a plain note when it is empty; `None` when it is absent.
 fn read_marker(path: &Path) -> Option<String> {

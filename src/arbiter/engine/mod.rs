@@ -18,6 +18,7 @@ mod external;
 mod leases;
 mod lifecycle;
 mod model;
+mod namespace;
 mod ollama;
 mod project;
 mod queue;
@@ -129,6 +130,9 @@ pub(crate) struct OllamaRelease {
 pub(crate) struct ProcTable {
     /// pid → (parent pid, process group).
     pub entries: HashMap<u32, (u32, u32)>,
+    /// The reading's pids that have no `/proc` entry here: gone already, or from another pid
+    /// namespace (vramgate in a container). A pid not named here exists.
+    pub missing: BTreeSet<u32>,
 }
 
 impl ProcTable {
@@ -210,6 +214,8 @@ pub(crate) struct Engine<E: Effects> {
     /// What models count as on a device whose process list could not be read, by device: (model,
     /// MiB) for each model placed there that has processes (see `on_sample`).
     blind_mib: HashMap<u32, Vec<(String, u64)>>,
+    /// Which devices list pids from another pid namespace (see `namespace.rs`).
+    namespaces: namespace::PidNamespaces,
     /// The reading the last sample processed; decisions use this one.
     seen: Arc<GpuView>,
     /// When the engine started (monotonic and wall clock): gates count milliseconds from it.
@@ -271,6 +277,7 @@ impl<E: Effects> Engine<E> {
             process_models: HashMap::new(),
             assumed_mib: HashMap::new(),
             blind_mib: HashMap::new(),
+            namespaces: namespace::PidNamespaces::default(),
             seen: first_view,
             started: now,
             started_wall,

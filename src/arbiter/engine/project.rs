@@ -1,12 +1,13 @@
 //! The status projection: the engine's state as the JSON contract's types (`crate::status`),
 //! published after every input.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
 use super::model::{Pending, Phase};
-use super::{Effects, Engine};
+use super::{Effects, Engine, namespace};
 use crate::arbiter::ArbiterView;
 use crate::backend::ollama;
 use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
@@ -99,6 +100,11 @@ impl<E: Effects> Engine<E> {
             .collect();
         leases.sort_by(|a, b| a.id.cmp(&b.id));
         let mut degraded_reasons = Vec::new();
+        let mut device_warnings: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (device, pids) in self.namespaces.foreign_devices() {
+            degraded_reasons.push(namespace::degraded_reason(device, pids));
+            device_warnings.entry(device).or_default().push(namespace::device_warning(pids));
+        }
         let mut ollama = Vec::new();
         for (url, server) in &self.ollama {
             if server.reachable == Some(false) {
@@ -136,6 +142,7 @@ impl<E: Effects> Engine<E> {
             queue: self.queue_status(),
             process_models: self.process_models.clone(),
             degraded_reasons,
+            device_warnings,
             mode: self.mode.clone(),
             ollama,
         }

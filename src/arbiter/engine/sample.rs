@@ -44,15 +44,22 @@ impl<E: Effects> Engine<E> {
         // by (device, model): the model is counted at its size instead, once.
         let mut unmeasured: BTreeMap<(u32, usize), Vec<u32>> = BTreeMap::new();
         for device in &view.devices {
+            // A list whose pids are not vramgate's (a container without the host's pid
+            // namespace) cannot be attributed: what it lists is foreign, and the models placed
+            // here are counted at their size, as for a list that cannot be read.
+            let other_namespace = self.namespaces.observe(device, &procs);
             // A list the probe could not read (NVML refused it, amdgpu has none) is not an empty
             // one: the models placed here that have processes are counted at their size.
-            if device.processes_unavailable.is_some() {
+            if device.processes_unavailable.is_some() || other_namespace {
                 for (i, model) in self.models.iter().enumerate() {
                     let has_processes = servers.values().any(|&s| s == i) || apps.values().any(|m| m.contains(&i));
                     if has_processes && model.device == Some(device.index) {
                         unmeasured.entry((device.index, i)).or_default();
                     }
                 }
+            }
+            if other_namespace {
+                continue;
             }
             let holders: BTreeSet<u32> = self
                 .leases

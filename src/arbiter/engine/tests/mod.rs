@@ -12,6 +12,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use super::*;
 
 mod lifecycle;
+mod namespace;
 mod scheduling;
 use crate::arbiter::gate::Pin;
 use crate::arbiter::{Ack, LeaseGrant, LeaseRequest, Loaded};
