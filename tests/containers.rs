@@ -2,7 +2,9 @@
 //! device's `DIR/N/.foreign-namespace` marker (the device lists each process under a pid that
 //! does not exist here, as NVML reports host pids inside a container). The daemon detects it,
 //! says so in `degraded_reasons` and the device's `warnings`, counts its models at their size
-//! (once), learns no footprint, and goes back to attribution by pid when the pids are its own.
+//! (once), learns no footprint, and goes back to attribution by pid when the pids are its own. An
+//! unload there ends once the model's process has exited, and what the device still holds for it
+//! is foreign until a reading shows it gone.
 
 mod common;
 
@@ -84,4 +86,40 @@ async fn pids_from_another_namespace_are_detected_said_counted_once_and_cleared(
         .wait_for_status(5 * SECOND, "the footprint measured", |s| common::model_in(s, "a")["measured_mib"] == 3000)
         .await;
     assert_eq!(status["degraded"], false, "{status:#}");
+}
+
+#[tokio::test]
+async fn an_unload_in_another_namespace_ends_with_the_process_and_its_memory_stays_foreign_until_gone() {
+    // The device hands the memory back 2 s after the process is gone (`release_lag`), listing its
+    // pid until then, as a real driver does.
+    let daemon = common::Daemon::start(|sim| {
+        format!(
+            "{}release_lag = \"2s\"\n{}",
+            common::sim_config(sim, 10000, "50ms", "reserve_mib = 0"),
+            fake_model(sim, "a", 3000, "", "")
+        )
+    });
+    std::fs::write(daemon.device_dir().join(FOREIGN_NAMESPACE), "").expect("marker");
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = u32::try_from(body["pid"].as_u64().expect("a pid")).expect("a pid fits u32");
+    let _guard = PidGuard::new(pid);
+    daemon
+        .wait_for_status(5 * SECOND, "the other namespace detected", |s| {
+            s["degraded_reasons"].to_string().contains("pid namespace")
+        })
+        .await;
+    // Nothing on the list is the model's pid: the release ends once the process has exited.
+    let (code, body) = daemon.unload("a").await;
+    assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")), "{body}");
+    assert!(!vramgate::gpu::pid_is_alive(pid), "unloaded while its process runs");
+    // The device still holds its 3000 MiB (within the lag): foreign, not counted nowhere.
+    let status = daemon.status().await;
+    assert_eq!(status["devices"][0]["used_mib"], 3000, "the lag has not passed yet: {status:#}");
+    let (code, body) = lease_now(&daemon, 8000).await;
+    assert_ne!(code, 201, "granted 8000 MiB while 3000 of 10000 are still held: {body}");
+    // Handed back: the lease fits.
+    daemon.wait_for_status(10 * SECOND, "the memory back", |s| s["devices"][0]["used_mib"] == 0).await;
+    let (code, body) = lease_now(&daemon, 8000).await;
+    assert_eq!(code, 201, "{body}");
 }
