@@ -123,3 +123,53 @@ async fn an_unload_in_another_namespace_ends_with_the_process_and_its_memory_sta
     let (code, body) = lease_now(&daemon, 8000).await;
     assert_eq!(code, 201, "{body}");
 }
+
+/// The same on the NVML path: the stand-in driver lists a pid that exists in no namespace here
+/// (the host's pid of the model's server) holding the model's memory; the model vramgate started
+/// runs under its own pid, which NVML never lists.
+#[tokio::test]
+async fn on_nvml_a_listed_pid_from_another_namespace_is_detected_and_the_model_counted_once() {
+    use common::nvml::{self, Device, List, Process, State, Variant};
+    // Above Linux's largest pid: no process here has it.
+    const HOST_PID: u32 = (1 << 22) + 4242;
+    let daemon = common::Daemon::start(|sim| {
+        let dir = sim.parent().expect("the sim dir is inside the daemon's temp dir").join("nvml");
+        let library = nvml::link_into(&dir, Variant::Full);
+        State {
+            driver: Some("550.54.15".into()),
+            devices: vec![Device::new("NVIDIA In A Container", 10000, 3000)],
+            processes: vec![Process {
+                device: 0,
+                list: List::Compute,
+                pid: HOST_PID,
+                used_mib: Some(3000),
+                late: false,
+            }],
+            ..State::default()
+        }
+        .write_to(&dir);
+        let no_amd = sim.parent().expect("temp dir").join("no-amd");
+        std::fs::create_dir_all(&no_amd).expect("create the empty sysfs root");
+        format!(
+            "{}{}",
+            nvml::config("nvml", &library, "20ms", &no_amd),
+            fake_model(sim, "a", 3000, "", "pinned = true")
+        )
+    });
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = u32::try_from(body["pid"].as_u64().expect("a pid")).expect("a pid fits u32");
+    let _guard = PidGuard::new(pid);
+    let status = daemon
+        .wait_for_status(5 * SECOND, "the other namespace detected", |s| {
+            s["degraded_reasons"].to_string().contains(&format!("lists processes ({HOST_PID})"))
+        })
+        .await;
+    assert_eq!(status["probe"], "nvml", "{status:#}");
+    assert!(lists(&status, HOST_PID, &Value::Null), "{status:#}");
+    assert_eq!(status["devices"][0]["processes"][0]["name"], "unknown", "{status:#}");
+    assert!(status["devices"][0]["warnings"].to_string().contains("--pid=host"), "{status:#}");
+    // Counted once: 10000 − 3000 leaves 7000.
+    let (code, body) = lease_now(&daemon, 7000).await;
+    assert_eq!(code, 201, "{body}");
+}

@@ -291,6 +291,42 @@ pub(crate) fn read_proc_table(view: &GpuView) -> ProcTable {
 mod tests {
     use super::*;
 
+    /// A listed pid with no `/proc` entry here (a host pid seen from a container) is named
+    /// missing; one that exists is not, and its parent and group are read.
+    #[test]
+    fn the_proc_table_names_the_listed_pids_that_do_not_exist_here() {
+        let me = std::process::id();
+        // Above Linux's largest pid: no process has it.
+        let elsewhere = (1 << 22) + 7;
+        let process = |pid| crate::status::ProcessStatus { pid, used_mib: Some(100), name: "p".into(), model: None };
+        let device = crate::status::DeviceStatus {
+            index: 0,
+            name: "sim".into(),
+            probe: crate::gpu::ProbeKind::Sim,
+            total_mib: 1000,
+            used_mib: 200,
+            free_mib: 800,
+            usable_mib: 1000,
+            level: crate::gpu::Level::Ok,
+            utilization_pct: None,
+            temperature_c: None,
+            processes: vec![process(me), process(elsewhere)],
+            processes_unavailable: None,
+            named_consumers: Vec::new(),
+            warnings: Vec::new(),
+            error: None,
+        };
+        let view = GpuView {
+            probe: crate::gpu::ProbeKind::Sim,
+            devices: vec![device],
+            degraded_reasons: Vec::new(),
+            sampled_at: None,
+        };
+        let table = read_proc_table(&view);
+        assert_eq!(table.missing.iter().copied().collect::<Vec<u32>>(), vec![elsewhere]);
+        assert!(table.entries.contains_key(&me), "{:?}", table.entries);
+    }
+
     #[test]
     fn the_ollama_pause_doubles_from_2_s_to_30_s_and_resets_once_it_answers() {
         let mut pause = OLLAMA_POLL;
