@@ -4,13 +4,14 @@
 //! without NVIDIA's driver and `auto` can fall through. The NVML calls live in [`NvmlProbe::read`];
 //! everything after them is the pure [`assemble`], which is what CI (no GPU) tests on fakes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::{Device, Nvml};
 
 use crate::config::NvmlConfig;
 
@@ -139,10 +140,27 @@ pub fn device_names(count: u32, name_of: impl Fn(u32) -> Result<String, String>)
     Ok(answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|_| format!("NVIDIA GPU {i}"))).collect())
 }
 
+/// How often, at most, NVML is shut down and initialised again while a device cannot be read. A
+/// GPU that fell off the bus may answer again only through a fresh NVML (its handles are stale
+/// until then); re-initialising costs a library init, so it is not done on every sample.
+pub const REINIT_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether a re-initialisation is due: never tried, or the last try is [`REINIT_EVERY`] old.
+pub fn reinit_due(last_try: Option<Instant>, now: Instant) -> bool {
+    last_try.is_none_or(|last| now.saturating_duration_since(last) >= REINIT_EVERY)
+}
+
 /// The probe over a loaded NVML.
 pub struct NvmlProbe {
-    nvml: Nvml,
+    /// `None` only after a re-initialisation whose init failed: every device is then failed until
+    /// a later one succeeds.
+    nvml: Option<Nvml>,
+    library: PathBuf,
     names: Vec<String>,
+    /// When NVML was last re-initialised (tried), bounding how often that happens.
+    last_reinit: Option<Instant>,
+    /// Why the last re-initialisation failed, reported as each device's failure meanwhile.
+    reinit_error: Option<String>,
 }
 
 impl NvmlProbe {
@@ -150,7 +168,7 @@ impl NvmlProbe {
     /// missing or lists no device.
     pub fn open(config: &NvmlConfig) -> Result<NvmlProbe, ProbeError> {
         let library = config.library();
-        let nvml = Nvml::builder().lib_path(library.as_os_str()).init().map_err(|e| init_error(library, e))?;
+        let nvml = init(library)?;
         let count = nvml.device_count().map_err(|e| ProbeError(format!("NVML device count: {e}")))?;
         if count == 0 {
             return Err(ProbeError("NVML loaded but lists no device".into()));
@@ -158,27 +176,106 @@ impl NvmlProbe {
         // A device that does not answer now (lost) is named by its index and read, and fails,
         // alone with each sample; the probe starts with the others.
         let names = device_names(count, |i| nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| e.to_string()))?;
-        Ok(NvmlProbe { nvml, names })
+        Ok(NvmlProbe { nvml: Some(nvml), library: library.to_path_buf(), names, last_reinit: None, reinit_error: None })
     }
 
-    /// The NVML calls for one device. Temperature and utilization are optional extras (some
-    /// devices refuse them); memory is not.
-    fn read(&self, index: u32) -> Result<RawDevice, ProbeError> {
-        let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
-        let device = self.nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
-        let memory = device.memory_info().map_err(|e| fail("memory", e))?;
-        Ok(RawDevice {
-            name: self.names.get(index as usize).cloned().unwrap_or_default(),
-            total_bytes: memory.total,
-            used_bytes: memory.used,
-            reserved_bytes: memory.reserved,
-            free_bytes: memory.free,
-            utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
-            temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute: process_list(retry_grown_list(|| device.running_compute_processes())),
-            graphics: process_list(retry_grown_list(|| device.running_graphics_processes())),
-        })
+    /// Reads every device, each on its own: one that fails (GPU_IS_LOST) is reported failed, the
+    /// others read.
+    fn read_all(&self) -> Vec<DeviceSnapshot> {
+        (0..self.names.len() as u32)
+            .map(|index| {
+                let name = self.names.get(index as usize).cloned().unwrap_or_default();
+                let read = match &self.nvml {
+                    Some(nvml) => read(nvml, index, &name),
+                    None => Err(ProbeError(format!(
+                        "NVML device {index}: NVML re-initialisation failed: {}",
+                        self.reinit_error.as_deref().unwrap_or("unknown")
+                    ))),
+                };
+                match read {
+                    Ok(raw) => assemble(index, raw, process_name),
+                    Err(e) => DeviceSnapshot::failed(index, name, e.0),
+                }
+            })
+            .collect()
     }
+
+    /// Shuts NVML down and initialises it again (a real driver keeps its state while any init is
+    /// outstanding, so the old one goes first). A device that was named by its index at start-up
+    /// gets its name if it answers now. The device count is kept: devices are known by index for
+    /// the daemon's life.
+    fn reinit(&mut self) {
+        self.last_reinit = Some(Instant::now());
+        if let Some(old) = self.nvml.take()
+            && let Err(e) = old.shutdown()
+        {
+            tracing::debug!("NVML shutdown before re-initialisation: {e}");
+        }
+        match init(&self.library) {
+            Ok(nvml) => {
+                for (index, name) in self.names.iter_mut().enumerate() {
+                    if let Ok(answered) = nvml.device_by_index(index as u32).and_then(|d| d.name()) {
+                        *name = answered;
+                    }
+                }
+                tracing::info!("NVML re-initialised after a device could not be read");
+                self.nvml = Some(nvml);
+                self.reinit_error = None;
+            }
+            Err(e) => {
+                tracing::warn!("NVML re-initialisation failed: {e}");
+                self.reinit_error = Some(e.0);
+            }
+        }
+    }
+}
+
+/// Loads and initialises the NVML library at `library`.
+fn init(library: &Path) -> Result<Nvml, ProbeError> {
+    Nvml::builder().lib_path(library.as_os_str()).init().map_err(|e| init_error(library, e))
+}
+
+/// The NVML calls for one device. Temperature and utilization are optional extras (some devices
+/// refuse them); memory is not.
+fn read(nvml: &Nvml, index: u32, name: &str) -> Result<RawDevice, ProbeError> {
+    let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
+    let device = nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
+    let memory = memory(&device).map_err(|e| fail("memory", e))?;
+    Ok(RawDevice {
+        name: name.to_string(),
+        total_bytes: memory.total,
+        used_bytes: memory.used,
+        reserved_bytes: memory.reserved,
+        free_bytes: memory.free,
+        utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
+        temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+        compute: process_list(retry_grown_list(|| compute_processes(&device))),
+        graphics: process_list(retry_grown_list(|| graphics_processes(&device))),
+    })
+}
+
+/// A device's memory figures, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memory {
+    total: u64,
+    used: u64,
+    reserved: u64,
+    free: u64,
+}
+
+/// `nvmlDeviceGetMemoryInfo_v2`.
+fn memory(device: &Device) -> Result<Memory, NvmlError> {
+    device.memory_info().map(|m| Memory { total: m.total, used: m.used, reserved: m.reserved, free: m.free })
+}
+
+/// The compute processes (`_v3`).
+fn compute_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
+    device.running_compute_processes()
+}
+
+/// The graphics processes (`_v3`).
+fn graphics_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
+    device.running_graphics_processes()
 }
 
 /// Why NVML did not start, naming the library tried. A library that cannot be loaded at all gets
@@ -262,15 +359,15 @@ impl Probe for NvmlProbe {
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
-        // Each device on its own: one that fails (GPU_IS_LOST) is reported failed, the others read.
-        Ok((0..self.names.len() as u32)
-            .map(|index| match self.read(index) {
-                Ok(raw) => assemble(index, raw, process_name),
-                Err(e) => {
-                    DeviceSnapshot::failed(index, self.names.get(index as usize).cloned().unwrap_or_default(), e.0)
-                }
-            })
-            .collect())
+        let snapshots = self.read_all();
+        // A device that cannot be read may answer again only through a fresh NVML (a GPU that
+        // fell off the bus and came back): re-initialise, at most every REINIT_EVERY, and read
+        // again at once so a recovery shows in this sample.
+        if snapshots.iter().any(|s| s.failed.is_some()) && reinit_due(self.last_reinit, Instant::now()) {
+            self.reinit();
+            return Ok(self.read_all());
+        }
+        Ok(snapshots)
     }
 
     /// Two calls per device (the compute and graphics process lists), nothing else. A device
@@ -278,12 +375,15 @@ impl Probe for NvmlProbe {
     fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
         let mut lists = GpuPids::default();
         for index in 0..self.names.len() as u32 {
-            let read = self.nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
-                [
-                    process_list(retry_grown_list(|| device.running_compute_processes())),
-                    process_list(retry_grown_list(|| device.running_graphics_processes())),
-                ]
-            });
+            let read = match &self.nvml {
+                Some(nvml) => nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
+                    [
+                        process_list(retry_grown_list(|| compute_processes(&device))),
+                        process_list(retry_grown_list(|| graphics_processes(&device))),
+                    ]
+                }),
+                None => Err("NVML is not initialised (its re-initialisation failed)".to_string()),
+            };
             add_device_lists(&mut lists, index, read);
         }
         Ok(lists)
@@ -453,6 +553,15 @@ mod tests {
         assert!(!lists.shows_gone(&model, Some(1)), "device 1's list was not read");
         assert!(!lists.shows_gone(&model, None), "some list was not read");
         assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
+    }
+
+    #[test]
+    fn reinit_is_bounded() {
+        let now = Instant::now();
+        assert!(reinit_due(None, now), "the first failure re-initialises at once");
+        assert!(!reinit_due(Some(now), now + REINIT_EVERY - Duration::from_millis(1)));
+        assert!(reinit_due(Some(now), now + REINIT_EVERY));
+        assert!(!reinit_due(Some(now + Duration::from_secs(1)), now), "a clock that went back waits");
     }
 
     /// At start-up one device that does not answer leaves the others usable; none answering is

@@ -1,0 +1,144 @@
+//! End-to-end on the NVML stand-in: the quirks real drivers have, each through the real daemon
+//! with `probe = "nvml"`. A lost GPU (from start-up on, and one that answers only after NVML is
+//! re-initialised), an unreadable process list holding a release, driver-reserved memory, a
+//! process without a figure, memory not seen back after `release_timeout`, a process list that
+//! grew between count and fill, unknown utilization and temperature, and an older driver without
+//! the `_v2` memory or `_v3` process calls.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::Daemon;
+use common::nvml::{self, Device, InjectedError, State, Variant, When, code};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The stand-in's directory of a daemon's temp dir (beside its sim dir, which `sim` is).
+fn standin_dir(sim: &Path) -> PathBuf {
+    sim.parent().expect("the sim dir is inside the daemon's temp dir").join("nvml")
+}
+
+/// The stand-in's directory of a running daemon.
+fn dir_of(daemon: &Daemon) -> PathBuf {
+    standin_dir(&Daemon::sim_dir_for(&daemon.dir))
+}
+
+/// Starts a daemon with `probe` on its own link to the `variant` stand-in, with `state` written
+/// before it starts, plus `rest` (models, more sections).
+fn start(probe: &str, variant: Variant, state: impl Fn(&Path) -> State, rest: impl Fn(&Path) -> String) -> Daemon {
+    Daemon::start(|sim| {
+        let dir = standin_dir(sim);
+        let library = nvml::link_into(&dir, variant);
+        state(sim).write_to(&dir);
+        let no_amd = sim.parent().expect("temp dir").join("no-amd");
+        std::fs::create_dir_all(&no_amd).expect("create the empty sysfs root");
+        format!("{}{}", nvml::config(probe, &library, "20ms", &no_amd), rest(sim))
+    })
+}
+
+fn device(status: &Value, index: usize) -> &Value {
+    &status["devices"][index]
+}
+
+fn error(function: &str, device: Option<u32>, code: u32, when: When) -> InjectedError {
+    InjectedError { function: function.into(), device, code, when }
+}
+
+/// Asks for a memory lease of `mib` on `device` that does not wait; the code and the body.
+async fn lease_now(daemon: &Daemon, device: u32, mib: u64) -> (u16, Value) {
+    let body = serde_json::json!({"holder": "job", "vram": format!("{mib}MiB"), "device": device, "wait": "0"});
+    daemon.post("/vramgate/leases", body).await
+}
+
+/// Two 8 GiB devices, 300 MiB used on each.
+fn two_devices() -> Vec<Device> {
+    vec![Device::new("NVIDIA Stand-in A", 8192, 300), Device::new("NVIDIA Stand-in B", 8192, 300)]
+}
+
+/// GPU 1 lost (GPU_IS_LOST on every call for it) from before start-up.
+fn gpu_1_lost() -> State {
+    State {
+        devices: two_devices(),
+        errors: vec![error("nvmlDeviceGetHandleByIndex_v2", Some(1), code::GPU_IS_LOST, When::Always)],
+        ..State::default()
+    }
+}
+
+/// GPU 1 lost at start-up: the daemon starts on GPU 0, GPU 1 shows the error and a degraded
+/// reason and admits nothing; GPU 0's reading still moves and a lease on it is judged on it; GPU 1
+/// recovers when it answers again.
+#[tokio::test]
+async fn a_lost_gpu_admits_nothing_while_the_other_goes_on_from_start_up_and_recovers() {
+    let daemon = start("nvml", Variant::Full, |_| gpu_1_lost(), |_| String::new());
+    let status = daemon
+        .wait_for_status(DEADLINE, "GPU 1 failed, GPU 0 read", |s| {
+            device(s, 1)["error"].is_string() && device(s, 0)["used_mib"] == 300
+        })
+        .await;
+    assert!(device(&status, 1)["error"].as_str().is_some_and(|e| e.contains("fell off the bus")), "{status:#}");
+    assert!(device(&status, 0)["error"].is_null(), "{status:#}");
+    assert_eq!(status["degraded"], true);
+    let reasons = status["degraded_reasons"].to_string();
+    assert!(reasons.contains("GPU 1 (NVIDIA GPU 1) failing"), "{reasons}");
+
+    // GPU 0's reading moves while GPU 1 is lost, and a lease on it is judged on it.
+    let mut moved = gpu_1_lost();
+    moved.devices[0].used_mib = 5000;
+    moved.write_to(&dir_of(&daemon));
+    daemon.wait_for_status(DEADLINE, "GPU 0's reading to move", |s| device(s, 0)["used_mib"] == 5000).await;
+    let (code, body) = lease_now(&daemon, 0, 7000).await;
+    assert_ne!(code, 201, "granted 7000 MiB with 3192 free: {body}");
+    assert!(body.to_string().contains("3192 MiB available"), "{body}");
+    let (code, body) = lease_now(&daemon, 0, 3000).await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = lease_now(&daemon, 1, 1000).await;
+    assert_ne!(code, 201, "granted on a lost device: {body}");
+
+    // It answers again: read, no longer degraded, admitting.
+    State { devices: two_devices(), ..State::default() }.write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "GPU 1 to recover", |s| device(s, 1)["error"].is_null() && s["degraded"] == false)
+        .await;
+    assert_eq!(device(&status, 1)["used_mib"], 300, "{status:#}");
+    let (code, body) = lease_now(&daemon, 1, 1000).await;
+    assert_eq!(code, 201, "{body}");
+}
+
+/// `auto` with GPU 1 lost at start-up picks NVML (both devices, GPU 0 read) rather than falling
+/// through to no GPU.
+#[tokio::test]
+async fn auto_picks_nvml_with_one_gpu_lost_at_start_up() {
+    let daemon = start("auto", Variant::Full, |_| gpu_1_lost(), |_| String::new());
+    let status = daemon.wait_for_status(DEADLINE, "GPU 0 read", |s| device(s, 0)["used_mib"] == 300).await;
+    assert_eq!(status["probe"], "nvml", "{status:#}");
+    assert_eq!(status["devices"].as_array().map(Vec::len), Some(2), "{status:#}");
+    assert!(device(&status, 1)["error"].is_string(), "{status:#}");
+    assert!(!status["degraded_reasons"].to_string().contains("no GPU found"), "{status:#}");
+}
+
+/// A GPU that answers again only once NVML is re-initialised (`until_init`): the probe shuts NVML
+/// down and initialises it again, and the device's readings come back.
+#[tokio::test]
+async fn a_gpu_that_needs_nvml_reinitialised_comes_back() {
+    let daemon =
+        start("nvml", Variant::Full, |_| State { devices: two_devices(), ..State::default() }, |_| String::new());
+    daemon.wait_for_status(DEADLINE, "both devices read", |s| device(s, 1)["used_mib"] == 300).await;
+    // Lost from now until the next nvmlInit, with a figure that only a read after it can show.
+    let mut lost = State {
+        devices: two_devices(),
+        errors: vec![error("nvmlDeviceGetMemoryInfo_v2", Some(1), code::GPU_IS_LOST, When::UntilInit)],
+        ..State::default()
+    };
+    lost.devices[1].used_mib = 1234;
+    lost.write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "GPU 1 read again after a re-initialisation", |s| {
+            device(s, 1)["used_mib"] == 1234 && device(s, 1)["error"].is_null()
+        })
+        .await;
+    assert_eq!(device(&status, 0)["used_mib"], 300, "{status:#}");
+    assert!(daemon.log().contains("NVML re-initialised"), "{}", daemon.log());
+}
