@@ -8,13 +8,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::Daemon;
 use common::nvml::{self, Device, InjectedError, State, Variant, When, code};
+use common::release::PidGuard;
+use common::{Daemon, fake_model, model_in, never_within};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+
+const SECOND: Duration = Duration::from_secs(1);
 
 /// The stand-in's directory of a daemon's temp dir (beside its sim dir, which `sim` is).
 fn standin_dir(sim: &Path) -> PathBuf {
@@ -141,4 +144,68 @@ async fn a_gpu_that_needs_nvml_reinitialised_comes_back() {
         .await;
     assert_eq!(device(&status, 0)["used_mib"], 300, "{status:#}");
     assert!(daemon.log().contains("NVML re-initialised"), "{}", daemon.log());
+}
+
+/// Polls without blocking the runtime (the unload under test runs on it) until `pid` is gone.
+async fn wait_pid_gone(pid: u32, deadline: Duration) {
+    let end = Instant::now() + deadline;
+    while vramgate::gpu::pid_is_alive(pid) {
+        assert!(Instant::now() < end, "pid {pid} still alive after {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// One 10000 MiB device whose processes are the fake model servers' claims.
+fn claimed(sim: &Path) -> State {
+    State {
+        devices: vec![Device::new("NVIDIA Stand-in 10G", 10000, 0)],
+        claims: Some(sim.to_path_buf()),
+        ..State::default()
+    }
+}
+
+/// NO_PERMISSION on both process-list calls: unload stays `unloading` after the server exited,
+/// with a warning, until a readable list shows its pid gone.
+#[tokio::test]
+async fn an_unreadable_process_list_holds_a_release_until_a_readable_list_shows_it_gone() {
+    let daemon =
+        start("nvml", Variant::Full, claimed, |sim| fake_model(sim, "a", 1000, "", "release_timeout = \"60s\""));
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid") as u32;
+    let _guard = PidGuard::new(pid);
+    let mut refused = claimed(&Daemon::sim_dir_for(&daemon.dir));
+    refused.errors = ["nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3"]
+        .into_iter()
+        .map(|f| error(f, None, code::NO_PERMISSION, When::Always))
+        .collect();
+    refused.write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "the list reported unreadable", |s| {
+            device(s, 0)["processes_unavailable"].as_str().is_some_and(|r| r.contains("permission"))
+        })
+        .await;
+    assert_eq!(device(&status, 0)["used_mib"], 1000, "the memory is in use: {status:#}");
+
+    let unload = tokio::spawn({
+        let url = daemon.url.clone();
+        async move {
+            let response = common::http::client()
+                .post(format!("{url}/vramgate/models/a/unload"))
+                .timeout(30 * SECOND)
+                .send()
+                .await
+                .expect("unload");
+            (response.status().as_u16(), response.json::<Value>().await.expect("JSON"), Instant::now())
+        }
+    });
+    wait_pid_gone(pid, DEADLINE).await;
+    let unloaded = |s: &Value| model_in(s, "a")["state"] == "unloaded";
+    never_within(&daemon, SECOND, "released while the process list was unreadable", unloaded).await;
+    assert!(daemon.log().contains("cannot read the GPU process list during release"), "{}", daemon.log());
+    let readable_again = Instant::now();
+    claimed(&Daemon::sim_dir_for(&daemon.dir)).write_to(&dir_of(&daemon));
+    let (code, body, returned) = unload.await.expect("the unload task");
+    assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")), "{body}");
+    assert!(returned >= readable_again, "unloaded before a readable list showed the pid gone");
 }
