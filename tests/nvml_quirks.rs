@@ -209,3 +209,23 @@ async fn an_unreadable_process_list_holds_a_release_until_a_readable_list_shows_
     assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")), "{body}");
     assert!(returned >= readable_again, "unloaded before a readable list showed the pid gone");
 }
+
+/// `nvmlMemory_v2_t` with 600 MiB reserved: used is 900, not 300, and a lease that fits only if
+/// the reservation is ignored is refused.
+#[tokio::test]
+async fn reserved_memory_is_counted_as_used() {
+    let state = |_: &Path| State {
+        devices: vec![Device { reserved_mib: 600, free_mib: Some(7292), ..Device::new("NVIDIA Reserved", 8192, 300) }],
+        ..State::default()
+    };
+    let daemon = start("nvml", Variant::Full, state, |_| String::new());
+    let status = daemon.wait_for_status(DEADLINE, "the device read", |s| device(s, 0)["total_mib"] == 8192).await;
+    assert_eq!(
+        (device(&status, 0)["used_mib"].as_u64(), device(&status, 0)["free_mib"].as_u64()),
+        (Some(900), Some(7292))
+    );
+    let (code, body) = lease_now(&daemon, 0, 7380).await;
+    assert_ne!(code, 201, "granted 7380 MiB with 7292 free: {body}");
+    let (code, body) = lease_now(&daemon, 0, 7292).await;
+    assert_eq!(code, 201, "{body}");
+}
