@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::nvml::{self, Device, InjectedError, State, Variant, When, code};
+use common::nvml::{self, Device, InjectedError, List, Process, State, Variant, When, code};
 use common::release::PidGuard;
 use common::{Daemon, fake_model, model_in, never_within};
 use serde_json::Value;
@@ -50,10 +50,23 @@ fn error(function: &str, device: Option<u32>, code: u32, when: When) -> Injected
     InjectedError { function: function.into(), device, code, when }
 }
 
+fn process(pid: u32, used_mib: Option<u64>) -> Process {
+    Process { device: 0, list: List::Compute, pid, used_mib, late: false }
+}
+
+/// The entry of `pid` on device `index`, if listed.
+fn listed(status: &Value, index: usize, pid: u64) -> Option<&Value> {
+    device(status, index)["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
+}
+
 /// Asks for a memory lease of `mib` on `device` that does not wait; the code and the body.
 async fn lease_now(daemon: &Daemon, device: u32, mib: u64) -> (u16, Value) {
     let body = serde_json::json!({"holder": "job", "vram": format!("{mib}MiB"), "device": device, "wait": "0"});
     daemon.post("/vramgate/leases", body).await
+}
+
+async fn metrics(daemon: &Daemon) -> String {
+    common::http::get(format!("{}/metrics", daemon.url)).await.expect("GET /metrics").text().await.expect("text")
 }
 
 /// Two 8 GiB devices, 300 MiB used on each.
@@ -228,4 +241,36 @@ async fn reserved_memory_is_counted_as_used() {
     assert_ne!(code, 201, "granted 7380 MiB with 7292 free: {body}");
     let (code, body) = lease_now(&daemon, 0, 7292).await;
     assert_eq!(code, 201, "{body}");
+}
+
+/// The model server's pid listed with `na`: `null` in status, absent from `/metrics`, the model
+/// counted once at its size with a warning, and nothing measured.
+#[tokio::test]
+async fn a_model_process_without_a_figure_is_null_absent_from_metrics_and_counted_once() {
+    let one = |used| State { devices: vec![Device::new("NVIDIA Stand-in 10G", 10000, used)], ..State::default() };
+    // Pinned: a lease that does not fit must be refused, not make room by evicting it.
+    let daemon = start("nvml", Variant::Full, |_| one(0), |sim| fake_model(sim, "a", 3000, "", "pinned = true"));
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid");
+    let _guard = PidGuard::new(pid as u32);
+    let mut blind = one(3000);
+    blind.processes = vec![process(pid as u32, None)];
+    blind.write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "the model's process listed without a figure", |s| {
+            listed(s, 0, pid).is_some_and(|p| p["used_mib"].is_null() && p["model"] == "a")
+        })
+        .await;
+    assert_eq!(device(&status, 0)["used_mib"], 3000, "{status:#}");
+    let warnings = device(&status, 0)["warnings"].to_string();
+    assert!(warnings.contains(&format!("pid {pid} of model a: no memory figure")), "{warnings}");
+    assert!(model_in(&status, "a")["measured_mib"].is_null(), "nothing measured: {status:#}");
+    let text = metrics(&daemon).await;
+    assert!(text.contains("vramgate_device_used_bytes"), "{text}");
+    assert!(!text.contains(&format!("pid=\"{pid}\"")), "a sample for a process without a figure: {text}");
+    // Counted once: 10000 − 3000 leaves 7000, not 4000.
+    let (code, body) = lease_now(&daemon, 0, 7000).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(daemon.model("a").await["state"], "ready");
 }
