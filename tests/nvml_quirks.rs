@@ -274,3 +274,42 @@ async fn a_model_process_without_a_figure_is_null_absent_from_metrics_and_counte
     assert_eq!(code, 201, "{body}");
     assert_eq!(daemon.model("a").await["state"], "ready");
 }
+
+/// The driver keeps listing a's pid (and its memory) after a exited and `release_timeout` passed:
+/// b, which needs a's memory, waits until a reading shows it gone.
+#[tokio::test]
+async fn memory_not_back_after_release_timeout_holds_the_next_load_until_a_reading_shows_it_gone() {
+    let daemon = start("nvml", Variant::Full, claimed, |sim| {
+        [fake_model(sim, "a", 6000, "", "release_timeout = \"100ms\""), fake_model(sim, "b", 6000, "", "")].concat()
+    });
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid") as u32;
+    let _guard = PidGuard::new(pid);
+    daemon.wait_for_status(DEADLINE, "a's server listed", |s| listed(s, 0, u64::from(pid)).is_some()).await;
+    // From now on the driver lists a's pid with its 6000 MiB whatever happens to the process.
+    let mut stuck = State { devices: vec![Device::new("NVIDIA Stand-in 10G", 10000, 6000)], ..State::default() };
+    stuck.processes = vec![process(pid, Some(6000))];
+    stuck.write_to(&dir_of(&daemon));
+    let load_b = tokio::spawn({
+        let url = daemon.url.clone();
+        async move {
+            let response = common::http::client()
+                .post(format!("{url}/vramgate/models/b/load"))
+                .timeout(30 * SECOND)
+                .send()
+                .await
+                .expect("load b");
+            response.status().as_u16()
+        }
+    });
+    wait_pid_gone(pid, DEADLINE).await;
+    daemon
+        .wait_for_status(DEADLINE, "a unloaded after its release_timeout", |s| model_in(s, "a")["state"] == "unloaded")
+        .await;
+    let started = |s: &Value| matches!(model_in(s, "b")["state"].as_str(), Some("loading" | "ready"));
+    never_within(&daemon, SECOND, "b started while the driver still showed a's memory", started).await;
+    // The driver shows a's memory back: b starts.
+    claimed(&Daemon::sim_dir_for(&daemon.dir)).write_to(&dir_of(&daemon));
+    assert_eq!(load_b.await.expect("the load task"), 200);
+}
