@@ -313,3 +313,33 @@ async fn memory_not_back_after_release_timeout_holds_the_next_load_until_a_readi
     claimed(&Daemon::sim_dir_for(&daemon.dir)).write_to(&dir_of(&daemon));
     assert_eq!(load_b.await.expect("the load task"), 200);
 }
+
+/// A list that grew by more than nvml-wrapper's headroom of 5 between the count and the fill
+/// (INSUFFICIENT_SIZE) once: it is read after a retry, every process in status.
+#[tokio::test]
+async fn a_process_list_that_grew_between_count_and_fill_is_read_after_a_retry() {
+    let pids: Vec<u32> = (0..7).map(|i| 70_000 + i).collect();
+    let daemon = Daemon::start(|sim| {
+        let dir = standin_dir(sim);
+        let library = nvml::link_into(&dir, Variant::Full);
+        let state = State {
+            devices: vec![Device::new("NVIDIA Busy", 10000, 700)],
+            processes: vec![process(pids[0], Some(100))],
+            ..State::default()
+        };
+        let late: String = pids[1..].iter().map(|pid| format!("process 0 compute {pid} 100MiB late_once\n")).collect();
+        state.write_with(&dir, &late);
+        let no_amd = sim.parent().expect("temp dir").join("no-amd");
+        std::fs::create_dir_all(&no_amd).expect("create the empty sysfs root");
+        nvml::config("nvml", &library, "20ms", &no_amd)
+    });
+    let status = daemon.wait_for_status(DEADLINE, "the device read", |s| device(s, 0)["total_mib"] == 10000).await;
+    assert!(device(&status, 0)["processes_unavailable"].is_null(), "{status:#}");
+    let listed: Vec<u64> = device(&status, 0)["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .collect();
+    assert_eq!(listed, pids.iter().map(|&p| u64::from(p)).collect::<Vec<_>>(), "{status:#}");
+}
