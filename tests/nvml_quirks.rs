@@ -343,3 +343,32 @@ async fn a_process_list_that_grew_between_count_and_fill_is_read_after_a_retry()
         .collect();
     assert_eq!(listed, pids.iter().map(|&p| u64::from(p)).collect::<Vec<_>>(), "{status:#}");
 }
+
+/// Utilization and temperature NVML cannot give (NOT_SUPPORTED): `null` in status and no sample
+/// in `/metrics`, never 0; the device that has them exports them.
+#[tokio::test]
+async fn unknown_utilization_and_temperature_are_null_and_absent_from_metrics() {
+    let state = |_: &Path| State {
+        devices: vec![
+            Device { utilization_pct: Some(12), temperature_c: Some(41), ..Device::new("NVIDIA Known", 8192, 0) },
+            Device { utilization_pct: None, temperature_c: None, ..Device::new("NVIDIA Unknown", 8192, 0) },
+        ],
+        ..State::default()
+    };
+    let daemon = start("nvml", Variant::Full, state, |_| String::new());
+    let status = daemon.wait_for_status(DEADLINE, "both devices", |s| device(s, 1)["total_mib"] == 8192).await;
+    assert_eq!(
+        (device(&status, 0)["utilization_pct"].as_u64(), device(&status, 0)["temperature_c"].as_i64()),
+        (Some(12), Some(41))
+    );
+    assert!(
+        device(&status, 1)["utilization_pct"].is_null() && device(&status, 1)["temperature_c"].is_null(),
+        "{status:#}"
+    );
+    let text = metrics(&daemon).await;
+    for metric in ["vramgate_device_utilization_percent", "vramgate_device_temperature_celsius"] {
+        let samples: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{metric}{{"))).collect();
+        assert_eq!(samples.len(), 1, "{metric} only for the device that has it: {text}");
+        assert!(samples[0].contains("device=\"0\""), "{samples:?}");
+    }
+}
