@@ -372,3 +372,50 @@ async fn unknown_utilization_and_temperature_are_null_and_absent_from_metrics() 
         assert!(samples[0].contains("device=\"0\""), "{samples:?}");
     }
 }
+
+/// What both older-driver tests check: the device's figures and its processes (both lists), with
+/// figures.
+async fn reads_like_the_full_library(daemon: &Daemon, used_mib: u64) {
+    let me = u64::from(std::process::id());
+    let status = daemon.wait_for_status(DEADLINE, "the device and its process", |s| listed(s, 0, me).is_some()).await;
+    assert!(device(&status, 0)["error"].is_null(), "{status:#}");
+    assert!(device(&status, 0)["processes_unavailable"].is_null(), "{status:#}");
+    assert_eq!(device(&status, 0)["used_mib"].as_u64(), Some(used_mib), "{status:#}");
+    assert_eq!(device(&status, 0)["free_mib"], 7292, "{status:#}");
+    assert_eq!(listed(&status, 0, me).expect("listed")["used_mib"], 250, "{status:#}");
+    let parent = u64::from(std::os::unix::process::parent_id());
+    assert_eq!(listed(&status, 0, parent).expect("the graphics process")["used_mib"], 50, "{status:#}");
+    assert_eq!(status["degraded"], false, "{status:#}");
+}
+
+/// 300 MiB used, 600 reserved, 7292 free, the test's own pid on the compute list and its
+/// parent's on the graphics list.
+fn older_driver_state(_: &Path) -> State {
+    State {
+        devices: vec![Device {
+            reserved_mib: 600,
+            free_mib: Some(7292),
+            ..Device::new("NVIDIA Older Driver", 8192, 300)
+        }],
+        processes: vec![
+            process(std::process::id(), Some(250)),
+            Process { list: List::Graphics, ..process(std::os::unix::process::parent_id(), Some(50)) },
+        ],
+        ..State::default()
+    }
+}
+
+/// A driver without `nvmlDeviceGetMemoryInfo_v2`: memory from the v1 call (whose used includes
+/// the reservation), processes as with the full library.
+#[tokio::test]
+async fn without_memory_v2_the_v1_memory_call_is_used() {
+    let daemon = start("nvml", Variant::WithoutMemoryV2, older_driver_state, |_| String::new());
+    reads_like_the_full_library(&daemon, 900).await;
+}
+
+/// A driver without the `_v3` process calls: the lists come from `_v2`.
+#[tokio::test]
+async fn without_v3_process_calls_the_v2_lists_are_used() {
+    let daemon = start("nvml", Variant::WithoutV3, older_driver_state, |_| String::new());
+    reads_like_the_full_library(&daemon, 900).await;
+}

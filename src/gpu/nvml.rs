@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
-use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::error::{NvmlError, nvml_try};
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::{Device, Nvml};
 
@@ -240,7 +240,7 @@ fn init(library: &Path) -> Result<Nvml, ProbeError> {
 fn read(nvml: &Nvml, index: u32, name: &str) -> Result<RawDevice, ProbeError> {
     let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
     let device = nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
-    let memory = memory(&device).map_err(|e| fail("memory", e))?;
+    let memory = memory(nvml, &device).map_err(|e| fail("memory", e))?;
     Ok(RawDevice {
         name: name.to_string(),
         total_bytes: memory.total,
@@ -263,19 +263,53 @@ struct Memory {
     free: u64,
 }
 
-/// `nvmlDeviceGetMemoryInfo_v2`.
-fn memory(device: &Device) -> Result<Memory, NvmlError> {
-    device.memory_info().map(|m| Memory { total: m.total, used: m.used, reserved: m.reserved, free: m.free })
+/// `nvmlDeviceGetMemoryInfo_v2` where the driver exports it (drivers from 510 on), else the v1
+/// `nvmlDeviceGetMemoryInfo`, which every driver has.
+fn memory(nvml: &Nvml, device: &Device) -> Result<Memory, NvmlError> {
+    match device.memory_info() {
+        Ok(m) => Ok(Memory { total: m.total, used: m.used, reserved: m.reserved, free: m.free }),
+        Err(NvmlError::FailedToLoadSymbol(_)) => memory_v1(nvml, device),
+        Err(e) => Err(e),
+    }
 }
 
-/// The compute processes (`_v3`).
+/// nvml.h's `nvmlMemory_t` (v1): total, free, used, in that order.
+#[repr(C)]
+struct MemoryV1 {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+/// The v1 memory call, through the library's raw symbol (nvml-wrapper only calls v2). v1 has no
+/// `reserved` figure: real drivers count the reservation in its `used` (which is why v2 split it
+/// out), so reserved is 0 here and nothing is left uncounted.
+fn memory_v1(nvml: &Nvml, device: &Device) -> Result<Memory, NvmlError> {
+    let call = nvml.lib().nvmlDeviceGetMemoryInfo.as_ref().map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    let mut figures = MemoryV1 { total: 0, free: 0, used: 0 };
+    // SAFETY: `call` is the library's `nvmlDeviceGetMemoryInfo` with nvml.h's signature (as
+    // nvml-wrapper-sys binds it), the handle comes from this NVML, still initialised, and
+    // `figures` has `nvmlMemory_t`'s layout and outlives the call.
+    let code = unsafe { call(device.handle(), (&raw mut figures).cast()) };
+    nvml_try(code)?;
+    Ok(Memory { total: figures.total, used: figures.used, reserved: 0, free: figures.free })
+}
+
+/// The compute processes: `_v3` where the driver exports it, else `_v2` (drivers before 510;
+/// the same figures in an older struct).
 fn compute_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
-    device.running_compute_processes()
+    match device.running_compute_processes() {
+        Err(NvmlError::FailedToLoadSymbol(_)) => device.running_compute_processes_v2(),
+        other => other,
+    }
 }
 
-/// The graphics processes (`_v3`).
+/// The graphics processes, `_v3` else `_v2`, as [`compute_processes`].
 fn graphics_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
-    device.running_graphics_processes()
+    match device.running_graphics_processes() {
+        Err(NvmlError::FailedToLoadSymbol(_)) => device.running_graphics_processes_v2(),
+        other => other,
+    }
 }
 
 /// Why NVML did not start, naming the library tried. A library that cannot be loaded at all gets
