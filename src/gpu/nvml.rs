@@ -140,14 +140,28 @@ pub fn device_names(count: u32, name_of: impl Fn(u32) -> Result<String, String>)
     Ok(answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|_| format!("NVIDIA GPU {i}"))).collect())
 }
 
-/// How often, at most, NVML is shut down and initialised again while a device cannot be read. A
+/// How soon after a re-initialisation another may follow while a device still cannot be read. A
 /// GPU that fell off the bus may answer again only through a fresh NVML (its handles are stale
-/// until then); re-initialising costs a library init, so it is not done on every sample.
-pub const REINIT_EVERY: Duration = Duration::from_secs(5);
+/// until then); but an init costs time (seconds on a machine without persistence mode, inside a
+/// sample), so the wait doubles with each re-initialisation that did not bring every device back,
+/// up to [`REINIT_MAX_WAIT`], and starts over once every device answers.
+pub const REINIT_FIRST_WAIT: Duration = Duration::from_secs(5);
 
-/// Whether a re-initialisation is due: never tried, or the last try is [`REINIT_EVERY`] old.
-pub fn reinit_due(last_try: Option<Instant>, now: Instant) -> bool {
-    last_try.is_none_or(|last| now.saturating_duration_since(last) >= REINIT_EVERY)
+/// The longest wait between re-initialisations while a device stays lost.
+pub const REINIT_MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The wait after `unanswered` re-initialisations in a row that left a device failing:
+/// [`REINIT_FIRST_WAIT`] doubled each time, at most [`REINIT_MAX_WAIT`].
+pub fn reinit_wait(unanswered: u32) -> Duration {
+    REINIT_FIRST_WAIT
+        .saturating_mul(1u32.checked_shl(unanswered.saturating_sub(1)).unwrap_or(u32::MAX))
+        .min(REINIT_MAX_WAIT)
+}
+
+/// Whether a re-initialisation is due: none since the devices last all answered, or the last one
+/// (`last_try`, after `unanswered` in a row) is [`reinit_wait`] old.
+pub fn reinit_due(last_try: Option<Instant>, unanswered: u32, now: Instant) -> bool {
+    last_try.is_none_or(|last| now.saturating_duration_since(last) >= reinit_wait(unanswered))
 }
 
 /// The probe over a loaded NVML.
@@ -157,8 +171,11 @@ pub struct NvmlProbe {
     nvml: Option<Nvml>,
     library: PathBuf,
     names: Vec<String>,
-    /// When NVML was last re-initialised (tried), bounding how often that happens.
+    /// When NVML was last re-initialised (tried) since every device last answered, and how many
+    /// re-initialisations in a row left a device failing: together they bound how often it
+    /// happens.
     last_reinit: Option<Instant>,
+    unanswered_reinits: u32,
     /// Why the last re-initialisation failed, reported as each device's failure meanwhile.
     reinit_error: Option<String>,
 }
@@ -176,7 +193,14 @@ impl NvmlProbe {
         // A device that does not answer now (lost) is named by its index and read, and fails,
         // alone with each sample; the probe starts with the others.
         let names = device_names(count, |i| nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| e.to_string()))?;
-        Ok(NvmlProbe { nvml: Some(nvml), library: library.to_path_buf(), names, last_reinit: None, reinit_error: None })
+        Ok(NvmlProbe {
+            nvml: Some(nvml),
+            library: library.to_path_buf(),
+            names,
+            last_reinit: None,
+            unanswered_reinits: 0,
+            reinit_error: None,
+        })
     }
 
     /// Reads every device, each on its own: one that fails (GPU_IS_LOST) is reported failed, the
@@ -394,12 +418,21 @@ impl Probe for NvmlProbe {
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
         let snapshots = self.read_all();
+        if snapshots.iter().all(|s| s.failed.is_none()) {
+            self.last_reinit = None;
+            self.unanswered_reinits = 0;
+            return Ok(snapshots);
+        }
         // A device that cannot be read may answer again only through a fresh NVML (a GPU that
-        // fell off the bus and came back): re-initialise, at most every REINIT_EVERY, and read
-        // again at once so a recovery shows in this sample.
-        if snapshots.iter().any(|s| s.failed.is_some()) && reinit_due(self.last_reinit, Instant::now()) {
-            self.reinit();
-            return Ok(self.read_all());
+        // fell off the bus and came back): re-initialise, with a growing wait between tries
+        // (`reinit_wait`), and read again at once so a recovery shows in this sample.
+        if !reinit_due(self.last_reinit, self.unanswered_reinits, Instant::now()) {
+            return Ok(snapshots);
+        }
+        self.reinit();
+        let snapshots = self.read_all();
+        if snapshots.iter().any(|s| s.failed.is_some()) {
+            self.unanswered_reinits = self.unanswered_reinits.saturating_add(1);
         }
         Ok(snapshots)
     }
@@ -589,13 +622,22 @@ mod tests {
         assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
     }
 
+    /// Re-initialisation: at once on the first failure, then after a wait that doubles with each
+    /// try that did not bring every device back, up to the cap.
     #[test]
-    fn reinit_is_bounded() {
+    fn reinit_is_bounded_and_backs_off() {
         let now = Instant::now();
-        assert!(reinit_due(None, now), "the first failure re-initialises at once");
-        assert!(!reinit_due(Some(now), now + REINIT_EVERY - Duration::from_millis(1)));
-        assert!(reinit_due(Some(now), now + REINIT_EVERY));
-        assert!(!reinit_due(Some(now + Duration::from_secs(1)), now), "a clock that went back waits");
+        assert!(reinit_due(None, 0, now), "the first failure re-initialises at once");
+        assert_eq!(reinit_wait(1), REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(2), 2 * REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(3), 4 * REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(40), REINIT_MAX_WAIT, "capped, no overflow");
+        assert_eq!(reinit_wait(u32::MAX), REINIT_MAX_WAIT);
+        assert!(!reinit_due(Some(now), 1, now + REINIT_FIRST_WAIT - Duration::from_millis(1)));
+        assert!(reinit_due(Some(now), 1, now + REINIT_FIRST_WAIT));
+        assert!(!reinit_due(Some(now), 2, now + REINIT_FIRST_WAIT), "the second wait is longer");
+        assert!(reinit_due(Some(now), 2, now + 2 * REINIT_FIRST_WAIT));
+        assert!(!reinit_due(Some(now + Duration::from_secs(1)), 1, now), "a clock that went back waits");
     }
 
     /// At start-up one device that does not answer leaves the others usable; none answering is
