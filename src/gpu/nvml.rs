@@ -4,13 +4,14 @@
 //! without NVIDIA's driver and `auto` can fall through. The NVML calls live in [`NvmlProbe::read`];
 //! everything after them is the pure [`assemble`], which is what CI (no GPU) tests on fakes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
-use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::error::{NvmlError, nvml_try};
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::{Device, Nvml};
 
 use crate::config::NvmlConfig;
 
@@ -139,10 +140,44 @@ pub fn device_names(count: u32, name_of: impl Fn(u32) -> Result<String, String>)
     Ok(answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|_| format!("NVIDIA GPU {i}"))).collect())
 }
 
+/// How soon after a re-initialisation another may follow while a device still cannot be read. A
+/// GPU that fell off the bus may answer again only through a fresh NVML (its handles are stale
+/// until then); but an init costs time (seconds on a machine without persistence mode, inside a
+/// sample), so the wait doubles with each re-initialisation that did not bring every device back,
+/// up to [`REINIT_MAX_WAIT`], and starts over once every device answers.
+pub const REINIT_FIRST_WAIT: Duration = Duration::from_secs(5);
+
+/// The longest wait between re-initialisations while a device stays lost.
+pub const REINIT_MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The wait after `unanswered` re-initialisations in a row that left a device failing:
+/// [`REINIT_FIRST_WAIT`] doubled each time, at most [`REINIT_MAX_WAIT`].
+pub fn reinit_wait(unanswered: u32) -> Duration {
+    REINIT_FIRST_WAIT
+        .saturating_mul(1u32.checked_shl(unanswered.saturating_sub(1)).unwrap_or(u32::MAX))
+        .min(REINIT_MAX_WAIT)
+}
+
+/// Whether a re-initialisation is due: none since the devices last all answered, or the last one
+/// (`last_try`, after `unanswered` in a row) is [`reinit_wait`] old.
+pub fn reinit_due(last_try: Option<Instant>, unanswered: u32, now: Instant) -> bool {
+    last_try.is_none_or(|last| now.saturating_duration_since(last) >= reinit_wait(unanswered))
+}
+
 /// The probe over a loaded NVML.
 pub struct NvmlProbe {
-    nvml: Nvml,
+    /// `None` only after a re-initialisation whose init failed: every device is then failed until
+    /// a later one succeeds.
+    nvml: Option<Nvml>,
+    library: PathBuf,
     names: Vec<String>,
+    /// When NVML was last re-initialised (tried) since every device last answered, and how many
+    /// re-initialisations in a row left a device failing: together they bound how often it
+    /// happens.
+    last_reinit: Option<Instant>,
+    unanswered_reinits: u32,
+    /// Why the last re-initialisation failed, reported as each device's failure meanwhile.
+    reinit_error: Option<String>,
 }
 
 impl NvmlProbe {
@@ -150,7 +185,7 @@ impl NvmlProbe {
     /// missing or lists no device.
     pub fn open(config: &NvmlConfig) -> Result<NvmlProbe, ProbeError> {
         let library = config.library();
-        let nvml = Nvml::builder().lib_path(library.as_os_str()).init().map_err(|e| init_error(library, e))?;
+        let nvml = init(library)?;
         let count = nvml.device_count().map_err(|e| ProbeError(format!("NVML device count: {e}")))?;
         if count == 0 {
             return Err(ProbeError("NVML loaded but lists no device".into()));
@@ -158,26 +193,146 @@ impl NvmlProbe {
         // A device that does not answer now (lost) is named by its index and read, and fails,
         // alone with each sample; the probe starts with the others.
         let names = device_names(count, |i| nvml.device_by_index(i).and_then(|d| d.name()).map_err(|e| e.to_string()))?;
-        Ok(NvmlProbe { nvml, names })
+        Ok(NvmlProbe {
+            nvml: Some(nvml),
+            library: library.to_path_buf(),
+            names,
+            last_reinit: None,
+            unanswered_reinits: 0,
+            reinit_error: None,
+        })
     }
 
-    /// The NVML calls for one device. Temperature and utilization are optional extras (some
-    /// devices refuse them); memory is not.
-    fn read(&self, index: u32) -> Result<RawDevice, ProbeError> {
-        let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
-        let device = self.nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
-        let memory = device.memory_info().map_err(|e| fail("memory", e))?;
-        Ok(RawDevice {
-            name: self.names.get(index as usize).cloned().unwrap_or_default(),
-            total_bytes: memory.total,
-            used_bytes: memory.used,
-            reserved_bytes: memory.reserved,
-            free_bytes: memory.free,
-            utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
-            temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute: process_list(retry_grown_list(|| device.running_compute_processes())),
-            graphics: process_list(retry_grown_list(|| device.running_graphics_processes())),
-        })
+    /// Reads every device, each on its own: one that fails (GPU_IS_LOST) is reported failed, the
+    /// others read.
+    fn read_all(&self) -> Vec<DeviceSnapshot> {
+        (0..self.names.len() as u32)
+            .map(|index| {
+                let name = self.names.get(index as usize).cloned().unwrap_or_default();
+                let read = match &self.nvml {
+                    Some(nvml) => read(nvml, index, &name),
+                    None => Err(ProbeError(format!(
+                        "NVML device {index}: NVML re-initialisation failed: {}",
+                        self.reinit_error.as_deref().unwrap_or("unknown")
+                    ))),
+                };
+                match read {
+                    Ok(raw) => assemble(index, raw, process_name),
+                    Err(e) => DeviceSnapshot::failed(index, name, e.0),
+                }
+            })
+            .collect()
+    }
+
+    /// Shuts NVML down and initialises it again (a real driver keeps its state while any init is
+    /// outstanding, so the old one goes first). A device that was named by its index at start-up
+    /// gets its name if it answers now. The device count is kept: devices are known by index for
+    /// the daemon's life.
+    fn reinit(&mut self) {
+        self.last_reinit = Some(Instant::now());
+        if let Some(old) = self.nvml.take()
+            && let Err(e) = old.shutdown()
+        {
+            tracing::debug!("NVML shutdown before re-initialisation: {e}");
+        }
+        match init(&self.library) {
+            Ok(nvml) => {
+                for (index, name) in self.names.iter_mut().enumerate() {
+                    if let Ok(answered) = nvml.device_by_index(index as u32).and_then(|d| d.name()) {
+                        *name = answered;
+                    }
+                }
+                tracing::info!("NVML re-initialised after a device could not be read");
+                self.nvml = Some(nvml);
+                self.reinit_error = None;
+            }
+            Err(e) => {
+                tracing::warn!("NVML re-initialisation failed: {e}");
+                self.reinit_error = Some(e.0);
+            }
+        }
+    }
+}
+
+/// Loads and initialises the NVML library at `library`.
+fn init(library: &Path) -> Result<Nvml, ProbeError> {
+    Nvml::builder().lib_path(library.as_os_str()).init().map_err(|e| init_error(library, e))
+}
+
+/// The NVML calls for one device. Temperature and utilization are optional extras (some devices
+/// refuse them); memory is not.
+fn read(nvml: &Nvml, index: u32, name: &str) -> Result<RawDevice, ProbeError> {
+    let fail = |what: &str, e: NvmlError| ProbeError(format!("NVML device {index} {what}: {e}"));
+    let device = nvml.device_by_index(index).map_err(|e| fail("handle", e))?;
+    let memory = memory(nvml, &device).map_err(|e| fail("memory", e))?;
+    Ok(RawDevice {
+        name: name.to_string(),
+        total_bytes: memory.total,
+        used_bytes: memory.used,
+        reserved_bytes: memory.reserved,
+        free_bytes: memory.free,
+        utilization_pct: device.utilization_rates().ok().map(|u| u.gpu),
+        temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+        compute: process_list(retry_grown_list(|| compute_processes(&device))),
+        graphics: process_list(retry_grown_list(|| graphics_processes(&device))),
+    })
+}
+
+/// A device's memory figures, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memory {
+    total: u64,
+    used: u64,
+    reserved: u64,
+    free: u64,
+}
+
+/// `nvmlDeviceGetMemoryInfo_v2` where the driver exports it (drivers from 510 on), else the v1
+/// `nvmlDeviceGetMemoryInfo`, which every driver has.
+fn memory(nvml: &Nvml, device: &Device) -> Result<Memory, NvmlError> {
+    match device.memory_info() {
+        Ok(m) => Ok(Memory { total: m.total, used: m.used, reserved: m.reserved, free: m.free }),
+        Err(NvmlError::FailedToLoadSymbol(_)) => memory_v1(nvml, device),
+        Err(e) => Err(e),
+    }
+}
+
+/// nvml.h's `nvmlMemory_t` (v1): total, free, used, in that order.
+#[repr(C)]
+struct MemoryV1 {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+/// The v1 memory call, through the library's raw symbol (nvml-wrapper only calls v2). v1 has no
+/// `reserved` figure: real drivers count the reservation in its `used` (which is why v2 split it
+/// out), so reserved is 0 here and nothing is left uncounted.
+fn memory_v1(nvml: &Nvml, device: &Device) -> Result<Memory, NvmlError> {
+    let call = nvml.lib().nvmlDeviceGetMemoryInfo.as_ref().map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
+    let mut figures = MemoryV1 { total: 0, free: 0, used: 0 };
+    // SAFETY: `call` is the library's `nvmlDeviceGetMemoryInfo` with nvml.h's signature (as
+    // nvml-wrapper-sys binds it), the handle comes from this NVML, still initialised, and
+    // `figures` has `nvmlMemory_t`'s layout and outlives the call.
+    let code = unsafe { call(device.handle(), (&raw mut figures).cast()) };
+    nvml_try(code)?;
+    Ok(Memory { total: figures.total, used: figures.used, reserved: 0, free: figures.free })
+}
+
+/// The compute processes: `_v3` where the driver exports it, else `_v2` (drivers before 510;
+/// the same figures in an older struct).
+fn compute_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
+    match device.running_compute_processes() {
+        Err(NvmlError::FailedToLoadSymbol(_)) => device.running_compute_processes_v2(),
+        other => other,
+    }
+}
+
+/// The graphics processes, `_v3` else `_v2`, as [`compute_processes`].
+fn graphics_processes(device: &Device) -> Result<Vec<ProcessInfo>, NvmlError> {
+    match device.running_graphics_processes() {
+        Err(NvmlError::FailedToLoadSymbol(_)) => device.running_graphics_processes_v2(),
+        other => other,
     }
 }
 
@@ -262,15 +417,24 @@ impl Probe for NvmlProbe {
     }
 
     fn sample(&mut self) -> Result<Vec<DeviceSnapshot>, ProbeError> {
-        // Each device on its own: one that fails (GPU_IS_LOST) is reported failed, the others read.
-        Ok((0..self.names.len() as u32)
-            .map(|index| match self.read(index) {
-                Ok(raw) => assemble(index, raw, process_name),
-                Err(e) => {
-                    DeviceSnapshot::failed(index, self.names.get(index as usize).cloned().unwrap_or_default(), e.0)
-                }
-            })
-            .collect())
+        let snapshots = self.read_all();
+        if snapshots.iter().all(|s| s.failed.is_none()) {
+            self.last_reinit = None;
+            self.unanswered_reinits = 0;
+            return Ok(snapshots);
+        }
+        // A device that cannot be read may answer again only through a fresh NVML (a GPU that
+        // fell off the bus and came back): re-initialise, with a growing wait between tries
+        // (`reinit_wait`), and read again at once so a recovery shows in this sample.
+        if !reinit_due(self.last_reinit, self.unanswered_reinits, Instant::now()) {
+            return Ok(snapshots);
+        }
+        self.reinit();
+        let snapshots = self.read_all();
+        if snapshots.iter().any(|s| s.failed.is_some()) {
+            self.unanswered_reinits = self.unanswered_reinits.saturating_add(1);
+        }
+        Ok(snapshots)
     }
 
     /// Two calls per device (the compute and graphics process lists), nothing else. A device
@@ -278,12 +442,15 @@ impl Probe for NvmlProbe {
     fn gpu_pids(&mut self) -> Result<GpuPids, ProbeError> {
         let mut lists = GpuPids::default();
         for index in 0..self.names.len() as u32 {
-            let read = self.nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
-                [
-                    process_list(retry_grown_list(|| device.running_compute_processes())),
-                    process_list(retry_grown_list(|| device.running_graphics_processes())),
-                ]
-            });
+            let read = match &self.nvml {
+                Some(nvml) => nvml.device_by_index(index).map_err(|e| format!("handle: {e}")).map(|device| {
+                    [
+                        process_list(retry_grown_list(|| compute_processes(&device))),
+                        process_list(retry_grown_list(|| graphics_processes(&device))),
+                    ]
+                }),
+                None => Err("NVML is not initialised (its re-initialisation failed)".to_string()),
+            };
             add_device_lists(&mut lists, index, read);
         }
         Ok(lists)
@@ -453,6 +620,24 @@ mod tests {
         assert!(!lists.shows_gone(&model, Some(1)), "device 1's list was not read");
         assert!(!lists.shows_gone(&model, None), "some list was not read");
         assert!(!lists.shows_gone(&[10].into(), Some(0)), "still listed");
+    }
+
+    /// Re-initialisation: at once on the first failure, then after a wait that doubles with each
+    /// try that did not bring every device back, up to the cap.
+    #[test]
+    fn reinit_is_bounded_and_backs_off() {
+        let now = Instant::now();
+        assert!(reinit_due(None, 0, now), "the first failure re-initialises at once");
+        assert_eq!(reinit_wait(1), REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(2), 2 * REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(3), 4 * REINIT_FIRST_WAIT);
+        assert_eq!(reinit_wait(40), REINIT_MAX_WAIT, "capped, no overflow");
+        assert_eq!(reinit_wait(u32::MAX), REINIT_MAX_WAIT);
+        assert!(!reinit_due(Some(now), 1, now + REINIT_FIRST_WAIT - Duration::from_millis(1)));
+        assert!(reinit_due(Some(now), 1, now + REINIT_FIRST_WAIT));
+        assert!(!reinit_due(Some(now), 2, now + REINIT_FIRST_WAIT), "the second wait is longer");
+        assert!(reinit_due(Some(now), 2, now + 2 * REINIT_FIRST_WAIT));
+        assert!(!reinit_due(Some(now + Duration::from_secs(1)), 1, now), "a clock that went back waits");
     }
 
     /// At start-up one device that does not answer leaves the others usable; none answering is

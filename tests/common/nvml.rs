@@ -279,3 +279,11 @@ pub fn config(probe: &str, library: &Path, interval: &str, empty_dir: &Path) -> 
         empty_dir.display()
     )
 }
+
+impl State {
+    /// Replaces the state file in `dir` with this state plus `extra` lines (for items `State`
+    /// has no field for, such as `late_once` processes).
+    pub fn write_with(&self, dir: &Path, extra: &str) {
+        super::write_atomically(&dir.join(STATE_FILE), &format!("{}{extra}", self.render()));
+    }
+}
