@@ -61,6 +61,9 @@ pub(crate) fn start_process(
             process.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect();
         if let Some(device) = device {
             env.entry("CUDA_VISIBLE_DEVICES".into()).or_insert_with(|| device.to_string());
+            // CUDA numbers devices fastest first unless told otherwise; NVML's index (the one
+            // vramgate reserves memory on) is in PCI bus order.
+            env.entry("CUDA_DEVICE_ORDER".into()).or_insert_with(|| "PCI_BUS_ID".into());
         }
         env.insert("VRAMGATE_MODEL_ID".into(), spec.id.clone());
         env.insert("VRAMGATE_PORT".into(), port.to_string());

@@ -542,6 +542,14 @@ impl<E: Effects> Engine<E> {
             self.start_load(i, None, 0, Placement::Cpu);
             return;
         }
+        // A release on a device whose processes cannot be attributed (amdgpu, an unreadable
+        // list, another pid namespace) was not seen complete by a list: what the model was
+        // counted at is foreign until a reading shows it gone, or a load waiting behind it
+        // would be admitted on memory the driver still holds.
+        let unconfirmed = self.blind_mib.values().any(|models| models.iter().any(|(model, _)| model == id));
+        if unconfirmed && !timed_out {
+            self.forget_attribution(id);
+        }
         if timed_out {
             self.fx.emit(EventKind::MemoryReleaseTimeout { model: id.to_string(), waited_ms: super::millis(waited) });
             // Its processes are no longer the model's: what they still hold (a pid still on the

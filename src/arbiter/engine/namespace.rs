@@ -46,8 +46,10 @@ impl PidNamespaces {
         if device.error.is_some() || device.processes_unavailable.is_some() {
             return watch.foreign;
         }
-        // Processes holding memory (or whose figure the driver does not give).
-        let holding: Vec<u32> = device.processes.iter().filter(|p| p.used_mib != Some(0)).map(|p| p.pid).collect();
+        // Processes holding memory. One without a figure is no evidence: WSLg lists its
+        // compositor under a pid of another distribution, with no figure, on an ordinary host.
+        let holding: Vec<u32> =
+            device.processes.iter().filter(|p| p.used_mib.is_some_and(|mib| mib > 0)).map(|p| p.pid).collect();
         watch.seen_here.retain(|pid| device.processes.iter().any(|p| p.pid == *pid));
         let (missing, here): (Vec<u32>, Vec<u32>) = holding.iter().partition(|pid| procs.missing.contains(pid));
         watch.seen_here.extend(here.iter().copied());

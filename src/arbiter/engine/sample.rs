@@ -71,7 +71,9 @@ impl<E: Effects> Engine<E> {
                 if let Some(models) = apps.get(&p.pid)
                     && p.used_mib.is_none()
                 {
-                    for &i in models {
+                    // Only a model placed on this device stands for the process's memory here:
+                    // elsewhere (an app's context on another GPU) the memory stays foreign.
+                    for &i in models.iter().filter(|&&i| self.models[i].device == Some(device.index)) {
                         unmeasured.entry((device.index, i)).or_default().push(p.pid);
                     }
                     process_models.insert(p.pid, self.models[models[0]].spec.id.clone());
@@ -107,7 +109,9 @@ impl<E: Effects> Engine<E> {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
                     self.models[i].gpu_pids.insert(p.pid);
                     if p.used_mib.is_none() {
-                        unmeasured.entry((device.index, i)).or_default().push(p.pid);
+                        if self.models[i].device == Some(device.index) {
+                            unmeasured.entry((device.index, i)).or_default().push(p.pid);
+                        }
                         continue;
                     }
                     let used = usage.entry(i).or_default();
@@ -129,6 +133,12 @@ impl<E: Effects> Engine<E> {
         let mut unmeasured_models = BTreeSet::new();
         for ((device, i), pids) in unmeasured {
             let model = &self.models[i];
+            // Only a ready model's memory is all there: a loading one has used part of its
+            // reservation so far (its reservation counts on its own meanwhile), so assuming its
+            // size would hide the rest of the device's use; its processes count as foreign.
+            if !matches!(model.phase, super::Phase::Ready { .. }) {
+                continue;
+            }
             let size = model.footprint().max(model.reserved_mib);
             let known = usage.get(&i).copied().unwrap_or(0);
             if pids.is_empty() {

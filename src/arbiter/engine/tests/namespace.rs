@@ -131,3 +131,17 @@ fn a_reading_whose_pids_exist_here_again_clears_it_and_attribution_resumes() {
     assert_eq!(devices[0].foreign_mib, 0);
     assert_eq!(residents[0].footprint_mib, 6200, "measured again");
 }
+
+/// A listed pid missing here without a memory figure is no evidence: WSLg lists its compositor
+/// that way on an ordinary host.
+#[test]
+fn a_missing_pid_without_a_figure_is_no_sign_of_another_namespace() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    for _ in 0..3 {
+        let mut view = device_view(10_000, &[(HOST_PID, 0)]);
+        view.devices[0].processes[0].used_mib = None;
+        view.devices[0].used_mib = 300;
+        rig.input(Input::Sample(Arc::new(view), procs(&[], &[HOST_PID])));
+    }
+    assert!(rig.degraded_reasons().is_empty(), "{:?}", rig.degraded_reasons());
+}

@@ -166,6 +166,43 @@ fn an_unreadable_process_list_counts_the_models_there_at_their_size() {
     assert_eq!(devices[0].foreign_mib, 6500, "not counted nowhere");
 }
 
+/// A release no list confirmed (amdgpu has none; the release ends when the process does) leaves
+/// what the model was counted at as foreign until a reading shows it gone: a load waiting behind
+/// it is not admitted on memory the driver may still hold.
+#[test]
+fn a_release_no_list_confirmed_keeps_the_memory_counted_until_a_reading_shows_it_gone() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    drop(rig.load("llm"));
+    rig.ready("llm");
+    let mut blind = device_view(10_000, &[]);
+    blind.devices[0].used_mib = 6500;
+    blind.devices[0].processes_unavailable = Some("amdgpu sysfs has no per-process figures".into());
+    rig.input(Input::Sample(Arc::new(blind), ProcTable::default()));
+    drop(rig.unload("llm"));
+    let generation = rig.generation("llm");
+    rig.command(Command::Released { model: "llm".into(), generation, timed_out: false, waited: Duration::ZERO });
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 6500, "the last reading's use is not counted nowhere");
+    let (_, residents, _) = rig.engine.policy_inputs();
+    assert!(residents.is_empty(), "llm is gone");
+}
+
+/// While a model loads on a device whose processes cannot be attributed, its size is not
+/// assumed out of the device's use: the rest of that use stays foreign (its reservation counts
+/// on its own).
+#[test]
+fn a_loading_model_on_a_blind_device_hides_no_foreign_use() {
+    let mut rig = Rig::new(TWO_MODELS, 16_000);
+    drop(rig.load("llm"));
+    rig.spawned("llm");
+    let mut blind = device_view(16_000, &[]);
+    blind.devices[0].used_mib = 6000;
+    blind.devices[0].processes_unavailable = Some("amdgpu sysfs has no per-process figures".into());
+    rig.input(Input::Sample(Arc::new(blind), ProcTable::default()));
+    let (devices, _, _) = rig.engine.policy_inputs();
+    assert_eq!(devices[0].foreign_mib, 6000, "others' 6000 MiB, not hidden by llm's reservation");
+}
+
 /// A device that cannot be read admits nothing: a lease waits (nothing is evicted for it) until a
 /// reading of the device works again, and is then judged on that reading.
 #[test]
