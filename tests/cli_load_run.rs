@@ -104,7 +104,7 @@ fn rounded_durations_are_recognized() {
 #[test]
 fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
     let daemon = Daemon::start_sim(8192, "50ms");
-    let output = common::output(common::vramgate().args([
+    let output = common::output(common::vramgate().env_remove("CUDA_DEVICE_ORDER").args([
         "run",
         "--vram",
         "1G",
@@ -113,10 +113,10 @@ fn vramgate_run_exits_with_the_command_status_and_sets_the_device() {
         "--",
         "sh",
         "-c",
-        "echo \"$CUDA_VISIBLE_DEVICES $VRAMGATE_LEASE_MIB\"; exit 5",
+        "echo \"$CUDA_VISIBLE_DEVICES $CUDA_DEVICE_ORDER $VRAMGATE_LEASE_MIB\"; exit 5",
     ]));
     assert_eq!(output.status.code(), Some(5));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 1024");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "0 PCI_BUS_ID 1024");
     let output = common::output(common::vramgate().args(["run", "--vram", "100G", "--url", &daemon.url, "--", "true"]));
     assert_eq!(output.status.code(), Some(75));
     assert!(

@@ -41,6 +41,7 @@ const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 The command runs with:
   CUDA_VISIBLE_DEVICES  the leased GPU's index, as `vramgate status` numbers devices
+  CUDA_DEVICE_ORDER     PCI_BUS_ID (unless set already), so CUDA numbers GPUs that way too
   VRAMGATE_LEASE_ID     the lease's id
   VRAMGATE_LEASE_MIB    the memory leased, in MiB
 
@@ -188,6 +189,11 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     command.env("VRAMGATE_LEASE_ID", &grant.id).env("VRAMGATE_LEASE_MIB", grant.vram_mib.to_string());
     if let Some(device) = grant.device {
         command.env("CUDA_VISIBLE_DEVICES", device.to_string());
+        // CUDA numbers devices fastest first unless told otherwise; the lease's index is NVML's,
+        // in PCI bus order. A user's own choice stands.
+        if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+            command.env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+        }
     }
     // If this process dies (even by SIGKILL) the lease is gone, so the command must not keep
     // using the GPU unguarded: it gets SIGTERM. It stays in our process group so that it keeps
