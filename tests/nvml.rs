@@ -243,6 +243,26 @@ fn a_library_that_cannot_be_loaded_is_named_with_the_key_to_set() {
     assert!(stderr.contains("/usr/lib/wsl/lib/libnvidia-ml.so.1"), "gives WSL's path:\n{stderr}");
 }
 
+/// NVML that loads but lists no device: `probe = "nvml"` refuses to start, saying so.
+#[test]
+fn a_library_that_lists_no_device_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let standin = dir.path().join("nvml");
+    let library = nvml::link_into(&standin, Variant::Full);
+    nvml::State::default().write_to(&standin);
+    let config = dir.path().join("vramgate.toml");
+    std::fs::write(&config, nvml::config("nvml", &library, "20ms", dir.path())).expect("write config");
+    let output = common::output(
+        common::vramgate()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .env("XDG_STATE_HOME", dir.path().join("state")),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "serve must fail; stderr:\n{stderr}");
+    assert!(stderr.contains("lists no device"), "says why:\n{stderr}");
+}
+
 /// `auto` over NVML that cannot start (a file that is no library; a driver that is not loaded):
 /// the daemon runs CPU-only and keeps NVML's reason, with the library's path, in
 /// `degraded_reasons`.
