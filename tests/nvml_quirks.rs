@@ -159,6 +159,39 @@ async fn a_gpu_that_needs_nvml_reinitialised_comes_back() {
     assert!(daemon.log().contains("NVML re-initialised"), "{}", daemon.log());
 }
 
+/// A re-initialisation that fails (the driver refuses the new init) is said for every device
+/// until a later one succeeds; that one brings the devices back.
+#[tokio::test]
+async fn a_failed_reinitialisation_is_reported_and_a_later_one_recovers() {
+    let daemon =
+        start("nvml", Variant::Full, |_| State { devices: two_devices(), ..State::default() }, |_| String::new());
+    daemon.wait_for_status(DEADLINE, "both devices read", |s| device(s, 1)["used_mib"] == 300).await;
+    // GPU 1 lost, and every init from now on refused (nvml-wrapper initialises with nvmlInit_v2).
+    let refused = State {
+        devices: two_devices(),
+        errors: vec![
+            error("nvmlDeviceGetMemoryInfo_v2", Some(1), code::GPU_IS_LOST, When::Always),
+            error("nvmlInit_v2", None, code::DRIVER_NOT_LOADED, When::Always),
+        ],
+        ..State::default()
+    };
+    refused.write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "the failed re-initialisation said", |s| {
+            device(s, 0)["error"].as_str().is_some_and(|e| e.contains("re-initialisation failed"))
+        })
+        .await;
+    assert!(device(&status, 1)["error"].as_str().is_some_and(|e| e.contains("re-initialisation failed")), "{status:#}");
+    assert!(daemon.log().contains("NVML re-initialisation failed"), "{}", daemon.log());
+    // The driver answers again: the next try (after its backoff, 5 s) brings both back.
+    State { devices: two_devices(), ..State::default() }.write_to(&dir_of(&daemon));
+    daemon
+        .wait_for_status(3 * DEADLINE, "both devices back", |s| {
+            device(s, 0)["error"].is_null() && device(s, 1)["error"].is_null()
+        })
+        .await;
+}
+
 /// Polls without blocking the runtime (the unload under test runs on it) until `pid` is gone.
 async fn wait_pid_gone(pid: u32, deadline: Duration) {
     let end = Instant::now() + deadline;
