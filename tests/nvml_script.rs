@@ -77,27 +77,23 @@ fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
-#[test]
-fn the_script_sees_an_allocation_attributed_and_released_on_the_standin() {
+/// Runs the script on the stand-in with `fake` as its allocator, plus `options`: its exit code
+/// and what it said.
+fn run_with(fake: Fake, options: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let library = standin(dir.path());
-    let alloc =
-        format!("sh {} {}", fake_allocator(dir.path(), Fake::Honest).display(), dir.path().join("claims").display());
-    let output = script(&[
-        common::bin().as_ref(),
-        "--library".as_ref(),
-        library.as_os_str(),
-        "--alloc-cmd".as_ref(),
-        alloc.as_ref(),
-        "--mib".as_ref(),
-        "512".as_ref(),
-        "--interval".as_ref(),
-        "100ms".as_ref(),
-        "--slack".as_ref(),
-        "10s".as_ref(),
-    ]);
-    let said = text(&output);
-    assert_eq!(output.status.code(), Some(0), "{said}");
+    let alloc = format!("sh {} {}", fake_allocator(dir.path(), fake).display(), dir.path().join("claims").display());
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec![common::bin().as_ref(), "--library".as_ref(), library.as_os_str(), "--alloc-cmd".as_ref(), alloc.as_ref()];
+    args.extend(options.iter().map(|option| std::ffi::OsStr::new(*option)));
+    let output = script(&args);
+    (output.status.code(), text(&output))
+}
+
+#[test]
+fn the_script_sees_an_allocation_attributed_and_released_on_the_standin() {
+    let (code, said) = run_with(Fake::Honest, &["--mib", "512", "--interval", "100ms", "--slack", "10s"]);
+    assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("device 0 (NVIDIA Stand-in, 8192 MiB), sample_interval 100 ms, 512 MiB allocated"), "{said}");
     assert!(said.contains("512 MiB in status"), "the child's figure as status showed it: {said}");
     for step in ["allocation attributed to its pid", "free seen", "exit seen (pid gone from the list)"] {
@@ -109,79 +105,23 @@ fn the_script_sees_an_allocation_attributed_and_released_on_the_standin() {
 
 #[test]
 fn the_script_fails_clearly_when_status_never_attributes_the_allocation() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let library = standin(dir.path());
-    let alloc = format!(
-        "sh {} {}",
-        fake_allocator(dir.path(), Fake::ClaimsNothing).display(),
-        dir.path().join("claims").display()
-    );
-    let output = script(&[
-        common::bin().as_ref(),
-        "--library".as_ref(),
-        library.as_os_str(),
-        "--alloc-cmd".as_ref(),
-        alloc.as_ref(),
-        "--interval".as_ref(),
-        "50ms".as_ref(),
-        "--timeout".as_ref(),
-        "1s".as_ref(),
-    ]);
-    let said = text(&output);
-    assert_eq!(output.status.code(), Some(1), "{said}");
+    let (code, said) = run_with(Fake::ClaimsNothing, &["--interval", "50ms", "--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("FAILED: 1024 MiB allocated by pid"), "{said}");
     assert!(said.contains("was not attributed to it within 1 s; status lists: none"), "{said}");
 }
 
 #[test]
 fn the_script_fails_clearly_when_status_never_sees_the_memory_freed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let library = standin(dir.path());
-    let alloc = format!(
-        "sh {} {}",
-        fake_allocator(dir.path(), Fake::KeepsItsClaim).display(),
-        dir.path().join("claims").display()
-    );
-    let output = script(&[
-        common::bin().as_ref(),
-        "--library".as_ref(),
-        library.as_os_str(),
-        "--alloc-cmd".as_ref(),
-        alloc.as_ref(),
-        "--interval".as_ref(),
-        "50ms".as_ref(),
-        "--slack".as_ref(),
-        "10s".as_ref(),
-        "--timeout".as_ref(),
-        "1s".as_ref(),
-    ]);
-    let said = text(&output);
-    assert_eq!(output.status.code(), Some(1), "{said}");
+    let (code, said) = run_with(Fake::KeepsItsClaim, &["--interval", "50ms", "--slack", "10s", "--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("freed 1024 MiB but status still shows it after 1 s: pid"), "{said}");
 }
 
 #[test]
 fn the_script_fails_an_attribution_later_than_one_sample_interval() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let library = standin(dir.path());
-    let alloc = format!(
-        "sh {} {}",
-        fake_allocator(dir.path(), Fake::ClaimsLate).display(),
-        dir.path().join("claims").display()
-    );
-    let output = script(&[
-        common::bin().as_ref(),
-        "--library".as_ref(),
-        library.as_os_str(),
-        "--alloc-cmd".as_ref(),
-        alloc.as_ref(),
-        "--interval".as_ref(),
-        "50ms".as_ref(),
-        "--slack".as_ref(),
-        "0ms".as_ref(),
-    ]);
-    let said = text(&output);
-    assert_eq!(output.status.code(), Some(1), "{said}");
+    let (code, said) = run_with(Fake::ClaimsLate, &["--interval", "50ms", "--slack", "0ms"]);
+    assert_eq!(code, Some(1), "{said}");
     // The whole table is printed, then the verdict names the late step.
     assert!(said.contains("exit seen (pid gone from the list)"), "{said}");
     assert!(said.contains("FAILED: too slow: allocation attributed to its pid: "), "{said}");
