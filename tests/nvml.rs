@@ -222,22 +222,28 @@ async fn the_default_library_is_found_on_the_loader_path() {
     }
 }
 
+/// `vramgate serve` with `probe = "nvml"` on `library`, in `dir`: it must fail; what it said.
+fn serve_must_fail(dir: &Path, library: &Path) -> String {
+    let config = dir.join("vramgate.toml");
+    std::fs::write(&config, nvml::config("nvml", library, "20ms", dir)).expect("write config");
+    let output = common::output(
+        common::vramgate()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .env("XDG_STATE_HOME", dir.join("state")),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "serve must fail; stderr:\n{stderr}");
+    stderr
+}
+
 /// A configured library that does not exist: `probe = "nvml"` stops the daemon with an error that
 /// names the path tried and the key to set.
 #[test]
 fn a_library_that_cannot_be_loaded_is_named_with_the_key_to_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("no-driver-here/libnvidia-ml.so.1");
-    let config = dir.path().join("vramgate.toml");
-    std::fs::write(&config, nvml::config("nvml", &missing, "20ms", dir.path())).expect("write config");
-    let output = common::output(
-        common::vramgate()
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env("XDG_STATE_HOME", dir.path().join("state")),
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "serve must fail; stderr:\n{stderr}");
+    let stderr = serve_must_fail(dir.path(), &missing);
     assert!(stderr.contains(&missing.display().to_string()), "names the path tried:\n{stderr}");
     assert!(stderr.contains("[gpu.nvml] library"), "says what to set:\n{stderr}");
     assert!(stderr.contains("/usr/lib/wsl/lib/libnvidia-ml.so.1"), "gives WSL's path:\n{stderr}");
@@ -250,16 +256,7 @@ fn a_library_that_lists_no_device_is_refused_with_the_reason() {
     let standin = dir.path().join("nvml");
     let library = nvml::link_into(&standin, Variant::Full);
     nvml::State::default().write_to(&standin);
-    let config = dir.path().join("vramgate.toml");
-    std::fs::write(&config, nvml::config("nvml", &library, "20ms", dir.path())).expect("write config");
-    let output = common::output(
-        common::vramgate()
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env("XDG_STATE_HOME", dir.path().join("state")),
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "serve must fail; stderr:\n{stderr}");
+    let stderr = serve_must_fail(dir.path(), &library);
     assert!(stderr.contains("lists no device"), "says why:\n{stderr}");
 }
 

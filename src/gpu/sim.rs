@@ -445,17 +445,22 @@ mod tests {
         assert_eq!(reading, DirReading::default());
     }
 
-    #[test]
-    fn probe_reports_each_device_with_free_memory() {
-        let tmp = tempfile::tempdir().unwrap();
-        let config = SimConfig {
-            dir: tmp.path().to_path_buf(),
+    /// An 8 GiB and a 1 GiB device in `dir`, with no release lag.
+    fn two_devices(dir: &Path) -> SimConfig {
+        SimConfig {
+            dir: dir.to_path_buf(),
             devices: vec![
                 SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
                 SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
             ],
             release_lag: Span::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn probe_reports_each_device_with_free_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = two_devices(tmp.path());
         let mut probe = SimProbe::open(&config).unwrap();
         write(&tmp.path().join("0"), &std::process::id().to_string(), "1000");
         write(&tmp.path().join("1"), "desktop", "2000");
@@ -493,14 +498,7 @@ mod tests {
     #[test]
     fn an_unlisted_device_counts_its_memory_but_lists_no_one() {
         let tmp = tempfile::tempdir().unwrap();
-        let config = SimConfig {
-            dir: tmp.path().to_path_buf(),
-            devices: vec![
-                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
-                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
-            ],
-            release_lag: Span::default(),
-        };
+        let config = two_devices(tmp.path());
         let mut probe = SimProbe::open(&config).unwrap();
         let me = std::process::id();
         write(&tmp.path().join("0"), &me.to_string(), "1000");
@@ -526,14 +524,7 @@ mod tests {
     #[test]
     fn a_lost_device_fails_alone_and_comes_back() {
         let tmp = tempfile::tempdir().unwrap();
-        let config = SimConfig {
-            dir: tmp.path().to_path_buf(),
-            devices: vec![
-                SimDeviceConfig { name: "Sim 8G".into(), total_mib: Mib(8192) },
-                SimDeviceConfig { name: "Sim 1G".into(), total_mib: Mib(1024) },
-            ],
-            release_lag: Span::default(),
-        };
+        let config = two_devices(tmp.path());
         let mut probe = SimProbe::open(&config).unwrap();
         write(&tmp.path().join("0"), "desktop", "700");
         write(&tmp.path().join("1"), LOST, "");
