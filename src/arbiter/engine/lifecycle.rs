@@ -581,12 +581,12 @@ impl<E: Effects> Engine<E> {
         self.answer_unloaded(i);
         // Load again only for callers still waiting (they asked while it was going away).
         let wanted = !self.models[i].ready_waiters.is_empty();
-        if failed {
+        if failed && let Some(error) = self.cooldown_error(i) {
             // In its cooldown: tell whoever still waits why, instead of letting them time out.
-            if let Some(error) = self.cooldown_error(i) {
-                self.fail_ready_waiters(i, &error);
-            }
+            self.fail_ready_waiters(i, &error);
         } else if wanted {
+            // Not failed, or its cooldown ended while the release took its time: start it again
+            // for whoever waits.
             self.request_load(id, None, false);
         }
     }

@@ -138,6 +138,10 @@ impl<E: Effects> Engine<E> {
                 self.models[i].device = None;
                 let id = self.models[i].spec.id.clone();
                 self.memory_released(&id);
+                // Callers waiting behind a swap of it still want it: load it again for them.
+                if !self.models[i].ready_waiters.is_empty() {
+                    self.request_load(&id, None, false);
+                }
             }
             _ => {}
         }

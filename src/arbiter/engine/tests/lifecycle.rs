@@ -340,3 +340,59 @@ fn memory_not_seen_back_after_the_release_timeout_stays_counted_until_a_reading_
     rig.sample(&[]);
     assert!(rig.fx().process_starts.iter().any(|(id, ..)| id == "stt"), "started once the memory is back");
 }
+
+/// A caller who asks for a model while its last failed start is being cleaned up waits for the
+/// release; when the release outlasts the cooldown, the release starts the model again for that
+/// caller instead of leaving it to time out.
+#[test]
+fn a_caller_waiting_through_a_failed_release_that_outlasts_the_cooldown_gets_a_new_start() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    for round in 1..=FAILURES {
+        rig.load("llm");
+        rig.spawned("llm");
+        rig.finished("llm", Err("boom".into()));
+        if round < FAILURES {
+            rig.released("llm");
+        }
+    }
+    let mut waiting = rig.load("llm");
+    assert!(answered(&mut waiting).is_none(), "it waits for the release");
+    let cooldown = crate::policy::failure_cooldown(FAILURES).expect("a cooldown after the failures");
+    rig.advance(cooldown + Duration::from_secs(1));
+    rig.released("llm");
+    assert_eq!(rig.state("llm"), ModelState::Loading, "the cooldown has passed: it starts again for the caller");
+    rig.ready("llm");
+    assert!(matches!(answered(&mut waiting), Some(Ok(_))), "the caller is answered once it is ready");
+}
+
+/// A caller waiting behind a swap for an Ollama model that Ollama then drops on its own (its
+/// last request ended, and the listing came before the idle notice) gets the model loaded again
+/// once the swap is done, instead of waiting until its deadline.
+#[test]
+fn a_caller_waiting_for_a_draining_model_that_leaves_ollama_gets_it_loaded_again() {
+    let config = "[scheduler]\nmax_wait_before_swap = \"1s\"\n\
+        [models.chat]\nbackend = \"ollama\"\nollama_model = \"llama3.2\"\nvram = \"6000MiB\"\n\
+        [models.stt]\nbackend = \"process\"\ncmd = \"stt\"\nvram = \"3000MiB\"\n";
+    let mut rig = Rig::new(config, 8000);
+    let first = rig.load("chat");
+    rig.finished("chat", Ok(()));
+    assert_eq!(rig.state("chat"), ModelState::Ready);
+    drop(first);
+    let in_flight = rig.pin("chat");
+    let _stt = rig.load("stt");
+    rig.advance(Duration::from_secs(2));
+    assert_eq!(rig.phase("chat"), Phase::Ready { draining: true }, "drained for stt");
+    let mut waiting = rig.load("chat");
+    assert!(answered(&mut waiting).is_none(), "it waits behind the swap");
+    rig.advance(3 * crate::arbiter::engine::OLLAMA_POLL);
+    drop(in_flight);
+    let url = rig.engine.ollama_urls()[0].clone();
+    rig.command(Command::OllamaPs { url, result: Ok(Vec::new()) });
+    assert_eq!(rig.state("chat"), ModelState::Unloaded, "gone from Ollama");
+    rig.ready("stt");
+    rig.unload("stt");
+    rig.released("stt");
+    assert_eq!(rig.fx().ollama_starts.len(), 2, "it is loaded again for the caller");
+    rig.finished("chat", Ok(()));
+    assert!(matches!(answered(&mut waiting), Some(Ok(_))), "the caller is answered");
+}
