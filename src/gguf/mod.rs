@@ -1,5 +1,6 @@
 //! A small, bounded reader of a GGUF file's header: the few metadata keys `/api/show` and
-//! `/api/tags` report (architecture, name, file type, context length, parameter count). It reads
+//! `/api/tags` report (architecture, name, file type, context length, parameter count), and the
+//! shape and tensor types the footprint estimate needs ([`estimate`]). It reads
 //! the header only (never a tensor's data), refuses anything malformed with an error that names
 //! what was wrong and where (never a panic), and caps every count and length it is given, so a
 //! hostile or damaged file cannot make it allocate or loop without bound.
@@ -27,6 +28,22 @@ const MAX_ARRAY_ELEMENTS: u64 = 1 << 26;
 const MAX_HEADER_BYTES: u64 = 512 << 20;
 /// The most dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 const MAX_DIMENSIONS: u32 = 4;
+/// The most per-layer values a shape key may list (real models have at most a few hundred layers).
+const MAX_LAYERS: u64 = 4096;
+
+pub mod estimate;
+
+/// The shape keys read under the architecture's prefix (`llama.block_count`, ...).
+const SHAPE_SUFFIXES: [&str; 8] = [
+    "context_length",
+    "block_count",
+    "embedding_length",
+    "vocab_size",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+];
 
 /// What a GGUF header says about its model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,6 +60,50 @@ pub struct GgufInfo {
     pub context_length: Option<u64>,
     /// `general.parameter_count`, else the sum over the tensors' element counts.
     pub parameter_count: Option<u64>,
+    /// The architecture's shape, for the KV-cache and compute estimate.
+    pub shape: Shape,
+    /// Every tensor: where it sits and what its data takes.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// The figures under `<architecture>.` that size a model's caches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// `block_count`: the number of layers.
+    pub block_count: Option<u64>,
+    /// `embedding_length`: the hidden size.
+    pub embedding_length: Option<u64>,
+    /// `attention.head_count`: query heads (one value for every layer, or one per layer).
+    pub head_count: Vec<u64>,
+    /// `attention.head_count_kv`: key/value heads (one value, or one per layer); absent means
+    /// as many as the query heads (no grouped-query attention).
+    pub head_count_kv: Vec<u64>,
+    /// `attention.key_length`: a key head's size; absent means embedding / heads.
+    pub key_length: Option<u64>,
+    /// `attention.value_length`: a value head's size; absent means embedding / heads.
+    pub value_length: Option<u64>,
+    /// `vocab_size`, else the length of `tokenizer.ggml.tokens`.
+    pub vocab_size: Option<u64>,
+}
+
+/// One tensor's placement and size, as the estimate needs them (not its name: a hostile header
+/// could make names cost up to the header's cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The layer it belongs to (`blk.N.…`), or `None` for the model's other tensors.
+    pub layer: Option<u64>,
+    /// The input embedding (`token_embd.…`), which llama.cpp keeps in host memory.
+    pub input_embedding: bool,
+    /// ggml's type number (see [`estimate::type_size`]).
+    pub ggml_type: u32,
+    /// The number of elements (the product of its dimensions).
+    pub elements: u64,
+}
+
+/// A value of a shape key: one number, or one per layer.
+enum ShapeValue {
+    One(u64),
+    PerLayer(Vec<u64>),
 }
 
 /// Reads the header of the GGUF file at `path`. Errors name the file and what was wrong.
@@ -76,11 +137,13 @@ pub fn read<R: Read + Seek>(mut source: R) -> Result<GgufInfo, String> {
         ));
     }
     let mut info = GgufInfo { version, ..GgufInfo::default() };
-    // The context length's key depends on the architecture, which may come after it.
-    let mut context_lengths: Vec<(String, u64)> = Vec::new();
+    // The shape keys' prefix is the architecture, which may come after them.
+    let mut shape_values: Vec<(String, ShapeValue)> = Vec::new();
+    let mut token_count = None;
     for index in 0..entries {
         let key = reader.string(MAX_NAME_BYTES, &format!("metadata entry {index}'s key"))?;
         let kind = reader.u32(&format!("the type of {key}"))?;
+        let shape_key = key.split_once('.').is_some_and(|(_, suffix)| SHAPE_SUFFIXES.contains(&suffix));
         match key.as_str() {
             "general.architecture" => info.architecture = Some(reader.wanted_string(kind, &key)?),
             "general.name" => info.name = Some(reader.wanted_string(kind, &key)?),
@@ -89,19 +152,53 @@ pub fn read<R: Read + Seek>(mut source: R) -> Result<GgufInfo, String> {
                 info.file_type = Some(u32::try_from(value).map_err(|_| format!("{key} is {value}, too large"))?);
             }
             "general.parameter_count" => info.parameter_count = Some(reader.wanted_integer(kind, &key)?),
-            _ if key.ends_with(".context_length") && kind != TYPE_ARRAY => {
+            "tokenizer.ggml.tokens" if kind == TYPE_ARRAY => token_count = Some(reader.skip_array(&key)?),
+            _ if shape_key && kind == TYPE_ARRAY => {
+                let values = reader.integer_array(&key)?;
+                shape_values.push((key, ShapeValue::PerLayer(values)));
+            }
+            _ if shape_key => {
                 let value = reader.wanted_integer(kind, &key)?;
-                context_lengths.push((key, value));
+                shape_values.push((key, ShapeValue::One(value)));
             }
             _ => reader.skip_value(kind, &key, true)?,
         }
     }
     if let Some(architecture) = &info.architecture {
-        let wanted = format!("{architecture}.context_length");
-        info.context_length = context_lengths.iter().find(|(key, _)| *key == wanted).map(|(_, value)| *value);
+        let mut take = |suffix: &str| {
+            let wanted = format!("{architecture}.{suffix}");
+            shape_values.iter().position(|(key, _)| *key == wanted).map(|at| shape_values.swap_remove(at).1)
+        };
+        let one = |value: Option<ShapeValue>| match value {
+            Some(ShapeValue::One(v)) => Some(v),
+            // A per-layer list where one number is expected: its largest, the safe side.
+            Some(ShapeValue::PerLayer(values)) => values.into_iter().max(),
+            None => None,
+        };
+        let list = |value: Option<ShapeValue>| match value {
+            Some(ShapeValue::One(v)) => vec![v],
+            Some(ShapeValue::PerLayer(values)) => values,
+            None => Vec::new(),
+        };
+        info.context_length = one(take("context_length"));
+        info.shape = Shape {
+            block_count: one(take("block_count")),
+            embedding_length: one(take("embedding_length")),
+            head_count: list(take("attention.head_count")),
+            head_count_kv: list(take("attention.head_count_kv")),
+            key_length: one(take("attention.key_length")),
+            value_length: one(take("attention.value_length")),
+            vocab_size: one(take("vocab_size")).or(token_count),
+        };
     }
+    info.tensors = reader.tensor_infos(tensors)?;
     if info.parameter_count.is_none() {
-        info.parameter_count = Some(reader.tensor_parameters(tensors)?);
+        let mut total: u64 = 0;
+        for tensor in &info.tensors {
+            total =
+                total.checked_add(tensor.elements).ok_or_else(|| "the tensors have too many elements".to_string())?;
+        }
+        info.parameter_count = Some(total);
     }
     Ok(info)
 }
@@ -221,36 +318,45 @@ impl<R: Read + Seek> Reader<R> {
                 let length = self.u64(key)?;
                 self.skip(length, key)
             }
-            TYPE_ARRAY if arrays_allowed => {
-                let element = self.u32(key)?;
-                let count = self.u64(key)?;
-                if count > MAX_ARRAY_ELEMENTS {
-                    return Err(format!("{key} declares {count} elements; at most {MAX_ARRAY_ELEMENTS} are accepted"));
-                }
-                if let Some(size) = fixed_size(element) {
-                    let bytes = size.checked_mul(count).ok_or_else(|| format!("{key} is too long"))?;
-                    return self.skip(bytes, key);
-                }
-                for _ in 0..count {
-                    self.skip_value(element, key, false)?;
-                }
-                Ok(())
-            }
+            TYPE_ARRAY if arrays_allowed => self.skip_array(key).map(|_| ()),
             TYPE_ARRAY => Err(format!("{key} is an array of arrays, which is not supported")),
             other => Err(format!("{key} has unknown value type {other}")),
         }
     }
 
-    /// The sum over `tensors` tensor infos of their element counts.
-    fn tensor_parameters(&mut self, tensors: u64) -> Result<u64, String> {
-        let mut total: u64 = 0;
-        for index in 0..tensors {
-            let what = format!("tensor {index}'s name");
-            let length = self.u64(&what)?;
-            if length > MAX_NAME_BYTES {
-                return Err(format!("{what} is {length} bytes long; at most {MAX_NAME_BYTES} are accepted"));
+    /// An array of integers (a per-layer shape value), at most [`MAX_LAYERS`] long.
+    fn integer_array(&mut self, key: &str) -> Result<Vec<u64>, String> {
+        let element = self.u32(key)?;
+        let count = self.u64(key)?;
+        if count > MAX_LAYERS {
+            return Err(format!("{key} lists {count} values; at most {MAX_LAYERS} are accepted"));
+        }
+        (0..count).map(|_| self.wanted_integer(element, key)).collect()
+    }
+
+    /// Moves past an array whose type was read, returning how many elements it has.
+    fn skip_array(&mut self, key: &str) -> Result<u64, String> {
+        let element = self.u32(key)?;
+        let count = self.u64(key)?;
+        if count > MAX_ARRAY_ELEMENTS {
+            return Err(format!("{key} declares {count} elements; at most {MAX_ARRAY_ELEMENTS} are accepted"));
+        }
+        if let Some(size) = fixed_size(element) {
+            let bytes = size.checked_mul(count).ok_or_else(|| format!("{key} is too long"))?;
+            self.skip(bytes, key)?;
+        } else {
+            for _ in 0..count {
+                self.skip_value(element, key, false)?;
             }
-            self.skip(length, &what)?;
+        }
+        Ok(count)
+    }
+
+    /// The `tensors` tensor infos that follow the metadata.
+    fn tensor_infos(&mut self, tensors: u64) -> Result<Vec<TensorInfo>, String> {
+        let mut infos = Vec::new();
+        for index in 0..tensors {
+            let name = self.string(MAX_NAME_BYTES, &format!("tensor {index}'s name"))?;
             let dimensions = self.u32(&format!("tensor {index}'s dimension count"))?;
             if dimensions > MAX_DIMENSIONS {
                 return Err(format!(
@@ -262,11 +368,13 @@ impl<R: Read + Seek> Reader<R> {
                 let size = self.u64(&format!("tensor {index}'s dimensions"))?;
                 elements = elements.checked_mul(size).ok_or_else(|| format!("tensor {index} has too many elements"))?;
             }
-            // The type and the data offset.
-            self.skip(12, &format!("tensor {index}'s type and offset"))?;
-            total = total.checked_add(elements).ok_or_else(|| "the tensors have too many elements".to_string())?;
+            let ggml_type = self.u32(&format!("tensor {index}'s type"))?;
+            self.skip(8, &format!("tensor {index}'s offset"))?;
+            let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()).and_then(|n| n.parse().ok());
+            let input_embedding = name.starts_with("token_embd.");
+            infos.push(TensorInfo { layer, input_embedding, ggml_type, elements });
         }
-        Ok(total)
+        Ok(infos)
     }
 }
 
@@ -339,149 +447,4 @@ pub fn parameter_size(count: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Cursor;
-
-    use super::*;
-
-    /// A GGUF header with these metadata entries (already encoded) and tensors (name, dims).
-    fn header(version: u32, entries: &[Vec<u8>], tensors: &[(&str, &[u64])]) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(version.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((entries.len() as u64).to_le_bytes());
-        for entry in entries {
-            out.extend(entry);
-        }
-        for (name, dims) in tensors {
-            out.extend(string(name));
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in *dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(0u32.to_le_bytes());
-            out.extend(0u64.to_le_bytes());
-        }
-        out
-    }
-
-    fn string(text: &str) -> Vec<u8> {
-        let mut out = (text.len() as u64).to_le_bytes().to_vec();
-        out.extend(text.as_bytes());
-        out
-    }
-
-    fn entry(key: &str, kind: u32, value: &[u8]) -> Vec<u8> {
-        let mut out = string(key);
-        out.extend(kind.to_le_bytes());
-        out.extend(value);
-        out
-    }
-
-    fn parse(bytes: Vec<u8>) -> Result<GgufInfo, String> {
-        read(Cursor::new(bytes))
-    }
-
-    fn llama() -> Vec<Vec<u8>> {
-        let mut tokens = 2u32.to_le_bytes().to_vec(); // element type: u16
-        tokens.extend(3u64.to_le_bytes());
-        tokens.extend([1, 0, 2, 0, 3, 0]);
-        let mut vocab = TYPE_STRING.to_le_bytes().to_vec();
-        vocab.extend(2u64.to_le_bytes());
-        vocab.extend(string("<s>"));
-        vocab.extend(string("</s>"));
-        vec![
-            entry("general.architecture", TYPE_STRING, &string("llama")),
-            entry("general.name", TYPE_STRING, &string("tiny")),
-            entry("tokenizer.ggml.token_type", TYPE_ARRAY, &tokens),
-            entry("tokenizer.ggml.tokens", TYPE_ARRAY, &vocab),
-            entry("general.file_type", 4, &15u32.to_le_bytes()),
-            entry("llama.context_length", 4, &4096u32.to_le_bytes()),
-            entry("qwen2.context_length", 10, &9u64.to_le_bytes()),
-            entry("llama.rope.freq_base", 6, &1.0f32.to_le_bytes()),
-        ]
-    }
-
-    #[test]
-    fn reads_the_wanted_keys_and_counts_parameters_from_tensors() {
-        let info = parse(header(3, &llama(), &[("a", &[64, 32]), ("b", &[10])])).expect("valid header");
-        assert_eq!(info.architecture.as_deref(), Some("llama"));
-        assert_eq!(info.name.as_deref(), Some("tiny"));
-        assert_eq!(info.file_type, Some(15));
-        assert_eq!(info.context_length, Some(4096));
-        assert_eq!(info.parameter_count, Some(64 * 32 + 10));
-    }
-
-    #[test]
-    fn a_declared_parameter_count_wins() {
-        let mut entries = llama();
-        entries.push(entry("general.parameter_count", 10, &7_000_000_000u64.to_le_bytes()));
-        let info = parse(header(2, &entries, &[("a", &[3])])).expect("valid header");
-        assert_eq!(info.parameter_count, Some(7_000_000_000));
-    }
-
-    #[test]
-    fn refuses_malformed_headers_with_a_reason() {
-        let refusal = |bytes: Vec<u8>| parse(bytes).expect_err("must be refused");
-        assert!(refusal(b"GGML\x03\0\0\0".to_vec()).contains("not a GGUF file"));
-        assert!(refusal(b"GG".to_vec()).contains("ends inside the magic"));
-        assert!(refusal(header(1, &[], &[])).contains("version 1 is not supported"));
-        assert!(refusal(header(4, &[], &[])).contains("version 4"));
-        // Truncated anywhere: inside an entry, inside a tensor.
-        let whole = header(3, &llama(), &[("a", &[64, 32])]);
-        for cut in [20, 30, 60, whole.len() - 1] {
-            let error = refusal(whole[..cut].to_vec());
-            assert!(error.contains("ends inside"), "cut at {cut}: {error}");
-        }
-        // Counts and lengths past their caps.
-        let mut huge = b"GGUF".to_vec();
-        huge.extend(3u32.to_le_bytes());
-        huge.extend(0u64.to_le_bytes());
-        huge.extend(u64::MAX.to_le_bytes());
-        assert!(refusal(huge).contains("metadata entries"));
-        let mut tensors = b"GGUF".to_vec();
-        tensors.extend(3u32.to_le_bytes());
-        tensors.extend(u64::MAX.to_le_bytes());
-        assert!(refusal(tensors).contains("tensors"));
-        let long_key = {
-            let mut key = u64::MAX.to_le_bytes().to_vec();
-            key.extend(b"x");
-            key
-        };
-        assert!(refusal(header(3, &[long_key], &[])).contains("at most"));
-        let mut array = 0u32.to_le_bytes().to_vec();
-        array.extend(u64::MAX.to_le_bytes());
-        assert!(refusal(header(3, &[entry("big", TYPE_ARRAY, &array)], &[])).contains("elements"));
-        let mut nested = TYPE_ARRAY.to_le_bytes().to_vec();
-        nested.extend(1u64.to_le_bytes());
-        nested.extend(0u32.to_le_bytes());
-        nested.extend(0u64.to_le_bytes());
-        assert!(refusal(header(3, &[entry("nested", TYPE_ARRAY, &nested)], &[])).contains("array of arrays"));
-        // Wrong types for the wanted keys, unknown types, bad UTF-8, a negative count.
-        assert!(refusal(header(3, &[entry("general.architecture", 4, &[0; 4])], &[])).contains("not a string"));
-        assert!(
-            refusal(header(3, &[entry("general.file_type", TYPE_STRING, &string("x"))], &[]))
-                .contains("not an integer")
-        );
-        assert!(refusal(header(3, &[entry("other", 99, &[])], &[])).contains("unknown value type 99"));
-        let mut bad_utf8 = 1u64.to_le_bytes().to_vec();
-        bad_utf8.push(0xff);
-        assert!(refusal(header(3, &[entry("general.name", TYPE_STRING, &bad_utf8)], &[])).contains("UTF-8"));
-        assert!(refusal(header(3, &[entry("llama.context_length", 5, &(-1i32).to_le_bytes())], &[])).contains("-1"));
-        // A tensor with too many dimensions or an element count that overflows.
-        assert!(refusal(header(3, &[], &[("t", &[1, 1, 1, 1, 1])])).contains("dimensions"));
-        assert!(refusal(header(3, &[], &[("t", &[u64::MAX, 2])])).contains("too many elements"));
-    }
-
-    #[test]
-    fn names_quantizations_and_sizes_as_ollama_does() {
-        assert_eq!(quantization_name(15), Some("Q4_K_M"));
-        assert_eq!(quantization_name(2), Some("Q4_0"));
-        assert_eq!(quantization_name(1000), None);
-        assert_eq!(parameter_size(8_000_000_000), "8B");
-        assert_eq!(parameter_size(8_030_261_248), "8.0B");
-        assert_eq!(parameter_size(494_032_768), "494.03M");
-        assert_eq!(parameter_size(135_000), "135K");
-        assert_eq!(parameter_size(42), "42");
-    }
-}
+mod tests;
