@@ -145,6 +145,15 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let _lock = lock_state_dir(&state_dir)?;
     let store = Store::open(&state_dir).context("cannot open the state database (server.state_dir)")?;
     let store = reap_leftovers(store, &bus).await?;
+    let catalog = {
+        let specs = config.model_specs();
+        let file = config.file().map(std::path::Path::to_path_buf);
+        let started = std::time::SystemTime::now();
+        // Reads each model's weights-file header: file I/O, on the blocking pool.
+        tokio::task::spawn_blocking(move || crate::catalog::Catalog::build(&specs, file.as_deref(), started))
+            .await
+            .context("reading the models' weights files failed")?
+    };
     let settings = ArbiterSettings {
         scheduler: config.scheduler.clone(),
         models: config.model_specs(),
@@ -152,6 +161,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         aliases: config.aliases.clone(),
         modes: config.modes.clone(),
         critical_pct: config.gpu.critical_pct,
+        estimates: catalog.estimates(),
     };
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
         .context("cannot start the arbiter")?;
@@ -168,15 +178,6 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     if let Some(mode) = config.server.initial_mode.clone() {
         tokio::spawn(apply_initial_mode(arbiter_handle.clone(), bus.clone(), mode, shutdown.clone()));
     }
-    let catalog = {
-        let specs = config.model_specs();
-        let file = config.file().map(std::path::Path::to_path_buf);
-        let started = std::time::SystemTime::now();
-        // Reads each model's weights-file header: file I/O, on the blocking pool.
-        tokio::task::spawn_blocking(move || api::catalog::Catalog::build(&specs, file.as_deref(), started))
-            .await
-            .context("reading the models' weights files failed")?
-    };
     let app = api::router(AppState {
         gpu: view,
         arbiter: arbiter_handle,

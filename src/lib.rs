@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arbiter;
 pub mod backend;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;

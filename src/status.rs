@@ -125,6 +125,10 @@ pub struct ModelStatus {
     /// The footprint declared in the config.
     #[serde(default)]
     pub declared_mib: Option<u64>,
+    /// The footprint estimated from the weights file's GGUF header for the command's flags
+    /// (process models only); used for admission until one is measured.
+    #[serde(default)]
+    pub estimated_mib: Option<u64>,
     /// Failed starts in a row.
     #[serde(default)]
     pub failures: u32,

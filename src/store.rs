@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS processes (
 CREATE TABLE IF NOT EXISTS footprints (
     model TEXT PRIMARY KEY,
     mib INTEGER NOT NULL,
-    measured_at TEXT NOT NULL
+    measured_at TEXT NOT NULL,
+    estimate_mib INTEGER
 );
 ";
 
@@ -239,15 +240,23 @@ impl Store {
 
     /// Stores a model's measured footprint (the latest measurement wins: models change).
     pub fn record_footprint(&self, model: &str, mib: u64) -> Result<(), StoreError> {
-        self.record_footprint_at(model, mib, Utc::now())
+        self.record_footprint_at(model, mib, None, Utc::now())
     }
 
-    /// [`Store::record_footprint`], measured at `measured_at`.
-    fn record_footprint_at(&self, model: &str, mib: u64, measured_at: DateTime<Utc>) -> Result<(), StoreError> {
+    /// [`Store::record_footprint`], measured at `measured_at`, with the header estimate the
+    /// model had then (what a later, different estimate is corrected against).
+    fn record_footprint_at(
+        &self,
+        model: &str,
+        mib: u64,
+        estimate_mib: Option<u64>,
+        measured_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let estimate = estimate_mib.map(|e| i64::try_from(e).unwrap_or(i64::MAX));
         self.connection
             .execute(
-                "INSERT OR REPLACE INTO footprints (model, mib, measured_at) VALUES (?1, ?2, ?3)",
-                params![model, i64::try_from(mib).unwrap_or(i64::MAX), measured_at.to_rfc3339()],
+                "INSERT OR REPLACE INTO footprints (model, mib, measured_at, estimate_mib) VALUES (?1, ?2, ?3, ?4)",
+                params![model, i64::try_from(mib).unwrap_or(i64::MAX), measured_at.to_rfc3339(), estimate],
             )
             .map(|_| ())
             .map_err(|e| self.fail("cannot record a footprint", e))
@@ -264,16 +273,35 @@ impl Store {
             .map_err(|e| self.fail("cannot read footprints", e))?;
         rows.collect::<Result<HashMap<_, _>, _>>().map_err(|e| self.fail("cannot read footprints", e))
     }
+
+    /// For each measured footprint recorded with one, the estimate the model had when it was
+    /// measured, by model.
+    pub fn footprint_estimates(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT model, estimate_mib FROM footprints WHERE estimate_mib IS NOT NULL")
+            .map_err(|e| self.fail("cannot read footprints", e))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0))))
+            .map_err(|e| self.fail("cannot read footprints", e))?;
+        rows.collect::<Result<HashMap<_, _>, _>>().map_err(|e| self.fail("cannot read footprints", e))
+    }
 }
 
 /// Brings a database written by an earlier version up to [`SCHEMA`]: `processes.boot_id` came
 /// later (existing rows get NULL: their boot is unknown, and the reaper falls back to comparing
-/// start time with the time of the record).
+/// start time with the time of the record), and so did `footprints.estimate_mib` (NULL: measured
+/// before estimates, nothing to correct against).
 fn migrate(connection: &Connection) -> rusqlite::Result<()> {
-    let mut columns = connection.prepare("SELECT name FROM pragma_table_info('processes')")?;
-    let names = columns.query_map([], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-    if !names.iter().any(|name| name == "boot_id") {
+    let columns = |table: &str| -> rusqlite::Result<Vec<String>> {
+        let mut statement = connection.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        statement.query_map([], |row| row.get::<_, String>(0))?.collect()
+    };
+    if !columns("processes")?.iter().any(|name| name == "boot_id") {
         connection.execute_batch("ALTER TABLE processes ADD COLUMN boot_id TEXT DEFAULT NULL")?;
+    }
+    if !columns("footprints")?.iter().any(|name| name == "estimate_mib") {
+        connection.execute_batch("ALTER TABLE footprints ADD COLUMN estimate_mib INTEGER DEFAULT NULL")?;
     }
     Ok(())
 }
@@ -353,6 +381,9 @@ mod tests {
         );
         assert_eq!((processes[1].record.pid, processes[1].boot_id.clone()), (200, this_boot_id()));
         assert_eq!(store.footprints().unwrap()["llm"], 6646);
+        assert!(store.footprint_estimates().unwrap().is_empty(), "measured before estimates: none to correct against");
+        store.record_footprint_at("stt", 1500, Some(1400), Utc::now()).unwrap();
+        assert_eq!(store.footprint_estimates().unwrap()["stt"], 1400, "the new column takes values");
         drop(store);
         // Opening again finds the column there and changes nothing.
         assert_eq!(Store::open(dir.path()).unwrap().processes().unwrap(), processes);
@@ -368,6 +399,11 @@ mod tests {
         let footprints = store.footprints().unwrap();
         assert_eq!(footprints["llm"], 6700);
         assert_eq!(footprints["stt"], 1500);
+        // With the estimate it was measured under; a later measurement without one clears it.
+        store.record_footprint_at("llm", 6800, Some(6500), Utc::now()).unwrap();
+        assert_eq!(store.footprint_estimates().unwrap().get("llm"), Some(&6500));
+        store.record_footprint("llm", 6900).unwrap();
+        assert_eq!(store.footprint_estimates().unwrap().get("llm"), None);
     }
 
     #[test]

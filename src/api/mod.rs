@@ -5,7 +5,7 @@
 //! Prometheus expects.
 
 mod auth;
-pub mod catalog;
+
 pub mod cors;
 pub mod error;
 mod external;
@@ -66,7 +66,7 @@ pub struct AppState {
     /// `server.token` (or `VRAMGATE_TOKEN`): when set, every route but health requires it.
     pub token: Option<crate::config::Token>,
     /// What is known about each model beyond its state (weights file, GGUF header, times).
-    pub catalog: Arc<catalog::Catalog>,
+    pub catalog: Arc<crate::catalog::Catalog>,
     /// `server.cors_origins`.
     pub cors: cors::CorsOrigins,
 }

@@ -139,14 +139,14 @@ pub(super) async fn version() -> Json<Value> {
 fn details(state: &AppState, model: &ModelStatus) -> Value {
     state.catalog.get(&model.id).map_or_else(
         || json!({ "parent_model": "", "format": "", "family": "", "families": null, "parameter_size": "", "quantization_level": "" }),
-        super::catalog::ModelFacts::details,
+        crate::catalog::ModelFacts::details,
     )
 }
 
 /// `modified_at` of a model: its weights file's modification time, else the config file's, else
 /// the daemon's start.
 fn modified_at(state: &AppState, model: &ModelStatus) -> String {
-    state.catalog.get(&model.id).map_or_else(now, super::catalog::ModelFacts::modified_at)
+    state.catalog.get(&model.id).map_or_else(now, crate::catalog::ModelFacts::modified_at)
 }
 
 fn bytes_of(mib: u64) -> u64 {

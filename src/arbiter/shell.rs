@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::drivers;
 use super::engine::{
-    Effects, Engine, EngineSettings, Input, OllamaRelease, OllamaStart, ProcessRelease, ProcessStart, StoreWrite,
+    Effects, Engine, EngineSettings, Input, KnownFootprints, OllamaRelease, OllamaStart, ProcessRelease, ProcessStart,
+    StoreWrite,
 };
 use super::gate::ModelGate;
 use super::{ArbiterHandle, ArbiterView, Command};
@@ -41,6 +42,8 @@ pub struct ArbiterSettings {
     /// `[gpu] critical_pct`: a model demoted to the CPU is promoted back only if the device stays
     /// below it.
     pub critical_pct: f64,
+    /// Each model's footprint estimated from its weights file's header (see `catalog`), in MiB.
+    pub estimates: std::collections::HashMap<String, u64>,
 }
 
 /// The effects, carried out for real.
@@ -72,7 +75,9 @@ impl Effects for ShellEffects {
         match write {
             StoreWrite::RecordProcess(record) => self.store.record_process(record),
             StoreWrite::ForgetProcess(pid) => self.store.forget_process(pid),
-            StoreWrite::Footprint { model, mib } => self.store.record_footprint(&model, mib),
+            StoreWrite::Footprint { model, mib, estimate_mib } => {
+                self.store.record_footprint_estimated(&model, mib, estimate_mib)
+            }
         }
     }
 
@@ -123,7 +128,11 @@ impl Arbiter {
         let (commands, inbox) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(Arc::new(ArbiterView::default()));
         let first_view = gpu.borrow().clone();
-        let learned = store.footprints().unwrap_or_default();
+        let known = KnownFootprints::new(
+            store.footprints().unwrap_or_default(),
+            &store.footprint_estimates().unwrap_or_default(),
+            settings.estimates.clone(),
+        );
         let now = Instant::now();
         let idle = Arc::new(Notify::new());
         let gates: HashMap<String, Arc<ModelGate>> = settings
@@ -156,8 +165,7 @@ impl Arbiter {
             log_dir: settings.log_dir,
             critical_pct: settings.critical_pct,
         };
-        let mut engine =
-            Engine::new(fx, engine_settings, settings.models, &gates, &learned, first_view, now, Utc::now());
+        let mut engine = Engine::new(fx, engine_settings, settings.models, &gates, &known, first_view, now, Utc::now());
         // Status and `/v1/models` list the configured models from the first answer, before the
         // arbiter's task first runs.
         engine.refresh_view();

@@ -239,6 +239,7 @@ mod tests {
             pid: None,
             measured_mib: None,
             declared_mib: None,
+            estimated_mib: None,
             failures: 0,
             retry_in_s: None,
             last_error: None,

@@ -132,6 +132,11 @@ pub struct ModelConfig {
     /// path rules as `cmd`.
     #[serde(default)]
     pub cpu_cmd: Option<CommandLine>,
+    /// A process model's GGUF weights file, when its `cmd` does not name it with `-m`/`--model`:
+    /// its header gives the footprint estimate used before the model was ever measured. A
+    /// relative path is relative to `cwd`, else to the config file's directory.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
     /// What eviction does to it: `unload` (default) or `cpu` (needs a CPU form).
     #[serde(default)]
     pub on_evict: OnEvict,
@@ -226,6 +231,8 @@ pub struct ProcessSpec {
     pub cwd: Option<PathBuf>,
     /// The CPU form's command, split.
     pub cpu_argv: Option<Vec<String>>,
+    /// The weights file named by `weights`, resolved (see [`ModelConfig::weights`]).
+    pub weights: Option<PathBuf>,
 }
 
 /// Where an Ollama model lives and how it is loaded.
@@ -358,6 +365,10 @@ impl Config {
                 env: m.env.clone(),
                 cwd: self.model_cwd(m),
                 cpu_argv: self.model_argv(m, m.cpu_cmd.as_ref()),
+                weights: m.weights.as_ref().map(|path| match self.model_cwd(m).or_else(|| self.base_dir.clone()) {
+                    Some(base) if path.is_relative() => normalized_join(&base, path),
+                    _ => path.clone(),
+                }),
             }),
             Backend::Ollama => BackendSpec::Ollama(OllamaSpec {
                 model: m.ollama_model.clone().unwrap_or_default(),

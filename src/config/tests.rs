@@ -364,6 +364,8 @@ fn backend_specific_keys_are_checked() {
     assert!(err.message.contains("ollama_model"), "{err}");
     let err = parse_err("[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\ncmd = \"x\"\n");
     assert_eq!((err.key.as_deref(), err.line), (Some("models.llama.cmd"), Some(4)));
+    let err = parse_err("[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\nweights = \"m.gguf\"\n");
+    assert_eq!((err.key.as_deref(), err.line), (Some("models.llama.weights"), Some(4)));
     let err = parse_err("[models.llama]\nbackend = \"ollama\"\nollama_model = \"x\"\nurl = \"localhost:1\"\n");
     assert_eq!(err.key.as_deref(), Some("models.llama.url"));
     let err = parse_err("[models.clip]\nbackend = \"external\"\n");
@@ -472,7 +474,8 @@ fn relative_paths_in_models_are_anchored_to_the_config_file() {
                 cpu_cmd = \"bin/server.sh --cpu\"\n\
                 [models.b]\nbackend = \"process\"\ncmd = \"./server\"\ncwd = \"work\"\n\
                 [models.c]\nbackend = \"process\"\ncmd = \"llama-server --port ${PORT}\"\ncwd = \"/srv/llama\"\n\
-                [models.d]\nbackend = \"process\"\ncmd = \"/usr/bin/server\"\n";
+                weights = \"models/a.gguf\"\n\
+                [models.d]\nbackend = \"process\"\ncmd = \"/usr/bin/server\"\nweights = \"/m/d.gguf\"\n";
     let config = Config::parse(text, Some(Path::new("/etc/vramgate/vramgate.toml"))).unwrap();
     let specs = config.model_specs();
     let spec = |id: &str| specs.iter().find(|s| s.id == id).unwrap();
@@ -489,6 +492,10 @@ fn relative_paths_in_models_are_anchored_to_the_config_file() {
     assert_eq!(process(spec("c")).argv[0], "llama-server");
     assert_eq!(process(spec("c")).cwd.as_deref(), Some(Path::new("/srv/llama")));
     assert_eq!(process(spec("d")).argv[0], "/usr/bin/server");
+    // The weights file likewise: against the cwd, else the config's directory; absolute as is.
+    assert_eq!(process(spec("c")).weights.as_deref(), Some(Path::new("/srv/llama/models/a.gguf")));
+    assert_eq!(process(spec("d")).weights.as_deref(), Some(Path::new("/m/d.gguf")));
+    assert_eq!(process(spec("a")).weights, None);
     // Without a file there is nothing to anchor to.
     let unanchored = Config::parse(text, None).unwrap().model_specs();
     assert_eq!(process(&unanchored[0]).argv[0], "./bin/server.sh");

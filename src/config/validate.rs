@@ -199,6 +199,7 @@ impl Config {
                         ("health", model.health.is_some()),
                         ("env", !model.env.is_empty()),
                         ("cwd", model.cwd.is_some()),
+                        ("weights", model.weights.is_some()),
                         ("ack_timeout", model.ack_timeout.is_some()),
                     ]) {
                         return Err(error);
@@ -234,6 +235,7 @@ impl Config {
                         ("health", model.health.is_some()),
                         ("env", !model.env.is_empty()),
                         ("cwd", model.cwd.is_some()),
+                        ("weights", model.weights.is_some()),
                         ("warmup", model.warmup.is_some()),
                         ("ollama_model", model.ollama_model.is_some()),
                         ("url", model.url.is_some()),

@@ -31,7 +31,7 @@ pub(crate) enum Write {
     /// [`Store::forget_process`].
     ForgetProcess(u32),
     /// [`Store::record_footprint`], measured when the write was sent.
-    RecordFootprint { model: String, mib: u64, measured_at: DateTime<Utc> },
+    RecordFootprint { model: String, mib: u64, estimate_mib: Option<u64>, measured_at: DateTime<Utc> },
 }
 
 /// What the writer thread writes to: the [`Store`], or a fake in tests.
@@ -45,7 +45,9 @@ impl WriteTarget for Store {
         match write {
             Write::RecordProcess(record) => self.record_process(record),
             Write::ForgetProcess(pid) => self.forget_process(*pid),
-            Write::RecordFootprint { model, mib, measured_at } => self.record_footprint_at(model, *mib, *measured_at),
+            Write::RecordFootprint { model, mib, estimate_mib, measured_at } => {
+                self.record_footprint_at(model, *mib, *estimate_mib, *measured_at)
+            }
         }
     }
 }
@@ -105,7 +107,12 @@ impl StoreWriter {
 
     /// Stores a model's measured footprint, timestamped now.
     pub fn record_footprint(&self, model: &str, mib: u64) {
-        self.send(Write::RecordFootprint { model: model.to_string(), mib, measured_at: Utc::now() });
+        self.record_footprint_estimated(model, mib, None);
+    }
+
+    /// [`StoreWriter::record_footprint`] with the header estimate the model had when measured.
+    pub fn record_footprint_estimated(&self, model: &str, mib: u64, estimate_mib: Option<u64>) {
+        self.send(Write::RecordFootprint { model: model.to_string(), mib, estimate_mib, measured_at: Utc::now() });
     }
 
     /// Why the database refuses writes right now (naming the file), or `None` when the latest

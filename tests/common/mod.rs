@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod app;
+pub mod gguf;
 pub mod http;
 pub mod lines;
 pub mod nvml;

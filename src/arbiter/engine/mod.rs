@@ -68,6 +68,44 @@ pub(crate) trait Effects {
     fn release_ollama(&mut self, release: OllamaRelease);
 }
 
+/// What is known of each model's footprint before it runs, by model id.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KnownFootprints {
+    /// Measured in an earlier run (the largest), corrected where the estimate has changed since.
+    pub learned: HashMap<String, u64>,
+    /// Estimated from the weights file's header for the configured flags.
+    pub estimated: HashMap<String, u64>,
+}
+
+impl KnownFootprints {
+    /// Combines what the store remembers with this run's estimates. A footprint measured when
+    /// the model's estimate was `E0` is kept as measured while the estimate is still `E0`; once
+    /// the estimate has changed to `E` (a new context size, another quantization), the
+    /// measurement no longer describes the model as configured, and what is learned becomes
+    /// `E × measured / E0`: the new estimate with the correction that measurement showed.
+    pub(crate) fn new(
+        measured: HashMap<String, u64>,
+        measured_with_estimate: &HashMap<String, u64>,
+        estimated: HashMap<String, u64>,
+    ) -> KnownFootprints {
+        let learned = measured
+            .into_iter()
+            .map(|(model, mib)| {
+                let then = measured_with_estimate.get(&model).copied().filter(|e| *e > 0);
+                let corrected = match (then, estimated.get(&model)) {
+                    (Some(then), Some(&now)) if then != now => {
+                        let scaled = u128::from(now) * u128::from(mib);
+                        u64::try_from(scaled.div_ceil(u128::from(then))).unwrap_or(u64::MAX)
+                    }
+                    _ => mib,
+                };
+                (model, corrected)
+            })
+            .collect();
+        KnownFootprints { learned, estimated }
+    }
+}
+
 /// A write to the state database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StoreWrite {
@@ -76,7 +114,7 @@ pub(crate) enum StoreWrite {
     /// A process is gone (stopped, exited, or replaced).
     ForgetProcess(u32),
     /// A model's largest footprint measured so far.
-    Footprint { model: String, mib: u64 },
+    Footprint { model: String, mib: u64, estimate_mib: Option<u64> },
 }
 
 /// Everything a process driver needs to start a model.
@@ -245,7 +283,7 @@ impl<E: Effects> Engine<E> {
         settings: EngineSettings,
         specs: Vec<ModelSpec>,
         gates: &HashMap<String, Arc<ModelGate>>,
-        learned: &HashMap<String, u64>,
+        known: &KnownFootprints,
         first_view: Arc<GpuView>,
         now: Instant,
         started_wall: DateTime<Utc>,
@@ -259,7 +297,7 @@ impl<E: Effects> Engine<E> {
             .into_iter()
             .filter_map(|spec| {
                 let gate = gates.get(&spec.id)?.clone();
-                Some(Model::new(spec, gate, learned, now))
+                Some(Model::new(spec, gate, known, now))
             })
             .collect();
         Engine {

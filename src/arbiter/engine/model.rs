@@ -1,7 +1,7 @@
 //! A model's state: its lifecycle [`Phase`], why it changed ([`Reason`]), and what the engine
 //! keeps beside it (leases, queue entries, callers waiting).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -261,6 +261,8 @@ pub(crate) struct Model {
     pub state_reason: Option<Reason>,
     /// The largest footprint measured, from the store and this run.
     pub learned_mib: Option<u64>,
+    /// The footprint estimated from its weights file's header, used until one is measured.
+    pub estimated_mib: Option<u64>,
     /// What its processes use now.
     pub current_mib: u64,
     /// In-use count, last use and the serving address, shared with the proxy's hot path.
@@ -280,9 +282,10 @@ pub(crate) struct Model {
 }
 
 impl Model {
-    pub(crate) fn new(spec: ModelSpec, gate: Arc<ModelGate>, learned: &HashMap<String, u64>, now: Instant) -> Model {
+    pub(crate) fn new(spec: ModelSpec, gate: Arc<ModelGate>, known: &super::KnownFootprints, now: Instant) -> Model {
         Model {
-            learned_mib: learned.get(&spec.id).copied(),
+            learned_mib: known.learned.get(&spec.id).copied(),
+            estimated_mib: known.estimated.get(&spec.id).copied(),
             gate,
             spec,
             phase: Phase::Unloaded,
@@ -317,18 +320,21 @@ impl Model {
         self.phase.state()
     }
 
-    /// Memory counted for it: the largest of what it declares, was measured at and uses now, and
-    /// while it moves, what it was admitted with.
+    /// Memory counted for it: the largest of what it declares, was measured at (else estimated
+    /// at) and uses now, and while it moves, what it was admitted with.
     pub(crate) fn footprint(&self) -> u64 {
         if self.placement == Placement::Cpu && self.phase != Phase::Unloaded {
             return 0;
         }
         let moving = matches!(self.phase, Phase::Loading | Phase::Unloading { .. });
-        self.spec.declared_mib.unwrap_or(0).max(self.learned_mib.unwrap_or(0)).max(self.current_mib).max(if moving {
-            self.reserved_mib
-        } else {
-            0
-        })
+        self.known_mib().max(self.current_mib).max(if moving { self.reserved_mib } else { 0 })
+    }
+
+    /// What it is known to need before it runs: the larger of what it declares and was measured
+    /// at, else its header estimate; 0 when nothing is known.
+    pub(crate) fn known_mib(&self) -> u64 {
+        let known = self.spec.declared_mib.unwrap_or(0).max(self.learned_mib.unwrap_or(0));
+        if known > 0 { known } else { self.estimated_mib.unwrap_or(0) }
     }
 
     /// When an idle TTL would unload it: ready, unused, not pinned, with a TTL.

@@ -126,7 +126,8 @@ impl<E: Effects> Engine<E> {
                 model.current_mib = entry.vram_mib;
                 if ready_on_gpu && learned {
                     model.learned_mib = Some(entry.vram_mib);
-                    let write = StoreWrite::Footprint { model: model.spec.id.clone(), mib: entry.vram_mib };
+                    let write =
+                        StoreWrite::Footprint { model: model.spec.id.clone(), mib: entry.vram_mib, estimate_mib: None };
                     self.fx.persist(write);
                 }
             }

@@ -43,6 +43,7 @@ impl<E: Effects> Engine<E> {
             pid: m.process.as_ref().map(|p| p.pid).or(m.attachment.as_ref().and_then(|a| a.pid)),
             measured_mib: m.learned_mib,
             declared_mib: m.spec.declared_mib,
+            estimated_mib: m.estimated_mib,
             failures: m.failures,
             retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(self.now).as_secs()),
             last_error: m.last_error.clone(),

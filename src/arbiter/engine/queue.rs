@@ -415,12 +415,12 @@ impl<E: Effects> Engine<E> {
         }
     }
 
-    /// The memory a model is admitted with: what it declares or was measured at, else (a first
-    /// load of an undeclared model) everything currently free on the device, so that it starts
-    /// only on an otherwise idle device and its real footprint can be measured.
+    /// The memory a model is admitted with: what it declares or was measured at, else its
+    /// header estimate, else (a first load of a model nothing is known of) everything currently
+    /// free on the device, so that it starts only on an otherwise idle device and its real
+    /// footprint can be measured.
     pub(super) fn load_reservation(&self, i: usize, device: Option<u32>) -> u64 {
-        let m = &self.models[i];
-        let known = m.spec.declared_mib.unwrap_or(0).max(m.learned_mib.unwrap_or(0));
+        let known = self.models[i].known_mib();
         if known > 0 {
             return known;
         }

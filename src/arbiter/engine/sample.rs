@@ -176,7 +176,11 @@ impl<E: Effects> Engine<E> {
                 && used > model.learned_mib.unwrap_or(0)
             {
                 model.learned_mib = Some(used);
-                let write = StoreWrite::Footprint { model: model.spec.id.clone(), mib: used };
+                let write = StoreWrite::Footprint {
+                    model: model.spec.id.clone(),
+                    mib: used,
+                    estimate_mib: model.estimated_mib,
+                };
                 self.fx.persist(write);
             }
         }

@@ -75,6 +75,11 @@ struct Rig {
 impl Rig {
     /// `models`: `[models.*]` tables (and any `[scheduler]`); one device of `total_mib`.
     fn new(config: &str, total_mib: u64) -> Rig {
+        Rig::with_known(config, total_mib, &KnownFootprints::default())
+    }
+
+    /// [`Rig::new`] with footprints known before the start (measured earlier, estimated).
+    fn with_known(config: &str, total_mib: u64, known: &KnownFootprints) -> Rig {
         let config = Config::parse(config, None).expect("a valid config");
         let now = Instant::now();
         let idle = Arc::new(Notify::new());
@@ -85,16 +90,8 @@ impl Rig {
             .collect();
         let settings = EngineSettings { scheduler: config.scheduler.clone(), log_dir: None, critical_pct: 90.0 };
         let view = Arc::new(device_view(total_mib, &[]));
-        let engine = Engine::new(
-            Recorder::default(),
-            settings,
-            specs,
-            &gates,
-            &HashMap::new(),
-            view.clone(),
-            now,
-            chrono::Utc::now(),
-        );
+        let engine =
+            Engine::new(Recorder::default(), settings, specs, &gates, known, view.clone(), now, chrono::Utc::now());
         let mut rig = Rig { engine, gates, now, total_mib, next_pid: 1000 };
         rig.engine.start(view, ProcTable::default(), now);
         rig

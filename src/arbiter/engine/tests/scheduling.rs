@@ -338,3 +338,47 @@ fn a_lease_past_its_wait_while_its_victims_go_does_not_keep_the_clock_ringing() 
     rig.sample(&[]);
     assert!(answered(&mut lease).expect("answered").is_ok(), "granted once the memory is back");
 }
+
+/// A model known only by its header estimate is admitted with that estimate, leaving the rest of
+/// the device to others, instead of reserving everything free (what a model nothing is known of
+/// does).
+#[test]
+fn a_model_known_by_its_estimate_is_admitted_with_it() {
+    let config = "[models.llm]\nbackend = \"process\"\ncmd = \"llm\"\nvram = \"5000MiB\"\n\
+        [models.new]\nbackend = \"process\"\ncmd = \"new\"\n";
+    for estimate in [Some(2000), None] {
+        let known = KnownFootprints {
+            learned: HashMap::new(),
+            estimated: estimate.map(|mib| ("new".to_string(), mib)).into_iter().collect(),
+        };
+        let mut rig = Rig::with_known(config, 8000, &known);
+        let _llm = rig.load("llm");
+        let pid = rig.ready("llm");
+        rig.sample(&[(pid, 5000)]);
+        let _new = rig.load("new");
+        let new = rig.engine.models.iter().find(|m| m.spec.id == "new").expect("configured");
+        let reserved = (new.state(), new.reserved_mib);
+        match estimate {
+            Some(mib) => {
+                assert_eq!(reserved, (ModelState::Loading, mib), "admitted with its estimate");
+                assert_eq!(rig.state("llm"), ModelState::Ready, "nothing evicted for it");
+            }
+            None => assert_eq!(reserved, (ModelState::Loading, 3000), "everything free"),
+        }
+    }
+}
+
+/// A stored measurement is kept while the estimate it was measured under still holds, and scaled
+/// by the new estimate when that changed; models without estimates keep their measurements.
+#[test]
+fn a_stored_measurement_is_corrected_when_the_estimate_changes() {
+    let measured: HashMap<String, u64> =
+        [("same", 3000), ("changed", 3000), ("plain", 1234)].map(|(m, v)| (m.to_string(), v)).into();
+    let then: HashMap<String, u64> = [("same", 2500), ("changed", 2500)].map(|(m, v)| (m.to_string(), v)).into();
+    let now: HashMap<String, u64> = [("same", 2500), ("changed", 5000)].map(|(m, v)| (m.to_string(), v)).into();
+    let known = KnownFootprints::new(measured, &then, now);
+    assert_eq!(known.learned["same"], 3000);
+    assert_eq!(known.learned["changed"], 6000, "5000 × 3000 / 2500");
+    assert_eq!(known.learned["plain"], 1234);
+    assert_eq!(known.estimated["changed"], 5000);
+}

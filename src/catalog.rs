@@ -13,6 +13,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
 use crate::config::{BackendSpec, ModelSpec, ProcessSpec};
+use crate::gguf::estimate::{self, Estimate};
 use crate::gguf::{self, GgufInfo};
 
 /// The facts about every configured model, by id.
@@ -44,6 +45,9 @@ pub struct ModelFacts {
     /// The context size the command asks for (llama-server's `-c`/`--ctx-size`), when it names
     /// a number: what the model runs with, as far as the config tells.
     pub ctx_size: Option<u64>,
+    /// For a process model with a readable GGUF header: its footprint estimate for the command's
+    /// flags (see [`gguf::estimate`]), or why there is none.
+    pub estimate: Option<Result<Estimate, String>>,
 }
 
 impl Catalog {
@@ -54,6 +58,14 @@ impl Catalog {
         let fallback = config_modified.unwrap_or(started);
         let models = specs.iter().map(|spec| (spec.id.clone(), ModelFacts::of(spec, fallback))).collect();
         Catalog { models, fallback_modified: Some(fallback) }
+    }
+
+    /// Each model's footprint estimate in MiB, for the models that have one.
+    pub fn estimates(&self) -> HashMap<String, u64> {
+        self.models
+            .iter()
+            .filter_map(|(id, facts)| Some((id.clone(), facts.estimate.as_ref()?.as_ref().ok()?.total_mib())))
+            .collect()
     }
 
     /// The facts about model `id`.
@@ -78,6 +90,7 @@ impl ModelFacts {
             capabilities: Vec::new(),
             ollama: None,
             ctx_size: None,
+            estimate: None,
         };
         match &spec.backend {
             BackendSpec::Process(process) => {
@@ -95,6 +108,13 @@ impl ModelFacts {
                         match gguf::read_file(weights) {
                             Ok(header) => {
                                 facts.format = "gguf";
+                                let args = process.argv.get(1..).unwrap_or_default();
+                                let estimated = estimate::launch_from_args(args)
+                                    .and_then(|launch| estimate::estimate(&header, &launch));
+                                if let Err(e) = &estimated {
+                                    tracing::warn!(model = %spec.id, "no footprint estimate from {}: {e}", weights.display());
+                                }
+                                facts.estimate = Some(estimated);
                                 facts.header = Some(header);
                             }
                             Err(e) if facts.format == "gguf" => {
@@ -174,6 +194,9 @@ fn modified_time(path: &Path) -> Option<SystemTime> {
 /// process runs there), else to the daemon's working directory. An argument with a `${...}`
 /// expansion is not a file that can be looked at before the start.
 fn weights_path(process: &ProcessSpec) -> Option<PathBuf> {
+    if let Some(weights) = &process.weights {
+        return Some(weights.clone());
+    }
     let args = process.argv.get(1..).unwrap_or_default();
     let flagged = args.iter().enumerate().find_map(|(index, arg)| match arg.as_str() {
         "-m" | "--model" => args.get(index + 1).map(String::as_str),
@@ -239,6 +262,7 @@ mod tests {
             env: Default::default(),
             cwd: cwd.map(PathBuf::from),
             cpu_argv: None,
+            weights: None,
         }
     }
 
