@@ -125,6 +125,9 @@ pub struct ModelStatus {
     /// The footprint declared in the config.
     #[serde(default)]
     pub declared_mib: Option<u64>,
+    /// The most it was seen using since it last became ready (null until measured).
+    #[serde(default)]
+    pub peak_mib: Option<u64>,
     /// The footprint estimated from the weights file's GGUF header for the command's flags
     /// (process models only); used for admission until one is measured.
     #[serde(default)]

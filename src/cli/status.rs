@@ -240,6 +240,7 @@ mod tests {
             measured_mib: None,
             declared_mib: None,
             estimated_mib: None,
+            peak_mib: None,
             failures: 0,
             retry_in_s: None,
             last_error: None,

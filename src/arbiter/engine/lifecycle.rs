@@ -198,6 +198,7 @@ impl<E: Effects> Engine<E> {
         model.device = device;
         model.reserved_mib = reserved_mib;
         model.current_mib = 0;
+        model.peak_mib = None;
         model.resident_since = now;
         model.placement = placement;
         model.prefers_gpu = prefers_gpu;

@@ -265,6 +265,9 @@ pub(crate) struct Model {
     pub estimated_mib: Option<u64>,
     /// What its processes use now.
     pub current_mib: u64,
+    /// The most its processes were seen using since it last became ready (a request's working
+    /// memory included); `None` until a reading measured it.
+    pub peak_mib: Option<u64>,
     /// In-use count, last use and the serving address, shared with the proxy's hot path.
     pub gate: Arc<ModelGate>,
     /// Whether it was ever used since the daemon started (for `last_used: null`).
@@ -296,6 +299,7 @@ impl Model {
             logs: None,
             reserved_mib: 0,
             current_mib: 0,
+            peak_mib: None,
             used_once: false,
             resident_since: now,
             failures: 0,

@@ -124,6 +124,9 @@ impl<E: Effects> Engine<E> {
                 let learned = entry.vram_mib > model.learned_mib.unwrap_or(0);
                 let model = &mut self.models[i];
                 model.current_mib = entry.vram_mib;
+                if ready_on_gpu {
+                    model.peak_mib = Some(model.peak_mib.unwrap_or(0).max(entry.vram_mib));
+                }
                 if ready_on_gpu && learned {
                     model.learned_mib = Some(entry.vram_mib);
                     let write =

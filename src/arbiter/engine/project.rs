@@ -44,6 +44,7 @@ impl<E: Effects> Engine<E> {
             measured_mib: m.learned_mib,
             declared_mib: m.spec.declared_mib,
             estimated_mib: m.estimated_mib,
+            peak_mib: m.peak_mib,
             failures: m.failures,
             retry_in_s: m.cooldown_until.map(|t| t.saturating_duration_since(self.now).as_secs()),
             last_error: m.last_error.clone(),

@@ -168,6 +168,9 @@ impl<E: Effects> Engine<E> {
                 continue;
             }
             model.current_mib = used;
+            if matches!(model.phase, super::Phase::Ready { .. }) && !unmeasured_models.contains(&i) {
+                model.peak_mib = Some(model.peak_mib.unwrap_or(0).max(used));
+            }
             // An app's process may hold more than the model: its use is not learned as the
             // model's footprint; nor is a size assumed for want of a figure.
             if matches!(model.phase, super::Phase::Ready { .. })

@@ -396,3 +396,25 @@ fn a_caller_waiting_for_a_draining_model_that_leaves_ollama_gets_it_loaded_again
     rig.finished("chat", Ok(()));
     assert!(matches!(answered(&mut waiting), Some(Ok(_))), "the caller is answered");
 }
+
+/// A model's peak is the most a reading saw it use since it became ready: it rises with use,
+/// does not fall when use does, and starts afresh with the next load.
+#[test]
+fn the_peak_is_the_most_seen_since_the_model_became_ready() {
+    let mut rig = Rig::new(TWO_MODELS, 10_000);
+    let peak = |rig: &Rig| rig.engine.models.iter().find(|m| m.spec.id == "llm").and_then(|m| m.peak_mib);
+    let _load = rig.load("llm");
+    let pid = rig.spawned("llm");
+    rig.sample(&[(pid, 7000)]);
+    assert_eq!(peak(&rig), None, "what it uses while it loads is not its peak");
+    rig.finished("llm", Ok(()));
+    for (used, expected) in [(5000, 5000), (6500, 6500), (5200, 6500)] {
+        rig.sample(&[(pid, used)]);
+        assert_eq!(peak(&rig), Some(expected), "after a reading of {used}");
+    }
+    assert_eq!(rig.engine.view().models.iter().find(|m| m.id == "llm").and_then(|m| m.peak_mib), Some(6500));
+    rig.unload("llm");
+    rig.released("llm");
+    let _again = rig.load("llm");
+    assert_eq!(peak(&rig), None, "a new load starts afresh");
+}
