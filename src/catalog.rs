@@ -48,6 +48,9 @@ pub struct ModelFacts {
     /// For a process model with a readable GGUF header: its footprint estimate for the command's
     /// flags (see [`gguf::estimate`]), or why there is none.
     pub estimate: Option<Result<Estimate, String>>,
+    /// The request sent once it is ready (`warmup`): what `vramgate plan --measure` sends to
+    /// find its peak.
+    pub warmup: Option<crate::config::Warmup>,
 }
 
 impl Catalog {
@@ -58,6 +61,19 @@ impl Catalog {
         let fallback = config_modified.unwrap_or(started);
         let models = specs.iter().map(|spec| (spec.id.clone(), ModelFacts::of(spec, fallback))).collect();
         Catalog { models, fallback_modified: Some(fallback) }
+    }
+
+    /// Each model's footprint estimate, term by term, for the models that have one.
+    pub fn estimate_terms(&self) -> HashMap<String, Estimate> {
+        self.models
+            .iter()
+            .filter_map(|(id, facts)| Some((id.clone(), facts.estimate.as_ref()?.as_ref().ok()?.clone())))
+            .collect()
+    }
+
+    /// Each model's warmup request, for the models that have one.
+    pub fn warmups(&self) -> HashMap<String, crate::config::Warmup> {
+        self.models.iter().filter_map(|(id, facts)| Some((id.clone(), facts.warmup.clone()?))).collect()
     }
 
     /// Each model's footprint estimate in MiB, for the models that have one.
@@ -91,6 +107,7 @@ impl ModelFacts {
             ollama: None,
             ctx_size: None,
             estimate: None,
+            warmup: spec.warmup.clone(),
         };
         match &spec.backend {
             BackendSpec::Process(process) => {

@@ -108,6 +108,13 @@ impl Client {
         serde_json::from_value(answer["models"].clone()).context("unreadable answer from the daemon")
     }
 
+    /// Asks for a plan (`POST /vramgate/plan`) and waits for it, however long a measurement
+    /// takes; the report as JSON.
+    pub async fn plan(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let response = self.post_json("/plan", body).await?;
+        response.json().await.context("unreadable answer from the daemon")
+    }
+
     /// The current mode and the modes defined (`GET /vramgate/mode`).
     pub async fn mode(&self) -> anyhow::Result<serde_json::Value> {
         self.get("/mode").await?.json().await.context("unreadable answer from the daemon")

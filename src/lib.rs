@@ -18,6 +18,7 @@ pub mod keeper;
 pub mod metrics;
 pub mod monitor;
 pub mod notify;
+pub mod plan;
 pub mod policy;
 pub mod status;
 pub mod store;

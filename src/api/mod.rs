@@ -16,6 +16,7 @@ mod ollama;
 mod ollama_show;
 mod ollama_translate;
 pub mod openai;
+mod plan;
 pub mod proxy;
 mod relay;
 pub mod server;
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{PREFIX}/models/{{name}}/attach"), post(external::attach))
         .route(&format!("{PREFIX}/models/{{name}}/ack"), post(external::ack))
         .route(&format!("{PREFIX}/mode"), post(external::set_mode).get(external::get_mode))
+        .route(&format!("{PREFIX}/plan"), post(plan::plan))
         .route(&format!("{PREFIX}/leases"), post(leases::create).get(leases::list))
         .route(&format!("{PREFIX}/leases/{{id}}/renew"), post(leases::renew))
         .route(&format!("{PREFIX}/leases/{{id}}"), delete(leases::release))

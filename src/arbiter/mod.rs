@@ -204,6 +204,7 @@ pub(crate) enum Command {
     Release { id: String, reason: &'static str, reply: Option<oneshot::Sender<Result<(), ArbiterError>>> },
     Logs { name: String, reply: oneshot::Sender<Result<Option<Arc<LogBuffer>>, ArbiterError>> },
     Choose { candidates: Vec<String>, reply: oneshot::Sender<Result<String, ArbiterError>> },
+    PlanInputs { models: Vec<String>, reply: oneshot::Sender<Result<crate::plan::Inputs, ArbiterError>> },
     Spawned { model: String, generation: u64, handle: ProcessHandle, port: u16 },
     LoadFinished { model: String, generation: u64, result: Result<(), String> },
     Exited { model: String, generation: u64, exit: ExitInfo },
@@ -229,6 +230,7 @@ impl Command {
             Command::Release { reply: Some(reply), .. } => drop(reply.send(Err(error))),
             Command::Logs { reply, .. } => drop(reply.send(Err(error))),
             Command::Choose { reply, .. } => drop(reply.send(Err(error))),
+            Command::PlanInputs { reply, .. } => drop(reply.send(Err(error))),
             Command::Attach { reply, .. } => drop(reply.send(Err(error))),
             Command::Ack { reply, .. } | Command::ModeApplied { reply, .. } => drop(reply.send(Err(error))),
             Command::Release { reply: None, .. }
@@ -435,6 +437,23 @@ impl ArbiterHandle {
     /// An app's acknowledgement of an instruction.
     pub async fn ack(&self, name: &str, ack: Ack) -> Result<(), ArbiterError> {
         self.ask(|reply| Command::Ack { name: name.to_string(), ack, reply }).await
+    }
+
+    /// What `vramgate plan` judges `models` (ids or aliases) on: the policy's view of every
+    /// device, the residents and holds now, and each model's known footprint.
+    pub async fn plan_inputs(&self, models: &[String]) -> Result<crate::plan::Inputs, ArbiterError> {
+        self.ask(|reply| Command::PlanInputs { models: models.to_vec(), reply }).await
+    }
+
+    /// The status view, as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ArbiterView>> {
+        self.view.clone()
+    }
+
+    /// Exclusive use of the model set for a long multi-step change (a mode switch, a plan's
+    /// measurement), or `None` while another one runs.
+    pub fn try_exclusive(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.mode_switch.clone().try_lock_owned().ok()
     }
 
     /// The `[modes]` table.

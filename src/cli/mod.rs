@@ -6,6 +6,7 @@ mod config_check;
 mod events;
 mod man;
 mod models;
+mod plan;
 mod run;
 mod serve;
 mod status;
@@ -48,6 +49,9 @@ enum Command {
     Logs(models::LogsArgs),
     /// Apply a `[modes.NAME]` (releases and CPU placements first, then loads), or show modes.
     Mode(models::ModeArgs),
+    /// Will these models fit together? GO, MARGINAL or NO-GO (exit 0, 3, 4), from what is known
+    /// or, with --measure, measured for real and put back.
+    Plan(plan::PlanArgs),
     /// Hold a VRAM lease while a command runs; exit with the command's status (75 if no lease).
     Run(run::RunArgs),
     /// Work with configuration files.
@@ -95,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Unload(args) => with_runtime(models::unload(args)),
         Command::Logs(args) => with_runtime(models::logs(args)),
         Command::Mode(args) => with_runtime(models::mode(args)),
+        Command::Plan(args) => plan::main(args),
         Command::Run(args) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(run::run(args)).unwrap_or_else(|e| fail(&e)),
             Err(e) => fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),

@@ -455,6 +455,9 @@ impl<E: Effects> Engine<E> {
             Command::Choose { candidates, reply } => {
                 let _ = reply.send(self.choose(&candidates));
             }
+            Command::PlanInputs { models, reply } => {
+                let _ = reply.send(self.plan_inputs(&models));
+            }
             Command::Logs { name, reply } => {
                 let result = self.index(&name).map(|i| self.models[i].logs.clone());
                 let _ = reply.send(result);

@@ -13,6 +13,30 @@ use crate::backend::ollama;
 use crate::status::{LeaseStatus, ModelStatus, OllamaModelStatus, OllamaStatus, QueueEntry};
 
 impl<E: Effects> Engine<E> {
+    /// What `vramgate plan` judges the set `names` on (see [`crate::plan::judge`]).
+    pub(super) fn plan_inputs(&self, names: &[String]) -> Result<crate::plan::Inputs, crate::arbiter::ArbiterError> {
+        let mut models: Vec<crate::plan::ModelFacts> = Vec::new();
+        for name in names {
+            let m = &self.models[self.index(name)?];
+            if models.iter().any(|f| f.id == m.spec.id) {
+                continue;
+            }
+            models.push(crate::plan::ModelFacts {
+                id: m.spec.id.clone(),
+                priority: m.spec.priority,
+                device: m.spec.device,
+                footprint: crate::plan::Footprint::known(
+                    m.spec.declared_mib,
+                    m.learned_mib,
+                    m.peak_mib,
+                    m.estimated_mib,
+                ),
+            });
+        }
+        let (devices, residents, holds) = self.policy_inputs();
+        Ok(crate::plan::Inputs { devices, residents, holds, models, now: self.millis(self.now) })
+    }
+
     /// The wall-clock time of monotonic instant `t`.
     pub(super) fn wall(&self, t: Instant) -> DateTime<Utc> {
         self.wall_ms(self.millis(t))
