@@ -123,6 +123,9 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     }
     let kind = opened.probe.kind();
     let bus = EventBus::new();
+    // Subscribed before anything publishes, so that every event from start-up on is counted.
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(config.models.keys().cloned()));
+    metrics.count_events(bus.subscribe());
     let settings = MonitorSettings::from_config(&config.gpu);
     let (monitor, view) = Monitor::start(opened.probe, opened.degraded_reasons, settings, bus.clone()).await;
     {
@@ -195,6 +198,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         token: config.server.token.clone(),
         catalog: std::sync::Arc::new(catalog),
         cors: api::cors::CorsOrigins::new(&config.server.cors_origins),
+        metrics,
     });
     let bounds = api::server::ServerSettings {
         max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),

@@ -92,9 +92,10 @@ pub(super) async fn status(State(state): State<AppState>) -> Json<Status> {
     Json(current_status(&state))
 }
 
+/// `GET /metrics`: the gauges read from the status document now, and the counts.
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = crate::metrics::render(&current_status(&state));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    let body = state.metrics.render(current_status(&state));
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body)
 }
 
 fn sse_event(event: &Event) -> SseEvent {

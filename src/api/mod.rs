@@ -70,6 +70,8 @@ pub struct AppState {
     pub catalog: Arc<crate::catalog::Catalog>,
     /// `server.cors_origins`.
     pub cors: cors::CorsOrigins,
+    /// The counts `/metrics` exposes beside the gauges; the proxy records its requests here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Every route; with a token, all of them but health behind [`auth`]; all of them behind

@@ -33,8 +33,9 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::error::{ApiError, Route, Surface};
 use super::ollama_translate::{Translation, translate};
-use super::proxy::{self, BufferedBody, Framing, MODEL_HEADER, PinnedBody, pin_model, strip_hop_by_hop};
+use super::proxy::{self, BufferedBody, Framing, MODEL_HEADER, PinnedBody, strip_hop_by_hop};
 use crate::arbiter::gate::{ModelGate, Pin, UpstreamKind};
+use crate::metrics;
 use crate::status::ModelStatus;
 
 /// The Ollama version `/api/version` claims (clients check it before using newer features).
@@ -389,26 +390,41 @@ pub(super) fn with_model_header(mut response: Response, model_id: Option<&str>) 
 /// Every Ollama request that names a model: find, pin (loading if needed), then pass through or
 /// translate.
 async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Response {
+    let mut record = state.metrics.requests().start(metrics::Surface::Ollama);
+    let response = serve_recorded(&state, request, endpoint, &mut record).await;
+    record.answered(response.status());
+    response
+}
+
+async fn serve_recorded(
+    state: &AppState,
+    request: Request,
+    endpoint: Endpoint,
+    record: &mut metrics::RequestRecord<'_>,
+) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     // The body counts against proxy.max_buffered until this function returns: through a load
     // and until the model's answer has started.
-    let (object, _buffered) = match read_object(&state, body).await {
+    let (object, _buffered) = match read_object(state, body).await {
         Ok(read) => read,
         Err(response) => return response,
     };
-    let (asked, name) = match model_name(&state, &object) {
+    let (asked, name) = match model_name(state, &object) {
         Ok(names) => names,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if is_load_call(endpoint, &object) && keep_alive_is_zero(object.get("keep_alive")) {
-        return match unload(&state, &name).await {
+        if let Some(gate) = state.arbiter.gate(&name) {
+            record.model(&gate.id);
+        }
+        return match unload(state, &name).await {
             Ok(()) => load_answer(endpoint, &asked, "unload", None),
             Err(response) => response,
         };
     }
     // An external model is only loaded by a load call (it serves its requests inside its app).
-    let (gate, pin) = match pin_model(&state, &name, !is_load_call(endpoint, &object)).await {
+    let (gate, pin) = match proxy::pin_recorded(state, &name, !is_load_call(endpoint, &object), record).await {
         Ok(pinned) => pinned,
         Err(e) => return e.render(Surface::Ollama),
     };
@@ -418,11 +434,11 @@ async fn serve(state: AppState, request: Request, endpoint: Endpoint) -> Respons
     let load_duration = started.elapsed();
     match pin.kind().clone() {
         UpstreamKind::Ollama { .. } => {
-            pass_through(&state, &gate, pin, parts.uri.path_and_query(), parts.headers, object).await
+            pass_through(state, &gate, pin, parts.uri.path_and_query(), parts.headers, object).await
         }
         UpstreamKind::OpenAi => {
             let request = Translation { endpoint, asked, name, started, load_duration };
-            translate(&state, &gate, pin, &parts.headers, object, request).await
+            translate(state, &gate, pin, &parts.headers, object, request).await
         }
         UpstreamKind::External => error(
             StatusCode::BAD_REQUEST,

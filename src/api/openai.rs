@@ -16,8 +16,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::{ApiError, PathParam, Surface};
-use super::proxy::{self, external_refusal, pin_model, pinned_response, strip_hop_by_hop};
+use super::proxy::{self, external_refusal, pinned_response, strip_hop_by_hop};
 use crate::arbiter::gate::{Pin, UpstreamKind};
+use crate::metrics;
 
 pub use super::proxy::{MODEL_HEADER, UpstreamClient, upstream_client};
 
@@ -145,16 +146,23 @@ fn invalid(status: StatusCode, message: impl Into<String>, code: &'static str) -
 
 /// Every `/v1/...` request that names a model: find, pin (loading if needed), forward, stream.
 pub(super) async fn forward(State(state): State<AppState>, request: Request) -> Response {
-    forward_request(&state, request).await.unwrap_or_else(|e| e.render(Surface::OpenAi))
+    let mut record = state.metrics.requests().start(metrics::Surface::OpenAi);
+    let response = forward_request(&state, request, &mut record).await.unwrap_or_else(|e| e.render(Surface::OpenAi));
+    record.answered(response.status());
+    response
 }
 
-async fn forward_request(state: &AppState, request: Request) -> Result<Response, ApiError> {
+async fn forward_request(
+    state: &AppState,
+    request: Request,
+    record: &mut metrics::RequestRecord<'_>,
+) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     // The body counts against proxy.max_buffered until the model's answer has started (while
     // the model loads, too).
     let buffered = proxy::read_body(state, body).await?;
     let name = model_name(&parts.headers, &buffered.bytes).await?;
-    let (gate, pin) = pin_model(state, &name, true).await?;
+    let (gate, pin) = proxy::pin_recorded(state, &name, true, record).await?;
     let mut headers = parts.headers;
     let body = match pin.kind() {
         UpstreamKind::OpenAi => buffered.bytes.clone(),

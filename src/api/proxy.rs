@@ -305,6 +305,28 @@ pub async fn pin_model(state: &AppState, name: &str, to_serve: bool) -> Result<(
     ))
 }
 
+/// [`pin_model`], recording the wait in `record`: the model a request was for, and how long it
+/// waited for its model to be admitted.
+pub async fn pin_recorded(
+    state: &AppState,
+    name: &str,
+    to_serve: bool,
+    record: &mut crate::metrics::RequestRecord<'_>,
+) -> Result<(Arc<ModelGate>, Pin), ApiError> {
+    let waiting = std::time::Instant::now();
+    let pinned = pin_model(state, name, to_serve).await;
+    match &pinned {
+        Ok((gate, _)) => record.admitted(&gate.id, waiting.elapsed()),
+        // Not admitted: the request still counts for its model, when the name is one.
+        Err(_) => {
+            if let Some(gate) = state.arbiter.gate(name) {
+                record.model(&gate.id);
+            }
+        }
+    }
+    pinned
+}
+
 /// A request for a model's server: `uri` (its address), with the client's method, headers and
 /// body (built again for each try: a request sent once more after a crash goes to a new address).
 pub fn upstream_request(
