@@ -2,8 +2,10 @@
 //! with `probe = "nvml"`. A lost GPU (from start-up on, and one that answers only after NVML is
 //! re-initialised), an unreadable process list holding a release, driver-reserved memory, a
 //! process without a figure, memory not seen back after `release_timeout`, a process list that
-//! grew between count and fill, unknown utilization and temperature, and an older driver without
-//! the `_v2` memory or `_v3` process calls.
+//! grew between count and fill, unknown utilization and temperature, an older driver without
+//! the `_v2` memory or `_v3` process calls, a `_v2` memory call that exists but cannot answer,
+//! devices renumbered or gone after a re-initialisation (found by UUID), a release that waits for
+//! every GPU its pids were seen on, and one warning per process without a figure.
 
 mod common;
 
@@ -540,4 +542,75 @@ async fn a_card_gone_after_a_reinitialisation_fails_and_the_others_are_found() {
     assert_eq!(device(&status, 0)["used_mib"], 1000, "its last good reading, marked failed: {status:#}");
     assert_eq!(device(&status, 1)["used_mib"], 5000, "{status:#}");
     assert_eq!(device(&status, 1)["name"], "NVIDIA Card B", "{status:#}");
+}
+
+/// Two 10000 MiB devices whose processes are the fake model servers' claims (on device 0), plus
+/// `extra` listed processes.
+fn two_claimed(sim: &Path, extra: Vec<Process>) -> State {
+    State {
+        devices: vec![Device::new("NVIDIA Stand-in A", 10000, 0), Device::new("NVIDIA Stand-in B", 10000, 0)],
+        processes: extra,
+        claims: Some(sim.to_path_buf()),
+        ..State::default()
+    }
+}
+
+/// A model server placed on GPU 0 whose pid was also seen on GPU 1 (a server split over two
+/// GPUs): with GPU 1's lists unreadable, GPU 0's readable list showing the pid gone does not
+/// complete the release; GPU 1 readable again, without the pid, does.
+#[tokio::test]
+async fn a_release_waits_for_every_device_its_pids_were_seen_on() {
+    let daemon = start(
+        "nvml",
+        Variant::Full,
+        |sim| two_claimed(sim, vec![]),
+        |sim| fake_model(sim, "a", 1000, "", "device = 0\nrelease_timeout = \"60s\""),
+    );
+    let sim = Daemon::sim_dir_for(&daemon.dir);
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid") as u32;
+    let _guard = PidGuard::new(pid);
+    let on_gpu_1 = Process { device: 1, ..process(pid, Some(500)) };
+    two_claimed(&sim, vec![on_gpu_1.clone()]).write_to(&dir_of(&daemon));
+    daemon
+        .wait_for_status(DEADLINE, "the server's pid on both GPUs", |s| {
+            listed(s, 0, u64::from(pid)).is_some_and(|p| p["model"] == "a")
+                && listed(s, 1, u64::from(pid)).is_some_and(|p| p["model"] == "a")
+        })
+        .await;
+    let mut refused = two_claimed(&sim, vec![on_gpu_1]);
+    refused.errors = ["nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3"]
+        .into_iter()
+        .map(|f| error(f, Some(1), code::NO_PERMISSION, When::Always))
+        .collect();
+    refused.write_to(&dir_of(&daemon));
+    daemon
+        .wait_for_status(DEADLINE, "GPU 1's list reported unreadable", |s| {
+            device(s, 1)["processes_unavailable"].as_str().is_some_and(|r| r.contains("permission"))
+        })
+        .await;
+
+    let unload = tokio::spawn({
+        let url = daemon.url.clone();
+        async move {
+            let response = common::http::client()
+                .post(format!("{url}/vramgate/models/a/unload"))
+                .timeout(30 * SECOND)
+                .send()
+                .await
+                .expect("unload");
+            (response.status().as_u16(), response.json::<Value>().await.expect("JSON"), Instant::now())
+        }
+    });
+    wait_pid_gone(pid, DEADLINE).await;
+    daemon.wait_for_status(DEADLINE, "GPU 0 read without the pid", |s| listed(s, 0, u64::from(pid)).is_none()).await;
+    let unloaded = |s: &Value| model_in(s, "a")["state"] == "unloaded";
+    never_within(&daemon, SECOND, "released while GPU 1's process list was unreadable", unloaded).await;
+    assert!(daemon.log().contains("cannot read the GPU process list during release"), "{}", daemon.log());
+    let readable_again = Instant::now();
+    two_claimed(&sim, vec![]).write_to(&dir_of(&daemon));
+    let (code, body, returned) = unload.await.expect("the unload task");
+    assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")), "{body}");
+    assert!(returned >= readable_again, "unloaded before GPU 1's readable list showed the pid gone");
 }
