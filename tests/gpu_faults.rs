@@ -147,8 +147,11 @@ async fn a_process_without_a_figure_is_null_absent_from_metrics_and_its_model_co
         })
         .await;
     assert_eq!(status["devices"][0]["used_mib"], 3000, "{status:#}");
-    let warnings = status["devices"][0]["warnings"].to_string();
-    assert!(warnings.contains(&format!("pid {pid} of model a: no memory figure")), "{warnings}");
+    let warnings: Vec<&str> =
+        status["devices"][0]["warnings"].as_array().expect("warnings").iter().filter_map(Value::as_str).collect();
+    let about_pid: Vec<&&str> = warnings.iter().filter(|w| w.contains(&format!("pid {pid}"))).collect();
+    assert_eq!(about_pid.len(), 1, "one warning per device and pid: {warnings:?}");
+    assert!(about_pid[0].starts_with(&format!("pid {pid} of model a: no memory figure")), "{warnings:?}");
     assert!(common::model_in(&status, "a")["measured_mib"].is_null(), "nothing measured: {status:#}");
     let metrics = common::http::get(format!("{}/metrics", daemon.url)).await.expect("metrics");
     let text = metrics.text().await.expect("text");

@@ -2,8 +2,10 @@
 //! with `probe = "nvml"`. A lost GPU (from start-up on, and one that answers only after NVML is
 //! re-initialised), an unreadable process list holding a release, driver-reserved memory, a
 //! process without a figure, memory not seen back after `release_timeout`, a process list that
-//! grew between count and fill, unknown utilization and temperature, and an older driver without
-//! the `_v2` memory or `_v3` process calls.
+//! grew between count and fill, unknown utilization and temperature, an older driver without
+//! the `_v2` memory or `_v3` process calls, a `_v2` memory call that exists but cannot answer,
+//! devices renumbered or gone after a re-initialisation (found by UUID), a release that waits for
+//! every GPU its pids were seen on, and one warning per process without a figure.
 
 mod common;
 
@@ -296,8 +298,15 @@ async fn a_model_process_without_a_figure_is_null_absent_from_metrics_and_counte
         })
         .await;
     assert_eq!(device(&status, 0)["used_mib"], 3000, "{status:#}");
-    let warnings = device(&status, 0)["warnings"].to_string();
-    assert!(warnings.contains(&format!("pid {pid} of model a: no memory figure")), "{warnings}");
+    let warnings: Vec<String> = device(&status, 0)["warnings"]
+        .as_array()
+        .expect("warnings")
+        .iter()
+        .filter_map(|w| w.as_str().map(str::to_string))
+        .collect();
+    let about_pid: Vec<&String> = warnings.iter().filter(|w| w.contains(&format!("pid {pid}"))).collect();
+    assert_eq!(about_pid.len(), 1, "one warning per device and pid: {warnings:?}");
+    assert!(about_pid[0].starts_with(&format!("pid {pid} of model a: no memory figure")), "{warnings:?}");
     assert!(model_in(&status, "a")["measured_mib"].is_null(), "nothing measured: {status:#}");
     let text = metrics(&daemon).await;
     assert!(text.contains("vramgate_device_used_bytes"), "{text}");
@@ -451,4 +460,157 @@ async fn without_memory_v2_the_v1_memory_call_is_used() {
 async fn without_v3_process_calls_the_v2_lists_are_used() {
     let daemon = start("nvml", Variant::WithoutV3, older_driver_state, |_| String::new());
     reads_like_the_full_library(&daemon, 900).await;
+}
+
+/// A driver whose `nvmlDeviceGetMemoryInfo_v2` exists but answers `NOT_SUPPORTED`, `UNKNOWN` or
+/// `ARGUMENT_VERSION_MISMATCH` (a struct version it does not know): memory from the v1 call, as
+/// when the symbol is missing.
+#[tokio::test]
+async fn a_v2_memory_call_that_cannot_answer_falls_back_to_v1() {
+    for answer in [code::NOT_SUPPORTED, code::UNKNOWN, code::ARGUMENT_VERSION_MISMATCH] {
+        let refusing = |sim: &Path| State {
+            errors: vec![error("nvmlDeviceGetMemoryInfo_v2", None, answer, When::Always)],
+            ..older_driver_state(sim)
+        };
+        let daemon = start("nvml", Variant::Full, refusing, |_| String::new());
+        reads_like_the_full_library(&daemon, 900).await;
+    }
+}
+
+/// Two devices told apart by UUID, 1000 and 5000 MiB used.
+fn by_uuid(order: &[&str]) -> State {
+    let card = |uuid: &str| match uuid {
+        "GPU-aaaa" => Device { uuid: Some(uuid.into()), ..Device::new("NVIDIA Card A", 8192, 1000) },
+        _ => Device { uuid: Some(uuid.into()), ..Device::new("NVIDIA Card B", 8192, 5000) },
+    };
+    State {
+        devices: order.iter().map(|u| card(u)).collect(),
+        // Every device lost until NVML is initialised again, which renumbers them.
+        errors: vec![error("nvmlDeviceGetMemoryInfo_v2", None, code::GPU_IS_LOST, When::UntilInit)],
+        ..State::default()
+    }
+}
+
+/// NVML numbers the devices afresh when it is re-initialised (here: in the other order): each is
+/// found again by its UUID, so GPU 0's figures stay card A's and never become card B's.
+#[tokio::test]
+async fn after_a_reinitialisation_devices_are_found_by_uuid_not_index() {
+    let daemon = start(
+        "nvml",
+        Variant::Full,
+        |_| State { errors: vec![], ..by_uuid(&["GPU-aaaa", "GPU-bbbb"]) },
+        |_| String::new(),
+    );
+    daemon.wait_for_status(DEADLINE, "both cards read", |s| device(s, 1)["used_mib"] == 5000).await;
+    by_uuid(&["GPU-bbbb", "GPU-aaaa"]).write_to(&dir_of(&daemon));
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let status = daemon.status().await;
+        for index in [0, 1] {
+            let used = device(&status, index)["used_mib"].as_u64();
+            assert_eq!(used, Some([1000, 5000][index]), "GPU {index} shows another card's figures: {status:#}");
+        }
+        let read = |i| device(&status, i)["error"].is_null();
+        if read(0) && read(1) && daemon.log().contains("NVML re-initialised") {
+            assert_eq!(device(&status, 0)["name"], "NVIDIA Card A", "{status:#}");
+            assert_eq!(device(&status, 1)["name"], "NVIDIA Card B", "{status:#}");
+            break;
+        }
+        assert!(Instant::now() < end, "the cards were not read again: {status:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A card that is gone after the re-initialisation (the one after it moved down to its index):
+/// it fails, naming its UUID, and the other card is read where NVML lists it now.
+#[tokio::test]
+async fn a_card_gone_after_a_reinitialisation_fails_and_the_others_are_found() {
+    let daemon = start(
+        "nvml",
+        Variant::Full,
+        |_| State { errors: vec![], ..by_uuid(&["GPU-aaaa", "GPU-bbbb"]) },
+        |_| String::new(),
+    );
+    daemon.wait_for_status(DEADLINE, "both cards read", |s| device(s, 1)["used_mib"] == 5000).await;
+    by_uuid(&["GPU-bbbb"]).write_to(&dir_of(&daemon));
+    let status = daemon
+        .wait_for_status(DEADLINE, "card A gone, card B read at its new index", |s| {
+            device(s, 0)["error"].as_str().is_some_and(|e| e.contains("GPU-aaaa")) && device(s, 1)["error"].is_null()
+        })
+        .await;
+    assert!(device(&status, 0)["error"].as_str().is_some_and(|e| e.contains("left the bus")), "{status:#}");
+    assert_eq!(device(&status, 0)["used_mib"], 1000, "its last good reading, marked failed: {status:#}");
+    assert_eq!(device(&status, 1)["used_mib"], 5000, "{status:#}");
+    assert_eq!(device(&status, 1)["name"], "NVIDIA Card B", "{status:#}");
+}
+
+/// Two 10000 MiB devices whose processes are the fake model servers' claims (on device 0), plus
+/// `extra` listed processes.
+fn two_claimed(sim: &Path, extra: Vec<Process>) -> State {
+    State {
+        devices: vec![Device::new("NVIDIA Stand-in A", 10000, 0), Device::new("NVIDIA Stand-in B", 10000, 0)],
+        processes: extra,
+        claims: Some(sim.to_path_buf()),
+        ..State::default()
+    }
+}
+
+/// A model server placed on GPU 0 whose pid was also seen on GPU 1 (a server split over two
+/// GPUs): with GPU 1's lists unreadable, GPU 0's readable list showing the pid gone does not
+/// complete the release; GPU 1 readable again, without the pid, does.
+#[tokio::test]
+async fn a_release_waits_for_every_device_its_pids_were_seen_on() {
+    let daemon = start(
+        "nvml",
+        Variant::Full,
+        |sim| two_claimed(sim, vec![]),
+        |sim| fake_model(sim, "a", 1000, "", "device = 0\nrelease_timeout = \"60s\""),
+    );
+    let sim = Daemon::sim_dir_for(&daemon.dir);
+    let (code, body) = daemon.load("a").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = body["pid"].as_u64().expect("a pid") as u32;
+    let _guard = PidGuard::new(pid);
+    let on_gpu_1 = Process { device: 1, ..process(pid, Some(500)) };
+    two_claimed(&sim, vec![on_gpu_1.clone()]).write_to(&dir_of(&daemon));
+    daemon
+        .wait_for_status(DEADLINE, "the server's pid on both GPUs", |s| {
+            listed(s, 0, u64::from(pid)).is_some_and(|p| p["model"] == "a")
+                && listed(s, 1, u64::from(pid)).is_some_and(|p| p["model"] == "a")
+        })
+        .await;
+    let mut refused = two_claimed(&sim, vec![on_gpu_1]);
+    refused.errors = ["nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3"]
+        .into_iter()
+        .map(|f| error(f, Some(1), code::NO_PERMISSION, When::Always))
+        .collect();
+    refused.write_to(&dir_of(&daemon));
+    daemon
+        .wait_for_status(DEADLINE, "GPU 1's list reported unreadable", |s| {
+            device(s, 1)["processes_unavailable"].as_str().is_some_and(|r| r.contains("permission"))
+        })
+        .await;
+
+    let unload = tokio::spawn({
+        let url = daemon.url.clone();
+        async move {
+            let response = common::http::client()
+                .post(format!("{url}/vramgate/models/a/unload"))
+                .timeout(30 * SECOND)
+                .send()
+                .await
+                .expect("unload");
+            (response.status().as_u16(), response.json::<Value>().await.expect("JSON"), Instant::now())
+        }
+    });
+    wait_pid_gone(pid, DEADLINE).await;
+    daemon.wait_for_status(DEADLINE, "GPU 0 read without the pid", |s| listed(s, 0, u64::from(pid)).is_none()).await;
+    let unloaded = |s: &Value| model_in(s, "a")["state"] == "unloaded";
+    never_within(&daemon, SECOND, "released while GPU 1's process list was unreadable", unloaded).await;
+    assert!(daemon.log().contains("cannot read the GPU process list during release"), "{}", daemon.log());
+    let readable_again = Instant::now();
+    two_claimed(&sim, vec![]).write_to(&dir_of(&daemon));
+    let (code, body, returned) = unload.await.expect("the unload task");
+    assert_eq!((code, body["state"].as_str()), (200, Some("unloaded")), "{body}");
+    assert!(returned >= readable_again, "unloaded before GPU 1's readable list showed the pid gone");
 }

@@ -122,6 +122,7 @@ fn the_standin_answers_as_nvml_does() {
             error("nvmlDeviceGetTemperature", Some(0), code::GPU_IS_LOST, When::Once),
             error("nvmlDeviceGetUtilizationRates", None, code::NO_PERMISSION, When::After(2)),
         ],
+        delays: vec![],
         claims: None,
     };
     state.write_to(dir.path());
@@ -132,6 +133,7 @@ fn the_standin_answers_as_nvml_does() {
     let second = nvml.device_by_index(1).expect("device 1");
     assert!(matches!(nvml.device_by_index(2), Err(NvmlError::InvalidArg)));
     assert_eq!(first.name().expect("name"), "NVIDIA GeForce RTX 3060");
+    assert_eq!(first.uuid().expect("uuid"), "GPU-00000000-0000-4000-8000-000000000000", "the default for index 0");
     let memory = first.memory_info().expect("memory v2");
     assert_eq!(
         (memory.total, memory.used, memory.free, memory.reserved),

@@ -25,19 +25,14 @@ pub(crate) fn current_status(state: &AppState) -> Status {
     let arbiter = state.arbiter.view();
     let mut devices = view.devices.clone();
     for device in &mut devices {
-        let mut notes = Vec::new();
         for process in &mut device.processes {
             process.model = arbiter.process_models.get(&process.pid).cloned();
-            // Counted at the model's size rather than measured: say so where the numbers are.
-            if let (None, Some(model)) = (process.used_mib, &process.model) {
-                let size = arbiter.models.iter().find(|m| &m.id == model).map_or(0, |m| m.vram_mib);
-                notes.push(format!(
-                    "pid {} of model {model}: no memory figure from the driver; the model is counted at its size \
-                     ({size} MiB) and its footprint is not measured",
-                    process.pid
-                ));
-            }
         }
+        // Processes without a figure: one warning per pid, naming its model where it has one.
+        let notes = crate::monitor::figureless_warnings(&device.processes, |pid| {
+            let model = arbiter.process_models.get(&pid)?;
+            Some((model.clone(), arbiter.models.iter().find(|m| &m.id == model).map_or(0, |m| m.vram_mib)))
+        });
         device.warnings.extend(notes);
         device.warnings.extend(arbiter.device_warnings.get(&device.index).into_iter().flatten().cloned());
     }

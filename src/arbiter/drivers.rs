@@ -138,7 +138,7 @@ pub(crate) fn start_ollama(start: OllamaStart, http: reqwest::Client, commands: 
 /// cheapest call: on NVML the per-process lists, not a whole sample).
 pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, commands: mpsc::Sender<Command>) {
     tokio::spawn(async move {
-        let ProcessRelease { model, generation, handle, mut pids, device, grace, limit } = release;
+        let ProcessRelease { model, generation, handle, mut pids, devices, grace, limit } = release;
         if let Some(handle) = &handle {
             pids.insert(handle.pid);
             let group = handle.group;
@@ -159,12 +159,8 @@ pub(crate) fn release_process(release: ProcessRelease, sampler: Sampler, command
             // Complete only when a readable list no longer shows the pids: a list the driver
             // refuses (no permission, a lost device) proves nothing, so the memory stays counted.
             let unreadable = match &listed {
-                Ok(lists) if lists.shows_gone(&pids, device) => break false,
-                Ok(lists) => match device {
-                    Some(device) => lists.unreadable.get(&device).cloned(),
-                    None => (!lists.unreadable.is_empty())
-                        .then(|| lists.unreadable.values().cloned().collect::<Vec<_>>().join("; ")),
-                },
+                Ok(lists) if lists.shows_gone(&pids, &devices) => break false,
+                Ok(lists) => lists.unreadable_among(&devices),
                 Err(e) => Some(e.to_string()),
             };
             if let Some(reason) = unreadable
@@ -324,6 +320,8 @@ mod tests {
             devices: vec![device],
             degraded_reasons: Vec::new(),
             sampled_at: None,
+            read_at: None,
+            stale_after: Duration::from_secs(5),
         };
         let table = read_proc_table(&view);
         assert_eq!(table.missing.iter().copied().collect::<Vec<u32>>(), vec![elsewhere]);

@@ -118,14 +118,23 @@ pub struct GpuPids {
 }
 
 impl GpuPids {
-    /// Whether these lists show every one of `pids` gone from `device` (any device when `None`):
-    /// the lists that matter were read and none of them lists any of the pids.
-    pub fn shows_gone(&self, pids: &BTreeSet<u32>, device: Option<u32>) -> bool {
-        let readable = match device {
-            Some(device) => !self.unreadable.contains_key(&device),
-            None => self.unreadable.is_empty(),
-        };
-        readable && self.pids.is_disjoint(pids)
+    /// Whether these lists show every one of `pids` gone from `devices` (every device when
+    /// empty): each of those devices' lists was read (a pid may still be on one that was not,
+    /// whatever the others say) and none of the lists read shows any of the pids.
+    pub fn shows_gone(&self, pids: &BTreeSet<u32>, devices: &BTreeSet<u32>) -> bool {
+        self.unreadable_among(devices).is_none() && self.pids.is_disjoint(pids)
+    }
+
+    /// Why the lists of `devices` (every device when empty) cannot all be read now: the reasons
+    /// of those that cannot, joined; `None` when all can.
+    pub fn unreadable_among(&self, devices: &BTreeSet<u32>) -> Option<String> {
+        let reasons: Vec<&str> = self
+            .unreadable
+            .iter()
+            .filter(|(device, _)| devices.is_empty() || devices.contains(device))
+            .map(|(_, reason)| reason.as_str())
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 }
 

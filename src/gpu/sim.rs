@@ -88,11 +88,12 @@ fn snapshot(index: u32, device: &SimDevice, dir: &Path, reading: DirReading) -> 
     };
     // `.unmeasured` plays a driver that lists processes without their memory (NVML's "not
     // available" in containers and under WDDM): listed, counted in the device's use, no figure.
-    let mut warnings = reading.warnings;
+    // Their warning is written once per device and pid where status is assembled
+    // (`monitor::figureless_warnings`), as for NVML.
+    let warnings = reading.warnings;
     if read_marker(&dir.join(UNMEASURED)).is_some() {
         for process in &mut processes {
             process.used_mib = None;
-            warnings.push(format!("sim: the memory of pid {} is not reported ({UNMEASURED})", process.pid));
         }
     }
     // `.foreign-namespace` plays vramgate in a container without the host's pid namespace: the

@@ -139,6 +139,8 @@ pub struct Device {
     /// `None`: NVML answers NOT_SUPPORTED.
     pub temperature_c: Option<u32>,
     pub mig: bool,
+    /// Its UUID (`nvmlDeviceGetUUID`); `None`: the stand-in's default for its index.
+    pub uuid: Option<String>,
 }
 
 impl Device {
@@ -153,6 +155,7 @@ impl Device {
             utilization_pct: Some(0),
             temperature_c: Some(40),
             mig: false,
+            uuid: None,
         }
     }
 }
@@ -202,10 +205,25 @@ pub struct InjectedError {
 
 /// Codes of `nvmlReturn_t` the tests inject.
 pub mod code {
+    pub const NOT_SUPPORTED: u32 = 3;
     pub const NO_PERMISSION: u32 = 4;
     pub const INSUFFICIENT_SIZE: u32 = 7;
     pub const DRIVER_NOT_LOADED: u32 = 9;
     pub const GPU_IS_LOST: u32 = 15;
+    /// `NVML_ERROR_ARGUMENT_VERSION_MISMATCH`: the struct version the caller set is not known.
+    pub const ARGUMENT_VERSION_MISMATCH: u32 = 25;
+    pub const UNKNOWN: u32 = 999;
+}
+
+/// A call that answers late (a slow or hung driver): it sleeps `ms` before answering, or until
+/// the state no longer has this delay.
+#[derive(Debug, Clone)]
+pub struct Delay {
+    /// The exported name, e.g. `nvmlDeviceGetMemoryInfo_v2`.
+    pub function: String,
+    /// Only calls about this device; `None`: all.
+    pub device: Option<u32>,
+    pub ms: u64,
 }
 
 /// Everything the stand-in reports.
@@ -215,6 +233,7 @@ pub struct State {
     pub devices: Vec<Device>,
     pub processes: Vec<Process>,
     pub errors: Vec<InjectedError>,
+    pub delays: Vec<Delay>,
     /// A sim-style claims directory (`DIR/N/<pid>` holding MiB, as the fake model writes): each
     /// live pid's claim is a compute process on device N, and counts as used (and not free).
     pub claims: Option<PathBuf>,
@@ -230,9 +249,10 @@ impl State {
         let optional = |v: Option<u32>| v.map_or("na".to_string(), |v| v.to_string());
         for (index, d) in self.devices.iter().enumerate() {
             let free = d.free_mib.unwrap_or(d.total_mib.saturating_sub(d.used_mib).saturating_sub(d.reserved_mib));
+            let uuid = d.uuid.as_ref().map(|u| format!(" uuid={u}")).unwrap_or_default();
             let _ = writeln!(
                 text,
-                "device {index} total={}MiB used={}MiB free={free}MiB reserved={}MiB util={} temp={} mig={} name={}",
+                "device {index} total={}MiB used={}MiB free={free}MiB reserved={}MiB util={} temp={} mig={}{uuid} name={}",
                 d.total_mib,
                 d.used_mib,
                 d.reserved_mib,
@@ -257,6 +277,10 @@ impl State {
                 When::UntilInit => "until_init".to_string(),
             };
             let _ = writeln!(text, "error {}{device} code={} {when}", e.function, e.code);
+        }
+        for d in &self.delays {
+            let device = d.device.map(|n| format!(" device={n}")).unwrap_or_default();
+            let _ = writeln!(text, "delay {}{device} ms={}", d.function, d.ms);
         }
         if let Some(claims) = &self.claims {
             let _ = writeln!(text, "claims {}", claims.display());

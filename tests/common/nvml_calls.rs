@@ -26,6 +26,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "nvmlDeviceGetHandleByIndex_v2",
     "nvmlDeviceGetHandleByIndex",
     "nvmlDeviceGetName",
+    "nvmlDeviceGetUUID",
     "nvmlDeviceGetMemoryInfo_v2",
     "nvmlDeviceGetMemoryInfo",
     "nvmlDeviceGetUtilizationRates",

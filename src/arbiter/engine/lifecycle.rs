@@ -205,6 +205,7 @@ impl<E: Effects> Engine<E> {
         model.note = None;
         model.gate.touch();
         model.gpu_pids.clear();
+        model.gpu_devices.clear();
         // Admitted: waiting for memory (queue_timeout) is over; now the start may take up to
         // ready_timeout, and its callers wait for that rather than give up mid-start.
         let started_by = super::later(now, model.spec.ready_timeout.saturating_add(Duration::from_secs(1)));
@@ -501,7 +502,7 @@ impl<E: Effects> Engine<E> {
                     generation,
                     handle: model.process.clone(),
                     pids: model.gpu_pids.clone(),
-                    device: model.device,
+                    devices: model.device.into_iter().chain(model.gpu_devices.iter().copied()).collect(),
                     grace: model.spec.stop_timeout,
                     limit: model.spec.release_timeout,
                 };

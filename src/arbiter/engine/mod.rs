@@ -145,9 +145,9 @@ pub(crate) struct ProcessRelease {
     pub handle: Option<ProcessHandle>,
     /// Pids seen using GPU memory for it.
     pub pids: BTreeSet<u32>,
-    /// The device it was placed on: only that device's list must be readable to see its pids
-    /// gone (every device's, when `None`).
-    pub device: Option<u32>,
+    /// The devices whose process lists must be readable to see its pids gone: the one it was
+    /// placed on and every one its pids were seen on (every device's, when empty).
+    pub devices: BTreeSet<u32>,
     pub grace: Duration,
     pub limit: Duration,
 }

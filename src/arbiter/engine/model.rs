@@ -282,6 +282,9 @@ pub(crate) struct Model {
     pub unload_waiters: Vec<oneshot::Sender<Result<Unloaded, ArbiterError>>>,
     /// Pids seen using GPU memory for it, watched during a release.
     pub gpu_pids: BTreeSet<u32>,
+    /// The devices those pids were seen on (a server may spread over several GPUs): a release
+    /// is complete only once each of their process lists was read and shows the pids gone.
+    pub gpu_devices: BTreeSet<u32>,
 }
 
 impl Model {
@@ -308,6 +311,7 @@ impl Model {
             ready_waiters: Vec::new(),
             unload_waiters: Vec::new(),
             gpu_pids: BTreeSet::new(),
+            gpu_devices: BTreeSet::new(),
             placement: Placement::Gpu,
             prefers_gpu: false,
             attachment: None,

@@ -127,6 +127,11 @@ impl<E: Effects> Engine<E> {
         leases.sort_by(|a, b| a.id.cmp(&b.id));
         let mut degraded_reasons = Vec::new();
         let mut device_warnings: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        if let Some(age) = self.seen.stale_for(self.now) {
+            for device in &self.seen.devices {
+                degraded_reasons.push(stale_reason(device, age, self.seen.stale_after));
+            }
+        }
         for (device, pids) in self.namespaces.foreign_devices() {
             degraded_reasons.push(namespace::degraded_reason(device, pids));
             device_warnings.entry(device).or_default().push(namespace::device_warning(pids));
@@ -224,4 +229,16 @@ impl<E: Effects> Engine<E> {
             }
         }
     }
+}
+
+/// The degraded reason of a device whose latest reading is `age` old, past `bound`.
+fn stale_reason(device: &crate::status::DeviceStatus, age: std::time::Duration, bound: std::time::Duration) -> String {
+    format!(
+        "GPU {} ({}): no fresh reading for {} (more than {}: the GPU probe hangs or answers late); it admits \
+         nothing until a new reading arrives",
+        device.index,
+        device.name,
+        crate::units::Rounded(age),
+        crate::units::Rounded(bound)
+    )
 }

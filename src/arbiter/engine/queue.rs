@@ -34,6 +34,7 @@ impl<E: Effects> Engine<E> {
         // The reading the last sample attributed, not a newer one: a newer reading may show a
         // model's process before it is attributed, which would count it twice.
         let view = self.seen.clone();
+        let stale = view.stale_for(self.now).is_some();
         let devices = view
             .devices
             .iter()
@@ -79,7 +80,9 @@ impl<E: Effects> Engine<E> {
                 // A device that cannot be read now admits nothing: its figures are stale, so
                 // all of it counts as in use until it answers again (waiters wait, nothing is
                 // evicted for them, since no eviction could make room).
-                let foreign = if d.error.is_some() { d.usable_mib } else { foreign };
+                // So does every device while the readings are stale (the probe hangs or answers
+                // late): the memory may have gone since they were taken.
+                let foreign = if d.error.is_some() || stale { d.usable_mib } else { foreign };
                 DeviceState { index: d.index, usable_mib: d.usable_mib, foreign_mib: foreign }
             })
             .collect();

@@ -108,6 +108,7 @@ impl<E: Effects> Engine<E> {
                 if let Some(i) = server {
                     process_models.insert(p.pid, self.models[i].spec.id.clone());
                     self.models[i].gpu_pids.insert(p.pid);
+                    self.models[i].gpu_devices.insert(device.index);
                     if p.used_mib.is_none() {
                         if self.models[i].device == Some(device.index) {
                             unmeasured.entry((device.index, i)).or_default().push(p.pid);

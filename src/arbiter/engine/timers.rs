@@ -27,6 +27,8 @@ pub(crate) enum Deadline {
     UnloadCut(usize),
     /// A command waiting for model `.0` to settle.
     Settle(usize),
+    /// The latest GPU reading becomes stale (no newer one came): say so, admit nothing on it.
+    StaleReadings,
 }
 
 /// Every pending deadline, in time order.
@@ -85,6 +87,11 @@ impl<E: Effects> Engine<E> {
         }
         for settle in &self.settling {
             index.add(settle.deadline, Deadline::Settle(settle.model));
+        }
+        // Nothing to do then but publish (every input ends with a publication) and stop
+        // admitting on the old figures, which `policy_inputs` does from the time alone.
+        if let Some(at) = self.seen.stale_at(self.now) {
+            index.add(at, Deadline::StaleReadings);
         }
         index
     }

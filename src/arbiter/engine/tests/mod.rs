@@ -13,6 +13,7 @@ use super::*;
 
 mod lifecycle;
 mod namespace;
+mod readings;
 mod scheduling;
 use crate::arbiter::gate::Pin;
 use crate::arbiter::{Ack, LeaseGrant, LeaseRequest, Loaded};
@@ -33,6 +34,8 @@ struct Recorder {
     ollama_starts: Vec<(String, u64)>,
     /// (model, generation)
     releases: Vec<(String, u64)>,
+    /// Each process release's devices whose lists must be readable, in order.
+    release_devices: Vec<std::collections::BTreeSet<u32>>,
     refreshes: usize,
 }
 
@@ -56,6 +59,7 @@ impl Effects for Recorder {
         self.ollama_starts.push((start.spec.id.clone(), start.generation));
     }
     fn release_process(&mut self, release: ProcessRelease) {
+        self.release_devices.push(release.devices.clone());
         self.releases.push((release.model, release.generation));
     }
     fn release_ollama(&mut self, release: OllamaRelease) {
@@ -223,6 +227,8 @@ fn device_view(total_mib: u64, processes: &[(u32, u64)]) -> GpuView {
         }],
         degraded_reasons: Vec::new(),
         sampled_at: None,
+        read_at: None,
+        stale_after: Duration::from_secs(5),
     }
 }
 
