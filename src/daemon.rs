@@ -124,6 +124,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let kind = opened.probe.kind();
     let bus = EventBus::new();
     let settings = MonitorSettings::from_config(&config.gpu);
+    let history = std::sync::Arc::new(crate::history::History::new(&settings));
     let (monitor, view) = Monitor::start(opened.probe, opened.degraded_reasons, settings, bus.clone()).await;
     {
         let view = view.borrow();
@@ -165,6 +166,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let shutdown = CancellationToken::new();
     let monitor_task = monitor.run(shutdown.clone());
     let arbiter_task = arbiter.run(shutdown.clone());
+    tokio::spawn(crate::history::record(history.clone(), view.clone(), arbiter_handle.clone(), shutdown.clone()));
     if let Some(mode) = config.server.initial_mode.clone() {
         tokio::spawn(apply_initial_mode(arbiter_handle.clone(), bus.clone(), mode, shutdown.clone()));
     }
@@ -194,6 +196,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         token: config.server.token.clone(),
         catalog: std::sync::Arc::new(catalog),
         cors: api::cors::CorsOrigins::new(&config.server.cors_origins),
+        history,
     });
     let bounds = api::server::ServerSettings {
         max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),
