@@ -315,6 +315,31 @@ async fn the_dashboard_shows_loads_evictions_and_levels_live() {
 
     let screenshot = browser.screenshot("dashboard.png").await;
     println!("dashboard screenshot: {}", screenshot.display());
+
+    // Dark theme: the system's preference is followed.
+    let dark = json!({"cmd": "Emulation.setEmulatedMedia",
+                      "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}});
+    browser.command("/goog/cdp/execute", dark).await;
+    browser
+        .wait_for(
+            "a dark background",
+            r#"const [r, g, b] = getComputedStyle(document.body).backgroundColor.match(/\d+/g).map(Number);
+               const axes = document.querySelector('.timeline').dataset.axisColour;
+               return r + g + b < 150 && axes === getComputedStyle(document.body).color"#,
+        )
+        .await;
+    println!("dashboard screenshot: {}", browser.screenshot("dashboard-dark.png").await.display());
+
+    // A phone's width: nothing runs off the side of the page (wide tables scroll in their box).
+    browser.command("/window/rect", json!({"width": 390, "height": 844})).await;
+    browser
+        .wait_for(
+            "the page fitting a phone's width",
+            r#"return innerWidth < 500 && document.documentElement.scrollWidth <= innerWidth
+                 && document.querySelector('.timeline canvas').getBoundingClientRect().right <= innerWidth"#,
+        )
+        .await;
+    println!("dashboard screenshot: {}", browser.screenshot("dashboard-phone.png").await.display());
     browser.close().await;
 }
 

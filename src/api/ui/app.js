@@ -488,12 +488,13 @@ function renderTimeline(card, index) {
   const limits = page.limits || { warning_pct: 75, critical_pct: 90, emergency_pct: 95 };
   const line = (pct) => samples.map(() => (total * pct) / 100);
   const data = [xs, ...cumulative.slice().reverse(), used, line(limits.warning_pct), line(limits.critical_pct), line(limits.emergency_pct)];
-  const signature = stackKeys.join("|");
+  // The axes take the theme's text colour: a theme change rebuilds the chart, as a new owner does.
+  const fg = getComputedStyle(document.body).color;
+  const signature = stackKeys.join("|") + "|" + fg;
   let chart = page.charts.get(index);
   const width = Math.max(holder.clientWidth, 280);
   if (!chart || chart.signature !== signature || chart.el !== holder) {
     if (chart) chart.plot.destroy();
-    const fg = getComputedStyle(document.body).color;
     const series = [{ label: "time" }];
     for (const key of stackKeys) {
       const [kind, ...rest] = key.split(":");
@@ -514,6 +515,7 @@ function renderTimeline(card, index) {
       hooks: { draw: [(u) => drawMarkers(u, index)] },
     };
     holder.replaceChildren();
+    holder.dataset.axisColour = fg;
     chart = { plot: new uPlot(opts, data, holder), signature, el: holder, start, end };
     page.charts.set(index, chart);
   } else {
@@ -621,6 +623,7 @@ setInterval(() => {
 // The timeline moves on while nothing happens (samples keep coming).
 setInterval(() => { if (!document.hidden) requestStatus(false); }, HISTORY_QUIET_REFRESH_MS);
 window.addEventListener("resize", () => renderTimelines());
+matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => renderTimelines());
 
 refreshMode();
 requestStatus(true);
