@@ -300,6 +300,19 @@ async fn the_dashboard_shows_loads_evictions_and_levels_live() {
         .await;
     assert_eq!(colours[0], colours[1], "one colour per model: {colours}");
 
+    // The status is fetched when events say something changed, never more than once a second.
+    let gaps = browser
+        .eval(
+            r#"const starts = performance.getEntriesByType('resource')
+                 .filter((r) => r.name.includes('/vramgate/status')).map((r) => r.startTime);
+               return starts.slice(1).map((t, i) => t - starts[i])"#,
+        )
+        .await;
+    let gaps: Vec<f64> = gaps.as_array().expect("gaps").iter().filter_map(Value::as_f64).collect();
+    assert!(gaps.len() >= 3, "the status was fetched as events came: {gaps:?}");
+    // A timer may fire a millisecond early against the performance clock.
+    assert!(gaps.iter().all(|gap| *gap >= 990.0), "status fetches less than a second apart: {gaps:?}");
+
     // The page's weight: every byte its first load transferred (HTML, script, styles, uPlot).
     let weight = browser
         .eval(

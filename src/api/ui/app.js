@@ -107,7 +107,7 @@ $("token-form").addEventListener("submit", (event) => {
   // The event stream waits for the token after a 401; the rest is asked again now.
   if (page.onToken) { const resume = page.onToken; page.onToken = null; resume(); }
   refreshMode();
-  requestStatus(true);
+  requestStatus();
 });
 
 // ---- the event stream ---------------------------------------------------------------------
@@ -137,7 +137,7 @@ async function streamEvents() {
       if (!response.ok || !response.body) throw new Error("the event stream answered " + response.status);
       setConnection("live", "live");
       delay = 500;
-      requestStatus(true);
+      requestStatus();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -175,7 +175,7 @@ function onEvent(event) {
   if (event.type === "lease_granted") page.leaseSeen.set(event.id, Date.parse(event.time));
   if (event.type === "lease_released") page.leaseSeen.delete(event.id);
   logEvent(event);
-  requestStatus(false);
+  requestStatus();
 }
 
 // Which events mark the timeline: loads, evictions (with their reason), pressure, mode changes.
@@ -238,10 +238,11 @@ function logEvent(event) {
 
 // ---- status and history -------------------------------------------------------------------
 
-// Asks for the status now, or as soon as a second has passed since the last time.
-function requestStatus(now) {
+// Asks for the status now, or as soon as a second has passed since the last time: a burst of
+// events costs one request.
+function requestStatus() {
   if (page.statusTimer) return;
-  const wait = now ? 0 : Math.max(0, page.lastStatusAt + STATUS_MIN_GAP_MS - Date.now());
+  const wait = Math.max(0, page.lastStatusAt + STATUS_MIN_GAP_MS - Date.now());
   page.statusTimer = setTimeout(refresh, wait);
 }
 
@@ -579,7 +580,7 @@ async function act(model, action) {
   } catch (e) {
     showError(action + " " + model + ": " + e.message);
   }
-  requestStatus(false);
+  requestStatus();
 }
 
 function renderLeases(status) {
@@ -621,10 +622,10 @@ setInterval(() => {
 }, 1000);
 
 // The timeline moves on while nothing happens (samples keep coming).
-setInterval(() => { if (!document.hidden) requestStatus(false); }, HISTORY_QUIET_REFRESH_MS);
+setInterval(() => { if (!document.hidden) requestStatus(); }, HISTORY_QUIET_REFRESH_MS);
 window.addEventListener("resize", () => renderTimelines());
 matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => renderTimelines());
 
 refreshMode();
-requestStatus(true);
+requestStatus();
 streamEvents();
