@@ -291,6 +291,20 @@ async fn the_dashboard_shows_loads_evictions_and_levels_live() {
         )
         .await;
     assert_eq!(browser.eval("return performance.timeOrigin").await, url_before, "the page was never reloaded");
+    // A lease: its row (holder, size, an age counted from its grant) and its segment on the bar.
+    let (code, lease) =
+        daemon.post("/vramgate/leases", json!({"vram": "1000MiB", "holder": "trainer", "ttl": "60s"})).await;
+    assert_eq!(code, 201, "{lease}");
+    browser
+        .wait_for(
+            "the lease in its table and on the bar",
+            r#"const row = document.querySelector('#leases tr[data-lease]');
+               return row && row.textContent.includes('trainer') && row.textContent.includes('1000 MiB')
+                 && /\d+ s/.test(row.querySelector('.countdown-age').textContent)
+                 && document.querySelector('.bar .seg[data-kind="lease"][data-id="trainer"]') !== null"#,
+        )
+        .await;
+
     // The same colour for a model everywhere on the page: its row's swatch and its bar segment.
     let colours = browser
         .eval(
