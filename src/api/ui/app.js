@@ -584,6 +584,12 @@ async function act(model, action) {
 }
 
 function renderLeases(status) {
+  // Forget the grant times of leases that ended, even when their release event was missed (not
+  // of one granted just now: a status fetched before its grant does not list it yet).
+  const held = new Set(status.leases.map((l) => l.id));
+  for (const [id, since] of page.leaseSeen) {
+    if (!held.has(id) && Date.now() - since > 10000) page.leaseSeen.delete(id);
+  }
   const body = $("leases").tBodies[0];
   const rows = status.leases.map((l) => {
     const since = page.leaseSeen.get(l.id);
