@@ -127,6 +127,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(config.models.keys().cloned()));
     metrics.count_events(bus.subscribe());
     let settings = MonitorSettings::from_config(&config.gpu);
+    let history = std::sync::Arc::new(crate::history::History::new(&settings));
     let (monitor, view) = Monitor::start(opened.probe, opened.degraded_reasons, settings, bus.clone()).await;
     {
         let view = view.borrow();
@@ -178,6 +179,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
     let shutdown = CancellationToken::new();
     let monitor_task = monitor.run(shutdown.clone());
     let arbiter_task = arbiter.run(shutdown.clone());
+    tokio::spawn(crate::history::record(history.clone(), view.clone(), arbiter_handle.clone(), shutdown.clone()));
     if let Some(mode) = config.server.initial_mode.clone() {
         tokio::spawn(apply_initial_mode(arbiter_handle.clone(), bus.clone(), mode, shutdown.clone()));
     }
@@ -199,6 +201,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         catalog: std::sync::Arc::new(catalog),
         cors: api::cors::CorsOrigins::new(&config.server.cors_origins),
         metrics,
+        history,
     });
     let bounds = api::server::ServerSettings {
         max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),

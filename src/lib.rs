@@ -14,6 +14,7 @@ pub mod demo;
 pub mod events;
 pub mod gguf;
 pub mod gpu;
+pub mod history;
 pub mod keeper;
 pub mod metrics;
 pub mod monitor;

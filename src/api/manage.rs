@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use super::error::QueryParams;
 use super::{AppState, PREFIX};
 use crate::events::{Event, EventKind};
 use crate::status::Status;
@@ -58,6 +59,8 @@ pub(super) async fn index() -> impl IntoResponse {
         "vramgate {version}\n\n\
          GET {PREFIX}/status   status document (JSON; same as `vramgate status --json`)\n\
          GET {PREFIX}/events   server-sent events, one JSON object per event\n\
+         GET {PREFIX}/history  the last hour of samples: ?since=RFC3339 or ?since=SECONDS (ago)\n\
+         GET /ui/              the dashboard (a browser asking for / is sent there)\n\
          GET {PREFIX}/health   liveness\n\
          GET {PREFIX}/models                  models and their states\n\
          POST {PREFIX}/models/NAME/load       load and wait until ready\n\
@@ -116,4 +119,69 @@ pub(super) async fn events(State(state): State<AppState>) -> Sse<impl Stream<Ite
         })
         .take_until(state.shutdown.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// `GET /vramgate/history`'s query: `since` is an RFC 3339 time or a number of seconds ago.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct HistoryQuery {
+    #[serde(default, deserialize_with = "since_time")]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `since=2026-01-02T03:04:05Z` or `since=900` (the last 15 minutes).
+fn since_time<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
+    let text: String = serde::Deserialize::deserialize(deserializer)?;
+    parse_since(&text, chrono::Utc::now()).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// Parses a `since` value relative to `now`.
+fn parse_since(text: &str, now: chrono::DateTime<chrono::Utc>) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        // Further back than the clock goes is simply "everything".
+        let back = i64::try_from(seconds).ok().and_then(chrono::TimeDelta::try_seconds);
+        return Ok(back
+            .and_then(|back| now.checked_sub_signed(back))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC));
+    }
+    chrono::DateTime::parse_from_rfc3339(text).map(|time| time.to_utc()).map_err(|e| {
+        format!(
+            "{text:?} is neither an RFC 3339 time (like 2026-01-02T03:04:05Z) nor a whole number of seconds ago ({e})"
+        )
+    })
+}
+
+/// The recent samples (see [`crate::history`]), newest last.
+pub(super) async fn history(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<HistoryQuery>,
+) -> impl IntoResponse {
+    let samples = state.history.since(query.since);
+    Json(json!({
+        "interval_ms": state.history.interval_ms(),
+        "capacity": state.history.capacity(),
+        "limits": state.history.limits(),
+        "samples": samples,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_since;
+
+    #[test]
+    fn since_is_a_time_or_seconds_ago_and_anything_else_says_so() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-02T03:00:00Z").expect("a time").to_utc();
+        assert_eq!(parse_since("900", now).map(|t| t.to_rfc3339()), Ok("2026-12-02T02:45:00+00:00".into()));
+        assert_eq!(
+            parse_since("2026-12-02T02:00:00+01:00", now).map(|t| t.to_rfc3339()),
+            Ok("2026-12-02T01:00:00+00:00".into())
+        );
+        assert_eq!(parse_since("99999999999999999", now), Ok(chrono::DateTime::<chrono::Utc>::MIN_UTC));
+        let error = parse_since("yesterday", now).expect_err("not a time");
+        assert!(error.contains("\"yesterday\" is neither an RFC 3339 time"), "{error}");
+        assert!(parse_since("-5", now).is_err());
+    }
 }

@@ -20,6 +20,7 @@ mod plan;
 pub mod proxy;
 mod relay;
 pub mod server;
+mod ui;
 
 use std::sync::Arc;
 
@@ -72,6 +73,8 @@ pub struct AppState {
     pub cors: cors::CorsOrigins,
     /// The counts `/metrics` exposes beside the gauges; the proxy records its requests here.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The recent samples, for `/vramgate/history` and the dashboard.
+    pub history: Arc<crate::history::History>,
 }
 
 /// Every route; with a token, all of them but health behind [`auth`]; all of them behind
@@ -83,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(manage::index))
         .route(&format!("{PREFIX}/status"), get(manage::status))
         .route(&format!("{PREFIX}/events"), get(manage::events))
+        .route(&format!("{PREFIX}/history"), get(manage::history))
         .route(&format!("{PREFIX}/models"), get(models::list))
         .route(&format!("{PREFIX}/models/{{name}}/load"), post(models::load))
         .route(&format!("{PREFIX}/models/{{name}}/unload"), post(models::unload))
@@ -128,7 +132,13 @@ pub fn router(state: AppState) -> Router {
         Some(token) => guarded.layer(axum::middleware::from_fn_with_state(Arc::new(token), auth::require_token)),
         None => guarded,
     };
-    let all = guarded.route(&format!("{PREFIX}/health"), get(manage::health));
+    // The dashboard's files hold no data (the page asks for the token before it reads any), so
+    // they are served without it; a browser asking for `/` is sent to them before the token
+    // check, while `curl /` still gets the (guarded) text list.
+    let all = guarded
+        .route(&format!("{PREFIX}/health"), get(manage::health))
+        .merge(ui::routes())
+        .layer(axum::middleware::from_fn(ui::redirect_browsers));
     let all =
         if origins.is_empty() { all } else { all.layer(axum::middleware::from_fn_with_state(origins, cors::cors)) };
     all.with_state(state)
