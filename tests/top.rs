@@ -183,3 +183,27 @@ fn top_follows_the_daemon_loads_and_unloads_and_survives_its_absence() {
     assert!(screen.contains("tty mode: icanon"), "the terminal is back in cooked mode:\n{screen}");
     assert!(!screen.contains("vramgate top"), "the main screen is back, the view gone:\n{screen}");
 }
+
+#[test]
+fn top_explains_its_keys_and_refuses_to_draw_into_a_pipe() {
+    let help = common::output(common::vramgate().args(["top", "--help"]));
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for line in [
+        "k/j   select a model",
+        "l          load the selected model",
+        "u          unload",
+        "m          pick a mode",
+        "q, Esc     quit",
+        "--url <URL>",
+    ] {
+        assert!(help.contains(line), "{line:?} missing in the help:\n{help}");
+    }
+
+    // Output captured, not a terminal: a clear refusal, not escape codes into a file.
+    let output = common::output(common::vramgate().arg("top"));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("vramgate top needs a terminal"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing drawn: {:?}", String::from_utf8_lossy(&output.stdout));
+}

@@ -63,8 +63,9 @@ pub(super) async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
-    let mut terminal = ratatui::try_init()?;
+    // The guard first: a set-up that fails half-way (raw mode on, no alternate screen) is undone.
     let _restore = RestoreTerminal;
+    let mut terminal = ratatui::try_init()?;
     let mut keys = crossterm::event::EventStream::new();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -181,7 +181,9 @@ fn the_screen_shows_devices_models_leases_queue_and_events() {
     let heading = line_with(&lines, "GPU 0 Sim Test");
     assert!(heading.contains(" WARNING "), "{heading}");
     assert!(heading.contains("7600 / 10000 MiB used (76.0%), 2400 MiB free, 9500 usable"), "{heading}");
-    assert!(line_with(&lines, "████").contains('│'), "the bar marks the thresholds");
+    // Inside the block's borders: the bar, with its three threshold marks.
+    let bar: String = line_with(&lines, "████").chars().skip(1).take(118).collect();
+    assert_eq!(bar.matches('│').count(), 3, "the bar marks the thresholds: {bar}");
     let legend = line_with(&lines, "warning 75% critical 87.5% emergency 95% (defaults)");
     assert!(legend.contains("llm 5000") && legend.contains("other 2600"), "{legend}");
 
