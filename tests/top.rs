@@ -114,7 +114,7 @@ const REPORT_EXIT: &str = "\"$@\"; status=$?; echo; echo \"top exited: $status\"
 
 fn config(sim: &Path) -> String {
     format!(
-        "{}{}{}",
+        "{}{}{}[modes.seeing]\ngpu = [\"vision\"]\n",
         sim_config(sim, 10000, "50ms", "reserve_mib = 0"),
         fake_model(sim, "llm", 3000, "", ""),
         fake_model(sim, "vision", 2000, "", "")
@@ -136,7 +136,7 @@ fn restart_on(url: &str, dir: &Path) -> KillOnDrop {
 }
 
 #[test]
-fn top_follows_the_daemon_loads_and_unloads_and_survives_its_absence() {
+fn top_follows_the_daemon_loads_unloads_switches_modes_and_survives_its_absence() {
     let mut daemon = Daemon::start(config);
     let tmux = Tmux::new();
     let line = top_command_line(&daemon.url);
@@ -164,6 +164,15 @@ fn top_follows_the_daemon_loads_and_unloads_and_survives_its_absence() {
 
     tmux.keys("j");
     tmux.wait_for("vision selected", |s| model_row(s, "vision").is_some_and(|row| row.contains('▶')));
+
+    // The mode picker lists the config's modes; Enter applies the one under the cursor.
+    tmux.keys("m");
+    tmux.wait_for("the mode picker", |s| s.contains("Enter applies, Esc closes") && s.contains("▶ seeing"));
+    tmux.keys("Enter");
+    let screen = tmux.wait_for("mode seeing applied", |s| {
+        s.contains("mode seeing applied") && s.contains("mode: seeing") && row_shows(s, "vision", "ready")
+    });
+    assert!(!screen.contains("Enter applies"), "the picker closed:\n{screen}");
 
     // The daemon goes away: the view says so and stays.
     let url = daemon.url.clone();
