@@ -333,3 +333,70 @@ fn thresholds_are_read_where_the_status_document_carries_them() {
     let legend = line_with(&lines, "warning 50% critical 70% emergency 99%");
     assert!(!legend.contains("(defaults)"), "{legend}");
 }
+
+/// A stand-in daemon: 40 events within 200 ms on the stream (then it stays open), and a count of
+/// the status reads they cause.
+#[tokio::test]
+async fn status_is_read_again_after_events_but_at_most_every_250_ms() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::response::sse::{Event as SseEvent, Sse};
+    use axum::routing::get;
+    use futures_util::StreamExt;
+
+    const EVENTS: u64 = 40;
+    let reads = Arc::new(AtomicUsize::new(0));
+    let document = serde_json::to_string(&status()).expect("serialize");
+    let counted = Arc::clone(&reads);
+    let app = axum::Router::new()
+        .route(
+            "/vramgate/status",
+            get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = document.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+            }),
+        )
+        .route("/vramgate/mode", get(|| async { axum::Json(serde_json::json!({ "mode": null, "modes": {} })) }))
+        .route(
+            "/vramgate/events",
+            get(|| async {
+                let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                    std::time::Duration::from_millis(5),
+                ));
+                let events = ticks.zip(futures_util::stream::iter(0..EVENTS)).map(|(_, seq)| {
+                    let kind = EventKind::VramChanged { device: 0, used_mib: seq, previous_mib: 0, free_mib: 0 };
+                    let json = serde_json::to_string(&Event { seq, time: Utc::now(), kind }).expect("serialize");
+                    Ok::<_, std::convert::Infallible>(SseEvent::default().data(json))
+                });
+                Sse::new(events.chain(futures_util::stream::pending()))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (updates_tx, mut updates) = tokio::sync::mpsc::unbounded_channel();
+    let client = crate::client::Client::new(&url).expect("client");
+    let follower = tokio::spawn(super::feed::follow(client, updates_tx));
+    // Until every event arrived and a status read came after the last one.
+    let mut events = 0;
+    let mut read_after_last = false;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !read_after_last {
+        let update = tokio::time::timeout_at(deadline, updates.recv()).await.expect("the feed went quiet");
+        match update.expect("the feed ended") {
+            Update::Event(_) => events += 1,
+            Update::Status(..) => read_after_last = events == EVENTS,
+            Update::Lost(error) => panic!("lost the stand-in: {error}"),
+            _ => {}
+        }
+    }
+    follower.abort();
+    server.abort();
+    // One read on connecting, then one per 250 ms at most over ~200 ms of events and the read
+    // after the last: 3, 4 with room for a slow machine (40 would be one per event).
+    let reads = reads.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&reads), "{reads} status reads for {EVENTS} events");
+}
