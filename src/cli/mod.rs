@@ -10,6 +10,7 @@ mod plan;
 mod run;
 mod serve;
 mod status;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Follow the daemon's event stream (levels, VRAM, models, leases, probe failures).
     Events(events::EventsArgs),
+    /// A live view of the daemon in the terminal: devices, models, leases, queue, events; keys
+    /// load and unload models and switch modes.
+    Top(top::TopArgs),
     /// Load a model and wait until it is ready (evicting idle models if needed).
     Load(models::ModelArgs),
     /// Unload a model and wait until its memory is back.
@@ -95,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Status(args) => with_runtime(status::run(args)),
         Command::Events(args) => with_runtime(events::run(args)),
+        Command::Top(args) => with_runtime(top::run(args)),
         Command::Load(args) => with_runtime(models::load(args)),
         Command::Unload(args) => with_runtime(models::unload(args)),
         Command::Logs(args) => with_runtime(models::logs(args)),
