@@ -35,6 +35,9 @@ pub struct Status {
     pub ollama: Vec<OllamaStatus>,
     /// When the device readings were taken.
     pub sampled_at: Option<DateTime<Utc>>,
+    /// The level boundaries and the reserve every device is judged by (what a bar draws).
+    #[serde(default)]
+    pub limits: Option<crate::history::Limits>,
 }
 
 /// One device.

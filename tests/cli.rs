@@ -141,7 +141,7 @@ fn help_explains_every_subcommand() {
         .filter_map(|line| line.split_whitespace().next())
         .collect();
     // hermetic: subcommand names looked for in the help text (each runs only with --help).
-    let visible = ["serve", "status", "events", "load", "unload", "logs", "mode", "run"];
+    let visible = ["serve", "status", "events", "top", "load", "unload", "logs", "mode", "plan", "run"];
     let visible = [&visible[..], &["config", "completions", "man"]].concat();
     for &sub in &visible {
         let entry = help.lines().find(|line| line.split_whitespace().next() == Some(sub));

@@ -57,6 +57,8 @@ async fn history_records_devices_and_owners_newest_last() {
     assert_eq!(history["interval_ms"], 100);
     assert!(history["capacity"].as_u64().is_some_and(|c| c >= 3600), "{history}");
     assert_eq!(history["limits"]["warning_pct"], 75.0);
+    // The status document carries the same limits (what `vramgate top` draws its bars with).
+    assert_eq!(daemon.status().await["limits"], history["limits"]);
     let samples = history["samples"].as_array().expect("samples");
     let newest = samples.last().expect("a sample");
     let device = &newest["devices"][0];

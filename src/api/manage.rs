@@ -51,6 +51,7 @@ pub(crate) fn current_status(state: &AppState) -> Status {
         mode: arbiter.mode.clone(),
         ollama: arbiter.ollama.clone(),
         sampled_at: view.sampled_at,
+        limits: Some(state.history.limits()),
     }
 }
 

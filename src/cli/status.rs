@@ -297,6 +297,7 @@ mod tests {
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
+            limits: None,
         };
         let table = render_table(&status);
         assert!(table.contains("health: DEGRADED"), "{table}");
@@ -346,6 +347,7 @@ mod tests {
                 }],
             }],
             sampled_at: None,
+            limits: None,
         };
         let table = render_table(&status);
         assert!(table.contains("mode: recording"), "{table}");
@@ -383,6 +385,7 @@ mod tests {
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
+            limits: None,
         };
         let table = render_table(&status);
         assert!(table.contains("  llm: last error: exited during start-up (exit status 7); last output:\n"), "{table}");

@@ -122,6 +122,7 @@ mod tests {
             mode: None,
             ollama: Vec::new(),
             sampled_at: None,
+            limits: None,
         }
     }
 

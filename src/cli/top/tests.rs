@@ -33,6 +33,8 @@ fn model(id: &str, state: &str, vram_mib: u64) -> ModelStatus {
         pid: None,
         measured_mib: None,
         declared_mib: Some(vram_mib),
+        estimated_mib: None,
+        peak_mib: None,
         failures: 0,
         retry_in_s: None,
         last_error: None,
@@ -104,6 +106,7 @@ fn status() -> Status {
         mode: Some("chat".to_string()),
         ollama: Vec::new(),
         sampled_at: Some(now()),
+        limits: None,
     }
 }
 
