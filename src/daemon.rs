@@ -167,6 +167,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         critical_pct: config.gpu.critical_pct,
         estimates: catalog.estimates(),
     };
+    let monitor_sampler = monitor.sampler();
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())
         .context("cannot start the arbiter")?;
 
@@ -202,6 +203,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         cors: api::cors::CorsOrigins::new(&config.server.cors_origins),
         metrics,
         history,
+        sampler: monitor_sampler,
     });
     let bounds = api::server::ServerSettings {
         max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),

@@ -75,6 +75,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The recent samples, for `/vramgate/history` and the dashboard.
     pub history: Arc<crate::history::History>,
+    /// The monitor's sampler: `vramgate plan --measure` makes it sample fast while it measures.
+    pub sampler: crate::monitor::Sampler,
 }
 
 /// Every route; with a token, all of them but health behind [`auth`]; all of them behind

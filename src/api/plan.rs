@@ -79,8 +79,12 @@ pub(super) async fn plan(
                 "a mode switch or another plan measurement is running; try again when it ends",
             ));
         };
-        let rig =
-            measure::Rig { arbiter: state.arbiter.clone(), gpu: state.gpu.clone(), warmups: state.catalog.warmups() };
+        let rig = measure::Rig {
+            arbiter: state.arbiter.clone(),
+            gpu: state.gpu.clone(),
+            warmups: state.catalog.warmups(),
+            sampler: state.sampler.clone(),
+        };
         let cancel = CancellationToken::new();
         // A client that goes away (Ctrl-C) cancels the measurement; the task still restores
         // what it changed before it ends.

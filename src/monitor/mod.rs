@@ -269,6 +269,21 @@ impl ChangeTracker {
 pub struct Sampler {
     probe: Arc<Mutex<Box<dyn Probe>>>,
     refresh: Arc<tokio::sync::Notify>,
+    /// How many [`FastSampling`] guards are alive: while any is, the timer samples every
+    /// [`FAST_SAMPLE_PERIOD`].
+    fast: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The sampling period while something measures peaks (`vramgate plan --measure`).
+pub const FAST_SAMPLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// Keeps the monitor sampling every [`FAST_SAMPLE_PERIOD`] while it lives.
+pub struct FastSampling(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for FastSampling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Sampler {
@@ -278,6 +293,14 @@ impl Sampler {
             Ok(mut probe) => probe.sample(),
             Err(_) => Err(ProbeError("probe poisoned by an earlier panic".into())),
         })
+    }
+
+    /// Samples every [`FAST_SAMPLE_PERIOD`] (or the configured interval, if shorter) until the
+    /// guard is dropped, so that a short peak is seen.
+    pub fn fast(&self) -> FastSampling {
+        self.fast.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.refresh.notify_one();
+        FastSampling(self.fast.clone())
     }
 
     /// Asks the monitor for a reading now rather than at the next tick (after a model became
@@ -335,7 +358,11 @@ impl Monitor {
         };
         let (view, receiver) = watch::channel(Arc::new(initial));
         let mut monitor = Monitor {
-            sampler: Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) },
+            sampler: Sampler {
+                probe: Arc::new(Mutex::new(probe)),
+                refresh: Arc::new(tokio::sync::Notify::new()),
+                fast: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            },
             kind,
             settings,
             base_reasons,
@@ -372,11 +399,14 @@ impl Monitor {
             // The first tick fires at once; `start` already sampled.
             ticker.tick().await;
             let refresh = self.sampler.refresh.clone();
+            let fast = self.sampler.fast.clone();
             loop {
+                let fast_on = fast.load(std::sync::atomic::Ordering::SeqCst) > 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
                     _ = refresh.notified() => ticker.reset(),
+                    () = tokio::time::sleep(FAST_SAMPLE_PERIOD), if fast_on => {}
                 }
                 if !self.sample_once(&shutdown).await {
                     return;

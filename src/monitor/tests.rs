@@ -187,7 +187,11 @@ impl Probe for CountingProbe {
 async fn the_process_list_is_the_probes_cheap_call_not_a_sample() {
     let samples = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let probe: Box<dyn Probe> = Box::new(CountingProbe { samples: samples.clone() });
-    let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
+    let sampler = Sampler {
+        probe: Arc::new(Mutex::new(probe)),
+        refresh: Arc::new(tokio::sync::Notify::new()),
+        fast: Default::default(),
+    };
     for _ in 0..3 {
         assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [7, 9].into());
     }
@@ -198,7 +202,11 @@ async fn the_process_list_is_the_probes_cheap_call_not_a_sample() {
     with_process[0].processes.push(ProcessUsage { pid: 42, used_mib: Some(100), name: "p".into() });
     script.send(Ok(with_process)).expect("scripted");
     let probe: Box<dyn Probe> = Box::new(Scripted(answers));
-    let sampler = Sampler { probe: Arc::new(Mutex::new(probe)), refresh: Arc::new(tokio::sync::Notify::new()) };
+    let sampler = Sampler {
+        probe: Arc::new(Mutex::new(probe)),
+        refresh: Arc::new(tokio::sync::Notify::new()),
+        fast: Default::default(),
+    };
     assert_eq!(sampler.gpu_pids().await.expect("a list").pids, [42].into());
 }
 
@@ -342,4 +350,34 @@ async fn unvalidated_intervals_neither_spin_nor_overflow() {
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(2), task).await.expect("monitor stops").expect("no panic");
     }
+}
+
+/// While a [`FastSampling`] guard lives the monitor samples every 20 ms whatever its interval
+/// (a plan's measurement sees short peaks), and at its interval again once the guard is gone.
+#[tokio::test]
+async fn a_fast_sampling_guard_samples_every_20_ms_while_it_lives() {
+    let samples = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let probe: Box<dyn Probe> = Box::new(CountingProbe { samples: samples.clone() });
+    let settings = MonitorSettings { interval: Duration::from_secs(2), ..settings() };
+    let (monitor, _view) = Monitor::start(probe, vec![], settings, crate::events::EventBus::new()).await;
+    let sampler = monitor.sampler();
+    let shutdown = CancellationToken::new();
+    let task = monitor.run(shutdown.clone());
+    let count = || samples.load(std::sync::atomic::Ordering::SeqCst);
+    let fast = sampler.fast();
+    let before = count();
+    // At the 2 s interval not one more sample would come within 1.5 s; at 20 ms, ten do.
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while count() < before + 10 {
+        assert!(std::time::Instant::now() < deadline, "only {} samples in 1.5 s while fast", count() - before);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(fast);
+    // The sleep already running may end in one more sample; then the 2 s interval holds.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let after = count();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(count() <= after + 1, "{} samples in 400 ms after the guard was dropped", count() - after);
+    shutdown.cancel();
+    task.await.expect("the monitor ends");
 }

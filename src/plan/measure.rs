@@ -34,11 +34,15 @@ pub struct Rig {
     pub gpu: watch::Receiver<Arc<GpuView>>,
     /// Each model's warmup request, by id (the request of the peak step).
     pub warmups: HashMap<String, Warmup>,
+    /// The monitor's sampler, made to sample every 20 ms while the plan measures.
+    pub sampler: crate::monitor::Sampler,
 }
 
 /// Measures `set` and returns what it saw, with the measured footprints written into `inputs`
 /// (as [`Source::Peak`]) for the verdict. Always restores what it loaded before returning.
 pub async fn measure(rig: &Rig, inputs: &mut Inputs, cancel: &CancellationToken) -> Measurement {
+    // Short peaks (a request's working memory) last less than a normal sample interval.
+    let _fast = rig.sampler.fast();
     let mut measurement = Measurement { baseline: device_use(&rig.gpu.borrow()), ..Measurement::default() };
     let loaded_before: Vec<String> = resident_ids(&rig.arbiter.view());
     let mut loaded_by_us: Vec<String> = Vec::new();

@@ -171,6 +171,7 @@ impl PlanReport {
                 let _ = writeln!(out, "\nThe measurement stopped early: {why}");
             }
         }
-        out
+        // Padded columns leave trailing blanks on the last one.
+        out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n") + "\n"
     }
 }
