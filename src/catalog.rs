@@ -126,8 +126,10 @@ impl ModelFacts {
                             Ok(header) => {
                                 facts.format = "gguf";
                                 let args = process.argv.get(1..).unwrap_or_default();
-                                let estimated = estimate::launch_from_args(args)
-                                    .and_then(|launch| estimate::estimate(&header, &launch));
+                                let estimated = estimate::launch_from_args(args).and_then(|mut launch| {
+                                    launch.extra_bytes = extra_model_bytes(process);
+                                    estimate::estimate(&header, &launch)
+                                });
                                 if let Err(e) = &estimated {
                                     tracing::warn!(model = %spec.id, "no footprint estimate from {}: {e}", weights.display());
                                 }
@@ -204,6 +206,30 @@ impl ModelFacts {
 
 fn modified_time(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// What the other model files a command loads take on disk: a `--mmproj`/`-mm` projector and a
+/// `-md`/`--model-draft` draft model (relative to the model's `cwd`, as the process sees them).
+/// A file that cannot be looked at counts nothing.
+fn extra_model_bytes(process: &ProcessSpec) -> u64 {
+    let args = process.argv.get(1..).unwrap_or_default();
+    let mut total: u64 = 0;
+    for (index, arg) in args.iter().enumerate() {
+        let named = match arg.as_str() {
+            "--mmproj" | "-mm" | "-md" | "--model-draft" => args.get(index + 1).map(String::as_str),
+            _ => arg.strip_prefix("--mmproj=").or_else(|| arg.strip_prefix("--model-draft=")),
+        };
+        let Some(named) = named.filter(|n| !n.contains("${") && !n.is_empty()) else { continue };
+        let path = PathBuf::from(named);
+        let path = match (&process.cwd, path.is_relative()) {
+            (Some(cwd), true) => cwd.join(path),
+            _ => path,
+        };
+        if let Ok(metadata) = std::fs::metadata(&path) {
+            total = total.saturating_add(metadata.len());
+        }
+    }
+    total
 }
 
 /// The weights file a command names: the argument after `-m`/`--model` (or `--model=PATH`), else

@@ -160,3 +160,32 @@ async fn bad_plan_requests_are_clear_errors() {
     let (status, body) = daemon.post("/vramgate/plan", json!({ "mode": "day" })).await;
     assert_eq!((status, body["models"].clone()), (200, json!(["stt"])), "{body:#}");
 }
+
+/// A model nothing is known of is measured (the advice a NO-GO gives for it), and a measurement
+/// that fails is a NO-GO that says why first, whatever the declared figures say.
+#[tokio::test]
+async fn an_unknown_model_is_measured_and_a_failed_measurement_is_no_go() {
+    let extra = |sim: &std::path::Path| {
+        format!(
+            "{}\n{}",
+            common::undeclared_fake_model(sim, "unknown", 700, "", ""),
+            fake_model(sim, "broken", 500, "--exit-on-start 3", "")
+        )
+    };
+    let daemon =
+        Daemon::start(move |sim| format!("{}\n{}", sim_config(sim, 8192, "20ms", "reserve_mib = 512"), extra(sim)));
+    let (code, text) = plan_cli(&daemon, &["unknown"]);
+    assert_eq!(code, 4, "unknown without a measurement: {text}");
+    assert!(text.contains("--measure"), "{text}");
+    let (code, text) = plan_cli(&daemon, &["unknown", "--measure", "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(report["measurement"]["models"][0]["alone_mib"], 700, "{report:#}");
+    assert_eq!(report["devices"][0]["models"][0]["source"], "peak", "{report:#}");
+    // The declared 500 MiB would fit, but the model does not start: NO-GO, the reason first.
+    let (code, text) = plan_cli(&daemon, &["broken", "--measure"]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.starts_with("NO-GO: the measurement of broken stopped early: loading broken failed"), "{text}");
+    let broken = daemon.model("broken").await;
+    assert!(broken["state"] == "unloaded" || broken["state"] == "failed", "nothing left running: {broken:#}");
+}

@@ -20,9 +20,10 @@ its GGUF header) and where it comes from, the memory other processes use on each
 and what admission would evict to load the set. With --measure the daemon loads each model \
 alone (its footprint and load time), then all of them together, then sends each its warmup \
 request at the same time and watches for the peak; then it unloads what it loaded. Models \
-already loaded and leases are left alone and counted as they are; a step that would evict \
-anything outside the set is skipped and said. Ctrl-C stops the measurement and the daemon puts \
-back what it changed.
+already loaded and leases are left alone and counted as they are; the measurement stops before \
+any load that would evict anything, and a measurement that stops early (that, a failed load, a \
+warmup answered with an error) is NO-GO with the reason first. Ctrl-C stops the measurement and \
+the daemon puts back what it changed.
 
 Verdicts: GO (fits with at least the margin, 5% of usable memory by default, left free on every \
 device it uses), MARGINAL (fits with less), NO-GO (does not fit, or a footprint is unknown). For \

@@ -6,8 +6,10 @@
 //!
 //! - **weights**: each offloaded tensor's data, from its element count and ggml type (blocks of
 //!   `block` elements taking `bytes` each, as ggml lays them out). The input embedding
-//!   (`token_embd`) stays in host memory; layer `N` is on the GPU when `N < gpu_layers`; the
-//!   other tensors (output, final norm) when every layer is (`gpu_layers > block_count`).
+//!   (`token_embd`) stays in host memory (but a copy serves as the output head of a model without
+//!   one); layer `N` is on the GPU when `N < gpu_layers`; the other tensors (output, final norm)
+//!   when every layer is (`gpu_layers > block_count`). Other model files the server loads (a
+//!   projector, a draft model) count at their size on disk.
 //! - **KV cache**: `context × Σ over offloaded layers of kv_heads × (key_length × K + value_length
 //!   × V)` bytes, where K and V are the bytes per element of the cache types (`f16`: 2).
 //! - **compute buffer**: `ubatch × 4 × (vocab + 4 × embedding)` bytes: the logits and the
@@ -42,6 +44,9 @@ pub struct Launch {
     pub cache_type_v: CacheType,
     /// `-ub`/`--ubatch-size`.
     pub ubatch: Option<u64>,
+    /// What other model files the server loads onto the GPU take (a `--mmproj` projector, a
+    /// `-md` draft model): their size on disk, filled in by whoever can look at files.
+    pub extra_bytes: u64,
 }
 
 impl Default for Launch {
@@ -52,6 +57,7 @@ impl Default for Launch {
             cache_type_k: CacheType::F16,
             cache_type_v: CacheType::F16,
             ubatch: None,
+            extra_bytes: 0,
         }
     }
 }
@@ -199,6 +205,9 @@ impl Estimate {
 pub fn estimate(info: &GgufInfo, launch: &Launch) -> Result<Estimate, String> {
     let shape = &info.shape;
     let layers = shape.block_count.ok_or("the header has no block_count (the number of layers)")?;
+    if layers > super::MAX_LAYERS {
+        return Err(format!("the header says {layers} layers; at most {} are accepted", super::MAX_LAYERS));
+    }
     let gpu_layers = launch.gpu_layers.unwrap_or(ALL_LAYERS).min(layers.saturating_add(1));
     let on_gpu = |tensor: &super::TensorInfo| match tensor.layer {
         _ if tensor.input_embedding => false,
@@ -212,6 +221,16 @@ pub fn estimate(info: &GgufInfo, launch: &Launch) -> Result<Estimate, String> {
         let data = tensor.elements.div_ceil(block).saturating_mul(bytes);
         weights_bytes = weights_bytes.saturating_add(data);
     }
+    // Tied embeddings: without an output head, llama.cpp puts a copy of the input embedding on
+    // the GPU to serve as one (when the output layer is offloaded).
+    if gpu_layers > layers && !info.tensors.iter().any(|t| t.output_head) {
+        for tensor in info.tensors.iter().filter(|t| t.input_embedding) {
+            let (block, bytes) = type_size(tensor.ggml_type)
+                .ok_or_else(|| format!("tensor type {} is unknown to the estimate", tensor.ggml_type))?;
+            weights_bytes = weights_bytes.saturating_add(tensor.elements.div_ceil(block).saturating_mul(bytes));
+        }
+    }
+    weights_bytes = weights_bytes.saturating_add(launch.extra_bytes);
     let context = match launch.context {
         Some(context) if context > 0 => context,
         _ => info.context_length.ok_or("no -c/--ctx-size and the header has no context_length")?,

@@ -29,7 +29,7 @@ const MAX_HEADER_BYTES: u64 = 512 << 20;
 /// The most dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 const MAX_DIMENSIONS: u32 = 4;
 /// The most per-layer values a shape key may list (real models have at most a few hundred layers).
-const MAX_LAYERS: u64 = 4096;
+pub(crate) const MAX_LAYERS: u64 = 4096;
 
 pub mod estimate;
 
@@ -94,6 +94,8 @@ pub struct TensorInfo {
     pub layer: Option<u64>,
     /// The input embedding (`token_embd.…`), which llama.cpp keeps in host memory.
     pub input_embedding: bool,
+    /// The output head (`output.weight`); a model without one ties it to the input embedding.
+    pub output_head: bool,
     /// ggml's type number (see [`estimate::type_size`]).
     pub ggml_type: u32,
     /// The number of elements (the product of its dimensions).
@@ -372,7 +374,8 @@ impl<R: Read + Seek> Reader<R> {
             self.skip(8, &format!("tensor {index}'s offset"))?;
             let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()).and_then(|n| n.parse().ok());
             let input_embedding = name.starts_with("token_embd.");
-            infos.push(TensorInfo { layer, input_embedding, ggml_type, elements });
+            let output_head = name == "output.weight";
+            infos.push(TensorInfo { layer, input_embedding, output_head, ggml_type, elements });
         }
         Ok(infos)
     }

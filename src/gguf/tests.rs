@@ -300,3 +300,27 @@ fn estimates_refuse_what_they_cannot_know() {
     let all = estimate::launch_from_args(&["srv", "-ngl", "all", "-ub", "128"]).expect("flags");
     assert_eq!((all.gpu_layers, all.ubatch), (None, Some(128)));
 }
+
+/// A hostile layer count is refused at once (it bounds a loop), and a model without an output
+/// head counts the copy of its input embedding llama.cpp puts on the GPU; other model files the
+/// server loads count at their size.
+#[test]
+fn layer_counts_are_bounded_tied_embeddings_and_extra_files_count() {
+    let mut entries = vec![entry("general.architecture", TYPE_STRING, &string("llama"))];
+    entries.push(entry("llama.block_count", 10, &(1u64 << 40).to_le_bytes()));
+    let info = parse(header(3, &entries, &[])).expect("valid header");
+    let started = std::time::Instant::now();
+    let error = estimate::estimate(&info, &Launch::default()).expect_err("too many layers");
+    assert!(error.contains("at most 4096"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "refused without looping");
+    // tiny_llama without its output head: token_embd (Q4_K, 250 blocks of 144) is counted instead.
+    let tied = parse(tiny_llama()).map(|mut info| {
+        info.tensors.retain(|t| !t.output_head);
+        info
+    });
+    let e = estimate::estimate(&tied.expect("valid header"), &Launch::default()).expect("an estimate");
+    assert_eq!(e.weights_bytes, 2 * (4352 + 9216) + 256 + 250 * 144);
+    let launch = Launch { extra_bytes: 1 << 20, ..Launch::default() };
+    let with_projector = estimate::estimate(&parse(tiny_llama()).expect("valid"), &launch).expect("an estimate");
+    assert_eq!(with_projector.weights_bytes, 2 * (4352 + 9216) + 52_500 + 256 + (1 << 20));
+}

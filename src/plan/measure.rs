@@ -4,9 +4,9 @@
 //! (measuring its load time and footprint), then all of them together, then sends each its
 //! warmup request at the same time while the readings are watched for the peak, and finally
 //! unloads every model it loaded. Models already loaded and leases are left alone and counted as
-//! they are; a step that would evict anything outside the set is skipped (and said), never done.
-//! It stops at the first failure or when `cancel` fires (the client went away) and restores what
-//! it changed either way.
+//! they are; the measurement stops (and says why) before any load that would evict anything,
+//! never doing it. It stops at the first failure or when `cancel` fires (the client went away)
+//! and restores what it changed either way; a measurement that stopped early gives NO-GO.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,11 +52,20 @@ pub async fn measure(rig: &Rig, inputs: &mut Inputs, cancel: &CancellationToken)
     }
     // Put things back: whatever this plan loaded is unloaded again, newest first.
     for id in loaded_by_us.iter().rev() {
-        if let Err(e) = rig.arbiter.unload(id).await {
-            tracing::warn!(model = %id, "plan: cannot unload again: {e}");
+        match rig.arbiter.unload(id).await {
+            Ok(unloaded) if unloaded.was_loaded => measurement.restored.push(id.clone()),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(model = %id, "plan: cannot unload again: {e}");
+                let note = format!("{id} could not be unloaded again: {e}");
+                measurement.interrupted = Some(match measurement.interrupted.take() {
+                    Some(why) => format!("{why}; {note}"),
+                    None => note,
+                });
+            }
         }
     }
-    measurement.restored = loaded_by_us;
+    measurement.restored.reverse();
     measurement
 }
 
@@ -68,10 +77,21 @@ async fn run(
     loaded_by_us: &mut Vec<String>,
     measurement: &mut Measurement,
 ) -> Result<(), String> {
-    let set: Vec<String> = inputs.models.iter().map(|m| m.id.clone()).collect();
+    // Admission's order (highest priority, then largest), the order the verdict placed them in.
+    let mut order: Vec<&super::ModelFacts> = inputs.models.iter().collect();
+    order.sort_by(|a, b| {
+        let size = |m: &super::ModelFacts| m.footprint.map_or(0, |f| f.mib);
+        b.priority.cmp(&a.priority).then(size(b).cmp(&size(a)))
+    });
+    let set: Vec<String> = order.iter().map(|m| m.id.clone()).collect();
+    let mut loaded_before = loaded_before.to_vec();
     // 1. Each model alone.
     for id in &set {
         check(cancel)?;
+        // Loaded by someone else meanwhile: it is theirs, measured where it is and left alone.
+        if !loaded_before.contains(id) && resident_ids(&rig.arbiter.view()).contains(id) {
+            loaded_before.push(id.clone());
+        }
         if loaded_before.contains(id) {
             let mib = model_mib(&rig.arbiter.view(), id);
             if let Some(mib) = mib {
@@ -98,12 +118,20 @@ async fn run(
         cancellable(cancel, rig.arbiter.unload(id)).await?.map_err(|e| format!("unloading {id} failed: {e}"))?;
         loaded_by_us.retain(|loaded| loaded != id);
     }
-    // 2. All of them together, if that evicts nothing outside the set.
-    if let Some(why) = would_disturb(rig, &set).await? {
-        return Err(format!("the set was not loaded together: {why}"));
-    }
-    for id in set.iter().filter(|id| !loaded_before.contains(id)) {
+    // 2. All of them together, one after another in admission's order, each only if loading it
+    // evicts nothing at all (not a model outside the set, not one of the set already loaded).
+    for id in &set {
+        if loaded_before.contains(id) {
+            continue;
+        }
         check(cancel)?;
+        if resident_ids(&rig.arbiter.view()).contains(id) {
+            loaded_before.push(id.clone());
+            continue;
+        }
+        if let Some(why) = would_disturb(rig, std::slice::from_ref(id)).await? {
+            return Err(format!("the set was not loaded together: loading {id} now {why}"));
+        }
         loaded_by_us.push(id.clone());
         cancellable(cancel, rig.arbiter.load(id, true)).await?.map_err(|e| format!("loading {id} failed: {e}"))?;
     }
@@ -121,7 +149,14 @@ async fn run(
         let upstream = view.models.iter().find(|m| &m.id == id)?.upstream.clone()?;
         let url = format!("{upstream}{}", warmup.path);
         let request = http.post(url).json(&warmup.body).timeout(REQUEST_WAIT).send();
-        Some(async move { request.await.map(|r| r.status()) })
+        let id = id.clone();
+        Some(async move {
+            match request.await {
+                Ok(answer) if answer.status().is_success() => Ok(()),
+                Ok(answer) => Err(format!("{id}'s warmup request was answered {}", answer.status())),
+                Err(e) => Err(format!("{id}'s warmup request failed: {e}")),
+            }
+        })
     });
     let requests = futures_util::future::join_all(requests);
     let mut peak: HashMap<u32, u64> = measurement.together.iter().map(|u| (u.device, u.used_mib)).collect();
@@ -141,8 +176,8 @@ async fn run(
             () = cancel.cancelled() => return Err("cancelled".into()),
         }
     };
-    if let Some(failed) = answers.iter().find_map(|a| a.as_ref().err()) {
-        return Err(format!("a warmup request failed: {failed}"));
+    if let Some(failed) = answers.into_iter().find_map(Result::err) {
+        return Err(format!("while every model served at once, {failed}"));
     }
     // One more reading after the last answer, which may have held memory until then.
     fresh_reading(&mut gpu, cancel).await?;
@@ -167,7 +202,11 @@ async fn run(
 /// Why loading `ids` now would change something outside the set (an eviction, a set that does
 /// not fit), from the plan's own judgement on the daemon's current state.
 async fn would_disturb(rig: &Rig, ids: &[String]) -> Result<Option<String>, String> {
-    let inputs = rig.arbiter.plan_inputs(ids).await.map_err(|e| e.to_string())?;
+    let mut inputs = rig.arbiter.plan_inputs(ids).await.map_err(|e| e.to_string())?;
+    // A model nothing is known of is admitted with everything free, which evicts nothing.
+    for model in &mut inputs.models {
+        model.footprint.get_or_insert(Footprint { mib: 0, source: Source::Estimated });
+    }
     let judgement = super::judge(&inputs, &HashMap::new(), 0.0);
     if let Some(unplaced) = judgement.unplaced.first() {
         return Ok(Some(format!("{} does not fit: {}", unplaced.id, unplaced.reason)));
@@ -220,9 +259,16 @@ fn check(cancel: &CancellationToken) -> Result<(), String> {
     if cancel.is_cancelled() { Err("cancelled".into()) } else { Ok(()) }
 }
 
+/// Records a measured footprint: the verdict is judged on it (a reading below what is declared
+/// does not lower the figure admission uses).
 fn set_measured(inputs: &mut Inputs, id: &str, mib: u64) {
     if let Some(model) = inputs.models.iter_mut().find(|m| m.id == id) {
-        model.footprint = Some(Footprint { mib, source: Source::Peak });
+        let known = model.footprint.filter(|f| f.source != Source::Estimated).map_or(0, |f| f.mib);
+        model.footprint = Some(if known > mib {
+            Footprint { mib: known, source: model.footprint.map_or(Source::Peak, |f| f.source) }
+        } else {
+            Footprint { mib, source: Source::Peak }
+        });
     }
 }
 
@@ -234,6 +280,12 @@ fn resident_ids(view: &ArbiterView) -> Vec<String> {
     view.models.iter().filter(|m| m.state == "ready" || m.state == "loading").map(|m| m.id.clone()).collect()
 }
 
+/// What a model loaded before the plan uses on the GPU now: `None` for one on the CPU or not yet
+/// measured (its known footprint stands).
 fn model_mib(view: &ArbiterView, id: &str) -> Option<u64> {
-    view.models.iter().find(|m| m.id == id).map(|m| m.peak_mib.unwrap_or(0).max(m.vram_mib))
+    let model = view.models.iter().find(|m| m.id == id)?;
+    if model.placement.as_deref() == Some("cpu") {
+        return None;
+    }
+    Some(model.peak_mib.unwrap_or(0).max(model.vram_mib)).filter(|mib| *mib > 0)
 }

@@ -204,7 +204,14 @@ pub fn judge(inputs: &Inputs, estimates: &HashMap<String, Estimate>, margin_pct:
     let in_set = |id: &str| inputs.models.iter().any(|m| m.id == id);
     // The set's models are placed afresh: those loaded now are taken out, then put back where
     // they are (a reload would be free to choose, but the user asks about this machine now).
-    let mut residents: Vec<Resident> = inputs.residents.iter().filter(|r| !in_set(&r.id)).cloned().collect();
+    // Judged as if no request were in flight and every minimum residency had passed: admission
+    // would wait for those and then evict, so a verdict must not turn on this moment's traffic.
+    let mut residents: Vec<Resident> = inputs
+        .residents
+        .iter()
+        .filter(|r| !in_set(&r.id))
+        .map(|r| Resident { in_use: 0, min_residency: 0, ..r.clone() })
+        .collect();
     let mut order: Vec<&ModelFacts> = inputs.models.iter().collect();
     order.sort_by(|a, b| {
         let size = |m: &ModelFacts| m.footprint.map_or(0, |f| f.mib);
@@ -253,6 +260,9 @@ pub fn judge(inputs: &Inputs, estimates: &HashMap<String, Estimate>, margin_pct:
                     let evictable: u64 =
                         shortfall.holders.iter().filter(|h| h.kept_because.is_none()).map(|h| h.mib).sum();
                     let budget = shortfall.available_mib.saturating_add(evictable);
+                    // The estimate's terms size the context; what the model was seen to need
+                    // beyond its estimate comes off the budget.
+                    let budget = budget.saturating_sub(footprint.mib.saturating_sub(e.total_mib()));
                     e.context_fitting(budget).filter(|fits| *fits < e.context)
                 }) {
                     suggestions.push(format!(
@@ -326,8 +336,14 @@ pub fn judge(inputs: &Inputs, estimates: &HashMap<String, Estimate>, margin_pct:
             let margin_mib = (device.usable_mib as f64 * margin_pct / 100.0).ceil() as u64;
             let short = margin_mib.saturating_sub(device.headroom_mib);
             for model in device.models.iter().filter(|m| estimates.contains_key(&m.id)) {
-                let budget = model.mib.saturating_sub(short);
-                if let Some(context) = estimates.get(&model.id).and_then(|e| e.context_fitting(budget)) {
+                let fits = estimates.get(&model.id).and_then(|e| {
+                    // The estimate less what is missing (and less what the model was seen to
+                    // need beyond its estimate): a context that fits is a smaller one.
+                    let excess = model.mib.saturating_sub(e.total_mib());
+                    let budget = e.total_mib().saturating_sub(short).saturating_sub(excess);
+                    e.context_fitting(budget).filter(|fits| *fits < e.context)
+                });
+                if let Some(context) = fits {
                     suggestions.push(format!(
                         "{}: -c {context} would leave the {margin_pct}% margin free on GPU {} (it is sized for {})",
                         model.id,

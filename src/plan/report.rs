@@ -62,7 +62,12 @@ pub struct PlanReport {
 
 impl PlanReport {
     /// A report for `judgement` of `models`.
-    pub fn new(models: Vec<String>, judgement: Judgement, measurement: Option<Measurement>) -> PlanReport {
+    pub fn new(models: Vec<String>, mut judgement: Judgement, measurement: Option<Measurement>) -> PlanReport {
+        // A measurement that stopped early proved nothing: whatever the known figures say, the
+        // answer is no until a measurement runs through.
+        if measurement.as_ref().is_some_and(|m| m.interrupted.is_some()) {
+            judgement.verdict = Verdict::NoGo;
+        }
         PlanReport { exit_code: judgement.verdict.exit_code(), models, judgement, measurement }
     }
 
@@ -77,7 +82,24 @@ impl PlanReport {
         let j = &self.judgement;
         let mut out = String::new();
         let set = self.models.join(", ");
-        let _ = match self.verdict() {
+        let stopped = self.measurement.as_ref().and_then(|m| m.interrupted.as_deref());
+        let _ = match (self.verdict(), stopped) {
+            (_, Some(why)) => writeln!(out, "NO-GO: the measurement of {set} stopped early: {why}"),
+            (verdict, None) => self.headline(&mut out, verdict, &set),
+        };
+        if stopped.is_none() {
+            for unplaced in &j.unplaced {
+                let _ = writeln!(out, "  {}: {}", unplaced.id, unplaced.reason);
+            }
+        }
+        self.tables(&mut out);
+        // Padded columns leave trailing blanks on the last one.
+        out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n") + "\n"
+    }
+
+    fn headline(&self, out: &mut String, verdict: Verdict, set: &str) -> std::fmt::Result {
+        let j = &self.judgement;
+        match verdict {
             Verdict::Go => {
                 writeln!(out, "GO: {set} fit together, with at least {}% of usable memory left free.", j.margin_pct)
             }
@@ -87,10 +109,12 @@ impl PlanReport {
                 j.margin_pct
             ),
             Verdict::NoGo => writeln!(out, "NO-GO: {set} do not fit together."),
-        };
-        for unplaced in &j.unplaced {
-            let _ = writeln!(out, "  {}: {}", unplaced.id, unplaced.reason);
         }
+    }
+
+    /// A table per device, then what would be evicted, what could be done, what was restored.
+    fn tables(&self, out: &mut String) {
+        let j = &self.judgement;
         let measured = self.measurement.as_ref();
         for device in &j.devices {
             let _ = writeln!(
@@ -163,15 +187,10 @@ impl PlanReport {
                 let _ = writeln!(out, "  - {s}");
             }
         }
-        if let Some(m) = measured {
-            if !m.restored.is_empty() {
-                let _ = writeln!(out, "\nRestored: unloaded {} again.", m.restored.join(", "));
-            }
-            if let Some(why) = &m.interrupted {
-                let _ = writeln!(out, "\nThe measurement stopped early: {why}");
-            }
+        if let Some(m) = measured
+            && !m.restored.is_empty()
+        {
+            let _ = writeln!(out, "\nRestored: unloaded {} again.", m.restored.join(", "));
         }
-        // Padded columns leave trailing blanks on the last one.
-        out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n") + "\n"
     }
 }

@@ -139,3 +139,27 @@ fn the_report_puts_the_verdict_first_and_names_evictions() {
     assert_eq!(json["devices"][0]["headroom_mib"], 2048);
     assert_eq!(json["evictions"][0]["id"], "llm");
 }
+
+/// A model busy with a request now would be evicted once idle: the verdict does not turn on
+/// this moment's traffic.
+#[test]
+fn requests_in_flight_do_not_change_the_verdict() {
+    let busy = Resident { in_use: 2, min_residency: 60_000, resident_since: 999_999, ..resident("llm", 5120, 50) };
+    let j = judged(demo(&["stt", "vision"]), vec![busy]);
+    assert_eq!(j.verdict, Verdict::Go);
+    assert_eq!(j.evictions.len(), 1, "llm is evicted once idle: {:?}", j.evictions);
+}
+
+/// A measurement that stopped early proves nothing: the report is NO-GO, and says why first.
+#[test]
+fn an_interrupted_measurement_is_no_go_with_the_reason_first() {
+    let j = judged(demo(&["stt"]), Vec::new());
+    assert_eq!(j.verdict, Verdict::Go);
+    let measurement = report::Measurement {
+        interrupted: Some("loading stt failed: exit 1".into()),
+        ..report::Measurement::default()
+    };
+    let report = PlanReport::new(vec!["stt".into()], j, Some(measurement));
+    assert_eq!((report.verdict(), report.exit_code), (Verdict::NoGo, 4));
+    assert!(report.render().starts_with("NO-GO: the measurement of stt stopped early: loading stt failed"));
+}

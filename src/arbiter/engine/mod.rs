@@ -75,6 +75,9 @@ pub(crate) struct KnownFootprints {
     pub learned: HashMap<String, u64>,
     /// Estimated from the weights file's header for the configured flags.
     pub estimated: HashMap<String, u64>,
+    /// The models whose `learned` figure was scaled from an older measurement: the next
+    /// measurement replaces it, smaller or not.
+    pub scaled: std::collections::BTreeSet<String>,
 }
 
 impl KnownFootprints {
@@ -88,12 +91,14 @@ impl KnownFootprints {
         measured_with_estimate: &HashMap<String, u64>,
         estimated: HashMap<String, u64>,
     ) -> KnownFootprints {
+        let mut scaled_models = std::collections::BTreeSet::new();
         let learned = measured
             .into_iter()
             .map(|(model, mib)| {
                 let then = measured_with_estimate.get(&model).copied().filter(|e| *e > 0);
                 let corrected = match (then, estimated.get(&model)) {
                     (Some(then), Some(&now)) if then != now => {
+                        scaled_models.insert(model.clone());
                         let scaled = u128::from(now) * u128::from(mib);
                         u64::try_from(scaled.div_ceil(u128::from(then))).unwrap_or(u64::MAX)
                     }
@@ -102,7 +107,7 @@ impl KnownFootprints {
                 (model, corrected)
             })
             .collect();
-        KnownFootprints { learned, estimated }
+        KnownFootprints { learned, estimated, scaled: scaled_models }
     }
 }
 

@@ -263,6 +263,9 @@ pub(crate) struct Model {
     pub learned_mib: Option<u64>,
     /// The footprint estimated from its weights file's header, used until one is measured.
     pub estimated_mib: Option<u64>,
+    /// `learned_mib` was scaled from a measurement made under another estimate: the next
+    /// measurement replaces it, even a smaller one.
+    pub learned_scaled: bool,
     /// What its processes use now.
     pub current_mib: u64,
     /// The most its processes were seen using since it last became ready (a request's working
@@ -292,6 +295,7 @@ impl Model {
         Model {
             learned_mib: known.learned.get(&spec.id).copied(),
             estimated_mib: known.estimated.get(&spec.id).copied(),
+            learned_scaled: known.scaled.contains(&spec.id),
             gate,
             spec,
             phase: Phase::Unloaded,
@@ -328,8 +332,8 @@ impl Model {
         self.phase.state()
     }
 
-    /// Memory counted for it: the largest of what it declares, was measured at (else estimated
-    /// at) and uses now, and while it moves, what it was admitted with.
+    /// Memory counted for it: the largest of what it declares, was measured at and uses now, and
+    /// while it moves, what it was admitted with (its estimate, for a first load).
     pub(crate) fn footprint(&self) -> u64 {
         if self.placement == Placement::Cpu && self.phase != Phase::Unloaded {
             return 0;
@@ -339,10 +343,9 @@ impl Model {
     }
 
     /// What it is known to need before it runs: the larger of what it declares and was measured
-    /// at, else its header estimate; 0 when nothing is known.
+    /// at; 0 when neither is known (its estimate is only for admission: see `load_reservation`).
     pub(crate) fn known_mib(&self) -> u64 {
-        let known = self.spec.declared_mib.unwrap_or(0).max(self.learned_mib.unwrap_or(0));
-        if known > 0 { known } else { self.estimated_mib.unwrap_or(0) }
+        self.spec.declared_mib.unwrap_or(0).max(self.learned_mib.unwrap_or(0))
     }
 
     /// When an idle TTL would unload it: ready, unused, not pinned, with a TTL.

@@ -423,9 +423,16 @@ impl<E: Effects> Engine<E> {
     /// free on the device, so that it starts only on an otherwise idle device and its real
     /// footprint can be measured.
     pub(super) fn load_reservation(&self, i: usize, device: Option<u32>) -> u64 {
-        let known = self.models[i].known_mib();
+        let model = &self.models[i];
+        let known = model.known_mib();
         if known > 0 {
             return known;
+        }
+        // The header estimate, unless it is more than any device could hold: an estimate can be
+        // wrong (a command it misreads), and a first load must not be refused on a guess.
+        let largest = self.seen.devices.iter().map(|d| d.usable_mib).max().unwrap_or(0);
+        if let Some(estimate) = model.estimated_mib.filter(|mib| *mib > 0 && *mib <= largest) {
+            return estimate;
         }
         self.seen
             .devices

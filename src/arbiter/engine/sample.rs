@@ -177,9 +177,10 @@ impl<E: Effects> Engine<E> {
             if matches!(model.phase, super::Phase::Ready { .. })
                 && !unmeasured_models.contains(&i)
                 && model.spec.kind() == Backend::Process
-                && used > model.learned_mib.unwrap_or(0)
+                && (used > model.learned_mib.unwrap_or(0) || (model.learned_scaled && used > 0))
             {
                 model.learned_mib = Some(used);
+                model.learned_scaled = false;
                 let write = StoreWrite::Footprint {
                     model: model.spec.id.clone(),
                     mib: used,

@@ -346,10 +346,13 @@ fn a_lease_past_its_wait_while_its_victims_go_does_not_keep_the_clock_ringing() 
 fn a_model_known_by_its_estimate_is_admitted_with_it() {
     let config = "[models.llm]\nbackend = \"process\"\ncmd = \"llm\"\nvram = \"5000MiB\"\n\
         [models.new]\nbackend = \"process\"\ncmd = \"new\"\n";
-    for estimate in [Some(2000), None] {
+    // An estimate past what any device holds (a misread command) is not used: a first load must
+    // not be refused on a guess.
+    for estimate in [Some(2000), None, Some(50_000)] {
         let known = KnownFootprints {
             learned: HashMap::new(),
             estimated: estimate.map(|mib| ("new".to_string(), mib)).into_iter().collect(),
+            scaled: Default::default(),
         };
         let mut rig = Rig::with_known(config, 8000, &known);
         let _llm = rig.load("llm");
@@ -359,11 +362,11 @@ fn a_model_known_by_its_estimate_is_admitted_with_it() {
         let new = rig.engine.models.iter().find(|m| m.spec.id == "new").expect("configured");
         let reserved = (new.state(), new.reserved_mib);
         match estimate {
-            Some(mib) => {
+            Some(mib) if mib < 8000 => {
                 assert_eq!(reserved, (ModelState::Loading, mib), "admitted with its estimate");
                 assert_eq!(rig.state("llm"), ModelState::Ready, "nothing evicted for it");
             }
-            None => assert_eq!(reserved, (ModelState::Loading, 3000), "everything free"),
+            _ => assert_eq!(reserved, (ModelState::Loading, 3000), "everything free"),
         }
     }
 }
@@ -381,4 +384,26 @@ fn a_stored_measurement_is_corrected_when_the_estimate_changes() {
     assert_eq!(known.learned["changed"], 6000, "5000 × 3000 / 2500");
     assert_eq!(known.learned["plain"], 1234);
     assert_eq!(known.estimated["changed"], 5000);
+    assert_eq!(known.scaled.iter().collect::<Vec<_>>(), ["changed"]);
+}
+
+/// A footprint scaled from an older measurement is a guess: the first real measurement replaces
+/// it even when smaller (a measured figure only ever grows otherwise).
+#[test]
+fn the_first_measurement_replaces_a_scaled_footprint_even_a_smaller_one() {
+    let config = "[models.llm]\nbackend = \"process\"\ncmd = \"llm\"\n";
+    let known = KnownFootprints::new(
+        [("llm".to_string(), 3000)].into(),
+        &[("llm".to_string(), 2500)].into(),
+        [("llm".to_string(), 5000)].into(),
+    );
+    let mut rig = Rig::with_known(config, 10_000, &known);
+    let _load = rig.load("llm");
+    let pid = rig.ready("llm");
+    rig.sample(&[(pid, 4000)]);
+    let llm = rig.engine.models.iter().find(|m| m.spec.id == "llm").expect("configured");
+    assert_eq!(llm.learned_mib, Some(4000), "measured below the scaled 6000");
+    rig.sample(&[(pid, 3500)]);
+    let llm = rig.engine.models.iter().find(|m| m.spec.id == "llm").expect("configured");
+    assert_eq!(llm.learned_mib, Some(4000), "then only a larger measurement raises it");
 }
