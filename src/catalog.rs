@@ -71,6 +71,14 @@ impl Catalog {
             .collect()
     }
 
+    /// Each process model's weights file that exists, for the prefetch during a swap.
+    pub fn weights_files(&self) -> HashMap<String, PathBuf> {
+        self.models
+            .iter()
+            .filter_map(|(id, facts)| Some((id.clone(), facts.weights.clone().filter(|path| path.is_file())?)))
+            .collect()
+    }
+
     /// Each model's warmup request, for the models that have one.
     pub fn warmups(&self) -> HashMap<String, crate::config::Warmup> {
         self.models.iter().filter_map(|(id, facts)| Some((id.clone(), facts.warmup.clone()?))).collect()

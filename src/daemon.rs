@@ -166,6 +166,7 @@ pub async fn run(config: Config, ready: impl FnOnce(std::net::SocketAddr)) -> an
         modes: config.modes.clone(),
         critical_pct: config.gpu.critical_pct,
         estimates: catalog.estimates(),
+        weights: catalog.weights_files(),
     };
     let monitor_sampler = monitor.sampler();
     let (arbiter, arbiter_handle) = Arbiter::new(settings, view.clone(), monitor.sampler(), store, bus.clone())

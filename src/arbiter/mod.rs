@@ -8,6 +8,7 @@
 mod drivers;
 mod engine;
 pub mod gate;
+mod prefetch;
 mod shell;
 
 use std::collections::{BTreeMap, HashMap};

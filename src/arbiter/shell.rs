@@ -44,6 +44,8 @@ pub struct ArbiterSettings {
     pub critical_pct: f64,
     /// Each model's footprint estimated from its weights file's header (see `catalog`), in MiB.
     pub estimates: std::collections::HashMap<String, u64>,
+    /// Each process model's weights file (see `catalog`), prefetched during a swap.
+    pub weights: std::collections::HashMap<String, PathBuf>,
 }
 
 /// The effects, carried out for real.
@@ -56,6 +58,8 @@ struct ShellEffects {
     spawner: Spawner,
     http: reqwest::Client,
     commands: mpsc::Sender<Command>,
+    /// The prefetches running, by model: set the flag to stop one.
+    prefetches: HashMap<String, Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Effects for ShellEffects {
@@ -100,6 +104,22 @@ impl Effects for ShellEffects {
     fn release_ollama(&mut self, release: OllamaRelease) {
         drivers::release_ollama(release, self.http.clone(), self.commands.clone());
     }
+
+    fn prefetch(&mut self, model: &str, path: &std::path::Path) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(previous) = self.prefetches.insert(model.to_string(), stop.clone()) {
+            previous.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let (model, path) = (model.to_string(), path.to_path_buf());
+        // File reads: on the blocking pool, never the loop.
+        tokio::task::spawn_blocking(move || super::prefetch::read_ahead(&model, &path, &stop));
+    }
+
+    fn cancel_prefetch(&mut self, model: &str) {
+        if let Some(stop) = self.prefetches.remove(model) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// The arbiter's task, before it runs.
@@ -133,6 +153,7 @@ impl Arbiter {
             &store.footprint_estimates().unwrap_or_default(),
             settings.estimates.clone(),
         );
+        let known = KnownFootprints { weights: settings.weights.clone(), ..known };
         let now = Instant::now();
         let idle = Arc::new(Notify::new());
         let gates: HashMap<String, Arc<ModelGate>> = settings
@@ -159,6 +180,7 @@ impl Arbiter {
             spawner: Spawner::start()?,
             http: http.clone(),
             commands: commands.clone(),
+            prefetches: HashMap::new(),
         };
         let engine_settings = EngineSettings {
             scheduler: settings.scheduler,

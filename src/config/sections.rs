@@ -391,6 +391,9 @@ pub struct SchedulerConfig {
     pub max_waiters_per_model: u32,
     /// Most callers waiting for models to load, in total.
     pub max_waiters: u32,
+    /// While a load waits for a victim's memory to come back, read the incoming model's weights
+    /// file into the page cache, so the release and the disk read overlap.
+    pub prefetch: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -403,6 +406,7 @@ impl Default for SchedulerConfig {
             max_wait_before_swap: Span(std::time::Duration::from_secs(5)),
             max_waiters_per_model: 256,
             max_waiters: 1024,
+            prefetch: true,
         }
     }
 }

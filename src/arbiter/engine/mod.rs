@@ -66,6 +66,11 @@ pub(crate) trait Effects {
     /// Asks an Ollama to unload a model and waits until `/api/ps` no longer lists it. Reports
     /// `Released`.
     fn release_ollama(&mut self, release: OllamaRelease);
+    /// Reads `path` (model `model`'s weights file) into the page cache in the background, while
+    /// the model's load waits for a victim's memory. Reports nothing.
+    fn prefetch(&mut self, model: &str, path: &std::path::Path);
+    /// Stops the prefetch of `model`'s weights file (its load was abandoned).
+    fn cancel_prefetch(&mut self, model: &str);
 }
 
 /// What is known of each model's footprint before it runs, by model id.
@@ -78,6 +83,8 @@ pub(crate) struct KnownFootprints {
     /// The models whose `learned` figure was scaled from an older measurement: the next
     /// measurement replaces it, smaller or not.
     pub scaled: std::collections::BTreeSet<String>,
+    /// Each process model's weights file, for the prefetch during a swap.
+    pub weights: HashMap<String, std::path::PathBuf>,
 }
 
 impl KnownFootprints {
@@ -107,7 +114,7 @@ impl KnownFootprints {
                 (model, corrected)
             })
             .collect();
-        KnownFootprints { learned, estimated, scaled: scaled_models }
+        KnownFootprints { learned, estimated, scaled: scaled_models, weights: HashMap::new() }
     }
 }
 
@@ -242,6 +249,10 @@ pub(crate) struct Engine<E: Effects> {
     log_dir: Option<PathBuf>,
     critical_pct: f64,
     models: Vec<Model>,
+    /// Each process model's weights file (for the prefetch during a swap).
+    weights: HashMap<String, PathBuf>,
+    /// The models whose weights file is being prefetched.
+    prefetching: BTreeSet<String>,
     leases: HashMap<String, Lease>,
     queue: Vec<Waiter>,
     next_seq: u64,
@@ -311,6 +322,8 @@ impl<E: Effects> Engine<E> {
             log_dir: settings.log_dir,
             critical_pct: settings.critical_pct,
             models,
+            weights: known.weights.clone(),
+            prefetching: BTreeSet::new(),
             leases: HashMap::new(),
             queue: Vec::new(),
             next_seq: 0,
@@ -371,6 +384,42 @@ impl<E: Effects> Engine<E> {
         }
         self.settle_pass();
         self.run_deferred();
+        self.reconcile_prefetch();
+    }
+
+    /// Prefetches the weights file of each model whose load waits for a victim's memory, and
+    /// stops the prefetch of a load that was abandoned (no longer waiting, and not started).
+    fn reconcile_prefetch(&mut self) {
+        if !self.settings.prefetch {
+            return;
+        }
+        let waiting: BTreeSet<String> = self
+            .queue
+            .iter()
+            .filter(|w| !w.awaiting_release.is_empty())
+            .filter_map(|w| match &w.pending {
+                model::Pending::Load { model } => Some(model.clone()),
+                _ => None,
+            })
+            .filter(|model| self.weights.contains_key(model))
+            .collect();
+        let new: Vec<String> = waiting.difference(&self.prefetching).cloned().collect();
+        for model in new {
+            if let Some(path) = self.weights.get(&model) {
+                self.fx.prefetch(&model, path);
+            }
+            self.prefetching.insert(model);
+        }
+        let done: Vec<String> = self.prefetching.difference(&waiting).cloned().collect();
+        for model in done {
+            self.prefetching.remove(&model);
+            // A load that started reads the file itself: the prefetch may as well go on.
+            let started =
+                self.index(&model).is_ok_and(|i| matches!(self.models[i].phase, Phase::Loading | Phase::Ready { .. }));
+            if !started {
+                self.fx.cancel_prefetch(&model);
+            }
+        }
     }
 
     /// The commands the engine sent itself, each handled as an input of its own.

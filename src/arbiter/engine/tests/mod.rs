@@ -37,6 +37,8 @@ struct Recorder {
     /// Each process release's devices whose lists must be readable, in order.
     release_devices: Vec<std::collections::BTreeSet<u32>>,
     refreshes: usize,
+    /// (model, true for a prefetch started, false for one stopped)
+    prefetches: Vec<(String, bool)>,
 }
 
 impl Effects for Recorder {
@@ -64,6 +66,12 @@ impl Effects for Recorder {
     }
     fn release_ollama(&mut self, release: OllamaRelease) {
         self.releases.push((release.model, release.generation));
+    }
+    fn prefetch(&mut self, model: &str, _path: &std::path::Path) {
+        self.prefetches.push((model.to_string(), true));
+    }
+    fn cancel_prefetch(&mut self, model: &str) {
+        self.prefetches.push((model.to_string(), false));
     }
 }
 

@@ -352,7 +352,7 @@ fn a_model_known_by_its_estimate_is_admitted_with_it() {
         let known = KnownFootprints {
             learned: HashMap::new(),
             estimated: estimate.map(|mib| ("new".to_string(), mib)).into_iter().collect(),
-            scaled: Default::default(),
+            ..KnownFootprints::default()
         };
         let mut rig = Rig::with_known(config, 8000, &known);
         let _llm = rig.load("llm");
@@ -406,4 +406,34 @@ fn the_first_measurement_replaces_a_scaled_footprint_even_a_smaller_one() {
     rig.sample(&[(pid, 3500)]);
     let llm = rig.engine.models.iter().find(|m| m.spec.id == "llm").expect("configured");
     assert_eq!(llm.learned_mib, Some(4000), "then only a larger measurement raises it");
+}
+
+/// A load that waits for a victim's memory prefetches its weights file meanwhile; the prefetch
+/// is stopped when the load is abandoned, left running when the load starts, and never asked
+/// for with `prefetch = false`.
+#[test]
+fn a_load_waiting_for_a_release_prefetches_its_weights_and_an_abandoned_one_stops() {
+    let weights: HashMap<String, std::path::PathBuf> = [("stt".to_string(), "/m/stt.gguf".into())].into();
+    for (prefetch, abandon) in [(true, false), (true, true), (false, false)] {
+        let config = format!("[scheduler]\nprefetch = {prefetch}\nqueue_timeout = \"10s\"\n{TWO_MODELS}");
+        let known = KnownFootprints { weights: weights.clone(), ..KnownFootprints::default() };
+        let mut rig = Rig::with_known(&config, 8000, &known);
+        rig.load("llm");
+        let pid = rig.ready("llm");
+        rig.sample(&[(pid, 6000)]);
+        let stt = rig.load("stt");
+        assert_eq!(rig.state("llm"), ModelState::Unloading, "llm is evicted for stt");
+        let expected_start = if prefetch { vec![("stt".to_string(), true)] } else { vec![] };
+        assert_eq!(rig.fx().prefetches, expected_start, "prefetch = {prefetch}");
+        if abandon {
+            // The caller goes away and the queue timeout passes: the load is abandoned.
+            drop(stt);
+            rig.advance(Duration::from_secs(11));
+            assert_eq!(rig.fx().prefetches.last(), Some(&("stt".to_string(), false)), "stopped");
+        } else {
+            rig.released("llm");
+            assert_eq!(rig.state("stt"), ModelState::Loading);
+            assert_eq!(rig.fx().prefetches, expected_start, "a load that started keeps its prefetch");
+        }
+    }
 }
