@@ -95,6 +95,8 @@ class Shape:
 
 SMALL = Shape(n_embd=64, n_layers=2, n_heads=4, n_ff=128, n_ctx=2048)
 LARGE = Shape(n_embd=512, n_layers=8, n_heads=8, n_ff=1408, n_ctx=2048)
+# The prefetch bench's model: about 340 MiB of f16 weights, so reading it from disk takes a while.
+BENCH = Shape(n_embd=1536, n_layers=6, n_heads=12, n_ff=4096, n_ctx=2048)
 
 
 def vocabulary(tool_calls: bool = False) -> Tuple[List[str], List[float], List[int]]:
@@ -159,7 +161,7 @@ def write(path: Path, shape: Shape, seed: int, tool_calls: bool = False) -> int:
         return np.ones(shape.n_embd, dtype=np.float32)
 
     writer = GGUFWriter(str(path), arch="llama")
-    writer.add_name("vramgate-compat-tiny" if shape == SMALL else "vramgate-compat-large")
+    writer.add_name({SMALL: "vramgate-compat-tiny", LARGE: "vramgate-compat-large"}.get(shape, "vramgate-bench"))
     writer.add_file_type(LlamaFileType.MOSTLY_F16 if matrix_dtype == np.float16 else LlamaFileType.ALL_F32)
     writer.add_context_length(shape.n_ctx)
     writer.add_embedding_length(shape.n_embd)
@@ -243,6 +245,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--large", action="store_true", help="n_embd 512 x 8 layers (slow to generate) instead of 64 x 2"
     )
+    parser.add_argument(
+        "--bench", action="store_true", help="n_embd 1536 x 6 layers, ~340 MiB (the prefetch bench's model)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument(
         "--tool-calls",
@@ -250,7 +255,7 @@ def main(argv: Sequence[str]) -> int:
         help="the tool-calling variant: opens a tool call first, then ends its turn (see write())",
     )
     args = parser.parse_args(argv)
-    shape = LARGE if args.large else SMALL
+    shape = BENCH if args.bench else LARGE if args.large else SMALL
     try:
         n_vocab = write(args.out, shape, args.seed, tool_calls=args.tool_calls)
     except OSError as e:
