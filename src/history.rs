@@ -406,6 +406,7 @@ mod tests {
             exclusive: false,
             model: None,
             priority: 0,
+            granted_at: None,
         }];
         let sample = Sample::from_views(&gpu, &arbiter, at(0, 0));
         let owners: Vec<(OwnerKind, &str, u64)> =

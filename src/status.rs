@@ -214,6 +214,9 @@ pub struct LeaseStatus {
     /// Its priority.
     #[serde(default)]
     pub priority: i32,
+    /// When it was granted (null from a daemon that does not say).
+    #[serde(default)]
+    pub granted_at: Option<DateTime<Utc>>,
 }
 
 /// One request waiting in the queue: a load (a `vramgate load`, a request through the proxy, a

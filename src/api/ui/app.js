@@ -592,7 +592,8 @@ function renderLeases(status) {
   }
   const body = $("leases").tBodies[0];
   const rows = status.leases.map((l) => {
-    const since = page.leaseSeen.get(l.id);
+    const granted = l.granted_at ? Date.parse(l.granted_at) : NaN;
+    const since = Number.isNaN(granted) ? page.leaseSeen.get(l.id) : granted;
     return el("tr", { "data-lease": l.id },
       el("td", { text: l.holder + (l.exclusive ? " (exclusive)" : "") }),
       el("td", { text: "GPU " + l.device }),

@@ -87,6 +87,7 @@ impl<E: Effects> Engine<E> {
             expires: request.ttl.map(|ttl| self.after(ttl)),
             pid: request.pid,
             pin,
+            granted: self.now,
         };
         let grant = lease.grant();
         self.leases.insert(id, lease);

@@ -411,6 +411,8 @@ pub(crate) struct Lease {
     pub pid: Option<u32>,
     /// For a model lease: the model kept in use until the lease is dropped.
     pub pin: Option<Pin>,
+    /// When it was granted.
+    pub granted: Instant,
 }
 
 impl Lease {

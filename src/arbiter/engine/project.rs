@@ -122,6 +122,7 @@ impl<E: Effects> Engine<E> {
                 exclusive: l.exclusive,
                 model: l.model.clone(),
                 priority: l.priority,
+                granted_at: Some(self.wall(l.granted)),
             })
             .collect();
         leases.sort_by(|a, b| a.id.cmp(&b.id));

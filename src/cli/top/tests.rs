@@ -90,6 +90,7 @@ fn status() -> Status {
             exclusive: false,
             model: None,
             priority: 0,
+            granted_at: None,
         }],
         queue: vec![QueueEntry {
             requester: "vision".to_string(),

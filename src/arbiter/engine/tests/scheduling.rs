@@ -86,6 +86,9 @@ fn memory_leases_are_granted_refused_or_timed_out() {
     let mut rig = Rig::new(TWO_MODELS, 8000);
     let mut fits = rig.lease(lease(2000, 0));
     assert_eq!(answered(&mut fits).expect("answered").expect("granted").vram_mib, 2000);
+    // Status says when it was granted (the dashboard shows the lease's age from it).
+    let granted_at = rig.engine.view().leases[0].granted_at.expect("granted_at");
+    assert!((chrono::Utc::now() - granted_at).num_seconds().abs() < 60, "{granted_at}");
     let mut never = rig.lease(lease(20_000, 5));
     assert!(matches!(answered(&mut never), Some(Err(ArbiterError::NeverFits(_)))));
     let mut waits = rig.lease(lease(7000, 5));
