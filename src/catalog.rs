@@ -228,12 +228,7 @@ fn extra_model_bytes(process: &ProcessSpec) -> u64 {
             _ => arg.strip_prefix("--mmproj=").or_else(|| arg.strip_prefix("--model-draft=")),
         };
         let Some(named) = named.filter(|n| !n.contains("${") && !n.is_empty()) else { continue };
-        let path = PathBuf::from(named);
-        let path = match (&process.cwd, path.is_relative()) {
-            (Some(cwd), true) => cwd.join(path),
-            _ => path,
-        };
-        if let Ok(metadata) = std::fs::metadata(&path) {
+        if let Ok(metadata) = std::fs::metadata(as_the_process_sees(process, named)) {
             total = total.saturating_add(metadata.len());
         }
     }
@@ -261,11 +256,17 @@ fn weights_path(process: &ProcessSpec) -> Option<PathBuf> {
     if named.contains("${") || named.is_empty() {
         return None;
     }
+    Some(as_the_process_sees(process, named))
+}
+
+/// A path argument of the command as the process sees it: a relative one is relative to the
+/// model's `cwd` (the process runs there), else to the daemon's working directory.
+fn as_the_process_sees(process: &ProcessSpec, named: &str) -> PathBuf {
     let path = PathBuf::from(named);
-    Some(match (&process.cwd, path.is_relative()) {
+    match (&process.cwd, path.is_relative()) {
         (Some(cwd), true) => cwd.join(path),
         _ => path,
-    })
+    }
 }
 
 /// The context size a command asks for: the number after `-c`/`--ctx-size` (or in

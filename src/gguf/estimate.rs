@@ -216,18 +216,13 @@ pub fn estimate(info: &GgufInfo, launch: &Launch) -> Result<Estimate, String> {
     };
     let mut weights_bytes: u64 = 0;
     for tensor in info.tensors.iter().filter(|t| on_gpu(t)) {
-        let (block, bytes) = type_size(tensor.ggml_type)
-            .ok_or_else(|| format!("tensor type {} is unknown to the estimate", tensor.ggml_type))?;
-        let data = tensor.elements.div_ceil(block).saturating_mul(bytes);
-        weights_bytes = weights_bytes.saturating_add(data);
+        weights_bytes = weights_bytes.saturating_add(tensor_bytes(tensor)?);
     }
     // Tied embeddings: without an output head, llama.cpp puts a copy of the input embedding on
     // the GPU to serve as one (when the output layer is offloaded).
     if gpu_layers > layers && !info.tensors.iter().any(|t| t.output_head) {
         for tensor in info.tensors.iter().filter(|t| t.input_embedding) {
-            let (block, bytes) = type_size(tensor.ggml_type)
-                .ok_or_else(|| format!("tensor type {} is unknown to the estimate", tensor.ggml_type))?;
-            weights_bytes = weights_bytes.saturating_add(tensor.elements.div_ceil(block).saturating_mul(bytes));
+            weights_bytes = weights_bytes.saturating_add(tensor_bytes(tensor)?);
         }
     }
     weights_bytes = weights_bytes.saturating_add(launch.extra_bytes);
@@ -256,6 +251,13 @@ pub fn estimate(info: &GgufInfo, launch: &Launch) -> Result<Estimate, String> {
         context,
         gpu_layers,
     })
+}
+
+/// What a tensor's data takes, as ggml lays out its type; an unknown type is an error.
+fn tensor_bytes(tensor: &super::TensorInfo) -> Result<u64, String> {
+    let (block, bytes) = type_size(tensor.ggml_type)
+        .ok_or_else(|| format!("tensor type {} is unknown to the estimate", tensor.ggml_type))?;
+    Ok(tensor.elements.div_ceil(block).saturating_mul(bytes))
 }
 
 /// The KV cache's bytes per token over the first `layers` layers.

@@ -78,12 +78,7 @@ async fn run(
     measurement: &mut Measurement,
 ) -> Result<(), String> {
     // Admission's order (highest priority, then largest), the order the verdict placed them in.
-    let mut order: Vec<&super::ModelFacts> = inputs.models.iter().collect();
-    order.sort_by(|a, b| {
-        let size = |m: &super::ModelFacts| m.footprint.map_or(0, |f| f.mib);
-        b.priority.cmp(&a.priority).then(size(b).cmp(&size(a)))
-    });
-    let set: Vec<String> = order.iter().map(|m| m.id.clone()).collect();
+    let set: Vec<String> = super::admission_order(&inputs.models).iter().map(|m| m.id.clone()).collect();
     let mut loaded_before = loaded_before.to_vec();
     // 1. Each model alone.
     for id in &set {

@@ -212,11 +212,7 @@ pub fn judge(inputs: &Inputs, estimates: &HashMap<String, Estimate>, margin_pct:
         .filter(|r| !in_set(&r.id))
         .map(|r| Resident { in_use: 0, min_residency: 0, ..r.clone() })
         .collect();
-    let mut order: Vec<&ModelFacts> = inputs.models.iter().collect();
-    order.sort_by(|a, b| {
-        let size = |m: &ModelFacts| m.footprint.map_or(0, |f| f.mib);
-        b.priority.cmp(&a.priority).then(size(b).cmp(&size(a)))
-    });
+    let order = admission_order(&inputs.models);
     let mut placed: Vec<(u32, Placed)> = Vec::new();
     let mut evictions = Vec::new();
     let mut unplaced = Vec::new();
@@ -370,6 +366,17 @@ pub fn judge(inputs: &Inputs, estimates: &HashMap<String, Estimate>, margin_pct:
         }
     }
     Judgement { verdict, margin_pct, devices, evictions, unplaced, suggestions }
+}
+
+/// The set in the order admission would take it: highest priority first, then largest (what
+/// both the verdict and `--measure` load in).
+pub fn admission_order(models: &[ModelFacts]) -> Vec<&ModelFacts> {
+    let mut order: Vec<&ModelFacts> = models.iter().collect();
+    order.sort_by(|a, b| {
+        let size = |m: &ModelFacts| m.footprint.map_or(0, |f| f.mib);
+        b.priority.cmp(&a.priority).then(size(b).cmp(&size(a)))
+    });
+    order
 }
 
 fn context_of(estimates: &HashMap<String, Estimate>, id: &str) -> u64 {
